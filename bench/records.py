@@ -1,0 +1,256 @@
+"""The tidy results schema: one row per (run, metric), written atomically.
+
+Columns and metric names follow ARCHITECTURE.md "Records". A finished run is never lost: every
+write replaces the file with a complete copy (temporary file, fsync, rename), so a sweep killed
+between runs leaves a readable CSV with every finished row.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ppt_bench.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ppt_bench.spec import RunSpec
+
+PARAM_COLUMNS = ("r", "locations", "threshold", "keep_rate")
+COLUMNS = (
+    "run_id",
+    "sweep",
+    "model",
+    "method",
+    "params",
+    *PARAM_COLUMNS,
+    "batch_size",
+    "device",
+    "device_name",
+    "dtype",
+    "compile",
+    "dataset",
+    "n_images",
+    "metric",
+    "value",
+    "unit",
+    "timestamp",
+    "ppt_bench_version",
+    "torch_version",
+    "timm_version",
+    "git_sha",
+    "status",
+    "error",
+)
+
+# metric -> unit; per-block metrics (tokens_block_<i>, pooled_frac_block_<i>) are matched by prefix.
+UNITS = {
+    "top1": "%",
+    "top5": "%",
+    "loss": "",
+    "agreement_top1": "%",
+    "kl": "",
+    "gmacs": "GMACs",
+    "gmacs_fvcore": "GMACs",
+    "gmacs_single_input": "GMACs",
+    "param_count": "M",
+    "samples_per_sec": "img/s",
+    "latency_p50_ms": "ms",
+    "latency_p90_ms": "ms",
+    "peak_mem_mb": "MiB",
+    "cpu_threads": "",
+    "unreadable_images": "",
+    "tokens_block_": "tokens",
+    "pooled_frac_block_": "",
+}
+
+
+def unit_of(metric: str) -> str:
+    """The unit of a metric name, per-block metrics included."""
+    if metric in UNITS:
+        return UNITS[metric]
+    for prefix, unit in UNITS.items():
+        if prefix.endswith("_") and metric.startswith(prefix):
+            return unit
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+@lru_cache(maxsize=1)
+def git_sha() -> str:
+    """The commit of the ppt-bench source tree, or '' outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def environment(device: str) -> dict[str, str]:
+    """Versions and the device name that every row records."""
+    import timm
+    import torch
+
+    from ppt_bench import __version__
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        device_name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        device_name = platform.processor() or platform.machine() or "cpu"
+    return {
+        "device_name": device_name,
+        "ppt_bench_version": __version__,
+        "torch_version": torch.__version__,
+        "timm_version": timm.__version__,
+        "git_sha": git_sha(),
+    }
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return json.dumps(list(value))
+    return "" if value is None else value
+
+
+def make_rows(
+    spec: RunSpec,
+    metrics: dict[str, float],
+    *,
+    dataset: str = "",
+    n_images: int | None = None,
+    batch_size: int | None = None,
+    status: str = "ok",
+    error: str = "",
+) -> list[dict[str, Any]]:
+    """Rows for one run: one per metric; a failed run is one row with ``metric=""``.
+
+    Args:
+        spec: the run.
+        metrics: metric name -> value (units from :data:`UNITS`).
+        dataset: name of the data actually used.
+        n_images: images evaluated.
+        batch_size: the batch size actually used (after out-of-memory backoff), default the spec's.
+        status: ``ok`` or ``failed``.
+        error: the one-line error of a failed run.
+    """
+    env = environment(spec.device)
+    params = spec.params
+    base = {
+        "run_id": spec.run_id,
+        "sweep": spec.sweep,
+        "model": spec.model,
+        "method": spec.method,
+        "params": json.dumps(
+            {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()},
+            sort_keys=True,
+        ),
+        **{k: _cell(params.get(k)) for k in PARAM_COLUMNS},
+        "batch_size": spec.batch_size if batch_size is None else batch_size,
+        "device": spec.device,
+        "device_name": env["device_name"],
+        "dtype": spec.dtype,
+        "compile": spec.compile,
+        "dataset": dataset,
+        "n_images": "" if n_images is None else n_images,
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **{k: env[k] for k in ("ppt_bench_version", "torch_version", "timm_version", "git_sha")},
+        "status": status,
+        "error": error.replace("\n", " ")[:500],
+    }
+    if status != "ok":
+        return [{**base, "metric": "", "value": "", "unit": ""}]
+    return [
+        {**base, "metric": name, "value": _number(value), "unit": unit_of(name)}
+        for name, value in metrics.items()
+    ]
+
+
+def _number(value: float) -> float | str:
+    value = float(value)
+    return "" if math.isnan(value) else value
+
+
+def _to_csv(rows: Iterable[dict[str, Any]], header: bool) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    if header:
+        writer.writeheader()
+    for row in rows:
+        missing = set(COLUMNS) - set(row)
+        if missing:
+            raise ValueError(f"row lacks columns {sorted(missing)}")
+        writer.writerow({k: row[k] for k in COLUMNS})
+    return buf.getvalue()
+
+
+def append_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
+    """Add rows to a results CSV atomically: the file is always either old or old + new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text() if path.exists() else ""
+    if old:
+        check_header(path, old.splitlines()[0])
+    text = old + _to_csv(rows, header=not old)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_header(path: Path, header_line: str) -> None:
+    header = next(csv.reader([header_line]), [])
+    if tuple(header) != COLUMNS:
+        raise UserError(
+            f"{path} is not a ppt-bench results CSV (its columns differ); "
+            "write to a new file with --out"
+        )
+
+
+def read_results(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> pd.DataFrame:
+    """Read one or several results CSVs into one frame, checking their columns."""
+    import pandas as pd
+
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    frames = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            raise UserError(f"results file {p} does not exist; pass a CSV written by ppt-bench run")
+        with p.open() as f:
+            check_header(p, f.readline())
+        frames.append(pd.read_csv(p, dtype={"params": str, "error": str, "sweep": str}))
+    df = pd.concat(frames, ignore_index=True)
+    df["value"] = pd.to_numeric(df["value"], errors="coerce")
+    return df
+
+
+def finished_run_ids(path: str | os.PathLike) -> set[str]:
+    """Ids of runs already recorded as ``ok`` in ``path`` (empty if it does not exist)."""
+    p = Path(path)
+    if not p.exists():
+        return set()
+    df = read_results(p)
+    return set(df.loc[df["status"] == "ok", "run_id"].astype(str))

@@ -1,0 +1,96 @@
+"""``RunSpec``: everything that defines one run, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from ppt_bench.errors import UserError
+
+METRICS = ("accuracy", "macs", "throughput", "latency", "memory", "tokens")
+DTYPES = ("fp32", "fp16", "bf16")
+# Fields that only say how a run is scheduled or named, not what it measures.
+_NOT_IN_RUN_ID = ("sweep", "workers")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run: a model with one method and its parameters, measured on one configuration.
+
+    Args:
+        model: timm model name (``deit_small_patch16_224``; a ``name.tag`` selects pretrained
+            weights when a hub is reachable).
+        method: registry name of the token reduction method.
+        params: the method's parameters (validated by ``create_method``).
+        data: ImageFolder root (ImageNet val layout), ``"digits"`` for the built-in dataset, or
+            None / ``"synthetic"`` for cost-only runs on generated inputs.
+        checkpoint: weights as a local path or URL (DeiT release files nest them under ``model``).
+        batch_size: images per forward.
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        dtype: ``fp32``, or ``fp16`` / ``bf16`` under autocast.
+        compile: run the model through ``torch.compile``.
+        seed: seed for synthetic data and random methods.
+        metrics: subset of :data:`METRICS`.
+        n_images: evaluate at most this many images (None: all).
+        sweep: name of the sweep this run belongs to (not part of ``run_id``).
+        workers: DataLoader workers (not part of ``run_id``).
+    """
+
+    model: str
+    method: str = "baseline"
+    params: dict[str, Any] = field(default_factory=dict)
+    data: str | None = None
+    checkpoint: str | None = None
+    batch_size: int = 64
+    device: str = "cpu"
+    dtype: str = "fp32"
+    compile: bool = False
+    seed: int = 0
+    metrics: tuple[str, ...] = ("accuracy", "macs", "tokens")
+    n_images: int | None = None
+    sweep: str = ""
+    workers: int = 4
+
+    def __post_init__(self) -> None:
+        from ppt_bench.methods import create_method
+
+        if not isinstance(self.model, str) or not self.model:
+            raise UserError("a run needs a model name, e.g. --model deit_small_patch16_224")
+        create_method(self.method, **self.params)  # raises MethodError naming valid choices
+        object.__setattr__(self, "metrics", tuple(self.metrics))
+        bad = [m for m in self.metrics if m not in METRICS]
+        if bad or not self.metrics:
+            raise UserError(f"unknown metrics {bad}: choose from {', '.join(METRICS)}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise UserError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        for name in ("batch_size", "n_images"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise UserError(f"{name} must be a positive integer, got {value!r}")
+
+    @property
+    def run_id(self) -> str:
+        """A stable hash of what the run measures: the same spec always gets the same id."""
+        d = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_RUN_ID}
+        blob = json.dumps(d, sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["metrics"] = list(self.metrics)
+        d["params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunSpec:
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> RunSpec:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,33 @@
+"""Token reduction methods behind one registry.
+
+>>> import timm
+>>> from ppt_bench.methods import create_method
+>>> model = create_method("ppt", r=50, locations=(3, 6, 9), threshold=7e-5).apply(
+...     timm.create_model("deit_small_patch16_224"))
+"""
+
+from __future__ import annotations
+
+from ppt_bench.methods.base import Features, Method, Reduced
+from ppt_bench.methods.patch import ReductionInfo, is_patched, patch
+from ppt_bench.methods.registry import (
+    create_method,
+    get_method_class,
+    list_methods,
+    method_params,
+    register_method,
+)
+
+__all__ = [
+    "Features",
+    "Method",
+    "Reduced",
+    "ReductionInfo",
+    "create_method",
+    "get_method_class",
+    "is_patched",
+    "list_methods",
+    "method_params",
+    "patch",
+    "register_method",
+]

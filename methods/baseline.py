@@ -1,0 +1,25 @@
+"""The unreduced model: no patch at all, so it runs timm's own fused attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ppt_bench.methods.base import Method
+from ppt_bench.methods.registry import register_method
+
+
+@register_method("baseline")
+@dataclass(frozen=True)
+class Baseline(Method):
+    """No token reduction; the model is returned untouched."""
+
+    description = "no reduction: the unpatched timm model with its fused attention"
+
+    def apply(self, model: nn.Module, *, trace_source: bool = False, attn_impl: str = "fast"):
+        """Return ``model`` unchanged; with ``trace_source`` or explicit attention, patch it with
+        no reduction so that it reports token statistics like the other methods."""
+        if trace_source or attn_impl != "fast":
+            return super().apply(model, trace_source=trace_source, attn_impl=attn_impl)
+        return model

@@ -1,0 +1,268 @@
+"""One generic patch that turns a timm ``VisionTransformer`` into a token-reducing one.
+
+The model keeps its modules and weights (the state dict is unchanged); only its class is swapped
+for a subclass whose ``forward_features`` runs the blocks through :func:`reducing_block`, which
+follows timm 1.0's ``Block`` exactly (LayerScale, qk-norm, attention output norm, gated
+attention, dropout, drop path) and calls the method's ``reduce`` after the attention residual of
+each reduction block. Prefix tokens (class, distillation, register) are carried but never
+reduced.
+
+After each forward the model exposes :class:`ReductionInfo` as ``model.reduction_info``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ppt_bench.errors import PatchError
+from ppt_bench.methods import ops
+from ppt_bench.methods.base import (
+    CLS_ATTN,
+    KEY_MEAN,
+    VALUE_NORM,
+    Features,
+    Method,
+    check_locations_fit,
+)
+
+ATTN_IMPLS = ("fast", "explicit")
+_BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
+_ATTN_PARTS = ("qkv", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop", "num_heads")
+
+
+class ReductionInfo(NamedTuple):
+    """What the reduction did in the last forward.
+
+    Attributes:
+        tokens: tokens left after each block (prefix included).
+        locations: the reduction blocks, in order.
+        pooled: ``[B, len(locations)]`` bool, images that took the pooling branch (ppt only).
+        score_var: ``[B, len(locations)]`` variance of the significance scores (ppt only).
+        source: ``[B, N_final, N0]`` original tokens each final token stands for, when traced.
+    """
+
+    tokens: tuple[int, ...]
+    locations: tuple[int, ...]
+    pooled: torch.Tensor | None = None
+    score_var: torch.Tensor | None = None
+    source: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ReductionPlan:
+    """A method bound to one model: where it reduces and how attention is computed."""
+
+    method: Method
+    locations: tuple[int, ...]
+    num_prefix: int
+    attn_impl: str = "fast"
+    trace_source: bool = False
+
+    @property
+    def bias_from(self) -> int:
+        """First block that sees merged sizes: proportional attention starts after it."""
+        if not self.method.prop_attn or not self.locations:
+            return 1 << 30
+        return self.locations[0] + 1
+
+
+def attention(
+    attn: nn.Module,
+    x: torch.Tensor,
+    bias: torch.Tensor | None,
+    needs: frozenset[str],
+    explicit: bool,
+) -> tuple[torch.Tensor, Features]:
+    """timm ``Attention.forward`` that also returns the features a method needs.
+
+    Args:
+        attn: a timm ``Attention`` module.
+        x: normalised tokens ``[B, N, C]``.
+        bias: additive attention bias ``[B, 1, 1, N]`` (proportional attention) or None.
+        needs: subset of ``{"cls_attn", "key_mean", "value_norm"}``.
+        explicit: compute the full softmax attention instead of fused SDPA.
+
+    Returns:
+        The attention output ``[B, N, C]`` (after ``proj``) and the requested features.
+    """
+    B, N, _ = x.shape
+    H, d = attn.num_heads, attn.head_dim
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    q, k, v = attn.qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, d]
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    mask = None if bias is None else bias.to(q.dtype)
+
+    cls_attn = None
+    if explicit:
+        a = (q * attn.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
+        if mask is not None:
+            a = a + mask
+        a = a.softmax(dim=-1)
+        if CLS_ATTN in needs:
+            cls_attn = a[:, :, 0]
+        out = attn.attn_drop(a) @ v
+    else:
+        drop = attn.attn_drop.p if attn.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        if CLS_ATTN in needs:
+            # Only the class token's row is needed: [B, H, 1, N] instead of [B, H, N, N].
+            a0 = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
+            if mask is not None:
+                a0 = a0 + mask
+            cls_attn = a0.softmax(dim=-1)[:, :, 0]
+
+    out = out.transpose(1, 2).reshape(B, N, H * d)
+    out = getattr(attn, "norm", nn.Identity())(out)
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    feats = Features(
+        cls_attn=cls_attn,
+        key_mean=k.mean(dim=1) if KEY_MEAN in needs else None,
+        value_norm=ops.value_norm(v) if VALUE_NORM in needs else None,
+    )
+    return out, feats
+
+
+class _State(NamedTuple):
+    x: torch.Tensor  # [B, N, C]
+    size: torch.Tensor  # [B, N, 1]
+    source: torch.Tensor | None  # [B, N, N0]
+
+
+def reducing_block(
+    block: nn.Module, state: _State, plan: ReductionPlan, index: int
+) -> tuple[_State, torch.Tensor | None, torch.Tensor | None]:
+    """One timm ``Block`` with an optional reduction between attention and MLP.
+
+    Returns:
+        The new state, and the per-image ``pooled`` / ``score_var`` of the reduction, if any.
+    """
+    x, size, source = state
+    reduce_here = index in plan.locations
+    bias = ops.prop_attn_bias(size) if index >= plan.bias_from else None
+    needs = plan.method.needs if reduce_here else frozenset()
+    out, feats = attention(block.attn, block.norm1(x), bias, needs, plan.attn_impl == "explicit")
+    x = x + block.drop_path1(block.ls1(out))
+    pooled = score_var = None
+    if reduce_here:
+        red = plan.method.reduce(
+            x, size, feats, block=index, num_prefix=plan.num_prefix, source=source
+        )
+        x, size, source, pooled, score_var = red
+    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    return _State(x, size, source), pooled, score_var
+
+
+def run_blocks(
+    blocks: nn.Sequential, x: torch.Tensor, plan: ReductionPlan
+) -> tuple[torch.Tensor, ReductionInfo]:
+    """Run all blocks on tokens ``x [B, N, C]`` with the plan's reductions."""
+    B, N, _ = x.shape
+    size = torch.ones_like(x[..., :1])
+    source = None
+    if plan.trace_source:
+        source = torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N)
+    state = _State(x, size, source)
+    tokens: list[int] = []
+    pooled: list[torch.Tensor] = []
+    score_var: list[torch.Tensor] = []
+    for i, block in enumerate(blocks):
+        state, p, v = reducing_block(block, state, plan, i)
+        tokens.append(state.x.shape[1])
+        if p is not None:
+            pooled.append(p)
+        if v is not None:
+            score_var.append(v)
+    info = ReductionInfo(
+        tokens=tuple(tokens),
+        locations=plan.locations,
+        pooled=torch.stack(pooled, dim=1) if pooled else None,
+        score_var=torch.stack(score_var, dim=1) if score_var else None,
+        source=state.source,
+    )
+    return state.x, info
+
+
+class ReducingMixin:
+    """Mixed into the model's own class by :func:`patch`; overrides ``forward_features``."""
+
+    reduction_plan: ReductionPlan
+    reduction_info: ReductionInfo | None
+
+    def forward_features(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
+            raise PatchError("a token-reducing model does not take attn_mask or is_causal")
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        x, self.reduction_info = run_blocks(self.blocks, x, self.reduction_plan)
+        return self.norm(x)
+
+
+_PATCHED_CLASSES: dict[type, type] = {}
+
+
+def _reducing_class(cls: type) -> type:
+    if issubclass(cls, ReducingMixin):
+        return cls
+    if cls not in _PATCHED_CLASSES:
+        _PATCHED_CLASSES[cls] = type(f"Reducing{cls.__name__}", (ReducingMixin, cls), {})
+    return _PATCHED_CLASSES[cls]
+
+
+def check_patchable(model: nn.Module) -> None:
+    """Raise :class:`PatchError` saying why ``model`` cannot be patched, if it cannot."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise PatchError(
+            f"{type(model).__name__} is not a timm VisionTransformer: token reduction patches "
+            "timm ViT/DeiT models (see `ppt-bench list --models`)"
+        )
+    for i, block in enumerate(model.blocks):
+        missing = [p for p in _BLOCK_PARTS if not hasattr(block, p)]
+        attn = getattr(block, "attn", None)
+        missing += [f"attn.{p}" for p in _ATTN_PARTS if not hasattr(attn, p)]
+        if missing:
+            raise PatchError(
+                f"block {i} ({type(block).__name__}) is not a pre-norm timm Block with fused qkv "
+                f"attention (missing {', '.join(missing)}); this model cannot be patched"
+            )
+
+
+def patch(
+    model: nn.Module, method: Method, *, trace_source: bool = False, attn_impl: str = "fast"
+) -> nn.Module:
+    """Make ``model`` reduce tokens with ``method``; returns the same object, patched in place.
+
+    Raises:
+        PatchError: the model is not a timm ``VisionTransformer`` built from standard blocks.
+        MethodError: the method's locations do not fit the model's depth.
+    """
+    if attn_impl not in ATTN_IMPLS:
+        raise PatchError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+    check_patchable(model)
+    depth = len(model.blocks)
+    locations = method.locations_for(depth)
+    check_locations_fit(locations, depth)
+    model.__class__ = _reducing_class(type(model))
+    model.reduction_plan = ReductionPlan(
+        method=method,
+        locations=locations,
+        num_prefix=model.num_prefix_tokens,
+        attn_impl=attn_impl,
+        trace_source=trace_source,
+    )
+    model.reduction_info = None
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(model, ReducingMixin)

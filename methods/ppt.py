@@ -1,0 +1,92 @@
+"""PPT: token Pruning & Pooling (arXiv 2310.01812).
+
+At each location, per image: if the ATS significance scores are spread out (variance at or
+above ``threshold``) the least significant tokens are pruned, otherwise (flat scores, no token
+stands out) similar tokens are pooled with ToMe's bipartite matching. Both branches remove the
+same number of tokens, so the batch stays rectangular: both are computed and each image takes
+its own with ``torch.where``, with no host synchronisation and no batch split.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ppt_bench.errors import MethodError
+from ppt_bench.methods import ops
+from ppt_bench.methods.base import CLS_ATTN, KEY_MEAN, VALUE_NORM, Reduced, check_float, set_field
+from ppt_bench.methods.merge import merge_step
+from ppt_bench.methods.prune import FixedBudget, ats_scores, prune_step
+from ppt_bench.methods.registry import register_method
+
+BRANCHES = ("auto", "prune", "pool")
+
+
+@register_method("ppt")
+@dataclass(frozen=True)
+class PPT(FixedBudget):
+    """Adaptive pruning and pooling.
+
+    Args:
+        r: tokens removed per reduction block (default 50).
+        locations: reduction blocks (default 3, 6, 9).
+        threshold: pool an image when the variance of its significance scores is below this
+            (default 7e-5); 0 always prunes, inf always pools.
+        prop_attn: proportional attention after the first reduction (default true).
+        branch: ``"auto"`` (per image, by ``threshold``), or force ``"prune"`` / ``"pool"``,
+            as one value or one per location; a forced branch computes only that branch, which
+            is how the cost of each path is measured.
+    """
+
+    description = "PPT: per image and block, prune by significance or pool similar tokens"
+    needs = frozenset({CLS_ATTN, VALUE_NORM, KEY_MEAN})
+    threshold: float = 7e-5
+    prop_attn: bool = True
+    branch: str | tuple[str, ...] = "auto"
+
+    def validate(self) -> None:
+        super().validate()
+        set_field(self, "threshold", check_float("threshold", self.threshold))
+        branches = (self.branch,) if isinstance(self.branch, str) else tuple(self.branch)
+        if any(b not in BRANCHES for b in branches) or (
+            len(branches) > 1 and len(branches) != len(self.locations)
+        ):
+            raise MethodError(
+                f"branch must be one of {BRANCHES} or a list of 'prune'/'pool' with one entry per "
+                f"location ({len(self.locations)}), got {self.branch!r}"
+            )
+        set_field(self, "branch", branches[0] if len(branches) == 1 else branches)
+
+    def branch_at(self, block: int) -> str:
+        if isinstance(self.branch, str):
+            return self.branch
+        return self.branch[self.locations.index(block)]
+
+    def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
+        r = ops.max_reduction(x.shape[1], num_prefix, self.r)
+        scores = ats_scores(feats, num_prefix)  # [B, N - P]
+        score_var = scores.var(dim=-1, correction=1)  # [B]
+        branch = self.branch_at(block)
+        if branch == "prune" or (branch == "auto" and self.threshold == 0.0):
+            pooled = torch.zeros_like(score_var, dtype=torch.bool)
+            return prune_step(x, size, source, scores, r, num_prefix)._replace(
+                pooled=pooled, score_var=score_var
+            )
+        if branch == "pool" or (branch == "auto" and math.isinf(self.threshold)):
+            pooled = torch.ones_like(score_var, dtype=torch.bool)
+            return merge_step(x, size, source, feats.key_mean, r, num_prefix)._replace(
+                pooled=pooled, score_var=score_var
+            )
+        pooled = score_var < self.threshold  # [B]
+        pruned = prune_step(x, size, source, scores, r, num_prefix)
+        merged = merge_step(x, size, source, feats.key_mean, r, num_prefix)
+        pick = pooled[:, None, None]
+        return Reduced(
+            x=torch.where(pick, merged.x, pruned.x),
+            size=torch.where(pick, merged.size, pruned.size),
+            source=None if source is None else torch.where(pick, merged.source, pruned.source),
+            pooled=pooled,
+            score_var=score_var,
+        )

@@ -1,0 +1,1 @@
+"""Runners map ``evaluate(spec) -> records`` over a sweep: in-process or on Ray Tune."""

@@ -1,0 +1,51 @@
+"""Shared fixtures: small, randomly initialised timm ViTs that run in well under a second."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+# Named timm architectures covering each structural feature the patch must keep.
+ARCHS = {
+    "deit_tiny": ("deit_tiny_patch16_224", {}),
+    "deit3_small": ("deit3_small_patch16_224", {"img_size": 96}),  # LayerScale
+    "vit_reg": ("vit_small_patch14_reg4_dinov2", {"img_size": 98}),  # 4 register tokens
+    "vit_qknorm": ("vit_tiny_patch16_224", {"qk_norm": True, "img_size": 96}),
+    "deit_distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 96}),
+}
+
+
+def make_model(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+    """A randomly initialised model in eval mode with non-trivial LayerScale and norm weights.
+
+    timm initialises LayerScale at 1e-5 or so, which would make every block almost the identity
+    and hide mistakes; the weights are spread out instead.
+    """
+    name, defaults = ARCHS.get(arch, (arch, {}))
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False, **{**defaults, **kwargs}).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "gamma") and isinstance(module.gamma, torch.Tensor):
+                module.gamma.uniform_(0.5, 1.5)
+            if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
+                module.weight.uniform_(0.8, 1.2)
+                module.bias.uniform_(-0.1, 0.1)
+    return model
+
+
+def clone(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def images(n: int, size: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g)
+
+
+@pytest.fixture
+def make():
+    return make_model

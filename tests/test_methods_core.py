@@ -1,0 +1,202 @@
+"""baseline, ppt, prune and merge against the definitions in ALGORITHMS.md."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import ARCHS, clone, images, make_model
+
+from ppt_bench.methods import create_method, ops
+
+CORE = ("baseline", "ppt", "prune", "merge")
+
+
+def logits(model, x):
+    with torch.inference_mode():
+        return model(x)
+
+
+def img_size(model) -> int:
+    return model.patch_embed.img_size[0]
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_zero_reduction_gives_unpatched_logits(arch):
+    ref = make_model(arch)
+    x = images(2, img_size(ref))
+    expected = logits(ref, x)
+    for name in CORE:
+        params = {} if name == "baseline" else {"r": 0}
+        for impl in ("fast", "explicit"):
+            model = create_method(name, **params).apply(clone(ref), attn_impl=impl)
+            diff = (logits(model, x) - expected).abs().max().item()
+            assert diff < 1e-5, f"{name} ({impl}) r=0 on {arch}: max abs diff {diff}"
+
+
+def test_apply_keeps_weights_and_state_dict_keys():
+    ref = make_model("deit_tiny")
+    model = create_method("ppt").apply(clone(ref))
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
+def test_deit_small_token_counts_and_prefix_kept():
+    model = create_method("ppt", r=50, locations=(3, 6, 9)).apply(
+        make_model("deit_small_patch16_224"), trace_source=True
+    )
+    logits(model, images(2, 224))
+    info = model.reduction_info
+    assert info.tokens == (197,) * 3 + (147,) * 3 + (97,) * 3 + (49,) * 3
+    # The class token still stands for exactly itself.
+    assert torch.equal(info.source[:, 0], torch.eye(197)[0].expand(2, -1))
+
+
+@pytest.mark.parametrize("name", ["ppt", "prune", "merge"])
+@pytest.mark.parametrize("arch", ["deit_distilled", "vit_reg"])
+def test_prefix_tokens_are_never_removed(name, arch):
+    ref = make_model(arch)
+    P = ref.num_prefix_tokens
+    model = create_method(name, r=20, locations=(0, 1, 2)).apply(clone(ref), trace_source=True)
+    logits(model, images(2, img_size(ref)))
+    source = model.reduction_info.source  # [B, N_final, N0]
+    N0 = source.shape[-1]
+    assert torch.equal(source[:, :P], torch.eye(N0)[:P].expand(2, -1, -1))
+    # Every original patch is still represented (merged) or was dropped (pruned), never both.
+    covered = source[:, P:, P:].sum(dim=1)
+    assert covered.max() <= 1
+    n_patch = N0 - P
+    expected = n_patch - sum(min(20, t) for t in _removed(n_patch, 20, 3))
+    assert model.reduction_info.tokens[-1] == P + expected
+
+
+def _removed(n_patch: int, r: int, steps: int) -> list[int]:
+    out = []
+    for _ in range(steps):
+        k = min(r, n_patch // 2)
+        out.append(k)
+        n_patch -= k
+    return out
+
+
+def test_ppt_threshold_zero_is_prune_and_inf_is_merge():
+    ref = make_model("deit_tiny", img_size=96)
+    x = images(3, 96)
+    common = {"r": 8, "locations": (2, 5, 8)}
+    prune = logits(create_method("prune", prop_attn=True, **common).apply(clone(ref)), x)
+    merge = logits(create_method("merge", **common).apply(clone(ref)), x)
+    assert torch.equal(
+        logits(create_method("ppt", threshold=0, **common).apply(clone(ref)), x), prune
+    )
+    assert torch.equal(
+        logits(create_method("ppt", threshold=math.inf, **common).apply(clone(ref)), x), merge
+    )
+    # Prune-only skips the (all-zero) proportional-attention bias by default: same up to kernels.
+    fast_prune = logits(create_method("prune", **common).apply(clone(ref)), x)
+    assert (fast_prune - prune).abs().max() < 1e-5
+    # The per-image selection path (finite thresholds) picks the same tensors exactly.
+    tiny = create_method("ppt", threshold=1e-30, **common).apply(clone(ref))
+    assert torch.equal(logits(tiny, x), prune) and not tiny.reduction_info.pooled.any()
+    huge = create_method("ppt", threshold=1e30, **common).apply(clone(ref))
+    assert torch.equal(logits(huge, x), merge) and huge.reduction_info.pooled.all()
+
+
+def _mixing_threshold(ref, x, common) -> float:
+    """A threshold between the images' score variances at the first location."""
+    probe = create_method("ppt", threshold=0, **common).apply(clone(ref))
+    logits(probe, x)
+    var = probe.reduction_info.score_var[:, 0].sort().values
+    mid = len(var) // 2
+    return float((var[mid - 1] + var[mid]) / 2)
+
+
+def test_ppt_mixed_batch_is_batch_independent():
+    ref = make_model("deit_tiny", img_size=96)
+    x = images(4, 96, seed=3)
+    x[:2] *= 4  # spread the inputs so that images fall on both sides of the threshold
+    common = {"r": 8, "locations": (2, 5, 8)}
+    threshold = _mixing_threshold(ref, x, common)
+    model = create_method("ppt", threshold=threshold, **common).apply(clone(ref))
+    batch = logits(model, x)
+    pooled = model.reduction_info.pooled
+    assert pooled[:, 0].any() and not pooled[:, 0].all(), "the batch must mix both branches"
+    for i in range(len(x)):
+        alone = logits(model, x[i : i + 1])
+        assert torch.equal(model.reduction_info.pooled[0], pooled[i])
+        assert (alone[0] - batch[i]).abs().max() < 1e-5
+
+
+def test_explicit_and_fast_attention_agree_under_reduction():
+    ref = make_model("deit3_small")
+    x = images(2, 96)
+    for name in ("ppt", "prune", "merge"):
+        fast = logits(create_method(name, r=6).apply(clone(ref)), x)
+        explicit = logits(create_method(name, r=6).apply(clone(ref), attn_impl="explicit"), x)
+        assert (fast - explicit).abs().max() < 1e-4, name
+
+
+def test_bf16_mixed_batch_runs_and_keeps_dtype():
+    ref = make_model("deit_tiny", img_size=96)
+    x = images(4, 96, seed=3)
+    x[:2] *= 4
+    common = {"r": 8, "locations": (2, 5, 8)}
+    threshold = _mixing_threshold(ref, x, common)
+    model = create_method("ppt", threshold=threshold, **common).apply(clone(ref)).to(torch.bfloat16)
+    out = logits(model, x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    pooled = model.reduction_info.pooled
+    assert pooled.any() and not pooled.all()
+    # Autocast keeps fp32 weights and runs the matmuls in bf16.
+    model32 = create_method("ppt", threshold=threshold, **common).apply(clone(ref))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = logits(model32, x)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_ppt_compiles_without_graph_breaks():
+    model = create_method("ppt", r=4, threshold=1e-3).apply(make_model("deit_tiny", img_size=64))
+    x = images(2, 64)
+    with torch.inference_mode():
+        explain = torch._dynamo.explain(model)(x)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    assert explain.graph_count == 1
+    eager = logits(model, x)
+    torch._dynamo.reset()
+    compiled = logits(torch.compile(model), x)
+    assert (compiled - eager).abs().max() < 1e-4
+    assert model.reduction_info.tokens[-1] == 5
+
+
+def test_merge_matches_tome_definition_on_a_small_case():
+    # 1 prefix token + 6 patches, keys chosen so that the best matches are known.
+    x = torch.arange(7 * 2, dtype=torch.float32).reshape(1, 7, 2)
+    size = torch.ones(1, 7, 1)
+    metric = torch.tensor([[[0, 1], [1, 0], [1, 0.1], [0, 1], [0.2, 1], [1, 0.5], [0.9, 1]]])
+    # A = positions 0 (cls), 2, 4, 6; B = positions 1, 3, 5.
+    m = ops.bipartite_soft_matching(metric, r=2, num_prefix=1)
+    out, out_size = ops.merge_weighted(m, x, size)
+    # Best matches: 2->1 (cos 0.995), 4->3 (0.98), 6->5 (0.96): the two most similar merge.
+    assert out.shape == (1, 5, 2)
+    assert torch.equal(out[0, 0], x[0, 0])  # class token first, untouched
+    assert torch.equal(out[0, 1], x[0, 6])  # the unmerged A token
+    assert torch.allclose(out[0, 2], (x[0, 1] + x[0, 2]) / 2)
+    assert torch.allclose(out[0, 3], (x[0, 3] + x[0, 4]) / 2)
+    assert torch.equal(out[0, 4], x[0, 5])
+    assert out_size.flatten().tolist() == [1, 1, 2, 2, 1]
+
+
+def test_significance_scores_follow_the_definition():
+    g = torch.Generator().manual_seed(0)
+    attn = torch.rand(2, 3, 5, 5, generator=g).softmax(-1)  # [B, H, N, N]
+    v = torch.randn(2, 3, 5, 4, generator=g)  # [B, H, N, d]
+    s = ops.significance_scores(attn[:, :, 0], ops.value_norm(v), num_prefix=1)
+    a = attn[:, :, 0, 1:].sum(1)
+    n = torch.stack(
+        [torch.cat([v[:, h, j] for h in range(3)], -1).norm(dim=-1) for j in range(1, 5)], 1
+    )
+    expected = a * n / (a * n).sum(-1, keepdim=True)
+    assert torch.allclose(s, expected)
+    assert torch.allclose(s.sum(-1), torch.ones(2))

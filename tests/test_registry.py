@@ -1,0 +1,105 @@
+"""The method registry and parameter validation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import make_model
+
+from ppt_bench.errors import MethodError, PatchError
+from ppt_bench.methods import Method, create_method, list_methods, method_params, register_method
+from ppt_bench.methods import registry as registry_module
+
+
+def test_core_methods_are_listed():
+    assert {"baseline", "ppt", "prune", "merge"} <= set(list_methods())
+    assert list_methods("pp*") == ["ppt"]
+
+
+def test_defaults_follow_the_paper():
+    ppt = create_method("ppt")
+    assert (ppt.r, ppt.locations, ppt.threshold, ppt.prop_attn) == (50, (3, 6, 9), 7e-5, True)
+    assert method_params("merge")["locations"] == (3, 6, 9)
+
+
+def test_unknown_method_suggests_the_closest():
+    with pytest.raises(
+        MethodError, match=r"unknown method 'pruned'.*Did you mean 'prune'.*baseline"
+    ):
+        create_method("pruned")
+
+
+def test_unknown_parameter_names_the_valid_ones():
+    with pytest.raises(MethodError, match=r"no parameter 'rr'.*valid parameters: r, locations"):
+        create_method("ppt", rr=3)
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "match"),
+    [
+        ("ppt", {"r": -1}, r"r must be an integer >= 0"),
+        ("prune", {"r": 2.5}, r"r must be an integer >= 0"),
+        ("merge", {"r": True}, r"r must be an integer >= 0"),
+        ("ppt", {"threshold": math.nan}, r"threshold must be >= 0"),
+        ("ppt", {"threshold": -1e-3}, r"threshold must be >= 0"),
+        ("ppt", {"locations": [3, -1]}, r"location must be an integer >= 0"),
+        ("ppt", {"locations": [3, 3]}, r"distinct"),
+        ("ppt", {"locations": "abc"}, r"location"),
+        ("ppt", {"branch": "sideways"}, r"branch must be one of"),
+    ],
+)
+def test_invalid_parameters_name_the_valid_range(name, params, match):
+    with pytest.raises(MethodError, match=match):
+        create_method(name, **params)
+
+
+def test_location_outside_the_model_is_rejected_at_apply():
+    with pytest.raises(
+        MethodError, match=r"outside the model's blocks: valid locations are 0 to 11"
+    ):
+        create_method("ppt", locations=(3, 12)).apply(make_model("deit_tiny"))
+
+
+def test_unpatchable_models_say_why():
+    with pytest.raises(PatchError, match="not a timm VisionTransformer"):
+        create_method("ppt").apply(torch.nn.Linear(3, 3))
+    model = make_model("deit_tiny")
+    model.blocks[2] = torch.nn.Identity()
+    with pytest.raises(PatchError, match=r"block 2 \(Identity\)"):
+        create_method("merge").apply(model)
+
+
+def test_duplicate_registration_is_an_error():
+    with pytest.raises(MethodError, match="already registered"):
+
+        @register_method("ppt")
+        @dataclass(frozen=True)
+        class Other(Method):
+            pass
+
+
+def test_third_party_methods_load_from_entry_points(monkeypatch):
+    class EP:
+        name = "shuffle_free"
+        value = "tests_plugin_module:Plugin"
+
+    import sys
+    import types
+
+    module = types.ModuleType("tests_plugin_module")
+
+    @dataclass(frozen=True)
+    class Plugin(Method):
+        description = "a plugin"
+
+    module.Plugin = Plugin
+    monkeypatch.setitem(sys.modules, "tests_plugin_module", module)
+    monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
+    monkeypatch.setattr(registry_module, "_ENTRY_POINTS_LOADED", False)
+    monkeypatch.setattr(registry_module, "entry_points", lambda group: [EP] if group else [])
+    assert "shuffle_free" in list_methods()
+    method = create_method("shuffle_free")
+    assert isinstance(method, Plugin) and Plugin.name == "shuffle_free"
