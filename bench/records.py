@@ -55,6 +55,19 @@ COLUMNS = (
     "error",
 )
 
+# Columns read back as text: a hex run_id or git sha made only of digits ("012345678901",
+# "1e5...") or a version like "0.10" would otherwise be parsed as a number.
+TEXT_COLUMNS = (
+    "run_id",
+    "sweep",
+    "params",
+    "ppt_bench_version",
+    "torch_version",
+    "timm_version",
+    "git_sha",
+    "error",
+)
+
 # metric -> unit; per-block metrics (tokens_block_<i>, pooled_frac_block_<i>) are matched by prefix.
 UNITS = {
     "top1": "%",
@@ -103,6 +116,21 @@ def git_sha() -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
+@lru_cache(maxsize=1)
+def nvidia_driver() -> str:
+    """The NVIDIA driver version as nvidia-smi reports it, or '' where it cannot be read."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+
+
 def environment(device: str) -> dict[str, str]:
     """Versions and the device name that every row records."""
     import timm
@@ -112,6 +140,8 @@ def environment(device: str) -> dict[str, str]:
 
     if device.startswith("cuda") and torch.cuda.is_available():
         device_name = torch.cuda.get_device_name(torch.device(device))
+        driver = nvidia_driver()
+        device_name += f" (driver {driver}, CUDA {torch.version.cuda})" if driver else ""
     else:
         device_name = platform.processor() or platform.machine() or "cpu"
     return {
@@ -241,7 +271,7 @@ def read_results(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> pd.D
             raise UserError(f"results file {p} does not exist; pass a CSV written by ppt-bench run")
         with p.open() as f:
             check_header(p, f.readline())
-        frames.append(pd.read_csv(p, dtype={"params": str, "error": str, "sweep": str}))
+        frames.append(pd.read_csv(p, dtype=dict.fromkeys(TEXT_COLUMNS, str)))
     df = pd.concat(frames, ignore_index=True)
     df["value"] = pd.to_numeric(df["value"], errors="coerce")
     return df

@@ -12,6 +12,9 @@ from ppt_bench.errors import UserError
 
 METRICS = ("accuracy", "macs", "throughput", "latency", "memory", "tokens")
 DTYPES = ("fp32", "fp16", "bf16")
+# "default", "reduce-overhead", "max-autotune": torch.compile modes; "cudagraph": the eager
+# forward captured in a CUDA graph (no compilation, no Python launch overhead).
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "cudagraph")
 # Fields that only say how a run is scheduled or named, not what it measures.
 _NOT_IN_RUN_ID = ("sweep", "workers")
 
@@ -31,7 +34,8 @@ class RunSpec:
         batch_size: images per forward.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         dtype: ``fp32``, or ``fp16`` / ``bf16`` under autocast.
-        compile: run the model through ``torch.compile``.
+        compile: how the timed model runs, one of :data:`COMPILE_MODES`; ``True`` means
+            ``"default"`` (``torch.compile``), ``False`` means ``"none"`` (eager).
         seed: seed for synthetic data and random methods.
         metrics: subset of :data:`METRICS`.
         n_images: evaluate at most this many images (None: all).
@@ -47,7 +51,7 @@ class RunSpec:
     batch_size: int = 64
     device: str = "cpu"
     dtype: str = "fp32"
-    compile: bool = False
+    compile: bool | str = False
     seed: int = 0
     metrics: tuple[str, ...] = ("accuracy", "macs", "tokens")
     n_images: int | None = None
@@ -64,6 +68,12 @@ class RunSpec:
         bad = [m for m in self.metrics if m not in METRICS]
         if bad or not self.metrics:
             raise UserError(f"unknown metrics {bad}: choose from {', '.join(METRICS)}")
+        mode = {True: "default", False: "none"}.get(self.compile, self.compile)
+        if mode not in COMPILE_MODES:
+            raise UserError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+        object.__setattr__(self, "compile", mode)
+        if mode == "cudagraph" and not self.device.startswith("cuda"):
+            raise UserError("compile=cudagraph captures CUDA graphs: use it with --device cuda")
         if self.dtype not in DTYPES:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):

@@ -22,8 +22,20 @@ def merge_step(
 ) -> Reduced:
     """Merge ``r`` patch tokens into their most similar partners (size-weighted average)."""
     m = ops.bipartite_soft_matching(key_mean, r, num_prefix)
-    x, size = ops.merge_weighted(m, x, size)
-    return Reduced(x, size, None if source is None else ops.merge_source(m, source))
+    slots = ops.merge_slots(m, x.shape[1])
+    return pool_step(x, size, source, slots, x.shape[1] - r)
+
+
+def pool_step(
+    x: torch.Tensor,
+    size: torch.Tensor,
+    source: torch.Tensor | None,
+    slots: torch.Tensor,
+    num_out: int,
+) -> Reduced:
+    """Reduce tokens into ``num_out`` output slots by size-weighted averaging."""
+    x, size = ops.pool(slots, num_out, x, size)
+    return Reduced(x, size, None if source is None else ops.pool_source(slots, num_out, source))
 
 
 @register_method("merge")

@@ -7,12 +7,10 @@ no host synchronisation, so that ``torch.compile`` and CUDA graphs apply.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
-
-MergeFn = Callable[[torch.Tensor, str], torch.Tensor]
 
 
 def max_reduction(num_tokens: int, num_prefix: int, r: int) -> int:
@@ -29,7 +27,7 @@ def value_norm(v: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[B, N]``.
     """
-    return v.transpose(1, 2).flatten(2).norm(dim=-1)
+    return torch.linalg.vector_norm(v, dim=(1, 3))
 
 
 def significance_scores(
@@ -78,8 +76,42 @@ def keep_top(scores: torch.Tensor, num_keep: int, num_prefix: int) -> torch.Tens
     return torch.cat([prefix, top], dim=1)
 
 
+def dropped_mask(keep: torch.Tensor, num_tokens: int, num_prefix: int) -> torch.Tensor:
+    """The patch tokens that ``keep`` leaves out.
+
+    Args:
+        keep: ``[B, K]`` kept indices into the full sequence (as from :func:`keep_top`).
+        num_tokens: ``N``.
+        num_prefix: ``P``.
+
+    Returns:
+        Bool ``[B, N - P]``, True for a dropped patch token.
+    """
+    kept = torch.zeros(keep.shape[0], num_tokens, dtype=torch.bool, device=keep.device)
+    kept = kept.scatter(1, keep, torch.ones_like(keep, dtype=torch.bool))
+    return ~kept[:, num_prefix:]
+
+
+def fuse_tokens(
+    t: torch.Tensor, weights: torch.Tensor, num_prefix: int, mode: str = "sum"
+) -> torch.Tensor:
+    """Reduce the patch tokens of ``t [B, N, C]`` to one token, ``[B, 1, C]``.
+
+    Args:
+        t: per-token tensor, prefix tokens first (they take no part).
+        weights: ``[B, N - P]``, 0 for tokens left out of the fused token.
+        num_prefix: ``P``.
+        mode: ``"sum"`` for ``sum_j w_j t_j`` (EViT's fused token: unnormalised attention
+            weights), ``"amax"`` for ``max_j w_j t_j`` (the union of 0/1 source rows).
+    """
+    weighted = t[:, num_prefix:] * weights.to(t.dtype)[..., None]  # [B, N - P, C]
+    if mode == "sum":
+        return weighted.sum(dim=1, keepdim=True)
+    return weighted.amax(dim=1, keepdim=True)
+
+
 class Matching(NamedTuple):
-    """The outcome of bipartite soft matching, applied to any per-token tensor by :func:`merge`."""
+    """The outcome of bipartite soft matching; :func:`merge_slots` turns it into output slots."""
 
     num_prefix: int
     unm_idx: torch.Tensor  # [B, n_a - r, 1] unmerged A patch tokens (indices into A patches)
@@ -116,22 +148,66 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Ma
     return Matching(num_prefix, unm_idx, src_idx, dst_idx)
 
 
-def merge(m: Matching, t: torch.Tensor, mode: str = "sum") -> torch.Tensor:
-    """Apply a matching to a per-token tensor ``t [B, N, C]``.
+def merge_slots(m: Matching, num_tokens: int) -> torch.Tensor:
+    """The output slot of every input token under a matching, ``[B, N]`` (int64).
+
+    Slots follow ToMe's output order: prefix tokens ``0 .. P-1`` in their original order, the
+    unmerged A patch tokens, then the B patch tokens; a merged A token goes to its partner's slot.
+    """
+    P, (B, n_unm, _), r = m.num_prefix, m.unm_idx.shape, m.src_idx.shape[1]
+    n_a = n_unm + r
+    n_b = num_tokens - P - n_a
+    arange = partial(torch.arange, device=m.unm_idx.device)
+    a_slot = torch.empty(B, n_a, dtype=torch.long, device=m.unm_idx.device)
+    a_slot.scatter_(1, m.unm_idx[..., 0], (P + arange(n_unm)).expand(B, -1))
+    a_slot.scatter_(1, m.src_idx[..., 0], P + n_unm + m.dst_idx[..., 0])
+    b_slot = (P + n_unm + arange(n_b)).expand(B, -1)
+    slots = torch.empty(B, num_tokens, dtype=torch.long, device=m.unm_idx.device)
+    slots[:, 0::2] = torch.cat([arange(0, P, 2).expand(B, -1), a_slot], dim=1)
+    slots[:, 1::2] = torch.cat([arange(1, P, 2).expand(B, -1), b_slot], dim=1)
+    return slots
+
+
+def prune_slots(keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Output slots ``[B, N]`` that keep the tokens ``keep [B, K]`` in that order.
+
+    Dropped tokens go to slot ``K``, one past the output, which :func:`pool` discards.
+    """
+    B, K = keep.shape
+    slots = torch.full((B, num_tokens), K, dtype=torch.long, device=keep.device)
+    return slots.scatter_(1, keep, torch.arange(K, device=keep.device).expand(B, -1))
+
+
+def pool(
+    slots: torch.Tensor, num_out: int, x: torch.Tensor, size: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average of the tokens that share an output slot.
+
+    One scatter serves merging and pruning alike, so a batch whose images take different
+    branches is reduced in one pass by choosing each image's slots.
+
+    Args:
+        slots: ``[B, N]`` output slot of each token, ``num_out`` for a dropped token.
+        num_out: tokens out.
+        x: tokens ``[B, N, C]``.
+        size: ``[B, N, 1]`` patches each token stands for.
 
     Returns:
-        ``[B, N - r, C]``: prefix tokens in their original order, the unmerged A patch tokens,
-        then the B patch tokens with the merged A tokens reduced into them by ``mode``
-        (``"sum"``, ``"mean"`` or ``"amax"``).
+        ``x [B, num_out, C]`` with ``x <- sum(x * size) / sum(size)`` per slot, and its ``size``.
     """
-    P = m.num_prefix
-    pa, pb = (P + 1) // 2, P // 2
-    C = t.shape[-1]
-    a, b = t[..., ::2, :][:, pa:], t[..., 1::2, :][:, pb:]
-    unm = a.gather(1, m.unm_idx.expand(-1, -1, C))
-    src = a.gather(1, m.src_idx.expand(-1, -1, C))
-    b = b.scatter_reduce(1, m.dst_idx.expand(-1, -1, C), src, reduce=mode)
-    return torch.cat([t[:, :P], unm, b], dim=1)
+    B, _, C = x.shape
+    idx = slots[..., None]
+    total = x.new_zeros(B, num_out + 1, C).scatter_add_(1, idx.expand(-1, -1, C), x * size)
+    weight = size.new_zeros(B, num_out + 1, 1).scatter_add_(1, idx, size)
+    weight = weight[:, :num_out]
+    return total[:, :num_out] / weight, weight
+
+
+def pool_source(slots: torch.Tensor, num_out: int, source: torch.Tensor) -> torch.Tensor:
+    """Union of the 0/1 source rows ``[B, N, N0]`` that share a slot: ``[B, num_out, N0]``."""
+    B, _, N0 = source.shape
+    out = source.new_zeros(B, num_out + 1, N0)
+    return out.scatter_add_(1, slots[..., None].expand(-1, -1, N0), source)[:, :num_out]
 
 
 def merge_weighted(
@@ -144,14 +220,14 @@ def merge_weighted(
         x: tokens ``[B, N, C]``.
         size: ``[B, N, 1]`` patches each token stands for.
     """
-    x = merge(m, x * size, "sum")
-    size = merge(m, size, "sum")
-    return x / size, size
+    N = x.shape[1]
+    return pool(merge_slots(m, N), N - m.src_idx.shape[1], x, size)
 
 
 def merge_source(m: Matching, source: torch.Tensor) -> torch.Tensor:
     """Track which original patches each token stands for: ``source [B, N, N0]`` (0/1)."""
-    return merge(m, source, "amax")
+    N = source.shape[1]
+    return pool_source(merge_slots(m, N), N - m.src_idx.shape[1], source)
 
 
 def prop_attn_bias(size: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,9 @@
 At each location, per image: if the ATS significance scores are spread out (variance at or
 above ``threshold``) the least significant tokens are pruned, otherwise (flat scores, no token
 stands out) similar tokens are pooled with ToMe's bipartite matching. Both branches remove the
-same number of tokens, so the batch stays rectangular: both are computed and each image takes
-its own with ``torch.where``, with no host synchronisation and no batch split.
+same number of tokens, so the batch stays rectangular: each image's output slots are chosen with
+``torch.where`` and one scatter reduces the whole batch, with no host synchronisation and no
+batch split.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import CLS_ATTN, KEY_MEAN, VALUE_NORM, Reduced, check_float, set_field
-from ppt_bench.methods.merge import merge_step
+from ppt_bench.methods.merge import merge_step, pool_step
 from ppt_bench.methods.prune import FixedBudget, ats_scores, prune_step
 from ppt_bench.methods.registry import register_method
 
@@ -79,14 +80,12 @@ class PPT(FixedBudget):
             return merge_step(x, size, source, feats.key_mean, r, num_prefix)._replace(
                 pooled=pooled, score_var=score_var
             )
+        # Both branches remove r tokens: each image picks its output slots, one pass reduces all.
         pooled = score_var < self.threshold  # [B]
-        pruned = prune_step(x, size, source, scores, r, num_prefix)
-        merged = merge_step(x, size, source, feats.key_mean, r, num_prefix)
-        pick = pooled[:, None, None]
-        return Reduced(
-            x=torch.where(pick, merged.x, pruned.x),
-            size=torch.where(pick, merged.size, pruned.size),
-            source=None if source is None else torch.where(pick, merged.source, pruned.source),
-            pooled=pooled,
-            score_var=score_var,
-        )
+        N = x.shape[1]
+        keep = ops.keep_top(scores, N - num_prefix - r, num_prefix)
+        matching = ops.bipartite_soft_matching(feats.key_mean, r, num_prefix)
+        slots = torch.where(
+            pooled[:, None], ops.merge_slots(matching, N), ops.prune_slots(keep, N)
+        )  # [B, N]
+        return pool_step(x, size, source, slots, N - r)._replace(pooled=pooled, score_var=score_var)

@@ -28,6 +28,10 @@ _BUILTIN: dict[str, str] = {
     "ppt": "ppt_bench.methods.ppt:PPT",
     "prune": "ppt_bench.methods.prune:Prune",
     "merge": "ppt_bench.methods.merge:Merge",
+    "tome": "ppt_bench.methods.tome:ToMe",
+    "evit": "ppt_bench.methods.evit:EViT",
+    "topk": "ppt_bench.methods.controls:TopK",
+    "random": "ppt_bench.methods.controls:RandomDrop",
 }
 _REGISTRY: dict[str, str | type[Method]] = dict(_BUILTIN)
 _ENTRY_POINTS_LOADED = False

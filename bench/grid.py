@@ -1,0 +1,461 @@
+"""Sweep grids: settings from a TOML file and CLI flags, expanded into validated ``RunSpec`` s.
+
+The grid is models x (method, parameters x sweeps) x batch sizes, plus a baseline run per model
+and batch size. :func:`validate` checks every run (names, parameters, model depth, paths) before
+anything runs, so a mistake in run 40 of 40 costs nothing. The schema is documented in
+``bench/configs/example.toml``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from ppt_bench.errors import UserError
+from ppt_bench.spec import METRICS, RunSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+BUILTIN_DATA = ("synthetic", "digits")
+RUNNERS = ("local", "ray")
+
+
+@dataclass
+class MethodPlan:
+    """One method of a sweep: fixed parameters and swept ones.
+
+    Args:
+        name: registry name.
+        params: fixed parameters.
+        sweep: parameter -> values; the method runs once per combination.
+    """
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
+
+    def combinations(self) -> list[dict[str, Any]]:
+        """The parameter sets this method runs with (fixed params updated by each sweep point)."""
+        keys = sorted(self.sweep)
+        points = itertools.product(*(self.sweep[k] for k in keys))
+        return [{**self.params, **dict(zip(keys, point, strict=True))} for point in points]
+
+
+@dataclass
+class SweepConfig:
+    """Everything ``ppt-bench run`` needs, after merging the config file and the CLI flags.
+
+    The fields are the keys of a config file (see ``bench/configs/example.toml``) and mirror
+    the flags of ``ppt-bench run``; ``methods`` comes from ``[methods.<name>]`` tables.
+    """
+
+    models: list[str] = field(default_factory=list)
+    methods: list[MethodPlan] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=lambda: [64])
+    metrics: list[str] = field(default_factory=lambda: ["accuracy", "macs", "tokens"])
+    data: str | None = None
+    n_images: int | None = None
+    checkpoint: str | None = None
+    device: str = "cpu"
+    dtype: str = "fp32"
+    compile: bool | str = False
+    seed: int = 0
+    workers: int = 4
+    baseline: bool = True
+    sweep_name: str = "sweep"
+    runner: str = "local"
+    ray_address: str | None = None
+    ray_storage: str | None = None
+    out: str | None = None
+    report: str | None = None
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out or f"results/{self.sweep_name}.csv")
+
+    @property
+    def report_path(self) -> Path:
+        return Path(self.report or f"reports/{self.sweep_name}.md")
+
+
+# Top-level keys of the TOML file, besides ``methods`` and ``sweep``.
+_SCALAR_KEYS = {f.name for f in fields(SweepConfig)} - {"methods"}
+
+
+def parse_value(text: str) -> Any:
+    """Read a CLI value as TOML (``50``, ``7e-5``, ``[3, 6, 9]``, ``true``); else a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_assignment(text: str, flag: str) -> tuple[str, Any]:
+    """Split ``KEY=VALUE`` and read the value with :func:`parse_value`."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key or not value.strip():
+        raise UserError(f"{flag} expects KEY=VALUE (e.g. {flag} r=50), got {text!r}")
+    return key, parse_value(value.strip())
+
+
+def parse_sweep(text: str) -> tuple[str, list[Any]]:
+    """Read ``KEY=[V1,V2,...]`` for ``--sweep``."""
+    key, values = parse_assignment(text, "--sweep")
+    if not isinstance(values, list) or not values:
+        raise UserError(
+            f"--sweep expects KEY=[V1,V2,...] (e.g. --sweep r=[16,32,50]), got {text!r}"
+        )
+    return key, values
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a sweep config file; unknown keys are an error (they are usually typos)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a directory, not a TOML file") from None
+    except PermissionError:
+        raise UserError(f"config file {path} cannot be read (permission denied)") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"config file {path} is not valid TOML: {err}") from None
+    unknown = sorted(set(raw) - _SCALAR_KEYS - {"methods", "sweep"})
+    if unknown:
+        valid = ", ".join(sorted(_SCALAR_KEYS | {"methods", "sweep"}))
+        raise UserError(f"config file {path}: unknown keys {unknown}; valid keys: {valid}")
+    raw.setdefault("sweep_name", path.stem)
+    return raw
+
+
+def _methods_from_config(raw: Any, global_sweep: dict[str, list[Any]]) -> list[MethodPlan]:
+    """``methods`` is a list of names or a table ``{name: {param = value, sweep = {...}}}``."""
+    if isinstance(raw, list):
+        raw = {name: {} for name in raw}
+    if not isinstance(raw, dict):
+        raise UserError("config 'methods' must be a list of names or a table of method tables")
+    plans = []
+    for name, table in raw.items():
+        if not isinstance(table, dict):
+            raise UserError(f"config [methods.{name}] must be a table of parameters")
+        params = dict(table)
+        own_sweep = params.pop("sweep", {})
+        if not isinstance(own_sweep, dict) or not all(
+            isinstance(v, list) and v for v in own_sweep.values()
+        ):
+            raise UserError(f"config [methods.{name}.sweep] must map parameters to value lists")
+        plans.append(MethodPlan(name, params, {**global_sweep, **own_sweep}))
+    return plans
+
+
+def build_config(
+    file: dict[str, Any] | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+    methods: Sequence[str] | None = None,
+    params: Sequence[tuple[str, Any]] = (),
+    sweeps: Sequence[tuple[str, list[Any]]] = (),
+) -> SweepConfig:
+    """Merge a loaded config file with CLI settings; the CLI wins.
+
+    Args:
+        file: the dict from :func:`load_config` (or None).
+        overrides: scalar and list settings given on the command line (None values ignored).
+        methods: ``--method`` names; they replace the file's method list but keep its params.
+        params: ``--param`` pairs; each applies to every selected method that has it.
+        sweeps: ``--sweep`` pairs; each applies to every selected method that has it.
+    """
+    from ppt_bench.methods import method_params
+
+    file = dict(file or {})
+    global_sweep = file.pop("sweep", {})
+    if not isinstance(global_sweep, dict) or not all(
+        isinstance(v, list) and v for v in global_sweep.values()
+    ):
+        raise UserError("config [sweep] must map parameters to non-empty value lists")
+    plans = _methods_from_config(file.pop("methods", []), global_sweep)
+    if methods:
+        by_name = {p.name: p for p in plans}
+        plans = [by_name.get(name, MethodPlan(name, {}, dict(global_sweep))) for name in methods]
+    plans = list({p.name: p for p in plans}.values())  # one plan per method name
+    settings = {**file, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    for key in ("models", "batch_sizes", "metrics"):
+        if key in settings:
+            settings[key] = _as_list(settings[key])
+    _check_types(settings)
+    config = SweepConfig(**settings, methods=plans)
+    if config.runner not in RUNNERS:
+        raise UserError(f"runner must be one of {', '.join(RUNNERS)}, got {config.runner!r}")
+
+    known = {p.name: method_params(p.name) for p in plans}  # unknown names raise here
+    for key, value in params:
+        owners = [p for p in plans if key in known[p.name]]
+        _check_owned(key, owners, known, "--param")
+        for plan in owners:
+            plan.params[key] = value
+            plan.sweep.pop(key, None)  # a CLI value beats a swept one from the file
+    for key, values in sweeps:
+        owners = [p for p in plans if key in known[p.name]]
+        _check_owned(key, owners, known, "--sweep")
+        for plan in owners:
+            plan.sweep[key] = values
+            plan.params.pop(key, None)
+    for plan in plans:  # file sweeps apply only to the methods that have the parameter
+        plan.sweep = {k: v for k, v in plan.sweep.items() if k in known[plan.name]}
+    _check_file_sweeps(global_sweep, known)
+    return config
+
+
+# Expected types of the single-valued settings (lists are checked by RunSpec).
+_TYPES: dict[str, type | tuple[type, ...]] = {
+    **dict.fromkeys(("data", "checkpoint", "device", "dtype", "sweep_name", "runner"), str),
+    **dict.fromkeys(("ray_address", "ray_storage", "out", "report"), str),
+    "compile": (bool, str),
+    "baseline": bool,
+    **dict.fromkeys(("seed", "workers", "n_images"), int),
+}
+
+
+def _check_types(settings: dict[str, Any]) -> None:
+    for key, value in settings.items():
+        want = _TYPES.get(key)
+        wrong_bool = want is int and isinstance(value, bool)
+        if want is not None and (not isinstance(value, want) or wrong_bool):
+            names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
+            raise UserError(f"setting {key!r} must be of type {names}, got {value!r}")
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A setting given once or as a list (``"a,b"`` strings split on commas)."""
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _check_owned(key: str, owners: list[MethodPlan], known: dict[str, dict], flag: str) -> None:
+    if owners:
+        return
+    if not known:
+        raise UserError(f"{flag} {key}=... needs a method: add --method NAME")
+    valid = sorted({p for params in known.values() for p in params})
+    raise UserError(
+        f"{flag} {key}: no selected method ({', '.join(known)}) has a parameter {key!r}; "
+        f"their parameters: {', '.join(valid) or 'none'}"
+    )
+
+
+def _check_file_sweeps(global_sweep: dict[str, list[Any]], known: dict[str, dict]) -> None:
+    for key in global_sweep:
+        if known and not any(key in params for params in known.values()):
+            raise UserError(f"config [sweep] {key}: no selected method has a parameter {key!r}")
+
+
+def _absolute(path: str | None, builtin: Iterable[str] = ()) -> str | None:
+    """Make a local path absolute so it means the same in every process (Ray workers chdir)."""
+    if path is None or path in builtin or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def expand(config: SweepConfig) -> list[RunSpec]:
+    """The grid: models x (methods x sweep points) x batch sizes, baselines first, no repeats."""
+    if not config.models:
+        raise UserError("no model given: add --model NAME (see `ppt-bench list --models`)")
+    if not config.methods and not config.baseline:
+        raise UserError("nothing to run: add --method NAME or drop --no-baseline")
+    runs: list[tuple[str, dict[str, Any]]] = [("baseline", {})] if config.baseline else []
+    for plan in config.methods:
+        runs += [(plan.name, params) for params in plan.combinations()]
+    common = dict(
+        data=_absolute(config.data, BUILTIN_DATA),
+        checkpoint=_absolute(config.checkpoint),
+        device=config.device,
+        dtype=config.dtype,
+        compile=config.compile,
+        seed=config.seed,
+        metrics=tuple(config.metrics),
+        n_images=config.n_images,
+        sweep=config.sweep_name,
+        workers=config.workers,
+    )
+    specs: dict[str, RunSpec] = {}
+    for model, batch_size in itertools.product(config.models, config.batch_sizes):
+        for method, params in runs:
+            try:
+                spec = RunSpec(model, method, params, batch_size=batch_size, **common)
+            except TypeError as err:  # a wrongly typed setting in the config file
+                raise UserError(f"invalid setting: {err}") from None
+            specs.setdefault(spec.run_id, spec)
+    return list(specs.values())
+
+
+def validate(specs: Sequence[RunSpec], *, check_cuda: bool = True) -> None:
+    """Check what ``RunSpec`` cannot: models exist and fit each method, paths exist, CUDA.
+
+    Raises:
+        UserError: with a one-line message naming the problem and the fix.
+    """
+    from ppt_bench.methods import create_method
+    from ppt_bench.methods.base import check_locations_fit
+
+    for spec in specs:
+        depth = model_depth(spec.model)
+        if spec.method != "baseline":
+            if depth is None:
+                raise UserError(
+                    f"model {spec.model!r} is not a timm VisionTransformer, so {spec.method!r} "
+                    "cannot reduce its tokens (see `ppt-bench list --models`)"
+                )
+            method = create_method(spec.method, **spec.params)
+            try:
+                check_locations_fit(method.locations_for(depth), depth)
+            except UserError as err:
+                raise UserError(f"{spec.method} on {spec.model} ({depth} blocks): {err}") from None
+    for spec in specs[:1]:  # the paths and device are shared by the whole grid
+        check_paths(spec)
+        if check_cuda and spec.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError(f"--device {spec.device}: CUDA is not available; use --device cpu")
+    if len(specs) != len({s.run_id for s in specs}):
+        raise UserError("the grid repeats a run; remove duplicate --model or --batch-size values")
+
+
+def check_paths(spec: RunSpec) -> None:
+    data = spec.data
+    if data is not None and data not in BUILTIN_DATA and not Path(data).is_dir():
+        raise UserError(
+            f"--data {data} is not a directory: pass an ImageFolder root (ImageNet val "
+            "layout), 'digits' or 'synthetic'"
+        )
+    ckpt = spec.checkpoint
+    if ckpt is not None and "://" not in ckpt and not Path(ckpt).is_file():
+        raise UserError(f"--checkpoint {ckpt} does not exist: pass a weights file or a URL")
+
+
+def find_model(name: str) -> None:
+    """Raise :class:`UserError` unless timm (or ppt-bench's digits model) knows ``name``."""
+    from ppt_bench.models import check_model_name, register_project_models
+
+    register_project_models()  # vit_digits_patch4_32
+    check_model_name(name)
+
+
+@dataclass(frozen=True)
+class ViTInfo:
+    """The shape of a patchable timm ViT.
+
+    Args:
+        name: timm model name.
+        depth: transformer blocks.
+        embed_dim: channels per token.
+        patch_tokens: patch tokens at the default input size.
+        prefix_tokens: class, distillation and register tokens.
+    """
+
+    name: str
+    depth: int
+    embed_dim: int
+    patch_tokens: int
+    prefix_tokens: int
+
+
+# timm modules whose models are VisionTransformer (sub)classes the patch may accept; "digits" is
+# ppt_bench.digits, which registers vit_digits_patch4_32.
+VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit", "digits")
+
+
+@cache
+def describe_vit(name: str) -> ViTInfo | None:
+    """The shape of a model the patch can reduce, or None for any other model.
+
+    The model is built on the meta device: no memory, no weights, tens of milliseconds.
+    """
+    import timm
+    import torch
+
+    from ppt_bench.errors import PatchError
+    from ppt_bench.methods.patch import check_patchable
+
+    find_model(name)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+        check_patchable(model)
+    except (PatchError, RuntimeError, NotImplementedError, TypeError, ValueError):
+        return None  # not a ViT, or a model that cannot even be built without weights
+    return ViTInfo(
+        name=name,
+        depth=len(model.blocks),
+        embed_dim=model.embed_dim,
+        patch_tokens=model.patch_embed.num_patches,
+        prefix_tokens=model.num_prefix_tokens,
+    )
+
+
+def model_depth(name: str) -> int | None:
+    """Blocks of a patchable ViT, or None for a model the patch cannot reduce."""
+    info = describe_vit(name)
+    return None if info is None else info.depth
+
+
+def patchable_models(pattern: str, limit: int) -> tuple[list[ViTInfo], int]:
+    """Patchable timm ViTs matching ``pattern``: the first ``limit`` found, and the candidates.
+
+    Returns:
+        ``(models, candidates)``: at most ``limit`` models, and how many names matched in the
+        ViT modules (each checked only while fewer than ``limit`` were found).
+    """
+    import timm
+
+    from ppt_bench.models import register_project_models
+
+    register_project_models()
+    names = sorted({n for m in VIT_MODULES for n in timm.list_models(pattern, module=m)})
+    found = []
+    for name in names:
+        if len(found) == limit:
+            break
+        info = describe_vit(name)
+        if info is not None:
+            found.append(info)
+    return found, len(names)
+
+
+def grid_hash(specs: Iterable[RunSpec]) -> str:
+    """A short hash of the runs in a grid (order-free), to name its Ray Tune experiment."""
+    blob = ",".join(sorted(s.run_id for s in specs))
+    return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+
+__all__ = [
+    "METRICS",
+    "RUNNERS",
+    "MethodPlan",
+    "SweepConfig",
+    "build_config",
+    "expand",
+    "find_model",
+    "load_config",
+    "model_depth",
+    "parse_assignment",
+    "parse_sweep",
+    "parse_value",
+    "patchable_models",
+    "validate",
+]

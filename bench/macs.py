@@ -1,0 +1,150 @@
+"""Cost in multiply-accumulates (MACs), counted by torchprofile and by fvcore.
+
+Both trace one forward at batch size 1 in fp32 on the CPU (MACs do not depend on the device).
+fvcore skips ``aten::scaled_dot_product_attention`` unless told how to count it, so it gets a
+handler here; its "flops" count one multiply-accumulate as one, so its totals are MACs.
+
+For a method whose path depends on the image (ppt with ``branch="auto"``: prune or pool at each
+location), each distinct path is forced and counted once, then weighted by how many evaluated
+images took it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ppt_bench.methods import is_patched
+
+Path = tuple[bool, ...]  # per reduction location: True where the image is pooled
+
+
+def param_count(model: nn.Module) -> float:
+    """Parameters in millions (timm's ``param_count`` column)."""
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore handle for ``aten::scaled_dot_product_attention``: ``q @ k^T`` plus ``attn @ v``.
+
+    Shapes: ``q [B, H, Nq, d]``, ``k [B, H, Nk, d]``, ``v [B, H, Nk, dv]``; the count is
+    ``B * H * Nq * Nk * (d + dv)``. Softmax and mask are not counted, as for other fvcore ops.
+    """
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    return math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def macs_torchprofile(model: nn.Module, x: torch.Tensor) -> int:
+    """MACs of ``model(x)`` by ``torchprofile.profile_macs``."""
+    from torchprofile import profile_macs
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # trace warnings and ops it does not count
+        return int(profile_macs(model, x))
+
+
+def macs_fvcore(model: nn.Module, x: torch.Tensor) -> int:
+    """MACs of ``model(x)`` by fvcore's ``FlopCountAnalysis`` with :func:`sdpa_flop_jit`."""
+    from fvcore.nn import FlopCountAnalysis
+
+    analysis = (
+        FlopCountAnalysis(model, x)
+        .set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
+        .unsupported_ops_warnings(False)
+        .uncalled_modules_warnings(False)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return int(analysis.total())
+
+
+def is_adaptive(model: nn.Module) -> bool:
+    """Whether the patched model's path depends on the image (a method with ``branch="auto"``)."""
+    if not is_patched(model):
+        return False
+    plan = model.reduction_plan
+    return bool(plan.locations) and getattr(plan.method, "branch", None) == "auto"
+
+
+@contextlib.contextmanager
+def forced_path(model: nn.Module, path: Path) -> Iterator[nn.Module]:
+    """Temporarily force an adaptive model onto one path (pool where ``path`` is True)."""
+    plan = model.reduction_plan
+    branch = tuple("pool" if p else "prune" for p in path)
+    method = dataclasses.replace(plan.method, branch=branch)
+    model.reduction_plan = dataclasses.replace(plan, method=method)
+    try:
+        yield model
+    finally:
+        model.reduction_plan = plan
+
+
+def path_of(model: nn.Module, x: torch.Tensor) -> Path:
+    """The path an adaptive model takes on a single image ``x [1, 3, H, W]``."""
+    with torch.inference_mode():
+        model(x)
+    return tuple(model.reduction_info.pooled[0].tolist())
+
+
+def _path_macs(model: nn.Module, x: torch.Tensor, paths: list[Path]) -> dict[Path, tuple[int, int]]:
+    """(torchprofile, fvcore) MACs of each path, each counted once."""
+    out = {}
+    for path in tqdm(paths, desc="macs per path", leave=False, disable=len(paths) < 2):
+        with forced_path(model, path):
+            out[path] = (macs_torchprofile(model, x), macs_fvcore(model, x))
+    return out
+
+
+def measure_macs(
+    model: nn.Module,
+    input_size: tuple[int, ...],
+    path_counts: Counter[Path] | None = None,
+    seed: int = 0,
+) -> dict[str, float]:
+    """``gmacs``, ``gmacs_fvcore``, ``gmacs_single_input`` (GMACs) and ``param_count`` (M).
+
+    Args:
+        model: the model, patched or not; it is moved to the CPU in fp32.
+        input_size: ``(3, H, W)``.
+        path_counts: for an adaptive model, images per path over the evaluated data (from
+            :class:`ppt_bench.accuracy.TokenStats`); without it, the single input's path.
+        seed: seed of the single random input.
+
+    Returns:
+        For an adaptive model ``gmacs`` and ``gmacs_fvcore`` are means over images, and
+        ``gmacs_single_input`` is the path of one random input (the paper's figure); otherwise
+        all three count one random input.
+    """
+    model = model.float().cpu().eval()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, *input_size, generator=g)
+    if not is_adaptive(model):
+        tp, fv = macs_torchprofile(model, x), macs_fvcore(model, x)
+        return _result(tp, fv, tp, model)
+    single = path_of(model, x)
+    counts = Counter(path_counts) if path_counts else Counter([single])
+    costs = _path_macs(model, x, sorted(set(counts) | {single}))
+    total = sum(counts.values())
+    tp = sum(costs[p][0] * n for p, n in counts.items()) / total
+    fv = sum(costs[p][1] * n for p, n in counts.items()) / total
+    return _result(tp, fv, costs[single][0], model)
+
+
+def _result(tp: float, fv: float, single: float, model: nn.Module) -> dict[str, float]:
+    return {
+        "gmacs": tp / 1e9,
+        "gmacs_fvcore": fv / 1e9,
+        "gmacs_single_input": single / 1e9,
+        "param_count": param_count(model),
+    }

@@ -1,0 +1,267 @@
+"""Speed: images/s, latency per batch and peak memory, the way timm's ``benchmark.py`` measures.
+
+Synthetic input of the model's input size, warm-up iterations first, everything under
+``torch.inference_mode`` and AMP autocast for fp16 / bf16. On CUDA the timed loop is bracketed
+by CUDA events (throughput) or synchronised around each batch (latency); on the CPU it is timed
+with ``time.perf_counter``. A CUDA out-of-memory error retries at a smaller batch
+(``timm.utils.decay_batch_step``) and the result records the batch size actually used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import torch
+from timm.utils import decay_batch_step
+from torch import nn
+
+from ppt_bench.errors import UserError
+
+_logger = logging.getLogger(__name__)
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# timm benchmark.py's defaults; override with PPT_BENCH_WARMUP / PPT_BENCH_ITERS.
+DEFAULT_WARMUP, DEFAULT_ITERS = 10, 40
+WARMUP_ENV, ITERS_ENV = "PPT_BENCH_WARMUP", "PPT_BENCH_ITERS"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Throughput at one batch size.
+
+    Attributes:
+        samples_per_sec: images per second over the timed iterations.
+        batch_size: the batch size actually used (after out-of-memory backoff).
+        peak_mem_mb: peak CUDA memory allocated during the run in MiB (None on the CPU).
+        cpu_threads: ``torch.get_num_threads()`` on the CPU (None on CUDA).
+    """
+
+    samples_per_sec: float
+    batch_size: int
+    peak_mem_mb: float | None = None
+    cpu_threads: int | None = None
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Wall time of one forward of a whole batch, in ms per batch."""
+
+    p50_ms: float
+    p90_ms: float
+    batch_size: int
+
+
+def amp_autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
+    """Autocast to fp16 / bf16 on ``device``'s type; a no-op context for fp32."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=AMP_DTYPES[dtype])
+
+
+def iterations(warmup: int | None = None, iters: int | None = None) -> tuple[int, int]:
+    """Warm-up and timed iteration counts: arguments, else the environment, else defaults."""
+    warmup = int(os.environ.get(WARMUP_ENV, DEFAULT_WARMUP)) if warmup is None else warmup
+    iters = int(os.environ.get(ITERS_ENV, DEFAULT_ITERS)) if iters is None else iters
+    if warmup < 0 or iters < 1:
+        raise UserError(f"need warm-up >= 0 and timed iterations >= 1, got {warmup}, {iters}")
+    return warmup, iters
+
+
+def _is_cuda(device: str) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def time_total(step: Callable[[], object], iters: int, device: str) -> float:
+    """Seconds for ``iters`` calls of ``step``: CUDA events on CUDA, perf_counter on the CPU."""
+    if _is_cuda(device):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    return time.perf_counter() - t0
+
+
+def time_each(step: Callable[[], object], iters: int, device: str) -> list[float]:
+    """Seconds of each of ``iters`` calls of ``step``, synchronising CUDA around each."""
+    sync = torch.cuda.synchronize if _is_cuda(device) else (lambda: None)
+    times = []
+    for _ in range(iters):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def with_oom_backoff(run: Callable[[int], T], batch_size: int) -> tuple[T, int]:
+    """``run(batch_size)``, retried at smaller batches after a CUDA out-of-memory error.
+
+    Returns:
+        The result and the batch size it was obtained at.
+
+    Raises:
+        UserError: out of memory even at batch size 1.
+    """
+    first = batch_size
+    while batch_size > 0:
+        try:
+            return run(batch_size), batch_size
+        except torch.cuda.OutOfMemoryError:
+            pass  # leave the except block first so the failed attempt's tensors can be freed
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        smaller = decay_batch_step(batch_size)
+        _logger.warning("CUDA out of memory at batch size %d, retrying at %d", batch_size, smaller)
+        batch_size = smaller
+    raise UserError(
+        f"CUDA out of memory even at batch size 1 (asked for {first}); use a smaller model, "
+        "--dtype fp16/bf16, or a GPU with more free memory"
+    )
+
+
+def compile_for_timing(model: nn.Module, mode: str) -> nn.Module:
+    """The model to time under a :data:`~ppt_bench.spec.COMPILE_MODES` mode.
+
+    ``none`` and ``cudagraph`` (captured later, by :func:`_warm_step`) time the eager model;
+    the others go through ``torch.compile`` with that mode.
+    """
+    if mode in ("none", "cudagraph"):
+        return model
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
+def _warm_step(
+    model: nn.Module, x: torch.Tensor, warmup: int, cuda_graph: bool = False
+) -> Callable[[], object]:
+    """Run ``warmup`` forwards on ``x`` and return the step to time.
+
+    With ``cuda_graph`` the forward is captured once in a CUDA graph and the step replays it:
+    the GPU's own time, without Python's kernel-launch overhead. Capture fails on any host
+    synchronisation in the forward. Call this inside the autocast context that the timed
+    loop runs in, so autocast's cast weights stay alive for the replays.
+    """
+    if _is_cuda(x.device.type):
+        torch.backends.cudnn.benchmark = True  # as timm's benchmark.py: pick the fastest conv
+    step = lambda: model(x)
+    if not cuda_graph:
+        for _ in range(warmup):
+            step()
+        return step
+    stream = torch.cuda.Stream(x.device)
+    stream.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(stream):
+        for _ in range(max(warmup, 3)):
+            step()
+    torch.cuda.current_stream(x.device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    return graph.replay
+
+
+def _throughput_at(
+    model: nn.Module,
+    input_size: tuple[int, ...],
+    batch_size: int,
+    device: str,
+    dtype: str,
+    warmup: int,
+    iters: int,
+    cuda_graph: bool = False,
+) -> Speed:
+    cuda = _is_cuda(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode(), amp_autocast(device, dtype):
+        x = torch.randn(batch_size, *input_size, device=device)
+        step = _warm_step(model, x, warmup, cuda_graph)
+        seconds = time_total(step, iters, device)
+    return Speed(
+        samples_per_sec=batch_size * iters / seconds,
+        batch_size=batch_size,
+        peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+        cpu_threads=None if cuda else torch.get_num_threads(),
+    )
+
+
+def measure_throughput(
+    model: nn.Module,
+    input_size: tuple[int, ...],
+    batch_size: int,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    warmup: int | None = None,
+    iters: int | None = None,
+    cuda_graph: bool = False,
+) -> Speed:
+    """Images per second of ``model`` on synthetic input, after warm-up.
+
+    Args:
+        model: in eval mode on ``device`` (optionally compiled).
+        input_size: ``(3, H, W)``.
+        batch_size: images per forward; lowered on CUDA out of memory.
+        device: ``cpu``, ``cuda`` or ``cuda:N``.
+        dtype: ``fp32``, ``fp16`` or ``bf16`` (autocast).
+        warmup: untimed iterations (default :data:`DEFAULT_WARMUP` or ``$PPT_BENCH_WARMUP``).
+        iters: timed iterations (default :data:`DEFAULT_ITERS` or ``$PPT_BENCH_ITERS``).
+        cuda_graph: time replays of the forward captured in a CUDA graph (CUDA only).
+    """
+    warmup, iters = iterations(warmup, iters)
+    run = lambda b: _throughput_at(model, input_size, b, device, dtype, warmup, iters, cuda_graph)
+    speed, _ = with_oom_backoff(run, batch_size)
+    return speed
+
+
+def _latency_at(
+    model: nn.Module,
+    input_size: tuple[int, ...],
+    batch_size: int,
+    device: str,
+    dtype: str,
+    warmup: int,
+    iters: int,
+    cuda_graph: bool = False,
+) -> Latency:
+    with torch.inference_mode(), amp_autocast(device, dtype):
+        x = torch.randn(batch_size, *input_size, device=device)
+        step = _warm_step(model, x, warmup, cuda_graph)
+        times_ms = np.asarray(time_each(step, iters, device)) * 1e3
+    p50, p90 = np.percentile(times_ms, [50, 90])
+    return Latency(float(p50), float(p90), batch_size)
+
+
+def measure_latency(
+    model: nn.Module,
+    input_size: tuple[int, ...],
+    batch_size: int,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    warmup: int | None = None,
+    iters: int | None = None,
+    cuda_graph: bool = False,
+) -> Latency:
+    """Median and 90th percentile wall time of one batch (ms per batch), after warm-up.
+
+    Args: as :func:`measure_throughput`; meant for small batch sizes (1 to 8).
+    """
+    warmup, iters = iterations(warmup, iters)
+    run = lambda b: _latency_at(model, input_size, b, device, dtype, warmup, iters, cuda_graph)
+    latency, _ = with_oom_backoff(run, batch_size)
+    return latency

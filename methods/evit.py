@@ -1,0 +1,115 @@
+"""EViT: keep the attentive tokens, fuse the inattentive ones (arXiv 2202.07800).
+
+At each location the patch tokens the class token attends to most (attention averaged over
+heads) are kept, in descending order of that attention; the others are dropped or, with
+``fuse``, summed into one token weighted by their (unnormalised) class attention, as in the
+official code (github.com/youweiliang/evit, ``evit.py``). The fused token is an ordinary patch
+token at the next location, where it may be kept or fused again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ppt_bench.errors import MethodError
+from ppt_bench.methods import ops
+from ppt_bench.methods.base import (
+    CLS_ATTN,
+    Method,
+    Reduced,
+    check_float,
+    check_locations,
+    set_field,
+)
+from ppt_bench.methods.prune import DEFAULT_LOCATIONS
+from ppt_bench.methods.registry import register_method
+
+
+def num_kept(keep_rate: float, num_tokens: int, num_prefix: int) -> int:
+    """Patch tokens EViT keeps: ``ceil(keep_rate * (N - P))``, computed as EViT computes it."""
+    return math.ceil(keep_rate * (num_tokens - num_prefix))
+
+
+def evit_step(
+    x: torch.Tensor,
+    size: torch.Tensor,
+    source: torch.Tensor | None,
+    cls_attn: torch.Tensor,
+    num_keep: int,
+    num_prefix: int,
+    fuse: bool,
+) -> Reduced:
+    """Keep the ``num_keep`` most attended patch tokens and optionally fuse the rest.
+
+    Args:
+        x: tokens ``[B, N, C]``, prefix first.
+        size: ``[B, N, 1]``.
+        source: ``[B, N, N0]`` or None.
+        cls_attn: class-token attention averaged over heads, ``[B, N - P]``.
+        num_keep: patch tokens to keep (fewer than ``N - P``).
+        num_prefix: ``P``.
+        fuse: append the fused token.
+
+    Returns:
+        Prefix tokens, the kept tokens in descending attention, then the fused token:
+        ``sum_j c_j x_j`` over the dropped tokens, with their total size and the union of their
+        sources.
+    """
+    keep = ops.keep_top(cls_attn, num_keep, num_prefix)  # [B, P + num_keep]
+    kept = Reduced(
+        ops.gather_tokens(x, keep),
+        ops.gather_tokens(size, keep),
+        None if source is None else ops.gather_tokens(source, keep),
+    )
+    if not fuse:
+        return kept
+    dropped = ops.dropped_mask(keep, x.shape[1], num_prefix).to(x.dtype)  # [B, N - P]
+    fused_x = ops.fuse_tokens(x, cls_attn * dropped, num_prefix)  # [B, 1, C]
+    fused_size = ops.fuse_tokens(size, dropped, num_prefix)  # [B, 1, 1]
+    return Reduced(
+        torch.cat([kept.x, fused_x], dim=1),
+        torch.cat([kept.size, fused_size], dim=1),
+        None
+        if source is None
+        else torch.cat([kept.source, ops.fuse_tokens(source, dropped, num_prefix, "amax")], 1),
+    )
+
+
+@register_method("evit")
+@dataclass(frozen=True)
+class EViT(Method):
+    """EViT token reorganisation.
+
+    Args:
+        keep_rate: fraction of patch tokens kept at each location, in (0, 1]; 1 is no change.
+        locations: reduction blocks (default 3, 6, 9, as EViT-DeiT-S).
+        fuse: fuse the dropped tokens into one extra token (EViT's inattentive token fusion).
+    """
+
+    description = "EViT: keep the tokens the class token attends to, fuse the rest into one"
+    needs = frozenset({CLS_ATTN})
+    keep_rate: float = 0.7
+    locations: tuple[int, ...] = field(default=DEFAULT_LOCATIONS)
+    fuse: bool = True
+
+    def validate(self) -> None:
+        keep_rate = check_float("keep_rate", self.keep_rate, allow_inf=False)
+        if not 0.0 < keep_rate <= 1.0:
+            raise MethodError(f"keep_rate must be in (0, 1], got {self.keep_rate!r}")
+        set_field(self, "keep_rate", keep_rate)
+        set_field(self, "locations", check_locations(self.locations))
+        if not isinstance(self.fuse, bool):
+            raise MethodError(f"fuse must be true or false, got {self.fuse!r}")
+
+    def locations_for(self, depth: int) -> tuple[int, ...]:
+        return self.locations
+
+    def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
+        num_keep = num_kept(self.keep_rate, x.shape[1], num_prefix)
+        if num_keep >= x.shape[1] - num_prefix:
+            return Reduced(x, size, source)
+        cls_attn = ops.cls_attention_mean(feats.cls_attn, num_prefix)  # [B, N - P]
+        return evit_step(x, size, source, cls_attn, num_keep, num_prefix, self.fuse)

@@ -1,0 +1,38 @@
+"""``LocalRunner``: the runs of a sweep one after the other in this process; no Ray needed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ppt_bench.records import append_rows
+from ppt_bench.runners.base import SweepSummary, pending, run_one
+from ppt_bench.spec import RunSpec
+
+
+class LocalRunner:
+    """Run specs sequentially in-process, appending each run's rows as soon as it finishes.
+
+    Args:
+        out_csv: results file; runs already ``ok`` in it are skipped.
+        progress: show a progress bar across runs.
+    """
+
+    def __init__(self, out_csv: str | os.PathLike, *, progress: bool = True) -> None:
+        self.out_csv = Path(out_csv)
+        self.progress = progress
+
+    def run(self, specs: Sequence[RunSpec]) -> SweepSummary:
+        """Run every spec not yet ``ok`` in the results file; a failed run is recorded."""
+        todo, skipped = pending(specs, self.out_csv)
+        summary = SweepSummary(self.out_csv, total=len(specs), skipped=skipped)
+        bar = tqdm(todo, desc="runs", unit="run", disable=not self.progress or not todo)
+        for spec in bar:
+            bar.set_postfix_str(f"{spec.model} {spec.method} bs={spec.batch_size}", refresh=False)
+            rows = run_one(spec)
+            append_rows(self.out_csv, rows)
+            summary.add(rows)
+        return summary

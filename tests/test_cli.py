@@ -1,0 +1,167 @@
+"""The ``ppt-bench`` command line: a sweep end to end (local and Ray), bad input, subcommands."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from ppt_bench import cli
+from ppt_bench.cli import main
+from ppt_bench.methods import get_method_class, list_methods
+from ppt_bench.records import append_rows, make_rows
+from ppt_bench.spec import RunSpec
+
+DEIT = "deit_tiny_patch16_224"
+
+BAD_INPUT = {
+    "unknown method": (["--method", "pptx"], "unknown method 'pptx'. Did you mean 'ppt'?"),
+    "unknown model": (["--model", "deit_tinyy_patch16_224"], "unknown model"),
+    "param without value": (["--method", "ppt", "--param", "r"], "--param expects KEY=VALUE"),
+    "param no method has": (["--method", "merge", "--param", "threshold=1"], "no selected"),
+    "param out of range": (["--method", "ppt", "--param", "r=-1"], "r must be an integer >= 0"),
+    "location past the last block": (
+        ["--method", "ppt", "--param", "locations=[3,30]"],
+        "valid locations are 0 to 11",
+    ),
+    "sweep without a list": (["--method", "ppt", "--sweep", "r=8"], "--sweep expects"),
+    "missing data": (["--data", "no/such/dir"], "is not a directory"),
+    "unknown metric": (["--metrics", "macs,speed"], "unknown metrics ['speed']"),
+    "bad dtype": (["--dtype", "fp64"], "invalid choice: 'fp64'"),
+    "missing config": (["--config", "no/such.toml"], "config file no/such.toml does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys):
+    flags, message = BAD_INPUT[case]
+    base = ["--model", DEIT] if "--model" not in flags else []
+    out = tmp_path / "r.csv"
+    code = main(["run", *base, *flags, "--out", str(out), "--report", str(tmp_path / "r.md")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("ppt-bench: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not out.exists() and not (tmp_path / "r.md").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("models = [", "is not valid TOML"),
+        ("modles = ['deit_tiny_patch16_224']", "unknown keys ['modles']"),
+        (None, "is a directory"),
+    ],
+)
+def test_unreadable_config_is_one_line_exit_2(tmp_path, capsys, text, message):
+    config = tmp_path / "c.toml"
+    if text is None:
+        config.mkdir()
+    else:
+        config.write_text(text)
+    out = tmp_path / "r.csv"
+    assert main(["run", "--config", str(config), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ppt-bench: error: config file") and err.count("\n") == 1
+    assert message in err and not out.exists()
+
+
+def test_results_file_of_another_tool_is_refused_untouched(tmp_path, capsys):
+    out = tmp_path / "other.csv"
+    out.write_text("a,b\n1,2\n")
+    assert main(["run", "--model", DEIT, "--out", str(out), "--no-report"]) == 2
+    assert "not a ppt-bench results CSV" in capsys.readouterr().err
+    assert out.read_text() == "a,b\n1,2\n"
+
+
+def test_console_script_reports_user_errors_in_one_line(tmp_path):
+    script = Path(sys.executable).with_name("ppt-bench")
+    exe = [str(script)] if script.exists() else [shutil.which("ppt-bench") or "ppt-bench"]
+    out = tmp_path / "r.csv"
+    proc = subprocess.run(
+        [*exe, "run", "--model", DEIT, "--method", "nosuch", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("ppt-bench: error: unknown method 'nosuch'")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_list_shows_methods_with_parameters_and_descriptions(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in list_methods():
+        assert name in out and get_method_class(name).description in out
+    assert "threshold=7e-05" in out and "locations=[3, 6, 9]" in out
+
+
+def test_list_models_shows_patchable_vits_only(capsys):
+    assert main(["list", "--models", "deit_tiny*"]) == 0
+    out = capsys.readouterr().out
+    assert "deit_tiny_patch16_224" in out and "deit_tiny_distilled_patch16_224" in out
+    assert main(["list", "--models", "resnet1*"]) == 2
+    assert "no timm ViT the patch supports" in capsys.readouterr().err
+
+
+def test_report_command(tmp_path, capsys):
+    csv = tmp_path / "x.csv"
+    for method, gmacs in (("baseline", 1.0), ("ppt", 0.7)):
+        spec = RunSpec(DEIT, method, metrics=("macs",))
+        append_rows(csv, make_rows(spec, {"gmacs": gmacs, "agreement_top1": 99.0}))
+    out = tmp_path / "rep" / "x.md"
+    assert main(["report", str(csv), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out}" in printed and "x-pareto.png" in printed
+    assert "| ppt " in out.read_text()
+    assert main(["report", str(tmp_path / "missing.csv")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_delegated_commands_run_their_module(monkeypatch, capsys):
+    module = types.ModuleType("ppt_bench.fakecmd")
+
+    def add_arguments(parser):
+        parser.add_argument("--code", type=int, default=0)
+
+    def run(args):
+        if args.code < 0:
+            raise cli.UserError("negative code")
+        return args.code
+
+    module.add_arguments, module.run = add_arguments, run
+    monkeypatch.setitem(sys.modules, "ppt_bench.fakecmd", module)
+    monkeypatch.setitem(cli.DELEGATED, "fakecmd", "a test command")
+    monkeypatch.setitem(cli.DELEGATED, "nosuchcmd", "a command that is not installed")
+    assert main(["fakecmd", "--code", "3"]) == 3
+    assert main(["fakecmd", "--code", "-1"]) == 2
+    assert main(["fakecmd", "--bogus"]) == 2
+    assert main(["nosuchcmd"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "ppt-bench: error: negative code"
+    assert err[1].startswith("ppt-bench: error: unrecognized arguments: --bogus")
+    assert (
+        err[2] == "ppt-bench: error: the 'nosuchcmd' command is not available in this installation"
+    )
+
+
+def test_help_imports_no_subcommand_module_and_no_ray():
+    code = (
+        "import sys\n"
+        "from ppt_bench.cli import main\n"
+        "assert main(['--help']) == 0\n"
+        "assert main(['run', '--help']) == 0\n"
+        "heavy = [m for m in ('ppt_bench.train', 'ppt_bench.visualize', 'ppt_bench.demo',"
+        " 'ray', 'ppt_bench.runners.ray_tune') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("list", "run", "report", "demo", "train", "visualize"):
+        assert name in proc.stdout

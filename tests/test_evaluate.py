@@ -1,0 +1,213 @@
+"""``evaluate`` end to end, ``failed_rows``, and ``build_model`` (names, tags, checkpoints)."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import ppt_bench.models
+from ppt_bench.errors import UserError
+from ppt_bench.evaluate import error_message, evaluate, failed_rows
+from ppt_bench.models import build_model
+from ppt_bench.records import COLUMNS, append_rows, read_results, unit_of
+from ppt_bench.spec import RunSpec
+
+TINY = "test_vit"  # timm's 6-block test ViT, 160 px
+PPT = {"r": 20, "locations": [1, 3], "threshold": 1e-4}
+ALL_CPU_METRICS = ("accuracy", "macs", "tokens", "throughput", "latency", "memory")
+
+
+@pytest.fixture(autouse=True)
+def few_timing_iterations(monkeypatch):
+    monkeypatch.setenv("PPT_BENCH_WARMUP", "1")
+    monkeypatch.setenv("PPT_BENCH_ITERS", "3")
+
+
+def by_metric(rows: list[dict]) -> dict[str, float]:
+    return {r["metric"]: r["value"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def synthetic_rows() -> dict[str, list[dict]]:
+    common = dict(model=TINY, batch_size=4, n_images=8, workers=0, metrics=ALL_CPU_METRICS)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PPT_BENCH_WARMUP", "1")
+        mp.setenv("PPT_BENCH_ITERS", "3")
+        return {
+            "baseline": evaluate(RunSpec(method="baseline", **common)),
+            "ppt": evaluate(RunSpec(method="ppt", params=PPT, **common)),
+        }
+
+
+@pytest.mark.parametrize("method", ["baseline", "ppt"])
+def test_evaluate_rows_follow_the_schema(synthetic_rows, method, tmp_path):
+    rows = synthetic_rows[method]
+    assert all(set(r) == set(COLUMNS) for r in rows)
+    assert all(r["status"] == "ok" and r["unit"] == unit_of(r["metric"]) for r in rows)
+    assert {(r["dataset"], r["n_images"], r["batch_size"]) for r in rows} == {("synthetic", 8, 4)}
+    metrics = by_metric(rows)
+    expected = {"agreement_top1", "kl", "gmacs", "gmacs_fvcore", "gmacs_single_input"}
+    expected |= {"param_count", "samples_per_sec", "cpu_threads", "latency_p50_ms"}
+    expected |= {"latency_p90_ms"} | {f"tokens_block_{i}" for i in range(6)}
+    if method == "ppt":
+        expected |= {"pooled_frac_block_1", "pooled_frac_block_3"}
+    # Synthetic labels mean nothing: no top-1; no CUDA: no peak memory.
+    assert set(metrics) == expected
+    append_rows(tmp_path / "r.csv", rows)
+    assert len(read_results(tmp_path / "r.csv")) == len(rows)
+
+
+def test_baseline_agrees_with_itself_and_ppt_costs_less(synthetic_rows):
+    base, ppt = by_metric(synthetic_rows["baseline"]), by_metric(synthetic_rows["ppt"])
+    assert (base["agreement_top1"], base["kl"]) == (100.0, 0.0)
+    assert 0.0 <= ppt["agreement_top1"] <= 100.0 and ppt["kl"] >= 0.0
+    assert ppt["gmacs"] < base["gmacs"]
+    assert ppt["param_count"] == base["param_count"]
+    assert [ppt[f"tokens_block_{i}"] for i in range(6)] == [101, 81, 81, 61, 61, 61]
+    assert base["tokens_block_5"] == 101
+
+
+def test_evaluate_is_reproducible_from_the_seed():
+    spec = RunSpec(
+        model=TINY, method="ppt", params=PPT, batch_size=4, n_images=4, workers=0,
+        metrics=("accuracy", "tokens"),
+    )  # fmt: skip
+    first, again = by_metric(evaluate(spec)), by_metric(evaluate(spec))
+    assert first == again
+
+
+def test_evaluate_on_an_image_folder(tmp_path):
+    for label, colour in enumerate(["red", "green", "blue"]):
+        (tmp_path / "imgs" / f"class{label}").mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (48, 40), colour).save(
+                tmp_path / "imgs" / f"class{label}" / f"{i}.png"
+            )
+    (tmp_path / "imgs" / "class0" / "broken.jpg").write_bytes(b"not a jpeg")
+    spec = RunSpec(
+        model=TINY, method="ppt", params=PPT, data=str(tmp_path / "imgs"), batch_size=4,
+        workers=0, metrics=("accuracy",),
+    )  # fmt: skip
+    rows = evaluate(spec)
+    metrics = by_metric(rows)
+    assert set(metrics) == {"top1", "top5", "loss", "agreement_top1", "kl", "unreadable_images"}
+    assert metrics["unreadable_images"] == 1
+    assert {(r["dataset"], r["n_images"]) for r in rows} == {("imgs", 6)}
+    assert 0 <= metrics["top1"] <= metrics["top5"] <= 100
+
+
+def test_failed_rows_record_the_error():
+    spec = RunSpec(model=TINY)
+    with pytest.raises(UserError) as info:
+        evaluate(spec.replace(data="/no/such/folder"))
+    rows = failed_rows(spec, info.value)
+    assert len(rows) == 1 and set(rows[0]) == set(COLUMNS)
+    assert rows[0]["status"] == "failed" and rows[0]["metric"] == ""
+    assert "/no/such/folder" in rows[0]["error"]
+    assert error_message(RuntimeError("bad\nthing")) == "RuntimeError: bad"
+    assert error_message(KeyError()) == "KeyError"
+    assert failed_rows(spec, "worker died: signal 9")[0]["error"] == "worker died: signal 9"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_cuda_without_cuda_is_a_user_error():
+    with pytest.raises(UserError, match="CUDA is not available"):
+        evaluate(RunSpec(model=TINY, device="cuda", metrics=("macs",)))
+
+
+def test_unknown_model_suggests_a_name():
+    with pytest.raises(UserError, match=r"Did you mean.*deit_small_patch16_224"):
+        build_model("deit_smal_patch16_224")
+
+
+def test_pretrained_tag_without_a_hub_says_to_pass_a_checkpoint(monkeypatch):
+    def offline(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise OSError("Name or service not known")
+        return create(name, pretrained=False, **kwargs)
+
+    create = timm.create_model
+    monkeypatch.setattr(ppt_bench.models.timm, "create_model", offline)
+    with pytest.raises(UserError, match="--checkpoint"):
+        build_model(f"{TINY}.r160_in1k")
+
+
+def save_checkpoint(path, nested: str | None, prefix: str = "") -> dict[str, torch.Tensor]:
+    torch.manual_seed(7)
+    weights = timm.create_model(TINY).state_dict()
+    state = {prefix + k: v for k, v in weights.items()}
+    torch.save(state if nested is None else {nested: state, "epoch": 3}, path)
+    return weights
+
+
+@pytest.mark.parametrize(
+    ("nested", "prefix"), [(None, ""), ("model", "module."), ("state_dict", ""), ("model_ema", "")]
+)
+def test_checkpoint_from_a_file(tmp_path, nested, prefix):
+    weights = save_checkpoint(tmp_path / "w.pth", nested, prefix)
+    model, config = build_model(TINY, checkpoint=str(tmp_path / "w.pth"))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    assert config["input_size"] == (3, 160, 160) and not model.training
+
+
+def test_checkpoint_from_a_url(tmp_path):
+    weights = save_checkpoint(tmp_path / "w.pth", "model")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    hub_dir = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/w.pth"
+        spec = RunSpec(model=TINY, checkpoint=url)
+        model, _ = build_model(spec)
+    finally:
+        torch.hub.set_dir(hub_dir)
+        server.shutdown()
+        server.server_close()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_checkpoint_errors_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="not a file"):
+        build_model(TINY, checkpoint=str(tmp_path / "missing.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    with pytest.raises(UserError, match="could not read"):
+        build_model(TINY, checkpoint=str(tmp_path / "junk.pth"))
+    torch.save({"model": timm.create_model("test_vit2").state_dict()}, tmp_path / "other.pth")
+    with pytest.raises(UserError, match="does not fit"):
+        build_model(TINY, checkpoint=str(tmp_path / "other.pth"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["baseline", "ppt"])
+def test_evaluate_on_cuda(method):
+    spec = RunSpec(
+        model=TINY, method=method, params={} if method == "baseline" else PPT, batch_size=8,
+        n_images=16, device="cuda", dtype="fp16", workers=0, metrics=ALL_CPU_METRICS,
+    )  # fmt: skip
+    metrics = by_metric(evaluate(spec))
+    assert metrics["peak_mem_mb"] > 0 and "cpu_threads" not in metrics
+    assert metrics["samples_per_sec"] > 0 and metrics["latency_p50_ms"] > 0
+    assert 0 <= metrics["agreement_top1"] <= 100
+
+
+def test_compile_wraps_only_the_timed_model(monkeypatch):
+    compiled = []
+
+    def fake_compile(model, **kwargs):
+        compiled.append(model)
+        return model
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    spec = RunSpec(model=TINY, compile=True, batch_size=2, metrics=("throughput", "macs"))
+    metrics = by_metric(evaluate(spec))
+    assert len(compiled) == 1 and metrics["samples_per_sec"] > 0 and metrics["gmacs"] > 0

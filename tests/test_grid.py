@@ -1,0 +1,184 @@
+"""Sweep grids from flags and TOML files: expansion, precedence, validation."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+
+from ppt_bench.errors import UserError
+from ppt_bench.grid import (
+    build_config,
+    expand,
+    grid_hash,
+    load_config,
+    parse_assignment,
+    parse_sweep,
+    parse_value,
+    validate,
+)
+
+DEIT = "deit_tiny_patch16_224"
+EXAMPLE = Path(str(files("ppt_bench") / "configs" / "example.toml"))
+
+
+def grid(**kwargs):
+    kwargs.setdefault("overrides", {"models": [DEIT]})
+    return expand(build_config(**kwargs))
+
+
+def test_values_are_read_as_toml_with_plain_strings_allowed():
+    assert parse_value("50") == 50
+    assert parse_value("7e-5") == pytest.approx(7e-5)
+    assert parse_value("[3,6,9]") == [3, 6, 9]
+    assert parse_value("true") is True
+    assert parse_value("auto") == "auto"
+    assert parse_assignment("locations=[3, 6]", "--param") == ("locations", [3, 6])
+    assert parse_sweep("r=[8,16]") == ("r", [8, 16])
+
+
+@pytest.mark.parametrize("text", ["r", "=5", "r="])
+def test_assignment_without_key_or_value_is_an_error(text):
+    with pytest.raises(UserError, match="KEY=VALUE"):
+        parse_assignment(text, "--param")
+
+
+@pytest.mark.parametrize("text", ["r=8", "r=[]"])
+def test_sweep_needs_a_list(text):
+    with pytest.raises(UserError, match=r"KEY=\[V1,V2"):
+        parse_sweep(text)
+
+
+def test_grid_is_models_x_method_sweeps_x_batch_sizes_with_baselines_first():
+    specs = grid(
+        overrides={"models": [DEIT, "deit_small_patch16_224"], "batch_sizes": [1, 4]},
+        methods=["ppt", "merge"],
+        sweeps=[("r", [8, 16]), ("threshold", [0.0, 1.0])],
+    )
+    # per model and batch size: baseline + ppt (2 r x 2 thresholds) + merge (2 r)
+    assert len(specs) == 2 * 2 * (1 + 4 + 2)
+    first = specs[:7]
+    assert [s.method for s in first] == ["baseline"] + ["ppt"] * 4 + ["merge"] * 2
+    assert {(s.model, s.batch_size) for s in first} == {(DEIT, 1)}
+    assert all("threshold" not in s.params for s in specs if s.method == "merge")
+    assert len({s.run_id for s in specs}) == len(specs)
+
+
+def test_param_applies_only_to_methods_that_have_it():
+    specs = grid(methods=["ppt", "tome"], params=[("threshold", 1e-4), ("r", 4)])
+    by_method = {s.method: s.params for s in specs}
+    assert by_method["ppt"] == {"threshold": 1e-4, "r": 4}
+    assert by_method["tome"] == {"r": 4}
+
+
+def test_param_no_selected_method_has_is_an_error():
+    with pytest.raises(UserError, match=r"no selected method .*'threshold'"):
+        grid(methods=["merge"], params=[("threshold", 1e-4)])
+    with pytest.raises(UserError, match="needs a method"):
+        grid(params=[("r", 4)])
+
+
+def test_invalid_param_value_is_an_error_before_anything_runs():
+    with pytest.raises(UserError, match="r must be an integer"):
+        grid(methods=["ppt"], params=[("r", -1)])
+
+
+def test_no_baseline_and_duplicates():
+    specs = grid(
+        overrides={"models": [DEIT], "baseline": False}, methods=["baseline", "ppt", "ppt"]
+    )
+    assert [s.method for s in specs] == ["baseline", "ppt"]
+    with pytest.raises(UserError, match="nothing to run"):
+        grid(overrides={"models": [DEIT], "baseline": False})
+    with pytest.raises(UserError, match="no model"):
+        grid(overrides={}, methods=["ppt"])
+
+
+def test_example_config_documents_a_valid_sweep():
+    config = build_config(load_config(EXAMPLE))
+    specs = expand(config)
+    # 2 batch sizes x (baseline + ppt 3 r x 3 thresholds + merge 3 r + prune 3 r)
+    assert len(specs) == 2 * (1 + 9 + 3 + 3)
+    assert config.sweep_name == "deit-small-ppt"
+    assert config.out_path == Path("results/deit-small-ppt.csv")
+    assert {s.device for s in specs} == {"cuda"}
+    ppt = [s for s in specs if s.method == "ppt"]
+    assert {s.params["threshold"] for s in ppt} == {3e-5, 7e-5, 1.5e-4}
+
+
+def test_flags_override_the_config_file(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(
+        f'models = ["{DEIT}"]\nbatch_sizes = [8, 16]\n[sweep]\nr = [4, 8]\n'
+        "[methods.ppt]\nthreshold = 0.5\n[methods.merge]\n"
+    )
+    file = load_config(path)
+    assert file["sweep_name"] == "s"
+    specs = expand(
+        build_config(file, overrides={"batch_sizes": [2]}, methods=["ppt"], params=[("r", 1)])
+    )
+    assert [(s.method, s.params, s.batch_size) for s in specs] == [
+        ("baseline", {}, 2),
+        ("ppt", {"threshold": 0.5, "r": 1}, 2),
+    ]
+    assert specs[0].sweep == "s"
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("modles = ['x']", "unknown keys \\['modles'\\]"),
+        ("models = [", "not valid TOML"),
+        ("[methods.ppt]\nsweep = {r = 3}", "value lists"),
+        ("[sweep]\nr = 3", "value lists"),
+        ("device = 0", "setting 'device' must be of type str"),
+        ("workers = true", "setting 'workers' must be of type int"),
+    ],
+)
+def test_bad_config_files(tmp_path, text, match):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=match):
+        build_config(load_config(path), overrides={"models": [DEIT]}, methods=["ppt"])
+
+
+def test_unreadable_config_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(UserError, match="is a directory"):
+        load_config(tmp_path)
+    (tmp_path / "bin.toml").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(UserError, match=r"UTF-8|TOML"):
+        load_config(tmp_path / "bin.toml")
+
+
+def test_relative_paths_become_absolute_so_run_ids_do_not_depend_on_spelling(tmp_path, monkeypatch):
+    (tmp_path / "val").mkdir()
+    monkeypatch.chdir(tmp_path)
+    rel = grid(overrides={"models": [DEIT], "data": "val"})
+    abs_ = grid(overrides={"models": [DEIT], "data": str(tmp_path / "val")})
+    assert rel[0].data == str((tmp_path / "val").resolve())
+    assert rel[0].run_id == abs_[0].run_id
+    assert grid(overrides={"models": [DEIT], "data": "digits"})[0].data == "digits"
+
+
+def test_validate_catches_what_runspec_cannot(tmp_path):
+    validate(grid(methods=["ppt"]))
+    with pytest.raises(UserError, match="unknown model 'deit_tinyy"):
+        validate(grid(overrides={"models": ["deit_tinyy_patch16_224"]}))
+    with pytest.raises(UserError, match=r"ppt on deit_tiny_patch16_224 \(12 blocks\)"):
+        validate(grid(methods=["ppt"], params=[("locations", [3, 30])]))
+    with pytest.raises(UserError, match="not a timm VisionTransformer"):
+        validate(grid(overrides={"models": ["resnet18"]}, methods=["ppt"]))
+    validate(grid(overrides={"models": ["resnet18"]}))  # a baseline needs no patch
+    with pytest.raises(UserError, match=r"--data .* is not a directory"):
+        validate(grid(overrides={"models": [DEIT], "data": str(tmp_path / "none")}))
+    with pytest.raises(UserError, match=r"--checkpoint .* does not exist"):
+        validate(grid(overrides={"models": [DEIT], "checkpoint": str(tmp_path / "w.pth")}))
+
+
+def test_grid_hash_ignores_order():
+    specs = grid(methods=["ppt", "merge"])
+    assert grid_hash(specs) == grid_hash(specs[::-1])
+    assert grid_hash(specs) != grid_hash(specs[:-1])

@@ -1,0 +1,122 @@
+"""The tidy results CSV: schema, read-back types, and no loss when a writer is killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from ppt_bench.errors import UserError
+from ppt_bench.records import (
+    COLUMNS,
+    append_rows,
+    finished_run_ids,
+    make_rows,
+    read_results,
+    unit_of,
+)
+from ppt_bench.spec import RunSpec
+
+METRICS_PER_RUN = 150
+
+WRITER = textwrap.dedent(
+    f"""
+    import sys, time
+    from ppt_bench.records import append_rows, make_rows
+    from ppt_bench.spec import RunSpec
+
+    path, pause = sys.argv[1], float(sys.argv[2])
+    for seed in range(100_000):
+        spec = RunSpec(model="deit_tiny_patch16_224", method="ppt", params={{"r": 8}}, seed=seed)
+        metrics = {{f"tokens_block_{{i}}": float(i) for i in range({METRICS_PER_RUN})}}
+        append_rows(path, make_rows(spec, metrics, dataset="synthetic", n_images=4))
+        print(spec.run_id, flush=True)
+        time.sleep(pause)
+    """
+)
+
+
+def spec(**kw) -> RunSpec:
+    return RunSpec(model="deit_tiny_patch16_224", **kw)
+
+
+@pytest.mark.parametrize(("pause", "finished_before_kill"), [(0.05, 3), (0.0, 12)])
+def test_killed_writer_leaves_every_finished_run(tmp_path, pause, finished_before_kill):
+    """SIGKILL while the writer sleeps between runs, or while it is busy writing them."""
+    path = tmp_path / "results.csv"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), str(pause)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    finished = []
+    try:
+        while len(finished) < finished_before_kill:
+            line = proc.stdout.readline()
+            assert line, f"writer exited early with code {proc.wait()}"
+            finished.append(line.strip())
+        time.sleep(pause / 2)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    df = read_results(path)
+    assert set(finished) <= set(df["run_id"])
+    # Only whole runs are in the file: a run killed mid-write is absent, not truncated.
+    assert (df.groupby("run_id").size() == METRICS_PER_RUN).all()
+    assert set(finished) <= finished_run_ids(path)
+
+
+def test_rows_follow_the_schema():
+    s = spec(method="ppt", params={"r": 8, "locations": [3, 6, 9]}, sweep="demo")
+    rows = make_rows(s, {"top1": 71.5, "gmacs": 0.9, "tokens_block_3": 189.0}, dataset="x")
+    assert all(set(row) == set(COLUMNS) for row in rows)
+    assert [r["metric"] for r in rows] == ["top1", "gmacs", "tokens_block_3"]
+    assert [r["unit"] for r in rows] == ["%", "GMACs", "tokens"]
+    assert {r["run_id"] for r in rows} == {s.run_id}
+    assert rows[0]["locations"] == "[3, 6, 9]" and rows[0]["r"] == 8
+    assert rows[0]["params"] == '{"locations": [3, 6, 9], "r": 8}'
+    assert unit_of("pooled_frac_block_6") == ""
+    with pytest.raises(ValueError):
+        unit_of("nonsense")
+
+
+def test_read_back_keeps_ids_and_versions_as_text(tmp_path):
+    path = tmp_path / "r.csv"
+    rows = make_rows(spec(), {"gmacs": 1.25})
+    rows[0].update(run_id="012345678901", git_sha="000000000123", timm_version="1.10")
+    append_rows(path, rows)
+    df = read_results(path)
+    assert df.loc[0, "run_id"] == "012345678901"
+    assert df.loc[0, "git_sha"] == "000000000123"
+    assert df.loc[0, "timm_version"] == "1.10"
+    assert df.loc[0, "value"] == 1.25
+    assert finished_run_ids(path) == {"012345678901"}
+
+
+def test_failed_runs_are_not_finished(tmp_path):
+    path = tmp_path / "r.csv"
+    ok, failed = spec(seed=1), spec(seed=2)
+    append_rows(path, make_rows(ok, {"gmacs": 1.0}))
+    append_rows(path, make_rows(failed, {}, status="failed", error="boom\nsecond line"))
+    df = read_results(path)
+    assert df.loc[df["run_id"] == failed.run_id, "error"].item() == "boom second line"
+    assert finished_run_ids(path) == {ok.run_id}
+
+
+def test_appending_to_a_foreign_csv_is_a_user_error(tmp_path):
+    path = tmp_path / "other.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(UserError, match="not a ppt-bench results CSV"):
+        append_rows(path, make_rows(spec(), {"gmacs": 1.0}))
+    with pytest.raises(UserError, match="not a ppt-bench results CSV"):
+        read_results(path)
+    with pytest.raises(UserError, match="does not exist"):
+        read_results(tmp_path / "missing.csv")

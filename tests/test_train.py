@@ -1,0 +1,203 @@
+"""The training loop: determinism, training through a patched model, checkpoints, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from torch.utils.data import Subset
+
+from ppt_bench.digits import MODEL_NAME, digits_dataset
+from ppt_bench.errors import MethodError, UserError
+from ppt_bench.methods import create_method
+from ppt_bench.train import (
+    TrainConfig,
+    add_arguments,
+    parse_params,
+    run,
+    save_checkpoint,
+    train,
+)
+
+TINY = TrainConfig(epochs=1, batch_size=32, warmup_epochs=0.5, seed=3)
+
+
+def tiny_model(seed: int = 0, depth: int = 3) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model(MODEL_NAME, depth=depth, embed_dim=32, num_heads=2)
+
+
+def subset(n: int, split: str = "train") -> Subset:
+    return Subset(digits_dataset(split), range(n))
+
+
+def state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_does_not():
+    runs = [train(tiny_model(), subset(96), subset(32, "test"), TINY, progress=False) for _ in "ab"]
+    other = train(
+        tiny_model(), subset(96), None, TrainConfig(**{**vars(TINY), "seed": 4}), progress=False
+    )
+    a, b, c = (state(r.model) for r in (*runs, other))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert runs[0].val_top1 == runs[1].val_top1
+    assert not all(torch.equal(a[k], c[k]) for k in a), "the seed does not reach the training"
+
+
+def test_training_leaves_global_determinism_setting_as_it_was():
+    before = torch.are_deterministic_algorithms_enabled()
+    train(tiny_model(), subset(32), None, TINY, progress=False)
+    assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def _digit_batch(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    from timm.data import create_transform, resolve_data_config
+
+    tf = create_transform(**resolve_data_config(model=tiny_model()))
+    data = subset(n)
+    return torch.stack([tf(data[i][0]) for i in range(n)]), torch.tensor(
+        [data[i][1] for i in range(n)]
+    )
+
+
+def test_ppt_patched_model_gets_gradients_through_both_branches_and_learns():
+    x, y = _digit_batch()
+    probe = create_method("ppt", r=8, locations=(0, 1)).apply(tiny_model())
+    probe(x)
+    # A threshold at the median variance sends half the images to each branch.
+    threshold = probe.reduction_info.score_var[:, 0].median().item()
+    model = create_method("ppt", r=8, locations=(0, 1), threshold=threshold).apply(tiny_model())
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    pooled = model.reduction_info.pooled[:, 0]
+    assert 0 < pooled.sum() < len(pooled), "both branches should be taken"
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(5):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    after = torch.nn.functional.cross_entropy(model(x), y)
+    assert after < loss - 0.05
+
+
+def test_train_applies_the_method_and_keeps_the_state_dict_keys():
+    model = tiny_model()
+    keys = set(model.state_dict())
+    result = train(model, subset(64), subset(32, "test"), TINY, create_method("merge", r=8, locations=(0, 1)))
+    assert result.model.reduction_info is not None
+    assert result.model.reduction_info.tokens[-1] < 65
+    assert set(result.model.state_dict()) == keys
+    assert 0.0 <= result.val_top1 <= 100.0
+    assert len(result.history) == 1 and result.history[0].val_top1 == result.val_top1
+
+
+def test_save_checkpoint_replaces_atomically_and_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "sub" / "w.pth"
+    save_checkpoint({"a": torch.ones(2)}, path)
+    save_checkpoint({"a": torch.zeros(2)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.zeros(2))
+    with pytest.raises(Exception):  # noqa: B017 (pickling a lambda fails in torch's own way)
+        save_checkpoint({"a": lambda: 0}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.zeros(2))
+    assert [p.name for p in path.parent.iterdir()] == ["w.pth"]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"epochs": 0},
+        {"batch_size": 0},
+        {"lr": 0.0},
+        {"smoothing": 1.0},
+        {"amp_dtype": "fp8"},
+        {"augment": "flip"},
+        {"device": "tpu"},
+    ],
+)
+def test_bad_train_config_is_a_user_error(changes):
+    with pytest.raises(UserError):
+        TrainConfig(**changes)
+
+
+# -- ppt-bench train ---------------------------------------------------------------------------
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_params_are_toml_values():
+    assert parse_params(["r=16", "locations = [3, 6, 9]", "threshold=7e-5", "branch='pool'"]) == {
+        "r": 16,
+        "locations": [3, 6, 9],
+        "threshold": 7e-5,
+        "branch": "pool",
+    }
+
+
+@pytest.mark.parametrize("item", ["r", "=3", "r=", "branch=pool", "r=[1,", "2x=1"])
+def test_bad_params_are_user_errors(item):
+    with pytest.raises(UserError, match="--param"):
+        parse_params([item])
+
+
+def test_defaults_train_the_digits_model():
+    args = parse()
+    assert (args.model, args.data, args.method) == (MODEL_NAME, "digits", None)
+    assert args.epochs == TrainConfig().epochs
+
+
+@pytest.mark.parametrize(
+    ("argv", "error", "match"),
+    [
+        (["--param", "r=8"], UserError, "needs --method"),
+        (["--method", "ppx"], MethodError, "Did you mean 'ppt'"),
+        (["--method", "ppt", "--param", "rr=8"], MethodError, "no parameter 'rr'"),
+        (["--epochs", "0"], UserError, "epochs"),
+        (["--device", "tpu"], UserError, "device"),
+        (["--data", "/no/such/folder"], UserError, "train/"),
+        (["--model", "vit_no_such_model"], UserError, "unknown model"),
+    ],
+)
+def test_bad_train_command_lines_are_user_errors(argv, error, match):
+    with pytest.raises(error, match=match):
+        run(parse(*argv))
+
+
+def _image_tree(root, split: str, classes: tuple[str, ...], per_class: int = 4) -> None:
+    for c, name in enumerate(classes):
+        folder = root / split / name
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (32, 32), (40 * c + i, 0, 0)).save(folder / f"{i}.png")
+
+
+def test_data_without_val_folder_is_a_user_error(tmp_path):
+    _image_tree(tmp_path, "train", ("a", "b"))
+    with pytest.raises(UserError, match="no val/ folder"):
+        run(parse("--data", str(tmp_path)))
+
+
+def test_train_command_fine_tunes_a_patched_model_on_an_image_folder(tmp_path, capsys):
+    _image_tree(tmp_path, "train", ("a", "b"))
+    _image_tree(tmp_path, "val", ("a", "b"), per_class=2)
+    out = tmp_path / "w.pth"
+    argv = ["--data", str(tmp_path), "--method", "ppt", "--param", "r=8", "--epochs", "1"]
+    assert run(parse(*argv, "--batch-size", "4", "--device", "cpu", "--out", str(out))) == 0
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["method"] == "ppt" and ckpt["params"] == {"r": 8}
+    reference = timm.create_model(MODEL_NAME, num_classes=2)
+    reference.load_state_dict(ckpt["model"])  # the patch leaves the weights loadable as they are
+    assert "val top-1" in capsys.readouterr().out
