@@ -31,6 +31,8 @@ from PIL import Image
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 
+from ppt_bench.errors import UserError
+
 if TYPE_CHECKING:
     from torch import nn
 
@@ -51,8 +53,7 @@ MEAN = (0.3094,) * 3
 STD = (0.3488,) * 3
 # Bump when the data or the training recipe changes in a way the config hash cannot see.
 RECIPE_VERSION = 1
-POS_EMBED_STD = 1.0
-# The training recipe (TrainConfig fields): about a minute on a 2-core CPU, ~98% test top-1.
+# The training recipe (TrainConfig fields): about 50 s on a 2-core CPU, 97.8% test top-1.
 RECIPE: dict[str, Any] = dict(
     epochs=15,
     lr=1.5e-3,
@@ -78,6 +79,7 @@ _ARCH = dict(
     mlp_ratio=2.0,
     num_classes=len(CLASSES),
 )
+POS_EMBED_STD = 1.0  # see vit_digits_patch4_32
 
 default_cfgs = generate_default_cfgs(
     {
@@ -103,16 +105,19 @@ default_cfgs = generate_default_cfgs(
 def vit_digits_patch4_32(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
     """ViT for 32x32 digits: patch 4 (65 tokens), depth 12, dim 64, 4 heads, MLP ratio 2.
 
-    ``pretrained=True`` is not supported through timm (there is no hosted file): use
-    :func:`load_or_train`, which trains the weights locally and caches them.
+    There are no hosted weights: :func:`load_or_train` trains them locally and caches them.
     """
+    if pretrained:
+        raise UserError(
+            f"{MODEL_NAME} has no downloadable weights: ppt_bench.digits.load_or_train() trains "
+            "and caches them (`ppt-bench demo`), then pass that file with --checkpoint"
+        )
     model = build_model_with_cfg(VisionTransformer, MODEL_NAME, pretrained, **{**_ARCH, **kwargs})
-    if not pretrained:
-        # timm draws position embeddings with std 0.02, which the patch content drowns out: on
-        # 1,437 images attention then learns to use positions only after many epochs. Unit
-        # scale makes positions distinct from the first step (about 3x faster training here).
-        with torch.no_grad():
-            model.pos_embed.normal_(std=POS_EMBED_STD)
+    # timm draws position embeddings with std 0.02, which the patch content drowns out: on 1,437
+    # images attention then learns to use positions only after many epochs. Unit scale makes
+    # positions distinct from the first step (about 3x faster training here).
+    with torch.no_grad():
+        model.pos_embed.normal_(std=POS_EMBED_STD)
     return model
 
 
@@ -186,8 +191,6 @@ def digits_dataset(
         split: ``"train"`` or ``"test"``.
         transform: applied to each PIL image (e.g. the model's timm eval transform).
     """
-    from ppt_bench.errors import UserError
-
     splits = _split()
     if split not in splits:
         raise UserError(f"digits split must be 'train' or 'test', got {split!r}")

@@ -102,18 +102,23 @@ def unit_of(metric: str) -> str:
 
 @lru_cache(maxsize=1)
 def git_sha() -> str:
-    """The commit of the ppt-bench source tree, or '' outside a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
+    """The commit of the ppt-bench source tree (``-dirty`` if it has uncommitted changes), or
+    '' outside a git checkout."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", *args], cwd=here, capture_output=True, text=True, timeout=5
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    sha = git("rev-parse", "--short=12", "HEAD")
+    if not sha:
         return ""
-    return out.stdout.strip() if out.returncode == 0 else ""
+    return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 @lru_cache(maxsize=1)

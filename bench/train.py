@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -27,11 +26,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ppt_bench.data import Transformed
 from ppt_bench.errors import UserError
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Callable
+
+    from ppt_bench.methods import Method
 
 AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 AUGMENTS = ("affine", "imagenet", "none")
@@ -188,21 +189,6 @@ def deterministic(seed: int) -> Iterator[None]:
 
 
 # -- data ------------------------------------------------------------------------------------
-
-
-class Transformed(Dataset):
-    """A dataset of ``(PIL image, label)`` seen through a transform, the base left untouched."""
-
-    def __init__(self, base: Dataset, transform: Callable[[Any], Any]) -> None:
-        self.base = base
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        image, label = self.base[index]
-        return self.transform(image), label
 
 
 def build_transforms(model: nn.Module, augment: str = "affine") -> tuple[Any, Any]:
@@ -362,7 +348,7 @@ def train(
     train_set: Dataset,
     val_set: Dataset | None,
     config: TrainConfig,
-    method: Any | None = None,
+    method: Method | None = None,
     *,
     progress: bool = True,
 ) -> TrainResult:
@@ -379,6 +365,7 @@ def train(
 
     Returns:
         The trained model and its history; the model is in eval mode, on ``config.device``.
+        The same seed, device and thread count give the same weights.
     """
     if method is not None:
         model = method.apply(model)
@@ -464,12 +451,19 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private (0600)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # -- ppt-bench train -------------------------------------------------------------------------
@@ -508,29 +502,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
-    """Method parameters from ``KEY=VALUE`` items whose values are TOML.
+    """Method parameters from ``KEY=VALUE`` items, read as ``ppt-bench run`` reads ``--param``.
 
-    ``["r=16", "locations=[3, 6, 9]"]`` -> ``{"r": 16, "locations": [3, 6, 9]}``.
+    Values are TOML, and a value that is not TOML is a string:
+    ``["r=16", "locations=[3, 6, 9]", "branch=pool"]`` ->
+    ``{"r": 16, "locations": [3, 6, 9], "branch": "pool"}``.
     """
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
+    from ppt_bench.grid import parse_assignment
 
-    params: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise UserError(f"--param takes KEY=VALUE (e.g. r=16), got {item!r}")
-        try:
-            params[key] = tomllib.loads(f"v = {value.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            raise UserError(
-                f"--param {key}: {value!r} is not a TOML value; quote strings "
-                "(branch='pool'), lists look like [3, 6, 9]"
-            ) from None
-    return params
+    return dict(parse_assignment(item, "--param") for item in items)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -552,7 +532,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def load_datasets(data: str) -> tuple[Dataset, Dataset]:
-    """Training and validation sets of ``(PIL image, label)``: the digits or an ImageFolder tree.
+    """Training and validation sets of ``(PIL image, label)``: the digits (their 360 test
+    images validate) or ``root/train`` and ``root/val`` of an ImageFolder tree.
 
     Raises:
         UserError: a root without ``train/`` and ``val/`` class folders, or different classes.

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# Ray swaps 127.0.0.1 for this machine's own address unless its multi-node support is off:
+# keep the Ray instances that tests start (and their subprocesses) on loopback only.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 import pytest
 import timm
 import torch

@@ -75,6 +75,8 @@ def test_registered_model_and_its_data_config():
     assert len(model.blocks) == 12 and model.num_prefix_tokens == 1
     assert model.patch_embed.num_patches == 64
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(UserError, match="load_or_train"):
+        timm.create_model(MODEL_NAME, pretrained=True)
 
 
 def test_cache_path_follows_xdg_and_the_recipe(monkeypatch, tmp_path):

@@ -1,0 +1,41 @@
+"""``ppt-bench demo`` end to end: every registered method on the digits test set."""
+
+from __future__ import annotations
+
+import pytest
+
+from ppt_bench import demo
+from ppt_bench.cli import main
+from ppt_bench.methods import list_methods
+from ppt_bench.records import read_results
+
+
+@pytest.mark.slow
+def test_demo_runs_every_method_and_reports_equal_macs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(
+        demo, "GRID", {k: (key, values[-1:]) for k, (key, values) in demo.GRID.items()}
+    )
+    monkeypatch.setenv("PPT_BENCH_WARMUP", "1")
+    monkeypatch.setenv("PPT_BENCH_ITERS", "2")
+    args = ["demo", "--results-dir", str(tmp_path / "results"), "--reports-dir", str(tmp_path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"results: {tmp_path / 'results' / 'demo-cpu.csv'}" in out
+
+    df = read_results(tmp_path / "results" / "demo-cpu.csv")
+    assert (df["status"] == "ok").all()
+    assert set(df["method"]) == set(list_methods())
+    assert set(df["dataset"]) == {"digits"} and set(df["n_images"]) == {360}
+    top1 = df[df["metric"] == "top1"].set_index("method")["value"]
+    print(f"digits baseline top-1: {top1['baseline']:.2f}%")
+    assert top1["baseline"] >= 95.0
+    metrics = set(df.loc[df["method"] == "ppt", "metric"])
+    assert {"top1", "agreement_top1", "gmacs", "samples_per_sec", "pooled_frac_block_3"} <= metrics
+
+    report = (tmp_path / "demo-cpu.md").read_text()
+    assert "Top-1 (%) at equal MACs" in report
+    assert "pooled fraction (block: frac)" in report
+    assert (tmp_path / "demo-cpu-pareto.png").stat().st_size > 0
+    # A second run finds every run in the CSV and only rewrites the report.
+    assert main(args) == 0
+    assert f"skipped {len(df['run_id'].unique())} runs" in capsys.readouterr().out
