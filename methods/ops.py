@@ -224,12 +224,6 @@ def merge_weighted(
     return pool(merge_slots(m, N), N - m.src_idx.shape[1], x, size)
 
 
-def merge_source(m: Matching, source: torch.Tensor) -> torch.Tensor:
-    """Track which original patches each token stands for: ``source [B, N, N0]`` (0/1)."""
-    N = source.shape[1]
-    return pool_source(merge_slots(m, N), N - m.src_idx.shape[1], source)
-
-
 def prop_attn_bias(size: torch.Tensor) -> torch.Tensor:
     """Proportional attention as an additive SDPA mask: ``log(size)`` per key, ``[B, 1, 1, N]``."""
     return size.log().transpose(1, 2)[:, None]

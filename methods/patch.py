@@ -32,7 +32,17 @@ from ppt_bench.methods.base import (
 
 ATTN_IMPLS = ("fast", "explicit")
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
-_ATTN_PARTS = ("qkv", "q_norm", "k_norm", "attn_drop", "proj", "proj_drop", "num_heads")
+_ATTN_PARTS = (
+    "qkv",
+    "q_norm",
+    "k_norm",
+    "attn_drop",
+    "proj",
+    "proj_drop",
+    "num_heads",
+    "head_dim",
+    "scale",
+)
 
 
 class ReductionInfo(NamedTuple):

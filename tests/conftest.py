@@ -47,6 +47,11 @@ def clone(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model)
 
 
+def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(x)
+
+
 def images(n: int, size: int, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import clone, images, make_model
+from conftest import clone, images, logits, make_model
 
 from ppt_bench.methods import create_method, list_methods
 
@@ -20,11 +20,6 @@ def exact_matmuls():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-
-
-def logits(model, x):
-    with torch.inference_mode():
-        return model(x)
 
 
 @pytest.mark.parametrize("arch", ["deit_tiny", "deit3_small", "vit_reg", "deit_distilled"])

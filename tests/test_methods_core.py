@@ -6,16 +6,11 @@ import math
 
 import pytest
 import torch
-from conftest import ARCHS, clone, images, make_model
+from conftest import ARCHS, clone, images, logits, make_model
 
 from ppt_bench.methods import create_method, ops
 
 CORE = ("baseline", "ppt", "prune", "merge")
-
-
-def logits(model, x):
-    with torch.inference_mode():
-        return model(x)
 
 
 def img_size(model) -> int:

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ARCHS, clone, images, make_model
+from conftest import ARCHS, clone, images, logits, make_model
 
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import create_method, list_methods, ops
@@ -16,11 +16,6 @@ from ppt_bench.methods.evit import evit_step
 from ppt_bench.methods.tome import per_block_r
 
 EXTRA = ("tome", "evit", "topk", "random")
-
-
-def logits(model, x):
-    with torch.inference_mode():
-        return model(x)
 
 
 def img_size(model) -> int:
