@@ -78,7 +78,8 @@ def _load_file(checkpoint: str) -> Any:
             return torch.load(checkpoint, map_location="cpu", weights_only=True)
         except Exception as err:  # a damaged or foreign file fails in many ways (struct, EOF...)
             raise UserError(
-                f"could not read checkpoint {checkpoint!r} ({type(err).__name__}: {err}); "
+                f"could not read checkpoint {checkpoint!r} ({type(err).__name__}: "
+                f"{str(err).splitlines()[0][:120] if str(err) else 'unreadable'}); "
                 "pass a PyTorch state dict file (or a URL to one)"
             ) from err
 
