@@ -60,7 +60,7 @@ class Latency:
     batch_size: int
 
 
-def amp_autocast(device: str, dtype: str) -> contextlib.AbstractContextManager:
+def amp_autocast(device: str | torch.device, dtype: str) -> contextlib.AbstractContextManager:
     """Autocast to fp16 / bf16 on ``device``'s type; a no-op context for fp32."""
     if dtype == "fp32":
         return contextlib.nullcontext()

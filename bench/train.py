@@ -28,13 +28,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from ppt_bench.data import Transformed
 from ppt_bench.errors import UserError
+from ppt_bench.spec import DTYPES
+from ppt_bench.throughput import amp_autocast
 
 if TYPE_CHECKING:
     import argparse
 
     from ppt_bench.methods import Method
 
-AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 AUGMENTS = ("affine", "imagenet", "none")
 # The "affine" augmentation: a small rotation [deg], shift [fraction of the side] and zoom.
 AFFINE: dict[str, Any] = dict(degrees=5, translate=(0.05, 0.05), scale=(0.95, 1.05))
@@ -79,10 +80,8 @@ class TrainConfig:
     eval_every: int = 1
 
     def __post_init__(self) -> None:
-        if self.amp_dtype not in AMP_DTYPES:
-            raise UserError(
-                f"amp dtype must be one of {', '.join(AMP_DTYPES)}, got {self.amp_dtype!r}"
-            )
+        if self.amp_dtype not in DTYPES:
+            raise UserError(f"amp dtype must be one of {', '.join(DTYPES)}, got {self.amp_dtype!r}")
         if self.augment not in AUGMENTS:
             raise UserError(f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
@@ -245,11 +244,6 @@ def make_loader(
 # -- the loop --------------------------------------------------------------------------------
 
 
-def _autocast(device: torch.device, amp_dtype: str) -> contextlib.AbstractContextManager:
-    dtype = AMP_DTYPES[amp_dtype]
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 @torch.no_grad()
 def evaluate_top1(
     model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: str = "fp32"
@@ -259,7 +253,7 @@ def evaluate_top1(
     correct, loss, n = 0, 0.0, 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        with _autocast(device, amp_dtype):
+        with amp_autocast(device, amp_dtype):
             logits = model(x)
         loss += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(dim=-1) == y).sum().item()
@@ -316,7 +310,7 @@ def _make_loop(model: nn.Module, steps_per_epoch: int, config: TrainConfig, dist
 def _train_step(loop: _Loop, x: torch.Tensor, y: torch.Tensor) -> float:
     device = loop.dist.device
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    with _autocast(device, loop.config.amp_dtype):
+    with amp_autocast(device, loop.config.amp_dtype):
         loss = loop.criterion(loop.model(x), y)
     loop.optimizer.zero_grad(set_to_none=True)
     loop.scaler.scale(loss).backward()
@@ -494,7 +488,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-size", type=int, default=d.batch_size, help="images per step, all processes"
     )
     parser.add_argument("--augment", choices=AUGMENTS, default=d.augment)
-    parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default=d.amp_dtype)
+    parser.add_argument("--amp", choices=DTYPES, default=d.amp_dtype)
     parser.add_argument("--workers", type=int, default=d.workers)
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
     parser.add_argument("--seed", type=int, default=d.seed)
