@@ -137,26 +137,30 @@ def evaluate_accuracy(
     model: nn.Module,
     loader: DataLoader,
     reference: nn.Module | None = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     dtype: str = "fp32",
     desc: str = "accuracy",
+    progress: bool = True,
 ) -> AccuracyResult:
     """Run ``model`` (and ``reference``) over ``loader`` and measure accuracy and token stats.
 
     Args:
         model: the (reduced) model, in eval mode on ``device``.
         loader: yields ``(images [B, 3, H, W], labels [B], unreadable)`` (see
-            :func:`ppt_bench.data.make_loader`).
+            :func:`ppt_bench.data.make_loader`; training validates with the same batches).
         reference: the unreduced model on the same device; None means ``model`` is itself
             unreduced (agreement 100 %, KL 0).
         device: where the batches go.
         dtype: ``fp32``, ``fp16`` or ``bf16`` (autocast).
         desc: progress bar label.
+        progress: show the progress bar.
     """
     meters = {name: AverageMeter() for name in ACCURACY_METRICS}
     stats, unreadable = TokenStats(), 0
     with torch.inference_mode():
-        for images, labels, skipped in tqdm(loader, desc=desc, leave=False, unit="batch"):
+        for images, labels, skipped in tqdm(
+            loader, desc=desc, leave=False, disable=not progress, unit="batch"
+        ):
             unreadable += skipped
             if images is None:
                 continue

@@ -86,8 +86,9 @@ def add_run_parser(sub: Any) -> None:
 
     p = sub.add_parser(
         "run",
-        help="run a sweep: models x methods x parameters x batch sizes",
-        description="Run a grid of models x (methods x swept parameters) x batch sizes, append "
+        help="run a sweep: models x methods x parameters x batch sizes (x dtypes x compile modes)",
+        description="Run a grid of models x dtypes x compile modes x batch sizes x (methods x "
+        "swept parameters), append "
         "the rows to a results CSV (skipping runs already there) and write a report. Flags "
         "override the settings of --config.",
     )
@@ -115,14 +116,17 @@ def add_run_parser(sub: Any) -> None:
     p.add_argument("--n-images", type=int, help="evaluate at most N images")
     p.add_argument("--checkpoint", metavar="PATH|URL", help="weights to load into the model")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--dtype", choices=DTYPES, help="autocast dtype (default fp32)")
+    p.add_argument(
+        "--dtype", action="append", choices=DTYPES, help="autocast dtype (default fp32; repeatable)"
+    )
     p.add_argument(
         "--compile",
+        action="append",
         nargs="?",
         const="default",
         choices=COMPILE_MODES,
-        help="torch.compile mode (bare --compile: default), or cudagraph: the eager forward "
-        "captured in a CUDA graph",
+        help="torch.compile mode (bare --compile: default), none (eager), or cudagraph: the "
+        "eager forward captured in a CUDA graph (repeatable: --compile none --compile cudagraph)",
     )
     p.add_argument("--seed", type=int, help="seed for synthetic data and random methods")
     p.add_argument("--workers", type=int, help="DataLoader workers (default 4)")
@@ -145,6 +149,7 @@ def add_report_parser(sub: Any) -> None:
     p = sub.add_parser("report", help="markdown report and PNG plots from results CSVs")
     p.add_argument("csv", nargs="+", help="results CSVs written by ppt-bench run")
     p.add_argument("--out", metavar="MD", help="report file (default reports/<csv name>.md)")
+    p.add_argument("--notes", metavar="MD", help="markdown file to include under 'Notes'")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -270,7 +275,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ppt_bench.report import write_report
 
     out = Path(args.out or f"reports/{Path(args.csv[0]).stem}.md")
-    report = write_report(args.csv, out)
+    report = write_report(args.csv, out, notes=args.notes)
     print(f"report: {report.markdown}")
     for plot in report.plots:
         print(f"plot: {plot}")

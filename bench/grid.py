@@ -1,8 +1,9 @@
 """Sweep grids: settings from a TOML file and CLI flags, expanded into validated ``RunSpec`` s.
 
-The grid is models x (method, parameters x sweeps) x batch sizes, plus a baseline run per model
-and batch size. :func:`validate` checks every run (names, parameters, model depth, paths) before
-anything runs, so a mistake in run 40 of 40 costs nothing. The schema is documented in
+The grid is models x dtypes x compile modes x batch sizes x (method, parameters x sweeps), plus
+a baseline run per model, dtype, compile mode and batch size. :func:`validate` checks every run
+(names, parameters, model depth, paths) before anything runs, so a mistake in run 40 of 40 costs
+nothing. The schema is documented in
 ``bench/configs/example.toml``.
 """
 
@@ -66,8 +67,8 @@ class SweepConfig:
     n_images: int | None = None
     checkpoint: str | None = None
     device: str = "cpu"
-    dtype: str = "fp32"
-    compile: bool | str = False
+    dtype: list[str] = field(default_factory=lambda: ["fp32"])
+    compile: list[bool | str] = field(default_factory=lambda: ["none"])
     seed: int = 0
     workers: int = 4
     baseline: bool = True
@@ -193,7 +194,7 @@ def build_config(
         plans = [by_name.get(name, MethodPlan(name, {}, dict(global_sweep))) for name in methods]
     plans = list({p.name: p for p in plans}.values())  # one plan per method name
     settings = {**file, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    for key in ("models", "batch_sizes", "metrics"):
+    for key in ("models", "batch_sizes", "metrics", "dtype", "compile"):
         if key in settings:
             settings[key] = _as_list(settings[key])
     _check_types(settings)
@@ -222,9 +223,8 @@ def build_config(
 
 # Expected types of the single-valued settings (lists are checked by RunSpec).
 _TYPES: dict[str, type | tuple[type, ...]] = {
-    **dict.fromkeys(("data", "checkpoint", "device", "dtype", "sweep_name", "runner"), str),
+    **dict.fromkeys(("data", "checkpoint", "device", "sweep_name", "runner"), str),
     **dict.fromkeys(("ray_address", "ray_storage", "out", "report"), str),
-    "compile": (bool, str),
     "baseline": bool,
     **dict.fromkeys(("seed", "workers", "n_images"), int),
 }
@@ -272,7 +272,9 @@ def _absolute(path: str | None, builtin: Iterable[str] = ()) -> str | None:
 
 
 def expand(config: SweepConfig) -> list[RunSpec]:
-    """The grid: models x (methods x sweep points) x batch sizes, baselines first, no repeats."""
+    """The grid: models x dtypes x compile modes x batch sizes x (methods x sweep points),
+    each batch size's baseline first (so it runs next to the methods it is compared with), no
+    repeats."""
     if not config.models:
         raise UserError("no model given: add --model NAME (see `ppt-bench list --models`)")
     if not config.methods and not config.baseline:
@@ -284,8 +286,6 @@ def expand(config: SweepConfig) -> list[RunSpec]:
         data=_absolute(config.data, BUILTIN_DATA),
         checkpoint=_absolute(config.checkpoint),
         device=config.device,
-        dtype=config.dtype,
-        compile=config.compile,
         seed=config.seed,
         metrics=tuple(config.metrics),
         n_images=config.n_images,
@@ -293,10 +293,19 @@ def expand(config: SweepConfig) -> list[RunSpec]:
         workers=config.workers,
     )
     specs: dict[str, RunSpec] = {}
-    for model, batch_size in itertools.product(config.models, config.batch_sizes):
+    grid = itertools.product(config.models, config.dtype, config.compile, config.batch_sizes)
+    for model, dtype, compile_mode, batch_size in grid:
         for method, params in runs:
             try:
-                spec = RunSpec(model, method, params, batch_size=batch_size, **common)
+                spec = RunSpec(
+                    model,
+                    method,
+                    params,
+                    batch_size=batch_size,
+                    dtype=dtype,
+                    compile=compile_mode,
+                    **common,
+                )
             except TypeError as err:  # a wrongly typed setting in the config file
                 raise UserError(f"invalid setting: {err}") from None
             specs.setdefault(spec.run_id, spec)
@@ -333,7 +342,10 @@ def validate(specs: Sequence[RunSpec], *, check_cuda: bool = True) -> None:
             if not torch.cuda.is_available():
                 raise UserError(f"--device {spec.device}: CUDA is not available; use --device cpu")
     if len(specs) != len({s.run_id for s in specs}):
-        raise UserError("the grid repeats a run; remove duplicate --model or --batch-size values")
+        raise UserError(
+            "the grid repeats a run; remove duplicate --model, --batch-size, --dtype or --compile "
+            "values"
+        )
 
 
 def check_paths(spec: RunSpec) -> None:

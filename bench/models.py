@@ -2,7 +2,8 @@
 
 Weights come from a pretrained tag (``deit_small_patch16_224.fb_in1k``, needs a reachable hub) or
 from ``checkpoint``: a local path or an http(s) URL, holding a plain state dict or one nested
-under ``model`` (DeiT release files), ``state_dict`` or ``model_ema``.
+under ``model`` (DeiT release files), ``state_dict`` or ``model_ema``. A checkpoint's classifier
+head sets the model's number of classes, so a model fine-tuned on other classes loads as it is.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import timm
 import torch
 from timm.data import resolve_data_config
-from timm.models import clean_state_dict, split_model_name_tag
+from timm.models import clean_state_dict, get_pretrained_cfg, split_model_name_tag
 
 from ppt_bench.errors import UserError
 
@@ -51,11 +52,12 @@ def check_model_name(name: str) -> None:
     )
 
 
-def _create(name: str, pretrained: bool) -> nn.Module:
+def _create(name: str, pretrained: bool, num_classes: int | None) -> nn.Module:
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
     if not pretrained:
-        return timm.create_model(name, pretrained=False)
+        return timm.create_model(name, pretrained=False, **kwargs)
     try:
-        return timm.create_model(name, pretrained=True)
+        return timm.create_model(name, pretrained=True, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:
         raise UserError(
             f"could not download pretrained weights for {name!r} ({type(err).__name__}); "
@@ -98,10 +100,36 @@ def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
     return clean_state_dict(obj)
 
 
-def load_checkpoint(model: nn.Module, checkpoint: str) -> None:
-    """Load weights from a local path or URL into ``model``, strictly."""
-    state_dict = extract_state_dict(_load_file(checkpoint))
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+def read_checkpoint(checkpoint: str) -> dict[str, torch.Tensor]:
+    """The weights stored in a checkpoint file or URL (see :func:`extract_state_dict`)."""
+    return extract_state_dict(_load_file(checkpoint))
+
+
+def head_classes(name: str, state_dict: dict[str, torch.Tensor]) -> int | None:
+    """Outputs of the classifier head that ``state_dict`` holds for the timm model ``name``.
+
+    The head is the one timm's config of ``name`` names (``head`` for a ViT); None when the
+    config names none or the state dict lacks it.
+    """
+    cfg = get_pretrained_cfg(name)
+    head = cfg.classifier if cfg is not None else None
+    if isinstance(head, (tuple, list)):  # distilled models: (head, head_dist), the same size
+        head = head[0]
+    weight = state_dict.get(f"{head}.weight") if head else None
+    return None if weight is None else int(weight.shape[0])
+
+
+def load_checkpoint(model: nn.Module, state_dict: dict[str, torch.Tensor], checkpoint: str) -> None:
+    """Load ``state_dict``, read from ``checkpoint``, into ``model``: every tensor must fit."""
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as err:  # a tensor of another shape (another size or head)
+        lines = [line.strip() for line in str(err).splitlines()]
+        mismatch = next((line for line in lines if line.startswith("size mismatch")), lines[0])
+        raise UserError(
+            f"checkpoint {checkpoint!r} does not fit {type(model).__name__}: "
+            f"{mismatch[:200].rstrip('.')}; check --model"
+        ) from None
     if missing or unexpected:
         raise UserError(
             f"checkpoint {checkpoint!r} does not fit {type(model).__name__}: "
@@ -112,7 +140,10 @@ def load_checkpoint(model: nn.Module, checkpoint: str) -> None:
 
 
 def build_model(
-    spec_or_name: RunSpec | str, checkpoint: str | None = None, pretrained: bool = False
+    spec_or_name: RunSpec | str,
+    checkpoint: str | None = None,
+    pretrained: bool = False,
+    num_classes: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """A timm model in eval mode on the CPU, and its timm data config.
 
@@ -121,6 +152,8 @@ def build_model(
             timm model name; a ``name.tag`` asks for that pretrained tag.
         checkpoint: weights as a local path or http(s) URL (overrides a spec's checkpoint).
         pretrained: download timm's default pretrained weights.
+        num_classes: outputs of the classifier head, passed to ``timm.create_model``. None:
+            as many as the checkpoint's head has, else timm's default for the model.
 
     Returns:
         ``(model, data_config)``; the config (``input_size``, ``interpolation``, ``mean``,
@@ -134,9 +167,12 @@ def build_model(
         checkpoint = spec_or_name.checkpoint
     register_project_models()
     check_model_name(name)
+    state_dict = None if checkpoint is None else read_checkpoint(checkpoint)
+    if state_dict is not None and num_classes is None:
+        num_classes = head_classes(name, state_dict)
     tagged = bool(split_model_name_tag(name)[1])
-    model = _create(name, pretrained=(pretrained or tagged) and checkpoint is None)
-    if checkpoint is not None:
-        load_checkpoint(model, checkpoint)
+    model = _create(name, (pretrained or tagged) and checkpoint is None, num_classes)
+    if state_dict is not None:
+        load_checkpoint(model, state_dict, checkpoint)
     model.eval()
     return model, resolve_data_config({}, model=model)

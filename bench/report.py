@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from tabulate import tabulate
 
+from ppt_bench.errors import UserError
 from ppt_bench.records import read_results
 
 if TYPE_CHECKING:
@@ -39,6 +40,8 @@ WHERE = (
 POOLED = "pooled_frac_block_"
 POOLED_COLUMN = "pooled fraction (block: frac)"
 TOKENS = "tokens_block_"
+# What ``macs`` measures: the same on every device, dtype and compile mode.
+COST_METRICS = ("gmacs", "gmacs_fvcore", "gmacs_single_input", "param_count")
 _TEXT_COLUMNS = {"method", "params", *CONTEXT, POOLED_COLUMN}
 
 
@@ -108,11 +111,12 @@ def _last_tokens(runs: pd.DataFrame) -> float | None:
 
 def model_table(runs: pd.DataFrame) -> str:
     """The markdown table comparing every configuration of one model with its baseline."""
+    macs = _gmacs_by_config(runs)
+    runs = _without_cost_only(runs)
     context = _varied(runs, CONTEXT)
-    batch_sizes = sorted(runs["batch_size"].dropna().astype(int).unique())
+    batch_sizes = _timed_batch_sizes(runs)
     timed = "samples_per_sec" in runs and runs["samples_per_sec"].notna().any()
     groups = runs.groupby(["method", "params", *CONTEXT], sort=False, dropna=False)
-    macs = _gmacs_by_config(runs)
     rows = []
     for key, group in groups:
         method, params, *ctx = key
@@ -174,6 +178,27 @@ def _gmacs_by_config(runs: pd.DataFrame) -> dict[tuple[str, str], float]:
         return {}
     counted = runs[runs["gmacs"].notna()]
     return counted.groupby(["method", "params"])["gmacs"].mean().to_dict()
+
+
+def _without_cost_only(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs less those that only counted MACs and parameters where another run of the same
+    method and parameters measured something else.
+
+    Such a run would add a row of empty cells in its own device, dtype and compile mode; its
+    GMACs reach the other rows through :func:`_gmacs_by_config`. A configuration whose only
+    runs counted MACs keeps them.
+    """
+    info = {"run_id", *RUN_COLUMNS, "dataset", *COST_METRICS}
+    measured = runs[[c for c in runs if c not in info]].notna().any(axis=1)
+    measured_elsewhere = measured.groupby([runs["method"], runs["params"]]).transform("any")
+    return runs[measured | ~measured_elsewhere]
+
+
+def _timed_batch_sizes(runs: pd.DataFrame) -> list[int]:
+    """The batch sizes that speed was measured at (a MAC count's batch size says nothing)."""
+    speed = [c for c in ("samples_per_sec", "latency_p50_ms") if c in runs]
+    timed = runs[runs[speed].notna().any(axis=1)]
+    return sorted(timed["batch_size"].dropna().astype(int).unique())
 
 
 def _baseline(runs: pd.DataFrame, ctx: dict[str, object]) -> pd.DataFrame:
@@ -243,9 +268,15 @@ def where_table(df: pd.DataFrame) -> str:
 
 
 def render(
-    df: pd.DataFrame, *, title: str, command: str, plots: Sequence[Path] = (), sources=()
+    df: pd.DataFrame,
+    *,
+    title: str,
+    command: str,
+    plots: Sequence[Path] = (),
+    sources=(),
+    notes: str | None = None,
 ) -> str:
-    """The report's markdown text."""
+    """The report's markdown text; ``notes`` (markdown) go in a section of their own."""
     runs, failed = tidy_runs(df)
     lines = [
         f"# ppt-bench report: {title}",
@@ -267,6 +298,8 @@ def render(
             ]
     if runs.empty:
         lines += ["No run finished.", ""]
+    if notes:
+        lines += ["## Notes", "", notes.strip(), ""]
     if not failed.empty:
         lines += ["## Failed runs", "", failed_table(failed), ""]
     if plots:
@@ -283,6 +316,7 @@ def write_report(
     out: str | os.PathLike,
     *,
     command: str | None = None,
+    notes: str | os.PathLike | None = None,
 ) -> Report:
     """Write the markdown report and its PNG plots (``<out stem>-<plot>.png`` beside it).
 
@@ -290,16 +324,26 @@ def write_report(
         csvs: one or more results CSVs.
         out: the markdown file.
         command: the command line that regenerates the report (default ``ppt-bench report``).
+        notes: a markdown file whose text the report carries under "Notes": what the numbers
+            alone do not say (why a method falls short of its ideal speedup, say).
     """
     from ppt_bench.plots import write_plots
 
     csvs = [csvs] if isinstance(csvs, (str, os.PathLike)) else list(csvs)
     out = Path(out)
     df = read_results(csvs)
+    notes_text = None
+    if notes is not None:
+        try:
+            notes_text = Path(notes).read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise UserError(f"notes file {notes} cannot be read ({type(err).__name__})") from None
     runs, _ = tidy_runs(df)
-    command = command or shlex.join(["ppt-bench", "report", *map(str, csvs), "--out", str(out)])
+    if command is None:
+        extra = [] if notes is None else ["--notes", str(notes)]
+        command = shlex.join(["ppt-bench", "report", *map(str, csvs), "--out", str(out), *extra])
     out.parent.mkdir(parents=True, exist_ok=True)
     plots = write_plots(runs, out.parent, out.stem)
-    text = render(df, title=out.stem, command=command, plots=plots, sources=csvs)
+    text = render(df, title=out.stem, command=command, plots=plots, sources=csvs, notes=notes_text)
     out.write_text(text)
     return Report(out, tuple(plots))

@@ -176,29 +176,34 @@ def _warm_step(
     return graph.replay
 
 
-def _throughput_at(
+def _timed(
+    timer: Callable[[Callable[[], object], int, int], T],
     model: nn.Module,
     input_size: tuple[int, ...],
     batch_size: int,
     device: str,
     dtype: str,
-    warmup: int,
-    iters: int,
-    cuda_graph: bool = False,
-) -> Speed:
-    cuda = _is_cuda(device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    with torch.inference_mode(), amp_autocast(device, dtype):
-        x = torch.randn(batch_size, *input_size, device=device)
-        step = _warm_step(model, x, warmup, cuda_graph)
-        seconds = time_total(step, iters, device)
-    return Speed(
-        samples_per_sec=batch_size * iters / seconds,
-        batch_size=batch_size,
-        peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
-        cpu_threads=None if cuda else torch.get_num_threads(),
-    )
+    warmup: int | None,
+    iters: int | None,
+    cuda_graph: bool,
+) -> tuple[T, int]:
+    """``timer(step, batch_size, iters)`` after warm-up, ``step`` being one forward of a synthetic
+    batch; retried at smaller batches after a CUDA out-of-memory error.
+
+    Returns:
+        What ``timer`` returned and the batch size it was obtained at. On CUDA the peak memory
+        statistics cover that successful attempt only.
+    """
+    warmup, iters = iterations(warmup, iters)
+
+    def at(batch: int) -> T:
+        if _is_cuda(device):
+            torch.cuda.reset_peak_memory_stats(device)
+        with torch.inference_mode(), amp_autocast(device, dtype):
+            x = torch.randn(batch, *input_size, device=device)
+            return timer(_warm_step(model, x, warmup, cuda_graph), batch, iters)
+
+    return with_oom_backoff(at, batch_size)
 
 
 def measure_throughput(
@@ -223,28 +228,16 @@ def measure_throughput(
         iters: timed iterations (default :data:`DEFAULT_ITERS` or ``$PPT_BENCH_ITERS``).
         cuda_graph: time replays of the forward captured in a CUDA graph (CUDA only).
     """
-    warmup, iters = iterations(warmup, iters)
-    run = lambda b: _throughput_at(model, input_size, b, device, dtype, warmup, iters, cuda_graph)
-    speed, _ = with_oom_backoff(run, batch_size)
-    return speed
-
-
-def _latency_at(
-    model: nn.Module,
-    input_size: tuple[int, ...],
-    batch_size: int,
-    device: str,
-    dtype: str,
-    warmup: int,
-    iters: int,
-    cuda_graph: bool = False,
-) -> Latency:
-    with torch.inference_mode(), amp_autocast(device, dtype):
-        x = torch.randn(batch_size, *input_size, device=device)
-        step = _warm_step(model, x, warmup, cuda_graph)
-        times_ms = np.asarray(time_each(step, iters, device)) * 1e3
-    p50, p90 = np.percentile(times_ms, [50, 90])
-    return Latency(float(p50), float(p90), batch_size)
+    rate = lambda step, batch, n: batch * n / time_total(step, n, device)
+    args = (model, input_size, batch_size, device, dtype, warmup, iters, cuda_graph)
+    samples_per_sec, used = _timed(rate, *args)
+    cuda = _is_cuda(device)
+    return Speed(
+        samples_per_sec=samples_per_sec,
+        batch_size=used,
+        peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
+        cpu_threads=None if cuda else torch.get_num_threads(),
+    )
 
 
 def measure_latency(
@@ -261,7 +254,8 @@ def measure_latency(
 
     Args: as :func:`measure_throughput`; meant for small batch sizes (1 to 8).
     """
-    warmup, iters = iterations(warmup, iters)
-    run = lambda b: _latency_at(model, input_size, b, device, dtype, warmup, iters, cuda_graph)
-    latency, _ = with_oom_backoff(run, batch_size)
-    return latency
+    ms = lambda step, batch, n: np.asarray(time_each(step, n, device)) * 1e3
+    args = (model, input_size, batch_size, device, dtype, warmup, iters, cuda_graph)
+    times_ms, used = _timed(ms, *args)
+    p50, p90 = np.percentile(times_ms, [50, 90])
+    return Latency(float(p50), float(p90), used)

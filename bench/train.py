@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ppt_bench.data import Transformed
+from ppt_bench.accuracy import evaluate_accuracy
+from ppt_bench.data import Transformed, collate_readable
 from ppt_bench.errors import UserError
 from ppt_bench.spec import DTYPES
 from ppt_bench.throughput import amp_autocast
@@ -222,7 +223,11 @@ def build_transforms(model: nn.Module, augment: str = "affine") -> tuple[Any, An
 def make_loader(
     dataset: Dataset, batch_size: int, *, train: bool, seed: int, workers: int, dist: Dist
 ) -> DataLoader:
-    """A seeded DataLoader; a ``DistributedSampler`` over the processes when there are several."""
+    """A seeded DataLoader; a ``DistributedSampler`` over the processes when there are several.
+
+    A training loader yields ``(images, labels)``; an evaluation loader yields
+    ``(images, labels, unreadable)`` like every loader :func:`evaluate_accuracy` reads.
+    """
     sampler = None
     if dist.world_size > 1 and train:
         from torch.utils.data.distributed import DistributedSampler
@@ -234,6 +239,7 @@ def make_loader(
         shuffle=train and sampler is None,
         sampler=sampler,
         drop_last=train,
+        collate_fn=None if train else collate_readable,
         num_workers=workers,
         generator=torch.Generator().manual_seed(seed),
         pin_memory=dist.device.type == "cuda",
@@ -242,23 +248,6 @@ def make_loader(
 
 
 # -- the loop --------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate_top1(
-    model: nn.Module, loader: DataLoader, device: torch.device, amp_dtype: str = "fp32"
-) -> tuple[float, float]:
-    """Top-1 accuracy [%] and mean cross-entropy of ``model`` over ``loader``."""
-    model.eval()
-    correct, loss, n = 0, 0.0, 0
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        with amp_autocast(device, amp_dtype):
-            logits = model(x)
-        loss += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(dim=-1) == y).sum().item()
-        n += len(y)
-    return 100.0 * correct / max(n, 1), loss / max(n, 1)
 
 
 @dataclass
@@ -405,7 +394,7 @@ def _run_epochs(
 ) -> list[EpochStats]:
     from tqdm.auto import tqdm
 
-    config, model = loop.config, _unwrap(loop.model)
+    config = loop.config
     history = []
     with tqdm(total=config.epochs * len(loader), desc="train", disable=not progress) as bar:
         for epoch in range(config.epochs):
@@ -414,15 +403,23 @@ def _run_epochs(
             stats = EpochStats(epoch + 1, loop.optimizer.param_groups[0]["lr"], loss, 0.0)
             last = epoch + 1 == config.epochs
             if val_loader is not None and (last or (epoch + 1) % config.eval_every == 0):
-                stats.val_top1, stats.val_loss = evaluate_top1(
-                    model, val_loader, loop.dist.device, config.amp_dtype
-                )
+                stats.val_top1, stats.val_loss = _validate(loop, val_loader, progress)
                 bar.set_postfix(
                     epoch=epoch + 1, loss=f"{loss:.3f}", val_top1=f"{stats.val_top1:.1f}"
                 )
             stats.seconds = time.perf_counter() - t0
             history.append(stats)
     return history
+
+
+def _validate(loop: _Loop, val_loader: DataLoader, progress: bool) -> tuple[float, float]:
+    """Top-1 accuracy [%] and mean cross-entropy on the validation set, in eval mode."""
+    model = _unwrap(loop.model).eval()
+    device, dtype = loop.dist.device, loop.config.amp_dtype
+    val = evaluate_accuracy(
+        model, val_loader, device=device, dtype=dtype, desc="val", progress=progress
+    )
+    return val.top1, val.loss
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -555,10 +552,16 @@ def load_datasets(data: str) -> tuple[Dataset, Dataset]:
 
 
 def build_for_training(name: str, checkpoint: str | None, num_classes: int) -> nn.Module:
-    """The timm model with its initial weights and a head of ``num_classes`` outputs."""
+    """The timm model with its initial weights and a head of ``num_classes`` outputs.
+
+    A checkpoint's head is kept when it has ``num_classes`` outputs (training goes on) and
+    replaced by a new one otherwise (fine-tuning on other classes).
+    """
     from ppt_bench.models import build_model
 
-    model, _ = build_model(name, checkpoint=checkpoint)
+    model, _ = build_model(
+        name, checkpoint=checkpoint, num_classes=None if checkpoint else num_classes
+    )
     if model.num_classes != num_classes:
         model.reset_classifier(num_classes)
     return model

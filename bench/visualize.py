@@ -271,19 +271,23 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
 # -- models and images ------------------------------------------------------------------------
 
 
-def load_model(name: str, checkpoint: str | Path | None = None, seed: int = 0) -> nn.Module:
+def load_model(
+    name: str, checkpoint: str | Path | None = None, seed: int = 0
+) -> tuple[nn.Module, dict[str, Any]]:
     """A timm ViT in eval mode: with a checkpoint's weights, else randomly initialised (seeded).
 
     Args:
         name: timm model name (the project's own, such as the digits model, included).
         checkpoint: a state dict file or URL (see :func:`ppt_bench.models.build_model`).
         seed: seeds the random initialisation.
+
+    Returns:
+        ``(model, data_config)`` as :func:`ppt_bench.models.build_model` returns them.
     """
     from ppt_bench.models import build_model
 
     torch.manual_seed(seed)
-    model, _ = build_model(name, checkpoint=None if checkpoint is None else str(checkpoint))
-    return model.eval()
+    return build_model(name, checkpoint=None if checkpoint is None else str(checkpoint))
 
 
 def load_images(images: str | Path | Sequence[Any], n_images: int = 2) -> list[tuple[str, Any]]:
@@ -331,20 +335,26 @@ def load_images(images: str | Path | Sequence[Any], n_images: int = 2) -> list[t
     return out
 
 
-def preprocess(model: nn.Module, images: Sequence[Image.Image]) -> tuple[torch.Tensor, list]:
+def preprocess(
+    data_config: dict[str, Any], images: Sequence[Image.Image]
+) -> tuple[torch.Tensor, list]:
     """The model's own eval transform: a batch ``[B, 3, H, W]`` and the pictures it shows.
+
+    Args:
+        data_config: the model's timm data config, as :func:`ppt_bench.models.build_model`
+            returns it.
+        images: PIL RGB images.
 
     Returns:
         The normalised batch and, per image, the resized and cropped image ``[H, W, 3]`` in
         [0, 1] that the model sees.
     """
-    from timm.data import create_transform, resolve_data_config
+    from timm.data import create_transform
 
-    config = resolve_data_config({}, model=model)
-    config["input_size"] = (3, *model.patch_embed.img_size)
-    x = torch.stack([create_transform(**config)(im) for im in images])
-    mean = torch.tensor(config["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(config["std"]).view(1, 3, 1, 1)
+    transform = create_transform(**data_config)
+    x = torch.stack([transform(im) for im in images])
+    mean = torch.tensor(data_config["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(data_config["std"]).view(1, 3, 1, 1)
     shown = (x * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     return x, list(shown)
 
@@ -370,7 +380,7 @@ def visualize(
     *,
     n_images: int = 2,
     seed: int = 0,
-    model: nn.Module | None = None,
+    built: tuple[nn.Module, dict[str, Any]] | None = None,
 ) -> list[Path]:
     """Draw what each method keeps at each of its locations; one PNG per image.
 
@@ -382,7 +392,8 @@ def visualize(
         checkpoint: weights for the model.
         n_images: images taken from ``"digits"`` or a folder.
         seed: seeds the random initialisation.
-        model: use this model instead of building ``model_name`` (its name is still shown).
+        built: a model and its timm data config, as :func:`ppt_bench.models.build_model`
+            returns them, to use instead of building ``model_name`` (its name is still shown).
 
     Returns:
         The PNGs written.
@@ -391,16 +402,15 @@ def visualize(
 
     if not methods:
         raise UserError("visualize needs at least one method, e.g. --method ppt")
-    built = [(name, params, create_method(name, **params)) for name, params in methods]
-    if model is None:
-        model = load_model(model_name, checkpoint, seed)
+    created = [(name, params, create_method(name, **params)) for name, params in methods]
+    model, data_config = built or load_model(model_name, checkpoint, seed)
     named = load_images(images, n_images)
-    x, shown = preprocess(model, [im for _, im in named])
+    x, shown = preprocess(data_config, [im for _, im in named])
     P = model.num_prefix_tokens
     grid = tuple(model.patch_embed.grid_size)
 
     rows: list[list[tuple[str, list[tuple[str, np.ndarray]]]]] = [[] for _ in named]
-    for name, params, method in built:
+    for name, params, method in created:
         states = sources_per_location(model, method, x)
         for i in range(len(named)):
             base = upscale(shown[i])

@@ -106,8 +106,10 @@ class Method:
         Args:
             model: the model; its class is swapped for a reducing subclass.
             trace_source: also record which original patches each token stands for.
-            attn_impl: ``"fast"`` (fused SDPA, class-token row only where needed) or
-                ``"explicit"`` (full softmax attention in every block, the reference).
+            attn_impl: ``"fast"`` (fused SDPA, class-token row only where needed, the
+                proportional-attention bias as a mask), ``"fold"`` (the same with the bias in an
+                extra query/key channel instead of a mask) or ``"explicit"`` (full softmax
+                attention in every block, the reference).
         """
         from ppt_bench.methods.patch import patch
 

@@ -19,7 +19,8 @@ class Baseline(Method):
 
     def apply(self, model: nn.Module, *, trace_source: bool = False, attn_impl: str = "fast"):
         """Return ``model`` unchanged; with ``trace_source`` or explicit attention, patch it with
-        no reduction so that it reports token statistics like the other methods."""
-        if trace_source or attn_impl != "fast":
+        no reduction so that it reports token statistics like the other methods. (With no
+        merged tokens there is no bias to fold: ``"fold"`` is timm's own attention too.)"""
+        if trace_source or attn_impl == "explicit":
             return super().apply(model, trace_source=trace_source, attn_impl=attn_impl)
         return model

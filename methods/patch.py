@@ -30,7 +30,10 @@ from ppt_bench.methods.base import (
     check_locations_fit,
 )
 
-ATTN_IMPLS = ("fast", "explicit")
+# "fast": fused SDPA, the proportional-attention bias as an additive mask; "fold": fused SDPA
+# with the bias carried in an extra query/key channel, so that no mask is needed (blocks with
+# qk-norm fall back to the mask); "explicit": full softmax attention, the reference.
+ATTN_IMPLS = ("fast", "fold", "explicit")
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 _ATTN_PARTS = (
     "qkv",
@@ -81,21 +84,64 @@ class ReductionPlan:
         return self.locations[0] + 1
 
 
+def fold_width(head_dim: int) -> int:
+    """Head width with room for the bias channel: the next multiple of 8 above ``head_dim``."""
+    return head_dim + 8 - head_dim % 8
+
+
+def can_fold(attn: nn.Module) -> bool:
+    """Whether the bias can ride in an extra channel: a plain qkv projection, and q and k not
+    normalised per head."""
+    plain = isinstance(attn.qkv, nn.Linear)
+    return plain and isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
+
+
+def folded_qkv(
+    attn: nn.Module, x: torch.Tensor, size: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, H, N, w]`` whose scaled products carry the bias: ``q'.k' * scale = q.k *
+    scale + log(size_k)``.
+
+    The qkv projection is zero-padded from ``d`` to ``w = fold_width(d)`` channels per head:
+    q's first extra channel is the constant 1 (a bias term), k's holds ``log(size) / scale``
+    (written in place), v's are 0, so the attention output's extra channels are 0 and are
+    dropped. Fused kernels take ``w`` (a multiple of 8) where they would not take a mask.
+
+    Args:
+        attn: a timm ``Attention`` module without qk-norm (:func:`can_fold`).
+        x: normalised tokens ``[B, N, C]``.
+        size: ``[B, N, 1]`` patches each token stands for.
+    """
+    B, N, C = x.shape
+    H, d = attn.num_heads, attn.head_dim
+    w = fold_width(d)
+    weight = F.pad(attn.qkv.weight.view(3, H, d, C), (0, 0, 0, w - d))
+    if attn.qkv.bias is None:
+        bias = weight.new_zeros(3, H, w)
+    else:
+        bias = F.pad(attn.qkv.bias.view(3, H, d), (0, w - d))
+    bias[0, :, d] = 1.0
+    qkv = F.linear(x, weight.reshape(3 * H * w, C), bias.reshape(-1)).view(B, N, 3, H, w)
+    qkv[:, :, 1, :, d] = size.log() / attn.scale
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
 def attention(
     attn: nn.Module,
     x: torch.Tensor,
-    bias: torch.Tensor | None,
+    size: torch.Tensor | None,
     needs: frozenset[str],
-    explicit: bool,
+    impl: str = "fast",
 ) -> tuple[torch.Tensor, Features]:
     """timm ``Attention.forward`` that also returns the features a method needs.
 
     Args:
         attn: a timm ``Attention`` module.
         x: normalised tokens ``[B, N, C]``.
-        bias: additive attention bias ``[B, 1, 1, N]`` (proportional attention) or None.
+        size: ``[B, N, 1]`` patches each token stands for, for proportional attention (a
+            ``log(size)`` bias per key), or None.
         needs: subset of ``{"cls_attn", "key_mean", "value_norm"}``.
-        explicit: compute the full softmax attention instead of fused SDPA.
+        impl: one of :data:`ATTN_IMPLS`.
 
     Returns:
         The attention output ``[B, N, C]`` (after ``proj``) and the requested features.
@@ -103,12 +149,17 @@ def attention(
     B, N, _ = x.shape
     H, d = attn.num_heads, attn.head_dim
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    q, k, v = attn.qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, d]
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    mask = None if bias is None else bias.to(q.dtype)
+    mask = None
+    if size is not None and impl == "fold" and can_fold(attn):
+        q, k, v = folded_qkv(attn, x, size)  # [B, H, N, w], the bias inside q.k
+    else:
+        q, k, v = attn.qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        if size is not None:
+            mask = ops.prop_attn_bias(size).to(q.dtype)  # [B, 1, 1, N]
 
     cls_attn = None
-    if explicit:
+    if impl == "explicit":
         a = (q * attn.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
         if mask is not None:
             a = a + mask
@@ -118,7 +169,9 @@ def attention(
         out = attn.attn_drop(a) @ v
     else:
         drop = attn.attn_drop.p if attn.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=drop, scale=attn.scale
+        )
         if CLS_ATTN in needs:
             # Only the class token's row is needed: [B, H, 1, N] instead of [B, H, N, N].
             a0 = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
@@ -126,11 +179,12 @@ def attention(
                 a0 = a0 + mask
             cls_attn = a0.softmax(dim=-1)[:, :, 0]
 
-    out = out.transpose(1, 2).reshape(B, N, H * d)
+    out = out[..., :d].transpose(1, 2).reshape(B, N, H * d)
     out = getattr(attn, "norm", nn.Identity())(out)
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
+    k, v = k[..., :d], v[..., :d]
     feats = Features(
         cls_attn=cls_attn,
         key_mean=k.mean(dim=1) if KEY_MEAN in needs else None,
@@ -155,9 +209,9 @@ def reducing_block(
     """
     x, size, source = state
     reduce_here = index in plan.locations
-    bias = ops.prop_attn_bias(size) if index >= plan.bias_from else None
+    prop_size = size if index >= plan.bias_from else None
     needs = plan.method.needs if reduce_here else frozenset()
-    out, feats = attention(block.attn, block.norm1(x), bias, needs, plan.attn_impl == "explicit")
+    out, feats = attention(block.attn, block.norm1(x), prop_size, needs, plan.attn_impl)
     x = x + block.drop_path1(block.ls1(out))
     pooled = score_var = None
     if reduce_here:

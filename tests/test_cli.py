@@ -122,6 +122,14 @@ def test_report_command(tmp_path, capsys):
     assert "| ppt " in out.read_text()
     assert main(["report", str(tmp_path / "missing.csv")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    notes = tmp_path / "notes.md"
+    notes.write_text("ppt falls short of its ideal speedup because of the patch embedding.\n")
+    assert main(["report", str(csv), "--out", str(out), "--notes", str(notes)]) == 0
+    text = out.read_text()
+    assert f"--notes {notes}`" in text.splitlines()[2]
+    assert "## Notes\n\nppt falls short of its ideal speedup" in text
+    assert main(["report", str(csv), "--out", str(out), "--notes", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("ppt-bench: error: notes file")
 
 
 def test_delegated_commands_run_their_module(monkeypatch, capsys):
@@ -165,3 +173,24 @@ def test_help_imports_no_subcommand_module_and_no_ray():
     assert proc.returncode == 0, proc.stderr
     for name in ("list", "run", "report", "demo", "train", "visualize"):
         assert name in proc.stdout
+
+
+def test_dtype_and_compile_flags_repeat_into_grid_axes():
+    args = cli.build_parser().parse_args(
+        [
+            "run",
+            "--model",
+            DEIT,
+            "--dtype",
+            "bf16",
+            "--dtype",
+            "fp16",
+            "--compile",
+            "--compile",
+            "cudagraph",
+        ]
+    )
+    overrides = cli._overrides(args)
+    assert overrides["dtype"] == ["bf16", "fp16"]
+    assert overrides["compile"] == ["default", "cudagraph"]
+    assert cli._overrides(cli.build_parser().parse_args(["run"]))["compile"] is None

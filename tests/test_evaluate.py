@@ -156,6 +156,22 @@ def test_checkpoint_from_a_file(tmp_path, nested, prefix):
     assert config["input_size"] == (3, 160, 160) and not model.training
 
 
+def test_a_checkpoint_fine_tuned_on_other_classes_sets_the_head(tmp_path):
+    torch.manual_seed(7)
+    weights = timm.create_model(TINY, num_classes=3).state_dict()
+    path = str(tmp_path / "three.pth")
+    torch.save({"model": weights}, path)
+    for model, _ in (
+        build_model(TINY, checkpoint=path),
+        build_model(RunSpec(TINY, checkpoint=path)),
+    ):
+        assert model.num_classes == 3
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    assert build_model(TINY, num_classes=5)[0].num_classes == 5
+    with pytest.raises(UserError, match=r"does not fit .*size mismatch for head\.weight"):
+        build_model(TINY, checkpoint=path, num_classes=5)
+
+
 def test_checkpoint_from_a_url(tmp_path):
     weights = save_checkpoint(tmp_path / "w.pth", "model")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))

@@ -44,6 +44,22 @@ def test_fast_path_matches_explicit_attention_on_cuda():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_folded_bias_runs_on_the_flash_kernel_and_equals_the_mask(dtype):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    ref = make_model("deit_small_patch16_224").cuda()
+    x = images(8, 224).cuda()
+    for name in ("ppt", "merge", "tome"):
+        with torch.autocast("cuda", dtype=dtype):
+            masked = logits(create_method(name).apply(clone(ref)), x)
+            folded_model = create_method(name).apply(clone(ref), attn_impl="fold")
+            # Flash attention takes no mask: this raises unless the bias rides in q and k.
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                folded = logits(folded_model, x)
+        assert (folded.float() - masked.float()).abs().max() < 5e-2, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_mixed_batch_under_autocast_is_batch_independent(dtype):
     ref = make_model("deit_small_patch16_224").cuda()
     x = images(8, 224, seed=3).cuda()
@@ -64,12 +80,18 @@ def test_mixed_batch_under_autocast_is_batch_independent(dtype):
     assert batch.dtype == dtype
 
 
-@pytest.mark.parametrize("name", ["ppt", "prune", "merge", "tome", "evit", "topk", "random"])
-def test_methods_capture_in_a_cuda_graph(name):
+@pytest.mark.parametrize(
+    "name, attn_impl",
+    [(m, "fast") for m in ("ppt", "prune", "merge", "tome", "evit", "topk", "random")]
+    + [("ppt", "fold"), ("tome", "fold")],
+)
+def test_methods_capture_in_a_cuda_graph(name, attn_impl):
     """Capture fails on any host synchronisation or CPU-GPU copy inside the forward."""
     if name not in list_methods():
         pytest.skip(f"{name} is not registered")
-    model = create_method(name).apply(make_model("deit_small_patch16_224").cuda())
+    model = create_method(name).apply(
+        make_model("deit_small_patch16_224").cuda(), attn_impl=attn_impl
+    )
     x = images(8, 224).cuda()
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         eager = model(x)

@@ -65,6 +65,37 @@ def test_grid_is_models_x_method_sweeps_x_batch_sizes_with_baselines_first():
     assert len({s.run_id for s in specs}) == len(specs)
 
 
+def test_dtypes_and_compile_modes_are_grid_axes_with_their_own_baselines(tmp_path):
+    specs = grid(
+        overrides={
+            "models": [DEIT],
+            "device": "cuda",
+            "dtype": ["bf16", "fp16"],
+            "compile": ["none", "cudagraph"],
+            "batch_sizes": [1, 8],
+        },
+        methods=["ppt"],
+    )
+    assert len(specs) == 2 * 2 * 2 * 2
+    configs = [(s.dtype, s.compile, s.batch_size) for s in specs[::2]]
+    assert len(set(configs)) == 8
+    # every configuration's baseline runs just before the method compared with it
+    for base, ppt in zip(specs[::2], specs[1::2], strict=True):
+        assert (base.method, ppt.method) == ("baseline", "ppt")
+        assert (base.dtype, base.compile, base.batch_size) == (
+            ppt.dtype,
+            ppt.compile,
+            ppt.batch_size,
+        )
+    # a config file may give one value or a list; booleans are the old compile switch
+    path = tmp_path / "s.toml"
+    path.write_text(f'models = ["{DEIT}"]\ndtype = "bf16"\ncompile = [false, true]\n')
+    specs = expand(build_config(load_config(path)))
+    assert [(s.dtype, s.compile) for s in specs] == [("bf16", "none"), ("bf16", "default")]
+    with pytest.raises(UserError, match="dtype must be one of"):
+        grid(overrides={"models": [DEIT], "dtype": ["bf16", "fp64"]})
+
+
 def test_param_applies_only_to_methods_that_have_it():
     specs = grid(methods=["ppt", "tome"], params=[("threshold", 1e-4), ("r", 4)])
     by_method = {s.method: s.params for s in specs}

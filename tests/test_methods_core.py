@@ -24,7 +24,7 @@ def test_zero_reduction_gives_unpatched_logits(arch):
     expected = logits(ref, x)
     for name in CORE:
         params = {} if name == "baseline" else {"r": 0}
-        for impl in ("fast", "explicit"):
+        for impl in ("fast", "fold", "explicit"):
             model = create_method(name, **params).apply(clone(ref), attn_impl=impl)
             diff = (logits(model, x) - expected).abs().max().item()
             assert diff < 1e-5, f"{name} ({impl}) r=0 on {arch}: max abs diff {diff}"
@@ -132,6 +132,40 @@ def test_explicit_and_fast_attention_agree_under_reduction():
         assert (fast - explicit).abs().max() < 1e-4, name
 
 
+@pytest.mark.parametrize("arch", ["deit3_small", "vit_reg", "vit_qknorm"])
+def test_folded_bias_equals_the_mask(arch):
+    # The bias in an extra q/k channel gives the logits and the branch choices of the mask;
+    # with qk-norm the patch keeps the mask, so the two are equal there too.
+    ref = make_model(arch)
+    x = images(3, img_size(ref), seed=3)
+    x[:1] *= 4
+    for name, params in (("ppt", {"threshold": 5e-4}), ("merge", {}), ("tome", {"r": 4})):
+        fast = create_method(name, **params).apply(clone(ref))
+        folded = create_method(name, **params).apply(clone(ref), attn_impl="fold")
+        expected, out = logits(fast, x), logits(folded, x)
+        assert (out - expected).abs().max() < 1e-4, (name, arch)
+        if fast.reduction_info.pooled is not None:
+            assert torch.equal(folded.reduction_info.pooled, fast.reduction_info.pooled)
+
+
+def test_folded_qkv_carries_the_bias_in_one_channel():
+    from ppt_bench.methods.patch import fold_width, folded_qkv
+
+    attn = make_model("deit_tiny", img_size=32).blocks[0].attn
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 192, generator=g)
+    size = torch.randint(1, 5, (2, 5, 1), generator=g).float()
+    q, k, v = attn.qkv(x).reshape(2, 5, 3, 3, 64).permute(2, 0, 3, 1, 4)
+    fq, fk, fv = folded_qkv(attn, x, size)
+    assert fold_width(64) == 72 and fq.shape == (2, 3, 5, 72)
+    assert torch.allclose(fq[..., :64], q) and torch.allclose(fk[..., :64], k)
+    assert torch.allclose(fv[..., :64], v) and not fv[..., 64:].any()
+    bias = (fq @ fk.transpose(-1, -2) - q @ k.transpose(-1, -2)) * attn.scale
+    assert torch.allclose(bias, size.log().transpose(1, 2)[:, None].expand_as(bias), atol=1e-5)
+    no_bias = make_model("deit_tiny", img_size=32, qkv_bias=False).blocks[0].attn
+    assert not folded_qkv(no_bias, x, torch.ones(2, 5, 1))[1][..., 64:].any()
+
+
 def test_bf16_mixed_batch_runs_and_keeps_dtype():
     ref = make_model("deit_tiny", img_size=96)
     x = images(4, 96, seed=3)
@@ -151,8 +185,11 @@ def test_bf16_mixed_batch_runs_and_keeps_dtype():
 
 
 @pytest.mark.slow
-def test_ppt_compiles_without_graph_breaks():
-    model = create_method("ppt", r=4, threshold=1e-3).apply(make_model("deit_tiny", img_size=64))
+@pytest.mark.parametrize("attn_impl", ["fast", "fold"])
+def test_ppt_compiles_without_graph_breaks(attn_impl):
+    model = create_method("ppt", r=4, threshold=1e-3).apply(
+        make_model("deit_tiny", img_size=64), attn_impl=attn_impl
+    )
     x = images(2, 64)
     with torch.inference_mode():
         explain = torch._dynamo.explain(model)(x)

@@ -322,3 +322,16 @@ def test_fused_token_helpers_keep_dtype_and_shape():
     fused = ops.fuse_tokens(t, dropped, 1)
     assert fused.shape == (2, 1, 4) and fused.dtype == torch.bfloat16
     assert torch.allclose(fused[0, 0].float(), t[0, [2, 4, 5]].float().sum(0), atol=0.05)
+
+
+@pytest.mark.parametrize("name", ["prune", "merge", *EXTRA])
+def test_methods_trace_without_graph_breaks(name):
+    # One graph, no break: torch.compile and CUDA graphs take the whole forward (ppt's own test
+    # in test_methods_core.py also compares the compiled logits).
+    params = {"r": 4} if name != "evit" else {"keep_rate": 0.7}
+    model = create_method(name, **params).apply(make_model("deit_tiny", img_size=64))
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explain = torch._dynamo.explain(model)(images(2, 64))
+    assert explain.graph_break_count == 0, explain.break_reasons
+    assert explain.graph_count == 1

@@ -174,3 +174,31 @@ def test_equal_macs_table_measures_or_interpolates(tmp_path):
     assert table[0] == ["GMACs", "ppt", "prune", "tome"]
     assert table[2] == ["0.800", "88.00", "87.00", "~87.00"]  # tome: halfway between 89 and 85
     assert table[3] == ["0.600", "84.00", "83.00", ""]  # below tome's cheapest run
+
+
+def test_mac_counts_add_no_rows_beside_the_timed_runs_of_a_configuration(tmp_path):
+    macs = tmp_path / "macs.csv"  # counted on the CPU in fp32
+    for method, params, gmacs in (("baseline", {}, 1.0), ("ppt", {"r": 8}, 0.5), ("tome", {}, 0.6)):
+        append_rows(macs, rows(method, params, 1, {"gmacs": gmacs, "param_count": 5.7}))
+    gpu = tmp_path / "gpu.csv"
+    for method, params, ips in (("baseline", {}, 100.0), ("ppt", {"r": 8}, 150.0)):
+        spec = RunSpec(MODEL, method, params, batch_size=64, device="cuda", dtype="bf16")
+        metrics = {"samples_per_sec": ips, "latency_p50_ms": 640 / ips}
+        append_rows(gpu, make_rows(spec, metrics))
+    text = write_report([gpu, macs], tmp_path / "r.md").markdown.read_text()
+    table = text.split(f"## {MODEL}")[1].split("##")[0]
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [table_cells(line)[0] for line in lines[1:]] == ["baseline", "ppt", "tome"]
+    cells = dict(zip(header(text), table_row(text, "ppt"), strict=True))
+    assert (cells["device"], cells["GMACs"], cells["speedup @64"]) == ("cuda", "0.500", "1.50x")
+    assert cells["latency p50 @64 (ms)"] == "4.27"  # the smallest batch timed, not counted
+    # tome was only counted: its row stays, with its GMACs and no timings.
+    tome = dict(zip(header(text), table_row(text, "tome"), strict=True))
+    assert (tome["device"], tome["GMACs"], tome["img/s @64"]) == ("cpu", "0.600", "")
+    # A report of MAC counts alone shows every one of them.
+    alone = write_report(macs, tmp_path / "m.md").markdown.read_text()
+    assert [table_row(alone, m)[2] for m in ("baseline", "ppt", "tome")] == [
+        "1.000",
+        "0.500",
+        "0.600",
+    ]

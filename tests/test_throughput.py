@@ -103,14 +103,18 @@ def test_oom_backoff_follows_timm_decay_steps():
     assert (result, used, tried) == ("ok", expected[-1], expected)
 
 
-def test_throughput_records_the_batch_size_actually_used():
-    speed = measure_throughput(Sleeper(0.0, max_batch=3), (3, 4, 4), 8, warmup=1, iters=2)
-    assert speed.batch_size == 3  # 8 -> 6 -> 4 -> 3
+@pytest.mark.parametrize("measure", [measure_throughput, measure_latency])
+def test_both_measures_record_the_batch_size_actually_used(measure):
+    model = Sleeper(0.0, max_batch=3)
+    result = measure(model, (3, 4, 4), 8, warmup=1, iters=2)
+    assert result.batch_size == 3  # 8 -> 6 -> 4 -> 3
+    assert model.calls == 3  # warm-up and timed forwards at the batch that fits, none before
 
 
-def test_out_of_memory_at_batch_one_is_a_user_error():
+@pytest.mark.parametrize("measure", [measure_throughput, measure_latency])
+def test_out_of_memory_at_batch_one_is_a_user_error(measure):
     with pytest.raises(UserError, match="out of memory even at batch size 1"):
-        measure_throughput(Sleeper(0.0, max_batch=0), (3, 4, 4), 4, warmup=0, iters=1)
+        measure(Sleeper(0.0, max_batch=0), (3, 4, 4), 4, warmup=0, iters=1)
 
 
 @needs_cuda

@@ -14,12 +14,18 @@ import torch
 from PIL import Image
 from torch.utils.data import Subset
 
+from ppt_bench.accuracy import evaluate_accuracy
+from ppt_bench.data import Transformed
 from ppt_bench.digits import MODEL_NAME, digits_dataset
 from ppt_bench.errors import MethodError, UserError
 from ppt_bench.methods import create_method
 from ppt_bench.train import (
+    Dist,
     TrainConfig,
     add_arguments,
+    build_for_training,
+    build_transforms,
+    make_loader,
     parse_params,
     run,
     save_checkpoint,
@@ -105,6 +111,18 @@ def test_train_applies_the_method_and_keeps_the_state_dict_keys():
     assert set(result.model.state_dict()) == keys
     assert 0.0 <= result.val_top1 <= 100.0
     assert len(result.history) == 1 and result.history[0].val_top1 == result.val_top1
+
+
+def test_validation_is_the_evaluation_pass_of_ppt_bench_run():
+    result = train(tiny_model(), subset(64), subset(32, "test"), TINY, progress=False)
+    _, eval_tf = build_transforms(result.model)
+    val_set = Transformed(subset(32, "test"), eval_tf)
+    loader = make_loader(val_set, 64, train=False, seed=TINY.seed, workers=0, dist=Dist())
+    images, labels, unreadable = next(iter(loader))
+    assert (images.shape[0], labels.shape[0], unreadable) == (32, 32, 0)
+    val = evaluate_accuracy(result.model, loader, progress=False)
+    assert val.top1 == pytest.approx(result.val_top1)
+    assert val.loss == pytest.approx(result.history[-1].val_loss)
 
 
 def test_save_checkpoint_replaces_atomically_and_keeps_old_file_on_failure(tmp_path):
@@ -213,6 +231,25 @@ def test_train_command_fine_tunes_a_patched_model_on_an_image_folder(tmp_path, c
     reference = timm.create_model(MODEL_NAME, num_classes=2)
     reference.load_state_dict(ckpt["model"])  # the patch leaves the weights loadable as they are
     assert "val top-1" in capsys.readouterr().out
+    # Training goes on from the 2-class checkpoint (the digits model has 10 classes).
+    again = tmp_path / "again.pth"
+    argv = [*argv, "--batch-size", "4", "--device", "cpu", "--checkpoint", str(out)]
+    assert run(parse(*argv, "--out", str(again))) == 0
+    assert torch.load(again, weights_only=True)["model"]["head.weight"].shape[0] == 2
+
+
+def test_training_keeps_a_checkpoint_head_that_fits_the_data_and_replaces_others(tmp_path):
+    torch.manual_seed(0)
+    trained = timm.create_model(MODEL_NAME, num_classes=2)
+    path = str(tmp_path / "two.pth")
+    torch.save({"model": trained.state_dict()}, path)
+    same = build_for_training(MODEL_NAME, path, num_classes=2)
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in same.state_dict().items())
+    other = build_for_training(MODEL_NAME, path, num_classes=3)
+    assert other.head.weight.shape[0] == 3
+    qkv = "blocks.0.attn.qkv.weight"
+    assert torch.equal(other.state_dict()[qkv], trained.state_dict()[qkv])
+    assert build_for_training(MODEL_NAME, None, num_classes=4).num_classes == 4
 
 
 @pytest.mark.slow
@@ -231,7 +268,9 @@ def test_torchrun_trains_data_parallel_on_cpu_and_only_rank_0_saves(tmp_path):
             argv = ["--data", {str(tmp_path)!r}, "--method", "ppt", "--param", "r=8",
                     "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--out", {str(out)!r}]
             assert run(parser.parse_args(argv)) == 0
-            print("done rank", os.environ["RANK"], "of", os.environ["WORLD_SIZE"])
+            # One write per line: the two processes share the pipe.
+            rank, world = os.environ["RANK"], os.environ["WORLD_SIZE"]
+            print(f"done rank {{rank}} of {{world}}", flush=True)
             """
         )
     )

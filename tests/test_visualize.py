@@ -9,8 +9,10 @@ import pytest
 import torch
 from conftest import make_model
 from PIL import Image
+from timm.data import resolve_data_config
 
 from ppt_bench import visualize as vis
+from ppt_bench.models import build_model
 
 
 def _image_files(folder, n: int, size: int = 80) -> list:
@@ -33,6 +35,7 @@ def _panel(png: Image.Image, layout: vis.Layout, row: int, col: int) -> np.ndarr
 
 def test_visualize_writes_one_grid_per_image(tmp_path):
     model = make_model("deit_tiny", img_size=64)  # 4x4 patches, 12 blocks
+    config = {**resolve_data_config({}, model=model), "input_size": (3, 64, 64)}
     files = _image_files(tmp_path / "images", 2)
     methods = [
         ("prune", {"r": 4, "locations": [1, 5]}),
@@ -41,7 +44,11 @@ def test_visualize_writes_one_grid_per_image(tmp_path):
         ("evit", {"keep_rate": 0.5, "locations": [2]}),
     ]
     paths = vis.visualize(
-        "deit_tiny_patch16_224", methods, files, tmp_path / "out" / "grid.png", model=model
+        "deit_tiny_patch16_224",
+        methods,
+        files,
+        tmp_path / "out" / "grid.png",
+        built=(model, config),
     )
     assert [p.name for p in paths] == ["grid-0.png", "grid-1.png"]
     layout = vis.Layout(rows=4, cols=3)  # the input and at most two locations
@@ -97,6 +104,18 @@ def test_sources_per_location_are_the_states_after_each_block():
         full(x)
     assert torch.equal(states[-1][2], full.reduction_info.source)
     assert len(model.blocks) == 12 and not hasattr(model, "reduction_plan")  # left untouched
+
+
+def test_images_go_through_the_data_config_of_the_built_model(tmp_path):
+    model, config = vis.load_model("test_vit")
+    assert config == build_model("test_vit")[1] and not model.training
+    images = [im for _, im in vis.load_images(_image_files(tmp_path, 2))]
+    x, shown = vis.preprocess(config, images)
+    assert x.shape == (2, 3, 160, 160) and shown[0].shape == (160, 160, 3)
+    # Nothing else decides: another size and normalisation in the config, another batch.
+    other = {**config, "input_size": (3, 48, 48), "mean": (0.0,) * 3, "std": (1.0,) * 3}
+    x, shown = vis.preprocess(other, images)
+    assert x.shape == (2, 3, 48, 48) and np.allclose(shown[1], x[1].permute(1, 2, 0).numpy())
 
 
 def test_load_images_from_a_folder_and_files(tmp_path):
