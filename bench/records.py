@@ -136,6 +136,19 @@ def nvidia_driver() -> str:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
 
 
+@lru_cache(maxsize=1)
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
 def environment(device: str) -> dict[str, str]:
     """Versions and the device name that every row records."""
     import timm
@@ -148,7 +161,8 @@ def environment(device: str) -> dict[str, str]:
         driver = nvidia_driver()
         device_name += f" (driver {driver}, CUDA {torch.version.cuda})" if driver else ""
     else:
-        device_name = platform.processor() or platform.machine() or "cpu"
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        device_name = f"{cpu_name()} ({cpus} CPUs)"
     return {
         "device_name": device_name,
         "ppt_bench_version": __version__,

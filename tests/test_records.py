@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -120,3 +121,15 @@ def test_appending_to_a_foreign_csv_is_a_user_error(tmp_path):
         read_results(path)
     with pytest.raises(UserError, match="does not exist"):
         read_results(tmp_path / "missing.csv")
+
+
+def test_cpu_rows_name_the_processor():
+    from ppt_bench.records import cpu_name, environment
+
+    name = environment("cpu")["device_name"]
+    assert name.startswith(cpu_name()) and name.endswith(" CPUs)")
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    models = [line for line in lines if line.startswith("model name")]
+    if models:  # Linux on x86: the model name, not just the architecture
+        assert cpu_name() == models[0].partition(":")[2].strip()
