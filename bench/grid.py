@@ -319,17 +319,23 @@ def validate(specs: Sequence[RunSpec], *, check_cuda: bool = True) -> None:
         UserError: with a one-line message naming the problem and the fix.
     """
     from ppt_bench.methods import create_method
-    from ppt_bench.methods.base import check_locations_fit
+    from ppt_bench.methods.base import CLS_ATTN, check_locations_fit
 
     for spec in specs:
-        depth = model_depth(spec.model)
+        info = describe_vit(spec.model)
         if spec.method != "baseline":
-            if depth is None:
+            if info is None:
                 raise UserError(
                     f"model {spec.model!r} is not a timm VisionTransformer, so {spec.method!r} "
                     "cannot reduce its tokens (see `ppt-bench list --models`)"
                 )
+            depth = info.depth
             method = create_method(spec.method, **spec.params)
+            if CLS_ATTN in method.needs and not info.class_token:
+                raise UserError(
+                    f"{spec.method} ranks tokens by the class token's attention, and "
+                    f"{spec.model} has no class token; use merge, tome or random with it"
+                )
             try:
                 check_locations_fit(method.locations_for(depth), depth)
             except UserError as err:
@@ -378,6 +384,8 @@ class ViTInfo:
         embed_dim: channels per token.
         patch_tokens: patch tokens at the default input size.
         prefix_tokens: class, distillation and register tokens.
+        class_token: whether one of them is a class token (methods that rank tokens by its
+            attention need one).
     """
 
     name: str
@@ -385,6 +393,7 @@ class ViTInfo:
     embed_dim: int
     patch_tokens: int
     prefix_tokens: int
+    class_token: bool = True
 
 
 # timm modules whose models are VisionTransformer (sub)classes the patch may accept; "digits" is
@@ -417,6 +426,7 @@ def describe_vit(name: str) -> ViTInfo | None:
         embed_dim=model.embed_dim,
         patch_tokens=model.patch_embed.num_patches,
         prefix_tokens=model.num_prefix_tokens,
+        class_token=getattr(model, "cls_token", None) is not None,
     )
 
 

@@ -20,7 +20,12 @@ def merge_step(
     r: int,
     num_prefix: int,
 ) -> Reduced:
-    """Merge ``r`` patch tokens into their most similar partners (size-weighted average)."""
+    """Merge ``r`` patch tokens into their most similar partners (size-weighted average).
+
+    With ``r = 0`` the tokens stay as they are, in their order.
+    """
+    if r == 0:
+        return Reduced(x, size, source)
     m = ops.bipartite_soft_matching(key_mean, r, num_prefix)
     slots = ops.merge_slots(m, x.shape[1])
     return pool_step(x, size, source, slots, x.shape[1] - r)

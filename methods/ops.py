@@ -133,7 +133,9 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Ma
 
     Returns:
         The matching: the ``r`` A patch tokens most similar to their best B patch token are
-        merged into it.
+        merged into it. With prefix tokens, the unmerged A tokens keep their original order, as
+        in ToMe (which sorts them when the model has a class token); without, they follow the
+        similarity order, as ToMe leaves them.
     """
     pa, pb = (num_prefix + 1) // 2, num_prefix // 2  # prefix tokens in A and in B
     metric = metric / metric.norm(dim=-1, keepdim=True)
@@ -144,6 +146,8 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Ma
     # never depends on the rest of the batch.
     edge_idx = node_max.sort(dim=-1, descending=True, stable=True).indices[..., None]
     unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
+    if num_prefix:
+        unm_idx = unm_idx.sort(dim=1).values
     dst_idx = node_idx[..., None].gather(1, src_idx)
     return Matching(num_prefix, unm_idx, src_idx, dst_idx)
 
@@ -162,9 +166,10 @@ def merge_slots(m: Matching, num_tokens: int) -> torch.Tensor:
     a_slot.scatter_(1, m.unm_idx[..., 0], (P + arange(n_unm)).expand(B, -1))
     a_slot.scatter_(1, m.src_idx[..., 0], P + n_unm + m.dst_idx[..., 0])
     b_slot = (P + n_unm + arange(n_b)).expand(B, -1)
+    prefix = arange(P)
     slots = torch.empty(B, num_tokens, dtype=torch.long, device=m.unm_idx.device)
-    slots[:, 0::2] = torch.cat([arange(0, P, 2).expand(B, -1), a_slot], dim=1)
-    slots[:, 1::2] = torch.cat([arange(1, P, 2).expand(B, -1), b_slot], dim=1)
+    slots[:, 0::2] = torch.cat([prefix[0::2].expand(B, -1), a_slot], dim=1)
+    slots[:, 1::2] = torch.cat([prefix[1::2].expand(B, -1), b_slot], dim=1)
     return slots
 
 

@@ -313,6 +313,11 @@ def patch(
     if attn_impl not in ATTN_IMPLS:
         raise PatchError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
     check_patchable(model)
+    if CLS_ATTN in method.needs and getattr(model, "cls_token", None) is None:
+        raise PatchError(
+            f"{method.name} ranks tokens by the class token's attention, and this model has no "
+            "class token; use a method that needs none (merge, tome, random)"
+        )
     depth = len(model.blocks)
     locations = method.locations_for(depth)
     check_locations_fit(locations, depth)

@@ -82,6 +82,8 @@ class PPT(FixedBudget):
             )
         # Both branches remove r tokens: each image picks its output slots, one pass reduces all.
         pooled = score_var < self.threshold  # [B]
+        if r == 0:  # nothing to remove: the tokens stay in their order
+            return Reduced(x, size, source, pooled, score_var)
         N = x.shape[1]
         keep = ops.keep_top(scores, N - num_prefix - r, num_prefix)
         matching = ops.bipartite_soft_matching(feats.key_mean, r, num_prefix)

@@ -50,7 +50,12 @@ def prune_step(
     r: int,
     num_prefix: int,
 ) -> Reduced:
-    """Drop the ``r`` patch tokens with the lowest ``scores [B, N - P]``; keep prefix tokens."""
+    """Drop the ``r`` patch tokens with the lowest ``scores [B, N - P]``; keep prefix tokens.
+
+    With ``r = 0`` the tokens stay as they are, in their order.
+    """
+    if r == 0:
+        return Reduced(x, size, source)
     N = x.shape[1]
     keep = ops.keep_top(scores, N - num_prefix - r, num_prefix)  # [B, N - r]
     return Reduced(

@@ -203,6 +203,10 @@ def test_validate_catches_what_runspec_cannot(tmp_path):
     with pytest.raises(UserError, match="not a timm VisionTransformer"):
         validate(grid(overrides={"models": ["resnet18"]}, methods=["ppt"]))
     validate(grid(overrides={"models": ["resnet18"]}))  # a baseline needs no patch
+    gap = {"models": ["vit_medium_patch16_gap_256"]}  # no class token
+    validate(grid(overrides=gap, methods=["merge", "tome", "random"]))
+    with pytest.raises(UserError, match="prune ranks tokens by the class token's attention"):
+        validate(grid(overrides=gap, methods=["merge", "prune"]))
     with pytest.raises(UserError, match=r"--data .* is not a directory"):
         validate(grid(overrides={"models": [DEIT], "data": str(tmp_path / "none")}))
     with pytest.raises(UserError, match=r"--checkpoint .* does not exist"):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import ARCHS, clone, images, logits, make_model
 
+from ppt_bench.errors import PatchError
 from ppt_bench.methods import create_method, ops
 
 CORE = ("baseline", "ppt", "prune", "merge")
@@ -232,3 +233,71 @@ def test_significance_scores_follow_the_definition():
     expected = a * n / (a * n).sum(-1, keepdim=True)
     assert torch.allclose(s, expected)
     assert torch.allclose(s.sum(-1), torch.ones(2))
+
+
+def _tome_reference_merge(x, size, metric, r):
+    """ToMe's ``bipartite_soft_matching`` (class_token=True) and ``merge_wavg``, transcribed
+    from facebookresearch/ToMe ``tome/merge.py``."""
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[..., ::2, :], metric[..., 1::2, :]
+    scores = a @ b.transpose(-1, -2)
+    scores[..., 0, :] = -math.inf
+    node_max, node_idx = scores.max(dim=-1)
+    edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
+    unm_idx, src_idx = edge_idx[..., r:, :], edge_idx[..., :r, :]
+    dst_idx = node_idx[..., None].gather(dim=-2, index=src_idx)
+    unm_idx = unm_idx.sort(dim=1)[0]
+
+    def merge(t):
+        src, dst = t[..., ::2, :], t[..., 1::2, :]
+        n, t1, c = src.shape
+        unm = src.gather(dim=-2, index=unm_idx.expand(n, t1 - r, c))
+        src = src.gather(dim=-2, index=src_idx.expand(n, r, c))
+        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce="sum")
+        return torch.cat([unm, dst], dim=1)
+
+    x = merge(x * size)
+    size = merge(size)
+    return x / size, size
+
+
+@pytest.mark.parametrize("r", [1, 5, 12])
+def test_merge_gives_tome_tokens_in_tome_order(r):
+    # Several unmerged tokens: their order decides the next bipartite split, so it must be ToMe's.
+    g = torch.Generator().manual_seed(r)
+    x, metric = torch.randn(3, 27, 8, generator=g), torch.randn(3, 27, 4, generator=g)
+    size = torch.randint(1, 4, (3, 27, 1), generator=g).float()
+    expected_x, expected_size = _tome_reference_merge(x, size, metric, r)
+    out_x, out_size = ops.merge_weighted(ops.bipartite_soft_matching(metric, r, 1), x, size)
+    assert torch.equal(out_size, expected_size)
+    assert torch.allclose(out_x, expected_x, atol=1e-6)
+
+
+def test_models_without_a_class_token():
+    ref = make_model("vit_tiny_patch16_224", img_size=64, class_token=False, global_pool="avg")
+    assert ref.num_prefix_tokens == 0
+    x = images(2, 64)
+    expected = logits(ref, x)
+    # 16 patch tokens, r=4: merge at blocks 3, 6, 9 leaves 4; tome halves what it cannot take.
+    for name, left in (("merge", 4), ("tome", 1)):
+        unreduced = create_method(name, r=0).apply(clone(ref))
+        assert (logits(unreduced, x) - expected).abs().max() < 1e-5
+        model = create_method(name, r=4).apply(clone(ref))
+        assert torch.isfinite(logits(model, x)).all()
+        assert model.reduction_info.tokens[-1] == left, name
+    for name in ("prune", "ppt", "topk", "evit"):
+        with pytest.raises(PatchError, match="no class token"):
+            create_method(name).apply(clone(ref))
+
+
+def test_zero_reduction_keeps_training_mode_outputs():
+    # With nothing removed the tokens keep their order, so dropout draws the same masks.
+    ref = make_model("deit_tiny", img_size=64, proj_drop_rate=0.2, attn_drop_rate=0.2)
+    ref.train()
+    x = images(2, 64)
+    torch.manual_seed(5)
+    expected = ref(x)
+    for name in ("prune", "merge", "ppt", "topk", "random"):
+        model = create_method(name, r=0).apply(clone(ref))
+        torch.manual_seed(5)
+        assert torch.equal(model(x), expected), name
