@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class UserError(Exception):
     """A mistake in what the user asked for (name, parameter, path, data, resources).
@@ -16,3 +19,30 @@ class MethodError(UserError, ValueError):
 
 class PatchError(UserError, TypeError):
     """A model that the generic patch cannot turn into a token-reducing one."""
+
+
+def check_output_path(path: str | os.PathLike, what: str, *, directory: bool = False) -> Path:
+    """Check, before any work, that ``path`` can be written: raise :class:`UserError` if not.
+
+    A file path must not be an existing directory; a directory path must not be an existing
+    file; and no existing file may stand where one of its parent folders should be (the
+    folders themselves may be missing: they are created when writing).
+
+    Args:
+        path: where the output goes.
+        what: how the CLI names it (``--out``), for the message.
+        directory: ``path`` is a folder to write files into.
+    """
+    path = Path(path)
+    if directory and path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder: pass a folder path")
+    if not directory and path.is_dir():
+        raise UserError(f"{what} {path} is a folder: pass a file path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{what} {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK):
+                raise UserError(f"{what} {path}: folder {parent} is not writable")
+            break
+    return path
