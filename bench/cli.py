@@ -156,6 +156,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     """``ppt-bench list``: the methods, or with ``--models`` the timm ViTs the patch supports."""
     from tabulate import tabulate
 
+    if args.limit < 1:
+        raise UserError(f"--limit must be a positive integer, got {args.limit}")
     if args.models is not None:
         from ppt_bench.grid import patchable_models
 
@@ -188,6 +190,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     Returns:
         0 when every run finished, 1 when some failed (each recorded as a failed row).
     """
+    from ppt_bench.errors import check_output_path
+    from ppt_bench.evaluate import QUIET_ENV
     from ppt_bench.grid import (
         build_config,
         expand,
@@ -196,7 +200,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         parse_sweep,
         validate,
     )
+    from ppt_bench.report import check_report_path, write_report
+    from ppt_bench.runners.base import environ
+    from ppt_bench.throughput import iterations
 
+    if args.no_report and args.report:
+        raise UserError("--report and --no-report contradict each other: drop one of them")
     config = build_config(
         load_config(args.config) if args.config else None,
         overrides=_overrides(args),
@@ -204,19 +213,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         params=[parse_assignment(p, "--param") for p in args.param],
         sweeps=[parse_sweep(s) for s in args.sweep],
     )
+    out = check_output_path(config.out_path, "--out")
+    report = None if args.no_report else check_report_path(config.report_path, [out], "--report")
     specs = expand(config)
     validate(specs, check_cuda=config.runner == "local")
-    out = config.out_path
+    if any({"throughput", "latency", "memory"} & set(s.metrics) for s in specs):
+        iterations()  # a bad PPT_BENCH_WARMUP / PPT_BENCH_ITERS would fail every run
     print(f"{len(specs)} runs in sweep {config.sweep_name!r} -> {out}", flush=True)
-    summary = _runner(config, quiet=args.quiet).run(specs)
+    with environ(**({QUIET_ENV: "1"} if args.quiet else {})):
+        summary = _runner(config, quiet=args.quiet).run(specs)
     if summary.skipped:
         print(f"skipped {summary.skipped} runs already in {out}")
     print(f"{summary.ok} runs finished, {len(summary.failed)} failed")
+    for error in summary.errors:
+        print(f"{PROG}: failed run: {error}", file=sys.stderr)
     print(f"results: {out}")
-    if not args.no_report and out.exists():
-        from ppt_bench.report import write_report
-
-        report = config.report_path
+    if report is not None and out.exists():
         command = shlex.join([PROG, "report", str(out), "--out", str(report)])
         write_report(out, report, command=command)
         print(f"report: {report}")
@@ -272,9 +284,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     """``ppt-bench report``: one report from one or several results CSVs."""
     from pathlib import Path
 
-    from ppt_bench.report import write_report
+    from ppt_bench.report import check_report_path, write_report
 
     out = Path(args.out or f"reports/{Path(args.csv[0]).stem}.md")
+    check_report_path(out, args.csv, "--out")
     report = write_report(args.csv, out, notes=args.notes)
     print(f"report: {report.markdown}")
     for plot in report.plots:

@@ -8,6 +8,7 @@ images are all unreadable has ``images is None``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ DIGITS = "digits"
 DEFAULT_SYNTHETIC_IMAGES = 64
 _SPLIT_NAMES = ("val", "validation", "test", "train")
 # What PIL raises for a file it cannot decode (truncated, not an image, absurdly large).
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 Batch = tuple[torch.Tensor | None, torch.Tensor | None, int]
 
@@ -41,7 +42,7 @@ class TolerantImageFolder(ImageFolder):
         path, target = self.samples[index]
         try:
             sample = self.loader(path)
-        except _DECODE_ERRORS as err:
+        except DECODE_ERRORS as err:
             _logger.warning("skipping unreadable image %s (%s)", path, err)
             return None, target
         if self.transform is not None:
@@ -71,7 +72,8 @@ class SyntheticImages(Dataset):
 
 
 class Transformed(Dataset):
-    """Apply ``transform`` to the images of a dataset of ``(PIL image, label)``."""
+    """Apply ``transform`` to the images of a dataset of ``(PIL image, label)``; an unreadable
+    image (None, from :class:`TolerantImageFolder`) stays None."""
 
     def __init__(self, dataset: Dataset, transform: Callable) -> None:
         self.dataset, self.transform = dataset, transform
@@ -81,7 +83,7 @@ class Transformed(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image, label = self.dataset[index]
-        return self.transform(image), label
+        return (None if image is None else self.transform(image)), label
 
 
 def collate_readable(batch: list[tuple[Any, int]]) -> Batch:
@@ -94,11 +96,23 @@ def collate_readable(batch: list[tuple[Any, int]]) -> Batch:
     return images, labels, skipped
 
 
+def _holds_image(folder: Path) -> bool:
+    """Whether a file with an image extension lies anywhere under ``folder`` (none is opened)."""
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
+            return True
+    return False
+
+
 def image_folder_root(path: str | Path) -> Path:
     """The class-folder root of an ImageFolder tree given as ``root/`` or ``root/val/``.
 
+    Cheap enough to check a grid before it runs: it lists folders and file names and stops at
+    the first image file; it decodes nothing.
+
     Raises:
-        UserError: missing path, empty tree, or images that are not in class folders.
+        UserError: missing path, empty tree, images that are not in class folders, or class
+            folders without image files.
     """
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -114,17 +128,16 @@ def image_folder_root(path: str | Path) -> Path:
                 "root/<class>/<image> (ImageNet val layout val/<synset>/<image>.JPEG)"
             )
         raise UserError(f"{root} is empty: expected class folders root/<class>/<image>")
+    if not any(_holds_image(d) for d in class_dirs):
+        exts = ", ".join(sorted(IMG_EXTENSIONS))
+        raise UserError(f"no images found under {root} (looked for {exts})")
     return root
 
 
 def image_folder(path: str | Path, transform: Callable) -> TolerantImageFolder:
     """An ImageFolder dataset over ``path`` (``root/`` or ``root/val/``), empty classes allowed."""
     root = image_folder_root(path)
-    dataset = TolerantImageFolder(str(root), transform=transform, allow_empty=True)
-    if len(dataset) == 0:
-        exts = ", ".join(sorted(IMG_EXTENSIONS))
-        raise UserError(f"no images found under {root} (looked for {exts})")
-    return dataset
+    return TolerantImageFolder(str(root), transform=transform, allow_empty=True)
 
 
 def dataset_name(data: str | None) -> str:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from pathlib import Path
 
+from ppt_bench.errors import check_output_path
 from ppt_bench.methods import list_methods, method_params
 from ppt_bench.spec import RunSpec
 
@@ -75,17 +75,20 @@ def run(args: argparse.Namespace) -> int:
     from ppt_bench.runners.local import LocalRunner
 
     name = args.name or f"demo-{args.device.replace(':', '')}"
+    # Checked before the minutes of training and runs, not when the files are written.
+    results = check_output_path(args.results_dir, "--results-dir", directory=True)
+    reports = check_output_path(args.reports_dir, "--reports-dir", directory=True)
+    out = check_output_path(results / f"{name}.csv", "--results-dir")
+    report = check_output_path(reports / f"{name}.md", "--reports-dir")
     _, checkpoint, top1 = load_or_train(retrain=args.retrain)
     print(f"digits model: {checkpoint} (test top-1 {top1:.2f}%)", flush=True)
     specs = demo_specs(str(checkpoint), args.device, args.batch_size, name)
     validate(specs)
-    out = Path(args.results_dir) / f"{name}.csv"
     print(f"{len(specs)} runs -> {out}", flush=True)
     summary = LocalRunner(out).run(specs)
     if summary.skipped:
         print(f"skipped {summary.skipped} runs already in {out}")
     print(f"{summary.ok} runs finished, {len(summary.failed)} failed")
-    report = Path(args.reports_dir) / f"{name}.md"
     command = shlex.join(["ppt-bench", "report", str(out), "--out", str(report)])
     written = write_report(out, report, command=command)
     print(f"results: {out}\nreport: {written.markdown}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,14 @@ from ppt_bench.models import build_model
 from ppt_bench.records import make_rows
 from ppt_bench.spec import RunSpec
 from ppt_bench.throughput import compile_for_timing, measure_latency, measure_throughput
+
+# Set (to 1) by ``ppt-bench run --quiet``, and inherited by Ray workers: no progress bars.
+QUIET_ENV = "PPT_BENCH_QUIET"
+
+
+def progress_bars() -> bool:
+    """Whether a run shows its progress bars: not when ``$PPT_BENCH_QUIET`` is set."""
+    return os.environ.get(QUIET_ENV, "") in ("", "0")
 
 
 @dataclass
@@ -90,7 +99,9 @@ def _measure_data(
     )
     if reference is not None:
         reference.to(spec.device)
-    result = evaluate_accuracy(model, loader, reference, spec.device, spec.dtype, spec.method)
+    result = evaluate_accuracy(
+        model, loader, reference, spec.device, spec.dtype, spec.method, progress=progress_bars()
+    )
     if result.n_images == 0:
         raise UserError(f"no readable images in {spec.data}: all {result.unreadable_images} failed")
     out.n_images = result.n_images
@@ -155,7 +166,7 @@ def evaluate(spec: RunSpec) -> list[dict[str, Any]]:
         del reference
         _measure_speed(spec, model, input_size, out)
     if "macs" in spec.metrics:
-        out.metrics.update(measure_macs(model, input_size, paths, spec.seed))
+        out.metrics.update(measure_macs(model, input_size, paths, spec.seed, progress_bars()))
     return make_rows(
         spec, out.metrics, dataset=out.dataset, n_images=out.n_images, batch_size=out.batch_size
     )

@@ -92,11 +92,21 @@ class SweepConfig:
 _SCALAR_KEYS = {f.name for f in fields(SweepConfig)} - {"methods"}
 
 
-def parse_value(text: str) -> Any:
-    """Read a CLI value as TOML (``50``, ``7e-5``, ``[3, 6, 9]``, ``true``); else a string."""
+def parse_value(text: str, flag: str = "value") -> Any:
+    """Read a CLI value as TOML (``50``, ``7e-5``, ``[3, 6, 9]``, ``true``); else a string.
+
+    Raises:
+        UserError: a value that starts like a TOML array or inline table (``[``, ``{``) but
+            does not parse, such as ``[3,6``: it is a mistake, not a string.
+    """
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as err:
+        if text.lstrip().startswith(("[", "{")):
+            raise UserError(
+                f"{flag} {text!r} is not valid TOML ({err}): check its brackets and commas, "
+                "e.g. [3, 6, 9]"
+            ) from None
         return text
 
 
@@ -106,7 +116,7 @@ def parse_assignment(text: str, flag: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key or not value.strip():
         raise UserError(f"{flag} expects KEY=VALUE (e.g. {flag} r=50), got {text!r}")
-    return key, parse_value(value.strip())
+    return key, parse_value(value.strip(), f"{flag} {key}:")
 
 
 def parse_sweep(text: str) -> tuple[str, list[Any]]:
@@ -355,12 +365,20 @@ def validate(specs: Sequence[RunSpec], *, check_cuda: bool = True) -> None:
 
 
 def check_paths(spec: RunSpec) -> None:
+    """Check the data folder's layout (without decoding an image) and the checkpoint."""
     data = spec.data
-    if data is not None and data not in BUILTIN_DATA and not Path(data).is_dir():
-        raise UserError(
-            f"--data {data} is not a directory: pass an ImageFolder root (ImageNet val "
-            "layout), 'digits' or 'synthetic'"
-        )
+    if data is not None and data not in BUILTIN_DATA:
+        if not Path(data).is_dir():
+            raise UserError(
+                f"--data {data} is not a directory: pass an ImageFolder root (ImageNet val "
+                "layout), 'digits' or 'synthetic'"
+            )
+        from ppt_bench.data import image_folder_root
+
+        try:
+            image_folder_root(data)
+        except UserError as err:
+            raise UserError(f"--data: {err}") from None
     ckpt = spec.checkpoint
     if ckpt is not None and "://" not in ckpt and not Path(ckpt).is_file():
         raise UserError(f"--checkpoint {ckpt} does not exist: pass a weights file or a URL")

@@ -56,7 +56,9 @@ def macs_torchprofile(model: nn.Module, x: torch.Tensor) -> int:
 
 def macs_fvcore(model: nn.Module, x: torch.Tensor) -> int:
     """MACs of ``model(x)`` by fvcore's ``FlopCountAnalysis`` with :func:`sdpa_flop_jit`."""
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():  # fvcore.nn's focal loss uses the deprecated torch.jit.script
+        warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     analysis = (
         FlopCountAnalysis(model, x)
@@ -97,10 +99,13 @@ def path_of(model: nn.Module, x: torch.Tensor) -> Path:
     return tuple(model.reduction_info.pooled[0].tolist())
 
 
-def _path_macs(model: nn.Module, x: torch.Tensor, paths: list[Path]) -> dict[Path, tuple[int, int]]:
+def _path_macs(
+    model: nn.Module, x: torch.Tensor, paths: list[Path], progress: bool
+) -> dict[Path, tuple[int, int]]:
     """(torchprofile, fvcore) MACs of each path, each counted once."""
     out = {}
-    for path in tqdm(paths, desc="macs per path", leave=False, disable=len(paths) < 2):
+    bar = tqdm(paths, desc="macs per path", leave=False, disable=not progress or len(paths) < 2)
+    for path in bar:
         with forced_path(model, path):
             out[path] = (macs_torchprofile(model, x), macs_fvcore(model, x))
     return out
@@ -111,6 +116,7 @@ def measure_macs(
     input_size: tuple[int, ...],
     path_counts: Counter[Path] | None = None,
     seed: int = 0,
+    progress: bool = True,
 ) -> dict[str, float]:
     """``gmacs``, ``gmacs_fvcore``, ``gmacs_single_input`` (GMACs) and ``param_count`` (M).
 
@@ -120,6 +126,7 @@ def measure_macs(
         path_counts: for an adaptive model, images per path over the evaluated data (from
             :class:`ppt_bench.accuracy.TokenStats`); without it, the single input's path.
         seed: seed of the single random input.
+        progress: show a progress bar over the paths of an adaptive model.
 
     Returns:
         For an adaptive model ``gmacs`` and ``gmacs_fvcore`` are means over images, and
@@ -134,7 +141,7 @@ def measure_macs(
         return _result(tp, fv, tp, model)
     single = path_of(model, x)
     counts = Counter(path_counts) if path_counts else Counter([single])
-    costs = _path_macs(model, x, sorted(set(counts) | {single}))
+    costs = _path_macs(model, x, sorted(set(counts) | {single}), progress)
     total = sum(counts.values())
     tp = sum(costs[p][0] * n for p, n in counts.items()) / total
     fv = sum(costs[p][1] * n for p, n in counts.items()) / total

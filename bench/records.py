@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -249,17 +250,41 @@ def _to_csv(rows: Iterable[dict[str, Any]], header: bool) -> str:
     return buf.getvalue()
 
 
+# What to do about a results CSV that cannot be used, by where it was given.
+OUT_ADVICE = "write to a new file with --out"
+REPORT_ADVICE = "pass a CSV written by ppt-bench run"
+
+
 def append_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
-    """Add rows to a results CSV atomically: the file is always either old or old + new."""
+    """Add rows to a results CSV atomically: the file is always either old or old + new.
+
+    The file keeps its permissions; a new one gets the usual ``0666 & ~umask``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.read_text() if path.exists() else ""
+    old = _read_text(path, OUT_ADVICE) if path.exists() else ""
     if old:
-        check_header(path, old.splitlines()[0])
+        check_header(path, old.splitlines()[0], OUT_ADVICE)
     text = old + _to_csv(rows, header=not old)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _replace(path, text)
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UserError(f"cannot write results file {path} ({reason}): {OUT_ADVICE}") from None
+
+
+def _replace(path: Path, text: str) -> None:
+    """Replace ``path`` by a file holding ``text``: temporary file, fsync, rename."""
+    if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), mode)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -269,28 +294,48 @@ def append_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None
         raise
 
 
-def check_header(path: Path, header_line: str) -> None:
+def _read_text(path: Path, advice: str) -> str:
+    """The text of a results CSV, or a :class:`UserError` saying why it cannot be read."""
+    if path.is_dir():
+        raise UserError(f"results file {path} is a folder; {advice}")
+    if not path.exists():
+        raise UserError(f"results file {path} does not exist; {advice}")
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise UserError(
+            f"{path} is not a ppt-bench results CSV (not UTF-8 text); {advice}"
+        ) from None
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise UserError(f"results file {path} cannot be read ({reason}); {advice}") from None
+
+
+def check_header(path: Path, header_line: str, advice: str = OUT_ADVICE) -> None:
+    """Raise :class:`UserError` unless ``header_line`` is the header of a results CSV."""
     header = next(csv.reader([header_line]), [])
     if tuple(header) != COLUMNS:
-        raise UserError(
-            f"{path} is not a ppt-bench results CSV (its columns differ); "
-            "write to a new file with --out"
-        )
+        raise UserError(f"{path} is not a ppt-bench results CSV (its columns differ); {advice}")
 
 
-def read_results(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> pd.DataFrame:
-    """Read one or several results CSVs into one frame, checking their columns."""
+def read_results(
+    paths: str | os.PathLike | Sequence[str | os.PathLike], *, advice: str = REPORT_ADVICE
+) -> pd.DataFrame:
+    """Read one or several results CSVs into one frame, checking their columns.
+
+    Args:
+        paths: the CSVs.
+        advice: what the user should do about a file that is not a results CSV.
+    """
     import pandas as pd
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     frames = []
     for p in map(Path, paths):
-        if not p.is_file():
-            raise UserError(f"results file {p} does not exist; pass a CSV written by ppt-bench run")
-        with p.open() as f:
-            check_header(p, f.readline())
-        frames.append(pd.read_csv(p, dtype=dict.fromkeys(TEXT_COLUMNS, str)))
+        text = _read_text(p, advice)
+        check_header(p, text.splitlines()[0] if text else "", advice)
+        frames.append(pd.read_csv(io.StringIO(text), dtype=dict.fromkeys(TEXT_COLUMNS, str)))
     df = pd.concat(frames, ignore_index=True)
     df["value"] = pd.to_numeric(df["value"], errors="coerce")
     return df
@@ -301,5 +346,5 @@ def finished_run_ids(path: str | os.PathLike) -> set[str]:
     p = Path(path)
     if not p.exists():
         return set()
-    df = read_results(p)
+    df = read_results(p, advice=OUT_ADVICE)
     return set(df.loc[df["status"] == "ok", "run_id"].astype(str))

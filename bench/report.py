@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from tabulate import tabulate
 
-from ppt_bench.errors import UserError
+from ppt_bench.errors import UserError, check_output_path
 from ppt_bench.records import read_results
 
 if TYPE_CHECKING:
@@ -311,6 +311,30 @@ def render(
     return "\n".join(lines)
 
 
+def check_report_path(
+    out: str | os.PathLike, csvs: Sequence[str | os.PathLike], what: str = "report"
+) -> Path:
+    """Check, before any work, that the report ``out`` can be written and is none of ``csvs``.
+
+    Args:
+        out: the markdown file.
+        csvs: the results CSVs it is made from (or will be, for a sweep).
+        what: how the CLI names ``out`` (``--out``, ``--report``), for the message.
+
+    Raises:
+        UserError: ``out`` cannot be written (:func:`~ppt_bench.errors.check_output_path`) or
+            it is one of the results CSVs, which writing the report would overwrite.
+    """
+    out = check_output_path(out, what)
+    for csv in csvs:
+        if out.resolve() == Path(csv).resolve():
+            raise UserError(
+                f"{what} {out} is the results file {csv}: writing the report would overwrite "
+                "it; pass a .md path"
+            )
+    return out
+
+
 def write_report(
     csvs: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -330,7 +354,7 @@ def write_report(
     from ppt_bench.plots import write_plots
 
     csvs = [csvs] if isinstance(csvs, (str, os.PathLike)) else list(csvs)
-    out = Path(out)
+    out = check_report_path(out, csvs)
     df = read_results(csvs)
     notes_text = None
     if notes is not None:

@@ -37,7 +37,7 @@ class RunSpec:
         compile: how the timed model runs, one of :data:`COMPILE_MODES`; ``True`` means
             ``"default"`` (``torch.compile``), ``False`` means ``"none"`` (eager).
         seed: seed for synthetic data and random methods.
-        metrics: subset of :data:`METRICS`.
+        metrics: subset of :data:`METRICS`; ``memory`` (peak CUDA memory) needs a CUDA device.
         n_images: evaluate at most this many images (None: all).
         sweep: name of the sweep this run belongs to (not part of ``run_id``).
         workers: DataLoader workers (not part of ``run_id``).
@@ -78,12 +78,19 @@ class RunSpec:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise UserError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if "memory" in self.metrics and not self.device.startswith("cuda"):
+            raise UserError(
+                "the memory metric is peak CUDA memory: drop memory from --metrics or use "
+                "--device cuda"
+            )
         for name in ("batch_size", "n_images"):
             value = getattr(self, name)
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise UserError(f"workers must be an integer >= 0, got {self.workers!r}")
 
     @property
     def run_id(self) -> str:

@@ -69,11 +69,25 @@ def amp_autocast(device: str | torch.device, dtype: str) -> contextlib.AbstractC
 
 def iterations(warmup: int | None = None, iters: int | None = None) -> tuple[int, int]:
     """Warm-up and timed iteration counts: arguments, else the environment, else defaults."""
-    warmup = int(os.environ.get(WARMUP_ENV, DEFAULT_WARMUP)) if warmup is None else warmup
-    iters = int(os.environ.get(ITERS_ENV, DEFAULT_ITERS)) if iters is None else iters
+    warmup = _env_int(WARMUP_ENV, DEFAULT_WARMUP, minimum=0) if warmup is None else warmup
+    iters = _env_int(ITERS_ENV, DEFAULT_ITERS, minimum=1) if iters is None else iters
     if warmup < 0 or iters < 1:
         raise UserError(f"need warm-up >= 0 and timed iterations >= 1, got {warmup}, {iters}")
     return warmup, iters
+
+
+def _env_int(name: str, default: int, minimum: int) -> int:
+    """The integer in environment variable ``name`` (``default`` if unset)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise UserError(f"{name} must be an integer >= {minimum}, got {text!r}: fix or unset it")
+    return value
 
 
 def _is_cuda(device: str) -> bool:

@@ -27,8 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ppt_bench.accuracy import evaluate_accuracy
-from ppt_bench.data import Transformed, collate_readable
-from ppt_bench.errors import UserError
+from ppt_bench.data import TolerantImageFolder, Transformed, collate_readable
+from ppt_bench.errors import UserError, check_output_path
 from ppt_bench.spec import DTYPES
 from ppt_bench.throughput import amp_autocast
 
@@ -98,7 +98,8 @@ class TrainConfig:
 
 @dataclass
 class EpochStats:
-    """One epoch: mean training loss, learning rate at its end, validation top-1 [%] and loss."""
+    """One epoch: mean training loss, learning rate at its end, validation top-1 [%] and loss,
+    and the images skipped because they could not be decoded."""
 
     epoch: int
     lr: float
@@ -106,6 +107,8 @@ class EpochStats:
     seconds: float
     val_top1: float | None = None
     val_loss: float | None = None
+    train_unreadable: int = 0
+    val_unreadable: int = 0
 
 
 @dataclass
@@ -225,8 +228,8 @@ def make_loader(
 ) -> DataLoader:
     """A seeded DataLoader; a ``DistributedSampler`` over the processes when there are several.
 
-    A training loader yields ``(images, labels)``; an evaluation loader yields
-    ``(images, labels, unreadable)`` like every loader :func:`evaluate_accuracy` reads.
+    Both kinds yield ``(images, labels, unreadable)`` like every loader
+    :func:`evaluate_accuracy` reads: images that cannot be decoded are dropped and counted.
     """
     sampler = None
     if dist.world_size > 1 and train:
@@ -239,7 +242,7 @@ def make_loader(
         shuffle=train and sampler is None,
         sampler=sampler,
         drop_last=train,
-        collate_fn=None if train else collate_readable,
+        collate_fn=collate_readable,
         num_workers=workers,
         generator=torch.Generator().manual_seed(seed),
         pin_memory=dist.device.type == "cuda",
@@ -313,17 +316,26 @@ def _train_step(loop: _Loop, x: torch.Tensor, y: torch.Tensor) -> float:
     return loss.item()
 
 
-def _train_epoch(loop: _Loop, loader: DataLoader, epoch: int, bar: Any) -> float:
+def _train_epoch(loop: _Loop, loader: DataLoader, epoch: int, bar: Any) -> tuple[float, int]:
+    """Mean loss of one epoch and the images skipped as unreadable."""
     loop.model.train()
     if hasattr(loader.sampler, "set_epoch"):
         loader.sampler.set_epoch(epoch)
-    total, n = 0.0, 0
-    for x, y in loader:
+    total, n, unreadable = 0.0, 0, 0
+    for x, y, skipped in loader:
+        unreadable += skipped
+        bar.update(1)
+        if x is None:
+            continue
         total += _train_step(loop, x, y) * len(y)
         n += len(y)
-        bar.update(1)
         bar.set_postfix(epoch=epoch + 1, loss=f"{total / n:.3f}", refresh=False)
-    return total / max(n, 1)
+    if n == 0:
+        raise UserError(
+            f"no training image could be decoded ({unreadable} tried, named in the warnings): "
+            "pass readable images"
+        )
+    return total / n, unreadable
 
 
 def train(
@@ -399,11 +411,13 @@ def _run_epochs(
     with tqdm(total=config.epochs * len(loader), desc="train", disable=not progress) as bar:
         for epoch in range(config.epochs):
             t0 = time.perf_counter()
-            loss = _train_epoch(loop, loader, epoch, bar)
-            stats = EpochStats(epoch + 1, loop.optimizer.param_groups[0]["lr"], loss, 0.0)
+            loss, unreadable = _train_epoch(loop, loader, epoch, bar)
+            lr = loop.optimizer.param_groups[0]["lr"]
+            stats = EpochStats(epoch + 1, lr, loss, 0.0, train_unreadable=unreadable)
             last = epoch + 1 == config.epochs
             if val_loader is not None and (last or (epoch + 1) % config.eval_every == 0):
-                stats.val_top1, stats.val_loss = _validate(loop, val_loader, progress)
+                val = _validate(loop, val_loader, progress)
+                stats.val_top1, stats.val_loss, stats.val_unreadable = val
                 bar.set_postfix(
                     epoch=epoch + 1, loss=f"{loss:.3f}", val_top1=f"{stats.val_top1:.1f}"
                 )
@@ -412,14 +426,15 @@ def _run_epochs(
     return history
 
 
-def _validate(loop: _Loop, val_loader: DataLoader, progress: bool) -> tuple[float, float]:
-    """Top-1 accuracy [%] and mean cross-entropy on the validation set, in eval mode."""
+def _validate(loop: _Loop, val_loader: DataLoader, progress: bool) -> tuple[float, float, int]:
+    """Top-1 accuracy [%], mean cross-entropy and unreadable images of the validation set, in
+    eval mode."""
     model = _unwrap(loop.model).eval()
     device, dtype = loop.dist.device, loop.config.amp_dtype
     val = evaluate_accuracy(
         model, val_loader, device=device, dtype=dtype, desc="val", progress=progress
     )
-    return val.top1, val.loss
+    return val.top1, val.loss, val.unreadable_images
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -524,7 +539,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def load_datasets(data: str) -> tuple[Dataset, Dataset]:
     """Training and validation sets of ``(PIL image, label)``: the digits (their 360 test
-    images validate) or ``root/train`` and ``root/val`` of an ImageFolder tree.
+    images validate) or ``root/train`` and ``root/val`` of an ImageFolder tree, where an image
+    that cannot be decoded is ``(None, label)`` (training and validation skip and count it).
 
     Raises:
         UserError: a root without ``train/`` and ``val/`` class folders, or different classes.
@@ -533,8 +549,6 @@ def load_datasets(data: str) -> tuple[Dataset, Dataset]:
         from ppt_bench.digits import digits_dataset
 
         return digits_dataset("train"), digits_dataset("test")
-    from torchvision.datasets import ImageFolder
-
     root = Path(data).expanduser()
     missing = [s for s in ("train", "val") if not (root / s).is_dir()]
     if missing:
@@ -543,7 +557,8 @@ def load_datasets(data: str) -> tuple[Dataset, Dataset]:
             "needs root/train/<class>/<image> and root/val/<class>/<image>, or --data digits"
         )
     try:
-        train_set, val_set = ImageFolder(str(root / "train")), ImageFolder(str(root / "val"))
+        train_set = TolerantImageFolder(str(root / "train"))
+        val_set = TolerantImageFolder(str(root / "val"))
     except (FileNotFoundError, OSError) as err:
         raise UserError(f"--data {data!r}: {err}") from None
     if train_set.classes != val_set.classes:
@@ -576,13 +591,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--param needs --method (e.g. --method ppt --param r=16)")
     method = create_method(args.method, **params) if args.method else None
     config = config_from_args(args)
+    out = check_output_path(
+        args.out or f"{args.model}{'-' + args.method if args.method else ''}.pth", "--out"
+    )
     train_set, val_set = load_datasets(args.data)
     torch.manual_seed(config.seed)  # the initial weights of a model trained from scratch
     model = build_for_training(args.model, args.checkpoint, len(train_set.classes))
     try:
         result = train(model, train_set, val_set, config, method)
         if is_main_process():
-            _save_and_report(result, args, config, params)
+            _save_and_report(result, out, args, config, params)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -590,9 +608,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _save_and_report(
-    result: TrainResult, args: argparse.Namespace, config: TrainConfig, params: dict[str, Any]
+    result: TrainResult,
+    out: Path,
+    args: argparse.Namespace,
+    config: TrainConfig,
+    params: dict[str, Any],
 ) -> None:
-    out = args.out or f"{args.model}{'-' + args.method if args.method else ''}.pth"
     state = {
         "model": result.model.state_dict(),
         "model_name": args.model,
@@ -606,3 +627,11 @@ def _save_and_report(
         f"val top-1 {result.val_top1:.2f}% after {config.epochs} epochs "
         f"({result.train_time_s:.0f} s); weights in {path}"
     )
+    # An epoch may drop an unreadable image with its last incomplete batch: the most in any epoch.
+    skipped_train = max(s.train_unreadable for s in result.history)
+    skipped_val = result.history[-1].val_unreadable
+    if skipped_train or skipped_val:
+        print(
+            f"skipped unreadable images: {skipped_train} in train/, {skipped_val} in val/ "
+            "(they are named in the warnings above)"
+        )

@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import colorsys
 import copy
+import logging
 import math
 import re
 import sys
 import textwrap
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ppt_bench.errors import UserError
+from ppt_bench.errors import UserError, check_output_path
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -36,7 +38,11 @@ if TYPE_CHECKING:
 
     from ppt_bench.methods import Method
 
+_logger = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+# What a --out file may end in: formats matplotlib writes without extra tools.
+FIGURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".pdf", ".svg")
 DEFAULT_METHODS = ("ppt", "prune", "merge", "evit")
 BLANK = (0.42, 0.6)  # the two greys of the hatching over a pruned patch
 TINT = 0.55  # weight of a pooled group's colour over the image
@@ -247,12 +253,10 @@ def method_label(name: str, params: dict[str, Any]) -> str:
 
 def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     """Read ``NAME`` or ``NAME:KEY=VALUE,KEY=VALUE`` (values as TOML: ``[3,6,9]``, ``true``)."""
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:  # pragma: no cover
-        import tomli as tomllib
+    from ppt_bench.grid import parse_value
 
     name, _, rest = text.partition(":")
+    name = name.strip()
     params: dict[str, Any] = {}
     # Split on commas outside brackets, so that lists keep theirs.
     for item in filter(None, re.split(r",(?![^\[]*\])", rest)):
@@ -261,11 +265,8 @@ def parse_method(text: str) -> tuple[str, dict[str, Any]]:
             raise UserError(
                 f"--method expects NAME or NAME:KEY=VALUE,... (e.g. tome:r=13), got {text!r}"
             )
-        try:
-            params[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
-        except tomllib.TOMLDecodeError:
-            params[key.strip()] = value.strip()
-    return name.strip(), params
+        params[key.strip()] = parse_value(value.strip(), f"--method {name} {key.strip()}:")
+    return name, params
 
 
 # -- models and images ------------------------------------------------------------------------
@@ -293,14 +294,15 @@ def load_model(
 def load_images(images: str | Path | Sequence[Any], n_images: int = 2) -> list[tuple[str, Any]]:
     """``(name, PIL RGB image)`` pairs from files, a folder, ``"digits"`` or PIL images.
 
+    Files that cannot be decoded are skipped, with one warning that counts them; it is an error
+    only when no image is left.
+
     Args:
         images: ``"digits"`` (the built-in test split), an ImageFolder-style folder (the first
-            ``n_images`` image files in sorted order, searched recursively), one image file, or
-            a list of image files and PIL images.
+            ``n_images`` readable image files in sorted order, searched recursively), one image
+            file, or a list of image files and PIL images.
         n_images: how many to take from ``"digits"`` or a folder.
     """
-    from PIL import Image
-
     if isinstance(images, (str, Path)):
         if str(images) == "digits":
             from ppt_bench.digits import digits_dataset
@@ -314,10 +316,25 @@ def load_images(images: str | Path | Sequence[Any], n_images: int = 2) -> list[t
             )
             if not files:
                 raise UserError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {path}")
-            return load_images(files[:n_images])
+            return _read_images(files, n_images, limit=n_images)
         images = [path]
-    out = []
-    for item in images:
+    return _read_images(images, n_images)
+
+
+def _read_images(
+    items: Sequence[Any], n_images: int, limit: int | None = None
+) -> list[tuple[str, Any]]:
+    """Read files, folders (``n_images`` each) and PIL images, up to ``limit`` (all when None),
+    skipping the files that cannot be decoded."""
+    from PIL import Image
+
+    from ppt_bench.data import DECODE_ERRORS
+
+    out: list[tuple[str, Any]] = []
+    unreadable: list[tuple[Path, Exception]] = []
+    for item in items:
+        if limit is not None and len(out) >= limit:
+            break
         if isinstance(item, Image.Image):
             out.append((f"image-{len(out)}", item.convert("RGB")))
             continue
@@ -330,8 +347,15 @@ def load_images(images: str | Path | Sequence[Any], n_images: int = 2) -> list[t
                 out.append((path.stem, im.convert("RGB")))
         except FileNotFoundError:
             raise UserError(f"image {path} does not exist") from None
-        except OSError as err:
-            raise UserError(f"cannot read image {path}: {err}") from None
+        except DECODE_ERRORS as err:
+            unreadable.append((path, err))
+    if unreadable and not out:
+        path, err = unreadable[0]
+        more = f" (nor {len(unreadable) - 1} other images)" if len(unreadable) > 1 else ""
+        raise UserError(f"cannot read image {path}: {err}{more}; pass readable image files")
+    if unreadable:
+        names = ", ".join(str(p) for p, _ in unreadable)
+        _logger.warning("skipped %d unreadable image(s): %s", len(unreadable), names)
     return out
 
 
@@ -362,13 +386,35 @@ def preprocess(
 # -- the whole job ----------------------------------------------------------------------------
 
 
+def check_out(out: Path) -> None:
+    """Raise :class:`UserError` unless ``out`` is a figure file or a folder that can be written.
+
+    A figure file ends in one of :data:`FIGURE_SUFFIXES`; any other name with a suffix must be
+    an existing folder (``--out results.csv`` is a mistake, not a folder to create).
+    """
+    figure = out.suffix.lower() in FIGURE_SUFFIXES
+    if not figure and out.suffix and not out.is_dir():
+        raise UserError(
+            f"--out {out}: a figure file must end in {', '.join(FIGURE_SUFFIXES)} (formats "
+            "matplotlib writes); pass a folder for one .png per image"
+        )
+    check_output_path(out, "--out", directory=not figure)
+
+
 def output_paths(out: Path, names: Sequence[str]) -> list[Path]:
-    """``out.png`` for one image, ``out-<k>.png`` for several; a folder gets ``<name>.png``."""
-    if out.suffix.lower() == ".png":
+    """``out.png`` for one image, ``out-<k>.png`` for several (any of :data:`FIGURE_SUFFIXES`);
+    a folder gets ``<name>.png``, ``<name>-2.png`` for the second image of that name."""
+    if out.suffix.lower() in FIGURE_SUFFIXES:
         if len(names) == 1:
             return [out]
-        return [out.with_name(f"{out.stem}-{k}.png") for k in range(len(names))]
-    return [out / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', n)}.png" for n in names]
+        return [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(len(names))]
+    seen: Counter[str] = Counter()
+    paths = []
+    for name in names:
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name)
+        seen[stem] += 1
+        paths.append(out / (f"{stem}.png" if seen[stem] == 1 else f"{stem}-{seen[stem]}.png"))
+    return paths
 
 
 def visualize(
@@ -388,7 +434,8 @@ def visualize(
         model_name: timm model name (random weights unless ``checkpoint`` is given).
         methods: ``(name, params)`` per row.
         images: see :func:`load_images`.
-        out: a ``.png`` path (numbered when there are several images) or a folder.
+        out: a ``.png`` path (or another of :data:`FIGURE_SUFFIXES`; numbered when there are
+            several images) or a folder.
         checkpoint: weights for the model.
         n_images: images taken from ``"digits"`` or a folder.
         seed: seeds the random initialisation.
@@ -402,9 +449,13 @@ def visualize(
 
     if not methods:
         raise UserError("visualize needs at least one method, e.g. --method ppt")
+    check_out(Path(out))
     created = [(name, params, create_method(name, **params)) for name, params in methods]
     model, data_config = built or load_model(model_name, checkpoint, seed)
     named = load_images(images, n_images)
+    paths = output_paths(Path(out), [n for n, _ in named])
+    for path in paths:
+        check_output_path(path, "--out")
     x, shown = preprocess(data_config, [im for _, im in named])
     P = model.num_prefix_tokens
     grid = tuple(model.patch_embed.grid_size)
@@ -426,7 +477,6 @@ def visualize(
             rows[i].append((method_label(name, params), panels))
 
     weights = f"checkpoint {Path(checkpoint).name}" if checkpoint else "random weights"
-    paths = output_paths(Path(out), [n for n, _ in named])
     for (image_name, _), image, image_rows, path in zip(named, shown, rows, paths, strict=True):
         save_grid(path, upscale(image), image_rows, f"{model_name} ({weights}): {image_name}")
     return paths
@@ -462,7 +512,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         default="reports/figures/visualize",
-        help="a .png file (numbered for several images) or a folder (default: %(default)s)",
+        help="a .png (or .jpg, .pdf, .svg, ...) file, numbered for several images, or a folder "
+        "(default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ppt_bench.errors import UserError
 from ppt_bench.records import append_rows, finished_run_ids
-from ppt_bench.runners.base import SweepSummary, pending, run_one
+from ppt_bench.runners.base import SweepSummary, environ, pending, run_one
 from ppt_bench.spec import RunSpec
 
 # Metrics whose values depend on having the device to themselves.
@@ -119,21 +119,6 @@ class RecordRows(tune.Callback):
         self.record(failed_rows(spec, _last_line(error)))
 
 
-@contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    """Set environment variables for the duration of a block."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in old.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 class TrialError(RuntimeError):
     """The error of a trial that died outside ``evaluate``, summed up in one line."""
 
@@ -194,7 +179,7 @@ class RayRunner:
         exp_dir = self.storage_path / f"{sweep}-{grid_hash(specs)}"
         # Trials keep the driver's working directory (Tune propagates this variable to them);
         # paths in specs from the grid are absolute anyway.
-        with _environ(RAY_CHDIR_TO_TRIAL_DIR="0"), self._ray():
+        with environ(RAY_CHDIR_TO_TRIAL_DIR="0"), self._ray():
             self._check_resources(todo)
             if self._can_restore(exp_dir):
                 self._fit(self._restored(exp_dir, summary, len(todo)), exp_dir)

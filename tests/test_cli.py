@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,9 @@ BAD_INPUT = {
     "unknown metric": (["--metrics", "macs,speed"], "unknown metrics ['speed']"),
     "bad dtype": (["--dtype", "fp64"], "invalid choice: 'fp64'"),
     "missing config": (["--config", "no/such.toml"], "config file no/such.toml does not exist"),
+    "negative workers": (["--workers", "-1"], "workers must be an integer >= 0, got -1"),
+    "memory on a CPU": (["--metrics", "macs,memory"], "drop memory from --metrics or use"),
+    "report and no report": (["--no-report"], "--report and --no-report contradict each other"),
 }
 
 
@@ -76,6 +80,91 @@ def test_results_file_of_another_tool_is_refused_untouched(tmp_path, capsys):
     assert main(["run", "--model", DEIT, "--out", str(out), "--no-report"]) == 2
     assert "not a ppt-bench results CSV" in capsys.readouterr().err
     assert out.read_text() == "a,b\n1,2\n"
+
+
+def results_csv(path: Path) -> Path:
+    append_rows(path, make_rows(RunSpec(DEIT, metrics=("macs",)), {"gmacs": 1.0}))
+    return path
+
+
+def assert_one_line_error(code: int, err: str, message: str) -> None:
+    assert code == 2
+    assert err.startswith("ppt-bench: error: ") and err.count("\n") == 1, err
+    assert message in err, err
+
+
+RUN_OUTPUTS = {
+    "report overwrites the results": (["--out", "r.csv", "--report", "r.csv"], "is the results"),
+    "out under a file": (["--out", "file.csv/r.csv"], "file.csv is a file, not a folder"),
+    "out is a folder": (["--out", "folder", "--no-report"], "--out folder is a folder"),
+    "report is a folder": (["--out", "new.csv", "--report", "folder"], "--report folder is a"),
+    "report under a file": (["--out", "new.csv", "--report", "file.csv/r.md"], "is a file"),
+}
+
+
+@pytest.mark.parametrize("case", RUN_OUTPUTS, ids=list(RUN_OUTPUTS))
+def test_run_checks_its_outputs_before_any_run(case, tmp_path, monkeypatch, capsys):
+    flags, message = RUN_OUTPUTS[case]
+    monkeypatch.chdir(tmp_path)
+    csv = results_csv(tmp_path / "r.csv")
+    before = csv.read_text()
+    shutil.copy(csv, tmp_path / "file.csv")
+    (tmp_path / "folder").mkdir()
+    code = main(["run", "--model", DEIT, "--metrics", "macs", *flags])
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, err, message)
+    assert "runs in sweep" not in out and csv.read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.csv", "folder", "r.csv"]
+
+
+REPORT_INPUTS_AND_OUTPUTS = {
+    "out is the csv": (["r.csv", "--out", "r.csv"], "--out r.csv is the results file r.csv"),
+    "out is one of the csvs": (["r.csv", "s.csv", "--out", "./s.csv"], "is the results file"),
+    "out is a folder": (["r.csv", "--out", "folder"], "--out folder is a folder"),
+    "out under a file": (["r.csv", "--out", "r.csv/r.md"], "r.csv is a file, not a folder"),
+    "binary csv": (["bin.csv", "--out", "r.md"], "bin.csv is not a ppt-bench results CSV"),
+    "folder as csv": (["folder", "--out", "r.md"], "results file folder is a folder"),
+    "csv of another tool": (["other.csv", "--out", "r.md"], "pass a CSV written by ppt-bench run"),
+}
+
+
+@pytest.mark.parametrize("case", REPORT_INPUTS_AND_OUTPUTS, ids=list(REPORT_INPUTS_AND_OUTPUTS))
+def test_report_refuses_bad_inputs_and_outputs_in_one_line(case, tmp_path, monkeypatch, capsys):
+    args, message = REPORT_INPUTS_AND_OUTPUTS[case]
+    monkeypatch.chdir(tmp_path)
+    csvs = [results_csv(tmp_path / "r.csv"), results_csv(tmp_path / "s.csv")]
+    before = [p.read_text() for p in csvs]
+    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00\x81")
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "folder").mkdir()
+    assert_one_line_error(main(["report", *args]), capsys.readouterr().err, message)
+    assert [p.read_text() for p in csvs] == before
+    assert not (tmp_path / "r.md").exists() and not list(tmp_path.glob("*.png"))
+    assert not (tmp_path / "reports").exists() and not list((tmp_path / "folder").iterdir())
+
+
+def test_bad_timing_variable_stops_the_sweep_before_it_starts(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PPT_BENCH_ITERS", "abc")
+    out = tmp_path / "r.csv"
+    code = main(["run", "--model", DEIT, "--metrics", "throughput", "--out", str(out)])
+    assert_one_line_error(code, capsys.readouterr().err, "PPT_BENCH_ITERS must be an integer")
+    assert not out.exists()
+
+
+def test_quiet_hides_every_progress_bar(tmp_path, monkeypatch, capfd):
+    monkeypatch.delenv("PPT_BENCH_QUIET", raising=False)  # set by --quiet for Ray workers too
+    flags = ["--model", "vit_digits_patch4_32", "--method", "ppt", "--metrics", "accuracy"]
+    flags += ["--data", "synthetic", "--n-images", "2", "--batch-size", "2", "--workers", "0"]
+    code = main(["run", *flags, "--out", str(tmp_path / "r.csv"), "--no-report", "--quiet"])
+    assert code == 0
+    assert capfd.readouterr().err == ""
+    assert "PPT_BENCH_QUIET" not in os.environ  # set for the run only
+
+
+def test_list_limit_must_be_positive(capsys):
+    for limit in ("0", "-2"):
+        code = main(["list", "--models", "deit*", "--limit", limit])
+        assert_one_line_error(code, capsys.readouterr().err, "--limit must be a positive integer")
 
 
 def test_console_script_reports_user_errors_in_one_line(tmp_path):

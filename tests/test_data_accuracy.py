@@ -13,7 +13,13 @@ from PIL import Image
 from torch import nn
 
 from ppt_bench.accuracy import TokenStats, agreement_and_kl, evaluate_accuracy
-from ppt_bench.data import dataset_name, make_loader
+from ppt_bench.data import (
+    TolerantImageFolder,
+    Transformed,
+    dataset_name,
+    image_folder_root,
+    make_loader,
+)
 from ppt_bench.errors import UserError
 from ppt_bench.methods import create_method
 
@@ -166,6 +172,22 @@ def test_bad_layouts_are_user_errors(tmp_path, layout, message):
         (root / "dog").mkdir()
     with pytest.raises(UserError, match=message):
         make_loader(str(root), DATA_CONFIG, 2, workers=0)
+
+
+def test_layout_check_opens_no_image(tmp_path):
+    (tmp_path / "cat" / "deep").mkdir(parents=True)
+    (tmp_path / "dog").mkdir()
+    with pytest.raises(UserError, match="no images found"):
+        image_folder_root(tmp_path)
+    (tmp_path / "cat" / "deep" / "x.PNG").write_bytes(b"not decoded by the check")
+    assert image_folder_root(tmp_path) == tmp_path
+
+
+def test_transformed_passes_an_unreadable_image_through(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "bad.png").write_bytes(b"junk")
+    dataset = Transformed(TolerantImageFolder(str(tmp_path)), lambda im: 1 / 0)
+    assert dataset[0] == (None, 0)
 
 
 def test_subset_is_seeded_and_random(tree):

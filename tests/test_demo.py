@@ -39,3 +39,15 @@ def test_demo_runs_every_method_and_reports_equal_macs(tmp_path, monkeypatch, ca
     # A second run finds every run in the CSV and only rewrites the report.
     assert main(args) == 0
     assert f"skipped {len(df['run_id'].unique())} runs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--results-dir", "--reports-dir"])
+def test_an_output_folder_that_is_a_file_is_a_user_error_before_training(
+    tmp_path, monkeypatch, capsys, flag
+):
+    (tmp_path / "file").write_text("keep me")
+    monkeypatch.setattr("ppt_bench.digits.load_or_train", lambda **k: pytest.fail("trained"))
+    assert main(["demo", flag, str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag} {tmp_path / 'file'} is a file, not a folder" in err and err.count("\n") == 1
+    assert (tmp_path / "file").read_text() == "keep me"

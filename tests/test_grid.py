@@ -38,6 +38,15 @@ def test_values_are_read_as_toml_with_plain_strings_allowed():
     assert parse_sweep("r=[8,16]") == ("r", [8, 16])
 
 
+@pytest.mark.parametrize("text", ["locations=[3,6", "r=[1,", "t={a=1"])
+def test_a_broken_toml_list_or_table_is_an_error_not_a_string(text):
+    key, _, value = text.partition("=")
+    with pytest.raises(UserError, match=rf"--param {key}: '\{value[0]}.*' is not valid TOML"):
+        parse_assignment(text, "--param")
+    with pytest.raises(UserError, match=r"--sweep .*: '.*' is not valid TOML"):
+        parse_sweep(text)
+
+
 @pytest.mark.parametrize("text", ["r", "=5", "r="])
 def test_assignment_without_key_or_value_is_an_error(text):
     with pytest.raises(UserError, match="KEY=VALUE"):
@@ -211,6 +220,28 @@ def test_validate_catches_what_runspec_cannot(tmp_path):
         validate(grid(overrides={"models": [DEIT], "data": str(tmp_path / "none")}))
     with pytest.raises(UserError, match=r"--checkpoint .* does not exist"):
         validate(grid(overrides={"models": [DEIT], "checkpoint": str(tmp_path / "w.pth")}))
+
+
+@pytest.mark.parametrize(
+    ("layout", "message"),
+    [
+        ("flat", "holds images but no class folders"),
+        ("empty", "is empty"),
+        ("empty_classes", "no images found"),
+    ],
+)
+def test_validate_checks_the_data_layout_before_any_run(tmp_path, layout, message):
+    if layout == "flat":
+        (tmp_path / "x.png").write_bytes(b"never decoded")
+    if layout == "empty_classes":
+        (tmp_path / "cat").mkdir()
+        (tmp_path / "dog" / "sub").mkdir(parents=True)
+        (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match=f"--data: .*{message}"):
+        validate(grid(overrides={"models": [DEIT], "data": str(tmp_path)}))
+    (tmp_path / "cat").mkdir(exist_ok=True)
+    (tmp_path / "cat" / "1.JPEG").write_bytes(b"unreadable images are a run-time matter")
+    validate(grid(overrides={"models": [DEIT], "data": str(tmp_path)}))
 
 
 def test_grid_hash_ignores_order():

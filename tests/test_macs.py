@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from conftest import make_model
 from torchprofile import profile_macs
 
+from ppt_bench import macs
 from ppt_bench.macs import forced_path, is_adaptive, macs_torchprofile, measure_macs, path_of
 from ppt_bench.methods import create_method
 
@@ -114,3 +117,27 @@ def test_forced_branch_is_not_adaptive():
     model = create_method("ppt", locations=(1, 3), branch="prune").apply(make_model("test_vit"))
     assert not is_adaptive(model)
     assert not is_adaptive(make_model("test_vit"))
+
+
+def test_the_path_bar_shows_only_with_progress(capsys, monkeypatch):
+    monkeypatch.setattr(macs, "macs_torchprofile", lambda model, x: 1)
+    monkeypatch.setattr(macs, "macs_fvcore", lambda model, x: 1)
+    model = create_method("ppt", r=20, locations=(1, 3), threshold=1e-4).apply(
+        make_model("test_vit")
+    )
+    counts = Counter({(False, False): 1, (True, True): 1})
+    measure_macs(model, (3, 160, 160), counts, progress=False)
+    assert "macs per path" not in capsys.readouterr().err
+    measure_macs(model, (3, 160, 160), counts)
+    assert "macs per path" in capsys.readouterr().err
+
+
+def test_fvcore_import_gives_no_torch_jit_script_warning():
+    code = (
+        "import torch\n"
+        "from ppt_bench.macs import macs_fvcore\n"
+        "print(macs_fvcore(torch.nn.Linear(4, 3), torch.randn(1, 4)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "12" and "torch.jit.script" not in proc.stderr, proc.stderr

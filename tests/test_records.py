@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ppt_bench import records
 from ppt_bench.errors import UserError
 from ppt_bench.records import (
     COLUMNS,
@@ -115,12 +117,54 @@ def test_failed_runs_are_not_finished(tmp_path):
 def test_appending_to_a_foreign_csv_is_a_user_error(tmp_path):
     path = tmp_path / "other.csv"
     path.write_text("a,b\n1,2\n")
-    with pytest.raises(UserError, match="not a ppt-bench results CSV"):
+    with pytest.raises(UserError, match=r"not a ppt-bench results CSV.*new file with --out"):
         append_rows(path, make_rows(spec(), {"gmacs": 1.0}))
-    with pytest.raises(UserError, match="not a ppt-bench results CSV"):
+    with pytest.raises(UserError, match=r"not a ppt-bench results CSV.*written by ppt-bench run"):
         read_results(path)
     with pytest.raises(UserError, match="does not exist"):
         read_results(tmp_path / "missing.csv")
+
+
+def test_binary_files_and_folders_are_user_errors(tmp_path):
+    binary = tmp_path / "bin.csv"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(UserError, match=r"bin\.csv is not a ppt-bench results CSV \(not UTF-8"):
+        read_results(binary)
+    with pytest.raises(UserError, match=r"not UTF-8.*new file with --out"):
+        append_rows(binary, make_rows(spec(), {"gmacs": 1.0}))
+    with pytest.raises(UserError, match="is a folder; pass a CSV written by ppt-bench run"):
+        read_results(tmp_path)
+    with pytest.raises(UserError, match="is a folder; write to a new file with --out"):
+        finished_run_ids(tmp_path)
+    assert binary.read_bytes() == b"\xff\xfe\x00garbage"
+
+
+def test_a_failed_write_names_the_results_file(tmp_path, monkeypatch):
+    path = tmp_path / "r.csv"
+    append_rows(path, make_rows(spec(), {"gmacs": 1.0}))
+    before = path.read_text()
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / ".r.csv.x.tmp"))
+
+    monkeypatch.setattr(records.tempfile, "mkstemp", no_space)
+    with pytest.raises(UserError) as err:
+        append_rows(path, make_rows(spec(seed=1), {"gmacs": 1.0}))
+    assert str(err.value).startswith(f"cannot write results file {path} (No space left on")
+    assert ".tmp" not in str(err.value) and path.read_text() == before
+
+
+def test_results_file_keeps_its_mode_or_follows_the_umask(tmp_path):
+    path = tmp_path / "r.csv"
+    umask = os.umask(0o027)
+    try:
+        append_rows(path, make_rows(spec(), {"gmacs": 1.0}))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        path.chmod(0o604)
+        append_rows(path, make_rows(spec(seed=1), {"gmacs": 1.0}))
+        assert stat.S_IMODE(path.stat().st_mode) == 0o604
+    finally:
+        os.umask(umask)
 
 
 def test_cpu_rows_name_the_processor():

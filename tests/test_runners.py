@@ -66,6 +66,18 @@ def test_local_runner_appends_each_run_and_goes_on_after_a_failure(
     failed = df[df["status"] == "failed"]
     assert list(failed["run_id"]) == [specs[1].run_id]
     assert failed["error"].item() == "RuntimeError: boom"
+    assert summary.errors == [f"{DIGITS} merge r=99 (batch size 2): RuntimeError: boom"]
+
+
+def test_cli_prints_each_failed_run_with_its_error(fake_evaluate, tmp_path, capsys):
+    out = tmp_path / "r.csv"
+    flags = ["--model", DEIT, "--method", "merge", "--sweep", "r=[4,99]", "--batch-size", "2"]
+    assert main(["run", *flags, "--out", str(out), "--no-report", "--quiet"]) == 1
+    printed = capsys.readouterr()
+    assert "2 runs finished, 1 failed" in printed.out
+    assert printed.err.splitlines() == [
+        f"ppt-bench: failed run: {DEIT} merge r=99 (batch size 2): RuntimeError: boom"
+    ]
 
 
 def test_local_runner_skips_finished_runs_and_retries_failed_ones(fake_evaluate, tmp_path):

@@ -28,6 +28,9 @@ def test_compile_flag_and_modes_normalise():
         ({"batch_size": 0}, "batch_size must be a positive integer"),
         ({"metrics": ("speed",)}, "unknown metrics"),
         ({"model": ""}, "needs a model name"),
+        ({"workers": -1}, "workers must be an integer >= 0"),
+        ({"metrics": ("memory",)}, "drop memory from --metrics or use --device cuda"),
+        ({"metrics": ("macs", "memory")}, "drop memory from --metrics or use --device cuda"),
     ],
 )
 def test_invalid_specs_say_what_to_do(changes, match):

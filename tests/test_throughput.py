@@ -87,6 +87,16 @@ def test_iterations_from_arguments_environment_and_defaults(monkeypatch):
         iterations(0, 0)
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [(ITERS_ENV, "abc"), (ITERS_ENV, "0"), (WARMUP_ENV, "-1"), (WARMUP_ENV, "1.5")],
+)
+def test_bad_iteration_variables_are_user_errors_naming_them(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=f"^{name} must be an integer >= [01], got '{value}'"):
+        iterations()
+
+
 def test_oom_backoff_follows_timm_decay_steps():
     tried = []
 

@@ -194,7 +194,8 @@ def test_defaults_train_the_digits_model():
         (["--param", "r=8"], UserError, "needs --method"),
         (["--method", "ppx"], MethodError, "Did you mean 'ppt'"),
         (["--method", "ppt", "--param", "rr=8"], MethodError, "no parameter 'rr'"),
-        (["--method", "ppt", "--param", "r=[1,"], MethodError, "r must be an integer"),
+        (["--method", "ppt", "--param", "r=[1,"], UserError, "--param r: '\\[1,' is not valid"),
+        (["--method", "ppt", "--param", "r=[1]"], MethodError, "r must be an integer"),
         (["--epochs", "0"], UserError, "epochs"),
         (["--device", "tpu"], UserError, "device"),
         (["--data", "/no/such/folder"], UserError, "train/"),
@@ -236,6 +237,31 @@ def test_train_command_fine_tunes_a_patched_model_on_an_image_folder(tmp_path, c
     argv = [*argv, "--batch-size", "4", "--device", "cpu", "--checkpoint", str(out)]
     assert run(parse(*argv, "--out", str(again))) == 0
     assert torch.load(again, weights_only=True)["model"]["head.weight"].shape[0] == 2
+
+
+def test_unreadable_images_are_skipped_and_counted_in_training_and_validation(tmp_path, capsys):
+    _image_tree(tmp_path, "train", ("a", "b"))
+    _image_tree(tmp_path, "val", ("a", "b"), per_class=2)
+    (tmp_path / "train" / "a" / "bad.jpg").write_bytes(b"junk")
+    (tmp_path / "val" / "b" / "bad.jpg").write_bytes(b"junk")
+    out = tmp_path / "w.pth"
+    argv = ["--data", str(tmp_path), "--epochs", "1", "--batch-size", "1", "--device", "cpu"]
+    assert run(parse(*argv, "--out", str(out))) == 0
+    assert "skipped unreadable images: 1 in train/, 1 in val/" in capsys.readouterr().out
+    assert out.is_file()
+    for path in (tmp_path / "train").rglob("*.png"):
+        path.write_bytes(b"junk")
+    with pytest.raises(UserError, match="no training image could be decoded"):
+        run(parse(*argv, "--out", str(out)))
+
+
+@pytest.mark.parametrize("out", ["folder", "file/w.pth"])
+def test_an_unwritable_out_is_a_user_error_before_training(tmp_path, monkeypatch, out):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("an ordinary file")
+    monkeypatch.setattr("ppt_bench.train.train", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(UserError, match="--out"):
+        run(parse("--out", str(tmp_path / out)))
 
 
 def test_training_keeps_a_checkpoint_head_that_fits_the_data_and_replaces_others(tmp_path):

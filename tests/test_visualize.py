@@ -134,6 +134,19 @@ def test_load_images_from_a_folder_and_files(tmp_path):
         vis.load_images(tmp_path / "empty")
 
 
+def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
+    _image_files(tmp_path, 3)
+    (tmp_path / "class0" / "bad.jpg").write_bytes(b"junk")
+    (tmp_path / "class1" / "a.png").write_bytes(b"junk")
+    named = vis.load_images(tmp_path, n_images=3)
+    assert [n for n, _ in named] == ["img0", "img2", "img1"]  # the first 3 readable ones
+    assert "skipped 2 unreadable image(s)" in caplog.text and "bad.jpg" in caplog.text
+    for path in tmp_path.rglob("img*.png"):
+        path.write_bytes(b"junk")
+    with pytest.raises(vis.UserError, match=r"cannot read image .* \(nor 4 other images\)"):
+        vis.load_images(tmp_path, n_images=3)
+
+
 def test_parse_method_reads_toml_values():
     assert vis.parse_method("ppt") == ("ppt", {})
     assert vis.parse_method("evit:keep_rate=0.5,locations=[3,6,9],fuse=false") == (
@@ -143,13 +156,20 @@ def test_parse_method_reads_toml_values():
     assert vis.parse_method("tome:r=[8,-1.0]") == ("tome", {"r": [8, -1.0]})
     with pytest.raises(vis.UserError, match="NAME:KEY=VALUE"):
         vis.parse_method("tome:r")
+    with pytest.raises(vis.UserError, match=r"--method tome r: '\[8' is not valid TOML"):
+        vis.parse_method("tome:r=[8")
 
 
 def test_output_paths():
     assert vis.output_paths(vis.Path("a/b.png"), ["x"]) == [vis.Path("a/b.png")]
-    assert vis.output_paths(vis.Path("a"), ["x y", "z"]) == [
+    assert vis.output_paths(vis.Path("a/b.pdf"), ["x", "y"]) == [
+        vis.Path("a/b-0.pdf"),
+        vis.Path("a/b-1.pdf"),
+    ]
+    assert vis.output_paths(vis.Path("a"), ["x y", "z", "z"]) == [
         vis.Path("a/x_y.png"),
         vis.Path("a/z.png"),
+        vis.Path("a/z-2.png"),  # same file name in two class folders
     ]
 
 
@@ -186,6 +206,30 @@ def test_run_reports_user_errors(tmp_path, capsys, argv, message):
     assert vis.run(args) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        ("file.csv/a.png", "file.csv is a file, not a folder"),
+        ("file.csv", "a figure file must end in .png"),
+        ("noext", "is a file, not a folder"),
+        ("folder.png", "is a folder: pass a file path"),
+    ],
+)
+def test_an_unwritable_out_is_a_user_error_before_any_work(
+    tmp_path, capsys, monkeypatch, out, message
+):
+    files = _image_files(tmp_path, 1, size=160)
+    (tmp_path / "file.csv").write_text("keep me")
+    (tmp_path / "noext").write_text("keep me")
+    (tmp_path / "folder.png").mkdir()
+    monkeypatch.setattr(vis, "load_model", lambda *a: pytest.fail("built the model"))
+    args = _cli(["--model", "test_vit", "--images", str(files[0]), "--out", str(tmp_path / out)])
+    assert vis.run(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert (tmp_path / "file.csv").read_text() == "keep me"
 
 
 def test_run_with_a_checkpoint(tmp_path, capsys):
