@@ -213,6 +213,11 @@ def build_config(
         raise UserError(f"runner must be one of {', '.join(RUNNERS)}, got {config.runner!r}")
 
     known = {p.name: method_params(p.name) for p in plans}  # unknown names raise here
+    for flag, pairs in (("--param", params), ("--sweep", sweeps)):
+        keys = [key for key, _ in pairs]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise UserError(f"{flag} gives {', '.join(repeated)} more than once: keep one value")
     for key, value in params:
         owners = [p for p in plans if key in known[p.name]]
         _check_owned(key, owners, known, "--param")

@@ -112,6 +112,13 @@ def test_param_applies_only_to_methods_that_have_it():
     assert by_method["tome"] == {"r": 4}
 
 
+def test_a_parameter_given_twice_is_an_error():
+    with pytest.raises(UserError, match="--param gives r more than once"):
+        grid(methods=["ppt"], params=[("r", 4), ("r", 8)])
+    with pytest.raises(UserError, match="--sweep gives r more than once"):
+        grid(methods=["ppt"], sweeps=[("r", [4]), ("r", [8])])
+
+
 def test_param_no_selected_method_has_is_an_error():
     with pytest.raises(UserError, match=r"no selected method .*'threshold'"):
         grid(methods=["merge"], params=[("threshold", 1e-4)])
