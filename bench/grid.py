@@ -453,12 +453,6 @@ def describe_vit(name: str) -> ViTInfo | None:
     )
 
 
-def model_depth(name: str) -> int | None:
-    """Blocks of a patchable ViT, or None for a model the patch cannot reduce."""
-    info = describe_vit(name)
-    return None if info is None else info.depth
-
-
 def patchable_models(pattern: str, limit: int) -> tuple[list[ViTInfo], int]:
     """Patchable timm ViTs matching ``pattern``: the first ``limit`` found, and the candidates.
 
@@ -497,7 +491,6 @@ __all__ = [
     "expand",
     "find_model",
     "load_config",
-    "model_depth",
     "parse_assignment",
     "parse_sweep",
     "parse_value",
