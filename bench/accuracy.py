@@ -9,6 +9,7 @@ each location, and how many images took each pruning/pooling path (for the MACs 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -18,15 +19,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ppt_bench.dtypes import amp_autocast
 from ppt_bench.errors import UserError
 from ppt_bench.methods import is_patched
-from ppt_bench.throughput import amp_autocast
 
 ACCURACY_METRICS = ("top1", "top5", "loss", "agreement_top1", "kl")
 LABEL_FREE_METRICS = ("agreement_top1", "kl")
-
-# Per image, per reduction location: True where the image took the pooling branch.
-Path = tuple[bool, ...]
 
 
 def unreduced_tokens(model: nn.Module) -> tuple[int, ...] | None:
@@ -46,14 +44,14 @@ class TokenStats:
         tokens_sum: per block, tokens after that block summed over images.
         locations: the reduction blocks (ppt's pooled decisions are per location).
         pooled_sum: per location, images that took the pooling branch.
-        paths: how many images took each path (one pooled flag per location).
+        paths: how many images took each path of an adaptive method (``Method.paths``).
     """
 
     n_images: int = 0
     tokens_sum: list[float] = field(default_factory=list)
     locations: tuple[int, ...] = ()
     pooled_sum: list[float] = field(default_factory=list)
-    paths: Counter[Path] = field(default_factory=Counter)
+    paths: Counter[Hashable] = field(default_factory=Counter)
 
     def update(self, model: nn.Module, batch_size: int) -> None:
         """Add the ``reduction_info`` of the model's last forward on ``batch_size`` images."""
@@ -65,7 +63,10 @@ class TokenStats:
             self.tokens_sum = [0.0] * len(tokens)
         self.tokens_sum = [s + t * batch_size for s, t in zip(self.tokens_sum, tokens, strict=True)]
         self.n_images += batch_size
-        if info is None or info.pooled is None:
+        if info is None:
+            return
+        self.paths.update(model.reduction_plan.method.paths(info))
+        if info.pooled is None:
             return
         pooled = info.pooled.cpu()  # [B, n_loc] bool
         self.locations = info.locations
@@ -74,7 +75,6 @@ class TokenStats:
         self.pooled_sum = [
             s + p for s, p in zip(self.pooled_sum, pooled.sum(0).tolist(), strict=True)
         ]
-        self.paths.update(tuple(row) for row in pooled.tolist())
 
     def metrics(self) -> dict[str, float]:
         """``tokens_block_<i>`` (mean tokens after block i) and ``pooled_frac_block_<i>`` (the

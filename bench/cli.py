@@ -12,16 +12,11 @@ import importlib
 import shlex
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ppt_bench import __version__
 from ppt_bench.errors import UserError
 from ppt_bench.spec import COMPILE_MODES
-
-if TYPE_CHECKING:
-    from ppt_bench.grid import SweepConfig
-    from ppt_bench.runners.local import LocalRunner
-    from ppt_bench.runners.ray_tune import RayRunner
 
 PROG = "ppt-bench"
 # Subcommands whose module (ppt_bench.<name>) provides add_arguments(parser) and run(args).
@@ -82,7 +77,9 @@ def add_list_parser(sub: Any) -> None:
 
 
 def add_run_parser(sub: Any) -> None:
-    from ppt_bench.spec import DTYPES, METRICS
+    from ppt_bench.dtypes import DTYPES
+    from ppt_bench.metrics import names as metric_names
+    from ppt_bench.runners.base import RUNNERS, runner_options
 
     p = sub.add_parser(
         "run",
@@ -92,7 +89,16 @@ def add_run_parser(sub: Any) -> None:
         "the rows to a results CSV (skipping runs already there) and write a report. Flags "
         "override the settings of --config.",
     )
-    p.add_argument("--config", metavar="FILE.toml", help="sweep settings (see configs/)")
+    p.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="sweep settings; --print-config prints an example to start from",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the example config file (every key, with its default) and exit",
+    )
     p.add_argument("--model", action="append", help="timm model name (repeatable)")
     p.add_argument("--method", action="append", help="method name (repeatable)")
     p.add_argument(
@@ -111,7 +117,7 @@ def add_run_parser(sub: Any) -> None:
         help="sweep a parameter over values, for each method that has it (repeatable)",
     )
     p.add_argument("--batch-size", type=int, action="append", help="batch size (repeatable)")
-    p.add_argument("--metrics", action="append", help=f"comma list of {','.join(METRICS)}")
+    p.add_argument("--metrics", action="append", help=f"comma list of {','.join(metric_names())}")
     p.add_argument("--data", help="ImageFolder root (ImageNet val layout), digits or synthetic")
     p.add_argument("--n-images", type=int, help="evaluate at most N images")
     p.add_argument("--checkpoint", metavar="PATH|URL", help="weights to load into the model")
@@ -135,9 +141,9 @@ def add_run_parser(sub: Any) -> None:
         action=argparse.BooleanOptionalAction,
         help="add an unreduced run per model and batch size (default on)",
     )
-    p.add_argument("--runner", choices=("local", "ray"), help="local (default) or ray")
-    p.add_argument("--ray-address", help="Ray cluster address, HEAD_IP:6379 (or RAY_ADDRESS)")
-    p.add_argument("--ray-storage", help="Ray Tune experiment folder (default ~/ray_results)")
+    p.add_argument("--runner", choices=tuple(RUNNERS), help="local (default) or ray")
+    for option, text in runner_options().items():
+        p.add_argument(f"--{option.replace('_', '-')}", dest=option, help=text)
     p.add_argument("--sweep-name", help="name of the sweep (default: config file name, sweep)")
     p.add_argument("--out", metavar="CSV", help="results file (default results/<sweep>.csv)")
     p.add_argument("--report", metavar="MD", help="report file (default reports/<sweep>.md)")
@@ -159,7 +165,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UserError(f"--limit must be a positive integer, got {args.limit}")
     if args.models is not None:
-        from ppt_bench.grid import patchable_models
+        from ppt_bench.models import patchable_models
 
         models, candidates = patchable_models(args.models, args.limit)
         if not models:
@@ -191,7 +197,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         0 when every run finished, 1 when some failed (each recorded as a failed row).
     """
     from ppt_bench.errors import check_output_path
-    from ppt_bench.evaluate import QUIET_ENV
     from ppt_bench.grid import (
         build_config,
         expand,
@@ -200,10 +205,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         parse_sweep,
         validate,
     )
+    from ppt_bench.metrics import timing
     from ppt_bench.report import check_report_path, write_report
-    from ppt_bench.runners.base import environ
+    from ppt_bench.runners.base import create_runner
     from ppt_bench.throughput import iterations
 
+    if args.print_config:
+        print(example_config(), end="")
+        return 0
     if args.no_report and args.report:
         raise UserError("--report and --no-report contradict each other: drop one of them")
     config = build_config(
@@ -217,11 +226,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     report = None if args.no_report else check_report_path(config.report_path, [out], "--report")
     specs = expand(config)
     validate(specs, check_cuda=config.runner == "local")
-    if any({"throughput", "latency", "memory"} & set(s.metrics) for s in specs):
+    if any(timing(s.metrics) for s in specs):
         iterations()  # a bad PPT_BENCH_WARMUP / PPT_BENCH_ITERS would fail every run
+    runner = create_runner(
+        config.runner, config.out_path, progress=not args.quiet, **config.runner_options
+    )
     print(f"{len(specs)} runs in sweep {config.sweep_name!r} -> {out}", flush=True)
-    with environ(**({QUIET_ENV: "1"} if args.quiet else {})):
-        summary = _runner(config, quiet=args.quiet).run(specs)
+    summary = runner.run(specs)
     if summary.skipped:
         print(f"skipped {summary.skipped} runs already in {out}")
     print(f"{summary.ok} runs finished, {len(summary.failed)} failed")
@@ -236,6 +247,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from ppt_bench.runners.base import runner_options
+
     metrics = None
     if args.metrics:
         metrics = [m.strip() for text in args.metrics for m in text.split(",") if m.strip()]
@@ -254,30 +267,17 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "baseline": args.baseline,
         "sweep_name": args.sweep_name,
         "runner": args.runner,
-        "ray_address": args.ray_address,
-        "ray_storage": args.ray_storage,
+        **{option: getattr(args, option) for option in runner_options()},
         "out": args.out,
         "report": args.report,
     }
 
 
-def _runner(config: SweepConfig, quiet: bool) -> LocalRunner | RayRunner:
-    if config.runner == "local":
-        from ppt_bench.runners.local import LocalRunner
+def example_config() -> str:
+    """The example sweep config shipped with the package: every key, documented."""
+    from importlib.resources import files
 
-        return LocalRunner(config.out_path, progress=not quiet)
-    try:
-        from ppt_bench.runners.ray_tune import RayRunner
-    except ImportError as err:
-        raise UserError(
-            f"--runner ray needs Ray Tune ({err}): pip install 'ppt-bench[ray]'"
-        ) from None
-    return RayRunner(
-        config.out_path,
-        address=config.ray_address,
-        storage_path=config.ray_storage,
-        progress=not quiet,
-    )
+    return files("ppt_bench").joinpath("configs", "example.toml").read_text()
 
 
 def cmd_report(args: argparse.Namespace) -> int:

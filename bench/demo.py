@@ -11,28 +11,24 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from typing import Any
 
 from ppt_bench.errors import check_output_path
-from ppt_bench.methods import list_methods, method_params
+from ppt_bench.methods import get_method_class, list_methods
 from ppt_bench.spec import RunSpec
 
-# The main parameter of each method and the values the demo sweeps. Methods that remove r
-# tokens at blocks 3, 6 and 9 share r, so they meet at equal MACs; the others span the same
-# range of budgets. A third-party method runs once with its defaults.
-GRID: dict[str, tuple[str, tuple]] = {
-    "ppt": ("r", (8, 12, 16)),
-    "prune": ("r", (8, 12, 16)),
-    "merge": ("r", (8, 12, 16)),
-    "topk": ("r", (8, 12, 16)),
-    "random": ("r", (8, 12, 16)),
-    "tome": ("r", (2, 3, 4)),
-    "evit": ("keep_rate", (0.8, 0.65, 0.5)),
-}
 METRICS = ("accuracy", "macs", "throughput", "tokens")
 
 
+def grid() -> dict[str, tuple[str, tuple[Any, ...]] | None]:
+    """Each registered method's demo grid (:attr:`Method.demo_grid`), the baseline aside."""
+    return {name: get_method_class(name).demo_grid for name in list_methods() if name != "baseline"}
+
+
 def demo_specs(checkpoint: str, device: str, batch_size: int, sweep: str) -> list[RunSpec]:
-    """One run per registered method and value of its main parameter, plus the baseline."""
+    """One run per registered method and value of its main parameter (``Method.demo_grid``;
+    methods that remove r tokens at blocks 3, 6 and 9 share r, so they meet at equal MACs),
+    plus the baseline. A method without a demo grid runs once with its defaults."""
     from ppt_bench.digits import MODEL_NAME
 
     common = dict(
@@ -46,13 +42,11 @@ def demo_specs(checkpoint: str, device: str, batch_size: int, sweep: str) -> lis
         workers=0,
     )
     specs = [RunSpec(method="baseline", **common)]
-    for name in list_methods():
-        if name == "baseline":
-            continue
-        key, values = GRID.get(name, ("", ()))
-        if key not in method_params(name):
+    for name, main_param in grid().items():
+        if main_param is None:
             specs.append(RunSpec(method=name, **common))
             continue
+        key, values = main_param
         specs += [RunSpec(method=name, params={key: v}, **common) for v in values]
     return specs
 

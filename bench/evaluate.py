@@ -1,7 +1,8 @@
 """``evaluate(spec) -> rows``: the one function every runner maps over its specs.
 
-Build the model (and an unreduced copy when accuracy is measured), apply the method, measure
-what ``spec.metrics`` asks for, and return tidy rows (:func:`ppt_bench.records.make_rows`).
+Build the model (and an unreduced copy when accuracy is measured), apply the method, let each
+metric group that ``spec.metrics`` names measure the run (:mod:`ppt_bench.metrics`), and return
+tidy rows (:func:`ppt_bench.records.make_rows`).
 Errors a user can cause are raised as :class:`~ppt_bench.errors.UserError`; runners record a
 failed run with :func:`failed_rows` and go on.
 """
@@ -10,44 +11,28 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
-from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from timm.utils import random_seed
-from torch import nn
 
-from ppt_bench.accuracy import Path, evaluate_accuracy
+from ppt_bench import metrics
+from ppt_bench.accuracy import AccuracyResult, evaluate_accuracy
 from ppt_bench.data import SYNTHETIC, make_loader
 from ppt_bench.errors import UserError
-from ppt_bench.macs import is_adaptive, measure_macs
 from ppt_bench.methods import create_method
 from ppt_bench.methods.baseline import Baseline
 from ppt_bench.models import build_model
 from ppt_bench.records import make_rows
 from ppt_bench.spec import RunSpec
-from ppt_bench.throughput import compile_for_timing, measure_latency, measure_throughput
-
-# Set (to 1) by ``ppt-bench run --quiet``, and inherited by Ray workers: no progress bars.
-QUIET_ENV = "PPT_BENCH_QUIET"
-
-
-def progress_bars() -> bool:
-    """Whether a run shows its progress bars: not when ``$PPT_BENCH_QUIET`` is set."""
-    return os.environ.get(QUIET_ENV, "") in ("", "0")
-
-
-@dataclass
-class Measured:
-    """Metrics of one run and the facts its rows record."""
-
-    metrics: dict[str, float] = field(default_factory=dict)
-    dataset: str = SYNTHETIC
-    n_images: int | None = None
-    batch_size: int | None = None
+from ppt_bench.throughput import (
+    Latency,
+    Speed,
+    compile_for_timing,
+    measure_latency,
+    measure_throughput,
+)
 
 
 def check_device(device: str) -> None:
@@ -73,102 +58,113 @@ def oom_as_user_error(spec: RunSpec) -> Iterator[None]:
         ) from err
 
 
-def _needs_data_pass(spec: RunSpec, model: nn.Module) -> bool:
-    wants = set(spec.metrics)
-    return bool(wants & {"accuracy", "tokens"}) or ("macs" in wants and is_adaptive(model))
+class RunContext:
+    """One run being measured: the patched model and what the metric groups share.
 
+    The pass over the data and the timed loops run at most once, when a group first asks
+    for them (accuracy and tokens share one pass; throughput and memory one timed loop).
 
-def _measure_data(
-    spec: RunSpec,
-    model: nn.Module,
-    reference: nn.Module | None,
-    data_config: dict[str, Any],
-    out: Measured,
-) -> Counter[Path] | None:
-    """The pass over the data (accuracy, tokens, ppt paths); returns the path counts."""
-    if not _needs_data_pass(spec, model):
-        return None
-    loader, out.dataset = make_loader(
-        spec.data,
-        data_config,
-        spec.batch_size,
-        n_images=spec.n_images,
-        workers=spec.workers,
-        seed=spec.seed,
-        device=spec.device,
-    )
-    if reference is not None:
-        reference.to(spec.device)
-    result = evaluate_accuracy(
-        model, loader, reference, spec.device, spec.dtype, spec.method, progress=progress_bars()
-    )
-    if result.n_images == 0:
-        raise UserError(f"no readable images in {spec.data}: all {result.unreadable_images} failed")
-    out.n_images = result.n_images
-    if "accuracy" in spec.metrics:
-        out.metrics.update(result.metrics(labeled=out.dataset != SYNTHETIC))
-    if "tokens" in spec.metrics:
-        out.metrics.update(result.tokens.metrics())
-    return result.tokens.paths
+    Args:
+        spec: the run.
+        progress: show progress bars.
+    """
 
+    def __init__(self, spec: RunSpec, progress: bool = True) -> None:
+        self.spec = spec
+        self.progress = progress
+        model, self.data_config = build_model(spec)
+        self.input_size = tuple(self.data_config["input_size"])
+        method = create_method(spec.method, **spec.params)
+        # The unreduced model is its own reference: agreement 100 % and KL 0 by definition.
+        wants_reference = "accuracy" in spec.metrics and not isinstance(method, Baseline)
+        self._reference = copy.deepcopy(model) if wants_reference else None
+        self.model = method.apply(model).to(spec.device)
+        self.dataset = SYNTHETIC
+        self.labeled = False
+        self.n_images: int | None = None
+        self.batch_size: int | None = None
+        self._data: AccuracyResult | None = None
+        self._speed: Speed | None = None
+        self._latency: Latency | None = None
 
-def _measure_speed(
-    spec: RunSpec, model: nn.Module, input_size: tuple[int, ...], out: Measured
-) -> None:
-    """Throughput (and peak memory on CUDA) and latency, in the spec's compile mode."""
-    wants = set(spec.metrics)
-    cuda = torch.device(spec.device).type == "cuda"
-    fast = compile_for_timing(model, spec.compile)
-    graph = spec.compile == "cudagraph"
-    if "throughput" in wants or ("memory" in wants and cuda):
-        speed = measure_throughput(
-            fast, input_size, spec.batch_size, spec.device, spec.dtype, cuda_graph=graph
+    def data_pass(self) -> AccuracyResult:
+        """Accuracy, agreement and token statistics over the data (computed once)."""
+        if self._data is not None:
+            return self._data
+        spec = self.spec
+        loader, self.dataset = make_loader(
+            spec.data,
+            self.data_config,
+            spec.batch_size,
+            n_images=spec.n_images,
+            workers=spec.workers,
+            seed=spec.seed,
+            device=spec.device,
         )
-        out.batch_size = speed.batch_size
-        if "throughput" in wants:
-            out.metrics["samples_per_sec"] = speed.samples_per_sec
-            if speed.cpu_threads is not None:
-                out.metrics["cpu_threads"] = speed.cpu_threads
-        if "memory" in wants and speed.peak_mem_mb is not None:
-            out.metrics["peak_mem_mb"] = speed.peak_mem_mb
-    if "latency" in wants:
-        latency = measure_latency(
-            fast, input_size, spec.batch_size, spec.device, spec.dtype, cuda_graph=graph
+        self.labeled = self.dataset != SYNTHETIC
+        reference, self._reference = self._reference, None
+        if reference is not None:
+            reference.to(spec.device)
+        result = evaluate_accuracy(
+            self.model, loader, reference, spec.device, spec.dtype, spec.method, self.progress
         )
-        out.metrics.update(latency_p50_ms=latency.p50_ms, latency_p90_ms=latency.p90_ms)
+        if result.n_images == 0:
+            raise UserError(
+                f"no readable images in {spec.data}: all {result.unreadable_images} failed"
+            )
+        self.n_images, self._data = result.n_images, result
+        return result
+
+    def _timing_args(self) -> tuple[Any, ...]:
+        spec = self.spec
+        fast = compile_for_timing(self.model, spec.compile)
+        return fast, self.input_size, spec.batch_size, spec.device, spec.dtype
+
+    def speed(self) -> Speed:
+        """Throughput and peak memory in the spec's compile mode (measured once)."""
+        if self._speed is None:
+            graph = self.spec.compile == "cudagraph"
+            self._speed = measure_throughput(*self._timing_args(), cuda_graph=graph)
+            self.batch_size = self._speed.batch_size
+        return self._speed
+
+    def latency(self) -> Latency:
+        """Latency per batch in the spec's compile mode (measured once)."""
+        if self._latency is None:
+            graph = self.spec.compile == "cudagraph"
+            self._latency = measure_latency(*self._timing_args(), cuda_graph=graph)
+        return self._latency
 
 
-def evaluate(spec: RunSpec) -> list[dict[str, Any]]:
+def evaluate(spec: RunSpec, *, progress: bool = True) -> list[dict[str, Any]]:
     """Measure one run and return its rows, one per metric.
 
-    Metrics by ``spec.metrics`` entry: accuracy -> ``top1, top5, loss, agreement_top1, kl,
-    unreadable_images`` (on synthetic data only the label-free ``agreement_top1, kl``);
-    macs -> ``gmacs, gmacs_fvcore, gmacs_single_input, param_count``; throughput ->
-    ``samples_per_sec`` (+ ``cpu_threads`` on the CPU); latency -> ``latency_p50_ms,
-    latency_p90_ms``; memory -> ``peak_mem_mb`` (CUDA only); tokens -> ``tokens_block_<i>``
-    and, for ppt, ``pooled_frac_block_<i>``.
+    Each entry of ``spec.metrics`` is a metric group (:mod:`ppt_bench.metrics`) that writes its
+    own rows: accuracy -> ``top1, top5, loss, agreement_top1, kl, unreadable_images`` (on
+    synthetic data only the label-free ``agreement_top1, kl``); macs -> ``gmacs, gmacs_fvcore,
+    gmacs_single_input, param_count``; throughput -> ``samples_per_sec`` (+ ``cpu_threads`` on
+    the CPU); latency -> ``latency_p50_ms, latency_p90_ms``; memory -> ``peak_mem_mb`` (CUDA
+    only); tokens -> ``tokens_block_<i>`` and, for ppt, ``pooled_frac_block_<i>``.
+
+    Args:
+        spec: the run.
+        progress: show progress bars.
 
     Raises:
         UserError: bad model, weights, data or device, or out of memory at batch size 1.
     """
     check_device(spec.device)
     random_seed(spec.seed)
-    model, data_config = build_model(spec)
-    input_size = tuple(data_config["input_size"])
-    method = create_method(spec.method, **spec.params)
-    # The unreduced model is its own reference: agreement 100 % and KL 0 by definition.
-    wants_reference = "accuracy" in spec.metrics and not isinstance(method, Baseline)
-    reference = copy.deepcopy(model) if wants_reference else None
-    model = method.apply(model).to(spec.device)
-    out = Measured()
+    run = RunContext(spec, progress)
+    values: dict[str, float] = {}
+    chosen = [metrics.get(name) for name in spec.metrics]
+    # The data pass first, so that the unreduced reference is freed before the timed loops.
     with oom_as_user_error(spec):
-        paths = _measure_data(spec, model, reference, data_config, out)
-        del reference
-        _measure_speed(spec, model, input_size, out)
-    if "macs" in spec.metrics:
-        out.metrics.update(measure_macs(model, input_size, paths, spec.seed, progress_bars()))
+        for group in sorted(chosen, key=lambda g: not g.needs_data):
+            values.update({group.name: group.measure(run)})
+    ordered = {k: v for name in spec.metrics for k, v in values[name].items()}
     return make_rows(
-        spec, out.metrics, dataset=out.dataset, n_images=out.n_images, batch_size=out.batch_size
+        spec, ordered, dataset=run.dataset, n_images=run.n_images, batch_size=run.batch_size
     )
 
 

@@ -3,8 +3,7 @@
 The grid is models x dtypes x compile modes x batch sizes x (method, parameters x sweeps), plus
 a baseline run per model, dtype, compile mode and batch size. :func:`validate` checks every run
 (names, parameters, model depth, paths) before anything runs, so a mistake in run 40 of 40 costs
-nothing. The schema is documented in
-``bench/configs/example.toml``.
+nothing. The schema is the example config that ``ppt-bench run --print-config`` prints.
 """
 
 from __future__ import annotations
@@ -14,12 +13,11 @@ import itertools
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
-from functools import cache
 from pathlib import Path
 from typing import Any
 
 from ppt_bench.errors import UserError
-from ppt_bench.spec import METRICS, RunSpec
+from ppt_bench.spec import RunSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,7 +25,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 BUILTIN_DATA = ("synthetic", "digits")
-RUNNERS = ("local", "ray")
 
 
 @dataclass
@@ -55,7 +52,7 @@ class MethodPlan:
 class SweepConfig:
     """Everything ``ppt-bench run`` needs, after merging the config file and the CLI flags.
 
-    The fields are the keys of a config file (see ``bench/configs/example.toml``) and mirror
+    The fields are the keys of a config file (``ppt-bench run --print-config``) and mirror
     the flags of ``ppt-bench run``; ``methods`` comes from ``[methods.<name>]`` tables.
     """
 
@@ -74,8 +71,7 @@ class SweepConfig:
     baseline: bool = True
     sweep_name: str = "sweep"
     runner: str = "local"
-    ray_address: str | None = None
-    ray_storage: str | None = None
+    runner_options: dict[str, Any] = field(default_factory=dict)
     out: str | None = None
     report: str | None = None
 
@@ -88,8 +84,14 @@ class SweepConfig:
         return Path(self.report or f"reports/{self.sweep_name}.md")
 
 
-# Top-level keys of the TOML file, besides ``methods`` and ``sweep``.
-_SCALAR_KEYS = {f.name for f in fields(SweepConfig)} - {"methods"}
+def _scalar_keys() -> set[str]:
+    """Top-level keys of the TOML file, besides ``methods`` and ``sweep``: the settings and
+    every runner's own options (``ray_address``)."""
+    from ppt_bench.runners.base import runner_options
+
+    return {f.name for f in fields(SweepConfig)} - {"methods", "runner_options"} | set(
+        runner_options()
+    )
 
 
 def parse_value(text: str, flag: str = "value") -> Any:
@@ -145,9 +147,10 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise UserError(f"config file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"config file {path} is not valid TOML: {err}") from None
-    unknown = sorted(set(raw) - _SCALAR_KEYS - {"methods", "sweep"})
+    keys = _scalar_keys()
+    unknown = sorted(set(raw) - keys - {"methods", "sweep"})
     if unknown:
-        valid = ", ".join(sorted(_SCALAR_KEYS | {"methods", "sweep"}))
+        valid = ", ".join(sorted(keys | {"methods", "sweep"}))
         raise UserError(f"config file {path}: unknown keys {unknown}; valid keys: {valid}")
     raw.setdefault("sweep_name", path.stem)
     return raw
@@ -208,7 +211,10 @@ def build_config(
         if key in settings:
             settings[key] = _as_list(settings[key])
     _check_types(settings)
-    config = SweepConfig(**settings, methods=plans)
+    from ppt_bench.runners.base import RUNNERS, runner_options
+
+    options = {k: settings.pop(k) for k in runner_options() if k in settings}
+    config = SweepConfig(**settings, methods=plans, runner_options=options)
     if config.runner not in RUNNERS:
         raise UserError(f"runner must be one of {', '.join(RUNNERS)}, got {config.runner!r}")
 
@@ -239,15 +245,18 @@ def build_config(
 # Expected types of the single-valued settings (lists are checked by RunSpec).
 _TYPES: dict[str, type | tuple[type, ...]] = {
     **dict.fromkeys(("data", "checkpoint", "device", "sweep_name", "runner"), str),
-    **dict.fromkeys(("ray_address", "ray_storage", "out", "report"), str),
+    **dict.fromkeys(("out", "report"), str),
     "baseline": bool,
     **dict.fromkeys(("seed", "workers", "n_images"), int),
 }
 
 
 def _check_types(settings: dict[str, Any]) -> None:
+    from ppt_bench.runners.base import runner_options
+
+    options = runner_options()  # every runner option is a string
     for key, value in settings.items():
-        want = _TYPES.get(key)
+        want = str if key in options else _TYPES.get(key)
         wrong_bool = want is int and isinstance(value, bool)
         if want is not None and (not isinstance(value, want) or wrong_bool):
             names = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
@@ -334,7 +343,7 @@ def validate(specs: Sequence[RunSpec], *, check_cuda: bool = True) -> None:
         UserError: with a one-line message naming the problem and the fix.
     """
     from ppt_bench.methods import create_method
-    from ppt_bench.methods.base import CLS_ATTN, check_locations_fit
+    from ppt_bench.models import describe_vit
 
     for spec in specs:
         info = describe_vit(spec.model)
@@ -344,17 +353,12 @@ def validate(specs: Sequence[RunSpec], *, check_cuda: bool = True) -> None:
                     f"model {spec.model!r} is not a timm VisionTransformer, so {spec.method!r} "
                     "cannot reduce its tokens (see `ppt-bench list --models`)"
                 )
-            depth = info.depth
-            method = create_method(spec.method, **spec.params)
-            if CLS_ATTN in method.needs and not info.class_token:
-                raise UserError(
-                    f"{spec.method} ranks tokens by the class token's attention, and "
-                    f"{spec.model} has no class token; use merge, tome or random with it"
-                )
             try:
-                check_locations_fit(method.locations_for(depth), depth)
+                create_method(spec.method, **spec.params).check_fits(info)
             except UserError as err:
-                raise UserError(f"{spec.method} on {spec.model} ({depth} blocks): {err}") from None
+                raise UserError(
+                    f"{spec.method} on {spec.model} ({info.depth} blocks): {err}"
+                ) from None
     for spec in specs[:1]:  # the paths and device are shared by the whole grid
         check_paths(spec)
         if check_cuda and spec.device.startswith("cuda"):
@@ -389,93 +393,6 @@ def check_paths(spec: RunSpec) -> None:
         raise UserError(f"--checkpoint {ckpt} does not exist: pass a weights file or a URL")
 
 
-def find_model(name: str) -> None:
-    """Raise :class:`UserError` unless timm (or ppt-bench's digits model) knows ``name``."""
-    from ppt_bench.models import check_model_name, register_project_models
-
-    register_project_models()  # vit_digits_patch4_32
-    check_model_name(name)
-
-
-@dataclass(frozen=True)
-class ViTInfo:
-    """The shape of a patchable timm ViT.
-
-    Args:
-        name: timm model name.
-        depth: transformer blocks.
-        embed_dim: channels per token.
-        patch_tokens: patch tokens at the default input size.
-        prefix_tokens: class, distillation and register tokens.
-        class_token: whether one of them is a class token (methods that rank tokens by its
-            attention need one).
-    """
-
-    name: str
-    depth: int
-    embed_dim: int
-    patch_tokens: int
-    prefix_tokens: int
-    class_token: bool = True
-
-
-# timm modules whose models are VisionTransformer (sub)classes the patch may accept; "digits" is
-# ppt_bench.digits, which registers vit_digits_patch4_32.
-VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit", "digits")
-
-
-@cache
-def describe_vit(name: str) -> ViTInfo | None:
-    """The shape of a model the patch can reduce, or None for any other model.
-
-    The model is built on the meta device: no memory, no weights, tens of milliseconds.
-    """
-    import timm
-    import torch
-
-    from ppt_bench.errors import PatchError
-    from ppt_bench.methods.patch import check_patchable
-
-    find_model(name)
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(name, pretrained=False)
-        check_patchable(model)
-    except (PatchError, RuntimeError, NotImplementedError, TypeError, ValueError):
-        return None  # not a ViT, or a model that cannot even be built without weights
-    return ViTInfo(
-        name=name,
-        depth=len(model.blocks),
-        embed_dim=model.embed_dim,
-        patch_tokens=model.patch_embed.num_patches,
-        prefix_tokens=model.num_prefix_tokens,
-        class_token=getattr(model, "cls_token", None) is not None,
-    )
-
-
-def patchable_models(pattern: str, limit: int) -> tuple[list[ViTInfo], int]:
-    """Patchable timm ViTs matching ``pattern``: the first ``limit`` found, and the candidates.
-
-    Returns:
-        ``(models, candidates)``: at most ``limit`` models, and how many names matched in the
-        ViT modules (each checked only while fewer than ``limit`` were found).
-    """
-    import timm
-
-    from ppt_bench.models import register_project_models
-
-    register_project_models()
-    names = sorted({n for m in VIT_MODULES for n in timm.list_models(pattern, module=m)})
-    found = []
-    for name in names:
-        if len(found) == limit:
-            break
-        info = describe_vit(name)
-        if info is not None:
-            found.append(info)
-    return found, len(names)
-
-
 def grid_hash(specs: Iterable[RunSpec]) -> str:
     """A short hash of the runs in a grid (order-free), to name its Ray Tune experiment."""
     blob = ",".join(sorted(s.run_id for s in specs))
@@ -483,17 +400,13 @@ def grid_hash(specs: Iterable[RunSpec]) -> str:
 
 
 __all__ = [
-    "METRICS",
-    "RUNNERS",
     "MethodPlan",
     "SweepConfig",
     "build_config",
     "expand",
-    "find_model",
     "load_config",
     "parse_assignment",
     "parse_sweep",
     "parse_value",
-    "patchable_models",
     "validate",
 ]

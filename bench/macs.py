@@ -4,19 +4,20 @@ Both trace one forward at batch size 1 in fp32 on the CPU (MACs do not depend on
 fvcore skips ``aten::scaled_dot_product_attention`` unless told how to count it, so it gets a
 handler here; its "flops" count one multiply-accumulate as one, so its totals are MACs.
 
-For a method whose path depends on the image (ppt with ``branch="auto"``: prune or pool at each
-location), each distinct path is forced and counted once, then weighted by how many evaluated
-images took it.
+For a method whose path depends on the image (``Method.adaptive``: ppt with ``branch="auto"``
+prunes or pools at each location), each distinct path is forced (``Method.on_path``) and counted
+once, then weighted by how many evaluated images took it (``Method.paths``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import math
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from ppt_bench.methods import is_patched
 
-Path = tuple[bool, ...]  # per reduction location: True where the image is pooled
+Path = Hashable  # the path one image took through an adaptive method (``Method.paths``)
 
 
 def param_count(model: nn.Module) -> float:
@@ -72,20 +73,15 @@ def macs_fvcore(model: nn.Module, x: torch.Tensor) -> int:
 
 
 def is_adaptive(model: nn.Module) -> bool:
-    """Whether the patched model's path depends on the image (a method with ``branch="auto"``)."""
-    if not is_patched(model):
-        return False
-    plan = model.reduction_plan
-    return bool(plan.locations) and getattr(plan.method, "branch", None) == "auto"
+    """Whether the patched model's path depends on the image (:attr:`Method.adaptive`)."""
+    return is_patched(model) and model.reduction_plan.method.adaptive
 
 
 @contextlib.contextmanager
 def forced_path(model: nn.Module, path: Path) -> Iterator[nn.Module]:
-    """Temporarily force an adaptive model onto one path (pool where ``path`` is True)."""
+    """Temporarily force an adaptive model onto one path (:meth:`Method.on_path`)."""
     plan = model.reduction_plan
-    branch = tuple("pool" if p else "prune" for p in path)
-    method = dataclasses.replace(plan.method, branch=branch)
-    model.reduction_plan = dataclasses.replace(plan, method=method)
+    model.reduction_plan = dataclasses.replace(plan, method=plan.method.on_path(path))
     try:
         yield model
     finally:
@@ -96,7 +92,7 @@ def path_of(model: nn.Module, x: torch.Tensor) -> Path:
     """The path an adaptive model takes on a single image ``x [1, 3, H, W]``."""
     with torch.inference_mode():
         model(x)
-    return tuple(model.reduction_info.pooled[0].tolist())
+    return model.reduction_plan.method.paths(model.reduction_info)[0]
 
 
 def _path_macs(
@@ -121,7 +117,7 @@ def measure_macs(
     """``gmacs``, ``gmacs_fvcore``, ``gmacs_single_input`` (GMACs) and ``param_count`` (M).
 
     Args:
-        model: the model, patched or not; it is moved to the CPU in fp32.
+        model: the model, patched or not; a copy of it is counted on the CPU in fp32.
         input_size: ``(3, H, W)``.
         path_counts: for an adaptive model, images per path over the evaluated data (from
             :class:`ppt_bench.accuracy.TokenStats`); without it, the single input's path.
@@ -133,7 +129,7 @@ def measure_macs(
         ``gmacs_single_input`` is the path of one random input (the paper's figure); otherwise
         all three count one random input.
     """
-    model = model.float().cpu().eval()
+    model = copy.deepcopy(model).float().cpu().eval()
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, *input_size, generator=g)
     if not is_adaptive(model):

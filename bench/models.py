@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
-import importlib.util
 import logging
 import os
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
 import timm
@@ -21,7 +21,9 @@ import torch
 from timm.data import resolve_data_config
 from timm.models import clean_state_dict, get_pretrained_cfg, split_model_name_tag
 
-from ppt_bench.errors import UserError
+from ppt_bench.errors import PatchError, UserError
+from ppt_bench.methods.base import ViTInfo
+from ppt_bench.methods.patch import check_patchable, vit_info
 
 if TYPE_CHECKING:
     from torch import nn
@@ -35,9 +37,8 @@ STATE_DICT_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
 
 
 def register_project_models() -> None:
-    """Import the module that registers the project's own timm models, once it exists."""
-    if importlib.util.find_spec("ppt_bench.digits") is not None:
-        importlib.import_module("ppt_bench.digits")
+    """Register the project's own timm models (``vit_digits_patch4_32``)."""
+    importlib.import_module("ppt_bench.digits")
 
 
 def check_model_name(name: str) -> None:
@@ -176,3 +177,52 @@ def build_model(
         load_checkpoint(model, state_dict, checkpoint)
     model.eval()
     return model, resolve_data_config({}, model=model)
+
+
+# -- inspecting a model without building its weights ------------------------------------------
+
+
+def find_model(name: str) -> None:
+    """Raise :class:`UserError` unless timm (or ppt-bench's digits model) knows ``name``."""
+    register_project_models()  # vit_digits_patch4_32
+    check_model_name(name)
+
+
+# timm modules whose models are VisionTransformer (sub)classes the patch may accept; "digits" is
+# ppt_bench.digits, which registers vit_digits_patch4_32.
+VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit", "digits")
+
+
+@cache
+def describe_vit(name: str) -> ViTInfo | None:
+    """The shape of a model the patch can reduce, or None for any other model.
+
+    The model is built on the meta device: no memory, no weights, tens of milliseconds.
+    """
+    find_model(name)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+        check_patchable(model)
+    except (PatchError, RuntimeError, NotImplementedError, TypeError, ValueError):
+        return None  # not a ViT, or a model that cannot even be built without weights
+    return vit_info(model, name)
+
+
+def patchable_models(pattern: str, limit: int) -> tuple[list[ViTInfo], int]:
+    """Patchable timm ViTs matching ``pattern``: the first ``limit`` found, and the candidates.
+
+    Returns:
+        ``(models, candidates)``: at most ``limit`` models, and how many names matched in the
+        ViT modules (each checked only while fewer than ``limit`` were found).
+    """
+    register_project_models()
+    names = sorted({n for m in VIT_MODULES for n in timm.list_models(pattern, module=m)})
+    found = []
+    for name in names:
+        if len(found) == limit:
+            break
+        info = describe_vit(name)
+        if info is not None:
+            found.append(info)
+    return found, len(names)

@@ -31,7 +31,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def _label(row: pd.Series) -> str:
-    from ppt_bench.report import format_params
+    from ppt_bench.records import format_params
 
     params = format_params(row["params"])
     return f"{row['method']} {params}".strip()

@@ -1,8 +1,11 @@
 """The tidy results schema: one row per (run, metric), written atomically.
 
-Columns and metric names follow ARCHITECTURE.md "Records". A finished run is never lost: every
-write replaces the file with a complete copy (temporary file, fsync, rename), so a sweep killed
-between runs leaves a readable CSV with every finished row.
+Every results CSV has the columns of :data:`COLUMNS`, among them one per common method
+parameter (:data:`PARAM_COLUMNS`); any other parameter a run was given gets a column of its own,
+named after it and added after those, so a new method's parameters need no change here. Metric
+names and units come from the metric groups (:mod:`ppt_bench.metrics`). A finished run is never
+lost: every write replaces the file with a complete copy (temporary file, fsync, rename), so a
+sweep killed between runs leaves a readable CSV with every finished row.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 
     from ppt_bench.spec import RunSpec
 
+# Parameters that several methods share; each has a column in every results file.
 PARAM_COLUMNS = ("r", "locations", "threshold", "keep_rate")
 COLUMNS = (
     "run_id",
@@ -212,6 +216,7 @@ def make_rows(
             sort_keys=True,
         ),
         **{k: _cell(params.get(k)) for k in PARAM_COLUMNS},
+        **{k: _cell(v) for k, v in sorted(params.items()) if k not in COLUMNS},
         "batch_size": spec.batch_size if batch_size is None else batch_size,
         "device": spec.device,
         "device_name": env["device_name"],
@@ -237,16 +242,25 @@ def _number(value: float) -> float | str:
     return "" if math.isnan(value) else value
 
 
-def _to_csv(rows: Iterable[dict[str, Any]], header: bool) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
-    if header:
-        writer.writeheader()
+def header_for(rows: Iterable[dict[str, Any]], old: Sequence[str] = ()) -> tuple[str, ...]:
+    """The columns of a file holding ``rows`` (after the ``old`` header's rows): :data:`COLUMNS`
+    with the other parameter columns, old ones first, inserted after the common ones."""
+    extra = [c for c in old if c not in COLUMNS]
     for row in rows:
         missing = set(COLUMNS) - set(row)
         if missing:
             raise ValueError(f"row lacks columns {sorted(missing)}")
-        writer.writerow({k: row[k] for k in COLUMNS})
+        extra += [c for c in row if c not in COLUMNS and c not in extra]
+    cut = COLUMNS.index(PARAM_COLUMNS[-1]) + 1
+    return (*COLUMNS[:cut], *extra, *COLUMNS[cut:])
+
+
+def _to_csv(rows: Iterable[dict[str, Any]], columns: Sequence[str], header: bool) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", restval="")
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
     return buf.getvalue()
 
 
@@ -262,9 +276,11 @@ def append_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None
     """
     path = Path(path)
     old = _read_text(path, OUT_ADVICE) if path.exists() else ""
-    if old:
-        check_header(path, old.splitlines()[0], OUT_ADVICE)
-    text = old + _to_csv(rows, header=not old)
+    old_header = check_header(path, old.splitlines()[0], OUT_ADVICE) if old else ()
+    columns = header_for(rows, old_header)
+    if old and columns != old_header:  # a parameter without a column yet: widen the file
+        old = _to_csv(csv.DictReader(io.StringIO(old)), columns, header=True)
+    text = old + _to_csv(rows, columns, header=not old)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _replace(path, text)
@@ -311,11 +327,13 @@ def _read_text(path: Path, advice: str) -> str:
         raise UserError(f"results file {path} cannot be read ({reason}); {advice}") from None
 
 
-def check_header(path: Path, header_line: str, advice: str = OUT_ADVICE) -> None:
-    """Raise :class:`UserError` unless ``header_line`` is the header of a results CSV."""
-    header = next(csv.reader([header_line]), [])
-    if tuple(header) != COLUMNS:
+def check_header(path: Path, header_line: str, advice: str = OUT_ADVICE) -> tuple[str, ...]:
+    """The columns of a results CSV from its header line; :class:`UserError` unless it has every
+    column of :data:`COLUMNS`, in order (parameter columns may stand between them)."""
+    header = tuple(next(csv.reader([header_line]), []))
+    if tuple(c for c in header if c in COLUMNS) != COLUMNS:
         raise UserError(f"{path} is not a ppt-bench results CSV (its columns differ); {advice}")
+    return header
 
 
 def read_results(
@@ -348,3 +366,10 @@ def finished_run_ids(path: str | os.PathLike) -> set[str]:
         return set()
     df = read_results(p, advice=OUT_ADVICE)
     return set(df.loc[df["status"] == "ok", "run_id"].astype(str))
+
+
+def format_params(params: str) -> str:
+    """``{"locations": [3, 6], "r": 16}`` -> ``r=16, locations=[3, 6]`` (r first)."""
+    d = json.loads(params) if isinstance(params, str) and params else {}
+    order = sorted(d, key=lambda k: (k != "r", k))
+    return ", ".join(f"{k}={json.dumps(d[k])}" for k in order)

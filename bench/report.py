@@ -9,7 +9,6 @@ failed, the plots, and where every number came from.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 from collections.abc import Sequence
@@ -19,8 +18,10 @@ from typing import TYPE_CHECKING
 
 from tabulate import tabulate
 
+from ppt_bench import metrics
 from ppt_bench.errors import UserError, check_output_path
-from ppt_bench.records import read_results
+from ppt_bench.metrics import POOLED_COLUMN, Cells
+from ppt_bench.records import format_params, read_results
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -37,11 +38,6 @@ WHERE = (
     "ppt_bench_version",
     "git_sha",
 )
-POOLED = "pooled_frac_block_"
-POOLED_COLUMN = "pooled fraction (block: frac)"
-TOKENS = "tokens_block_"
-# What ``macs`` measures: the same on every device, dtype and compile mode.
-COST_METRICS = ("gmacs", "gmacs_fvcore", "gmacs_single_input", "param_count")
 _TEXT_COLUMNS = {"method", "params", *CONTEXT, POOLED_COLUMN}
 
 
@@ -75,61 +71,39 @@ def tidy_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return runs, failed
 
 
-def format_params(params: str) -> str:
-    """``{"locations": [3, 6], "r": 16}`` -> ``r=16, locations=[3, 6]`` (r first)."""
-    d = json.loads(params) if isinstance(params, str) and params else {}
-    order = sorted(d, key=lambda k: (k != "r", k))
-    return ", ".join(f"{k}={json.dumps(d[k])}" for k in order)
-
-
 def _varied(runs: pd.DataFrame, columns: Sequence[str]) -> list[str]:
     return [c for c in columns if c in runs and runs[c].astype(str).nunique() > 1]
 
 
-def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    if value is None or value != value:  # None or NaN
-        return ""
-    return f"{value:{spec}}{suffix}"
-
-
-def _mean(runs: pd.DataFrame, metric: str) -> float | None:
-    return runs[metric].mean() if metric in runs and runs[metric].notna().any() else None
-
-
-def _pooled(runs: pd.DataFrame) -> str:
-    cols = sorted((c for c in runs if c.startswith(POOLED)), key=lambda c: int(c[len(POOLED) :]))
-    parts = [f"{c[len(POOLED) :]}: {v:.2f}" for c in cols if (v := _mean(runs, c)) is not None]
-    return ", ".join(parts)
-
-
-def _last_tokens(runs: pd.DataFrame) -> float | None:
-    cols = [c for c in runs if c.startswith(TOKENS) and runs[c].notna().any()]
-    if not cols:
-        return None
-    return _mean(runs, max(cols, key=lambda c: int(c[len(TOKENS) :])))
-
-
 def model_table(runs: pd.DataFrame) -> str:
-    """The markdown table comparing every configuration of one model with its baseline."""
+    """The markdown table comparing every configuration of one model with its baseline.
+
+    Its columns after the method, parameters and varied context are those of each metric group
+    (:attr:`~ppt_bench.metrics.MetricGroup.report`), in the groups' order; a column with no
+    value in any row is left out.
+    """
     macs = _gmacs_by_config(runs)
     runs = _without_cost_only(runs)
     context = _varied(runs, CONTEXT)
     batch_sizes = _timed_batch_sizes(runs)
-    timed = "samples_per_sec" in runs and runs["samples_per_sec"].notna().any()
     groups = runs.groupby(["method", "params", *CONTEXT], sort=False, dropna=False)
     rows = []
-    for key, group in groups:
-        method, params, *ctx = key
+    for (method, params, *ctx), group in groups:
         base = _baseline(runs, dict(zip(CONTEXT, ctx, strict=True)))
-        gmacs = (macs.get((method, params)), macs.get(("baseline", "{}")))
-        row = _table_row(group, base, method, params, ctx, context, batch_sizes, timed, gmacs)
-        rows.append(row)
-    rows.sort(key=lambda r: (r["method"] != "baseline", r["method"], -(r.pop("_gmacs") or 0)))
-    header = list(rows[0])
-    drop = [h for h in header if all(r[h] == "" for r in rows) and h not in ("method", "params")]
-    header = [h for h in header if h not in drop]
+        gmacs = macs.get((method, params))
+        cells = Cells(group, base, batch_sizes, gmacs, macs.get(("baseline", "{}")))
+        row = {"method": method, "params": format_params(params)}
+        row.update({c: str(v) for c, v in zip(CONTEXT, ctx, strict=True) if c in context})
+        for metric_group in metrics.groups().values():
+            if metric_group.report is not None:
+                row.update(metric_group.report(cells))
+        rows.append((method != "baseline", method, -(gmacs or 0), row))
+    rows = [row for *_, row in sorted(rows, key=lambda r: r[:3])]
+    header = list(dict.fromkeys(h for r in rows for h in r))
+    keep = ("method", "params")
+    header = [h for h in header if h in keep or any(r.get(h, "") != "" for r in rows)]
     align = ["left" if h in _TEXT_COLUMNS else "right" for h in header]
-    table = [[r[h] for h in header] for r in rows]
+    table = [[r.get(h, "") for h in header] for r in rows]
     return tabulate(table, header, tablefmt="github", disable_numparse=True, colalign=align)
 
 
@@ -188,7 +162,7 @@ def _without_cost_only(runs: pd.DataFrame) -> pd.DataFrame:
     GMACs reach the other rows through :func:`_gmacs_by_config`. A configuration whose only
     runs counted MACs keeps them.
     """
-    info = {"run_id", *RUN_COLUMNS, "dataset", *COST_METRICS}
+    info = {"run_id", *RUN_COLUMNS, "dataset", *metrics.metrics_of(same_everywhere=True)}
     measured = runs[[c for c in runs if c not in info]].notna().any(axis=1)
     measured_elsewhere = measured.groupby([runs["method"], runs["params"]]).transform("any")
     return runs[measured | ~measured_elsewhere]
@@ -196,7 +170,7 @@ def _without_cost_only(runs: pd.DataFrame) -> pd.DataFrame:
 
 def _timed_batch_sizes(runs: pd.DataFrame) -> list[int]:
     """The batch sizes that speed was measured at (a MAC count's batch size says nothing)."""
-    speed = [c for c in ("samples_per_sec", "latency_p50_ms") if c in runs]
+    speed = [c for c in metrics.metrics_of(timing=True) if c in runs]
     timed = runs[runs[speed].notna().any(axis=1)]
     return sorted(timed["batch_size"].dropna().astype(int).unique())
 
@@ -206,41 +180,6 @@ def _baseline(runs: pd.DataFrame, ctx: dict[str, object]) -> pd.DataFrame:
     for col, value in ctx.items():
         base = base[base[col].astype(str) == str(value)]
     return base
-
-
-def _table_row(
-    group, base, method, params, ctx, context, batch_sizes, timed, gmacs
-) -> dict[str, str]:
-    top1, base_top1 = _mean(group, "top1"), _mean(base, "top1")
-    gmacs, base_gmacs = gmacs
-    row = {"method": method, "params": format_params(params)}
-    row.update({c: str(v) for c, v in zip(CONTEXT, ctx, strict=True) if c in context})
-    row["top-1 (%)"] = _fmt(top1, ".2f")
-    delta = None if top1 is None or base_top1 is None else top1 - base_top1
-    row["Δ top-1 (pp)"] = _fmt(delta, "+.2f")
-    row["agreement (%)"] = _fmt(_mean(group, "agreement_top1"), ".2f")
-    row["GMACs"] = _fmt(gmacs, ".3f")
-    ratio = None if gmacs is None or base_gmacs is None or not gmacs else base_gmacs / gmacs
-    row["MACs reduction (%)"] = _fmt(None if ratio is None else 100 * (1 - 1 / ratio), ".1f")
-    row["ideal speedup"] = _fmt(ratio, ".2f", "x")
-    for bs in batch_sizes if timed else []:
-        ips = _mean(group[group["batch_size"] == bs], "samples_per_sec")
-        base_ips = _mean(base[base["batch_size"] == bs], "samples_per_sec")
-        row[f"img/s @{bs}"] = _fmt(ips, ".1f")
-        speedup = None if ips is None or not base_ips else ips / base_ips
-        row[f"speedup @{bs}"] = _fmt(speedup, ".2f", "x")
-    if timed and batch_sizes:
-        # How much of the MAC reduction turned into speed at the largest batch.
-        top = row[f"speedup @{batch_sizes[-1]}"]
-        share = 100 * float(top[:-1]) / ratio if top and ratio else None
-        row[f"% of ideal @{batch_sizes[-1]}"] = _fmt(share, ".0f")
-    if "latency_p50_ms" in group and batch_sizes:
-        small = group[group["batch_size"] == batch_sizes[0]]
-        row[f"latency p50 @{batch_sizes[0]} (ms)"] = _fmt(_mean(small, "latency_p50_ms"), ".2f")
-    row["tokens out"] = _fmt(_last_tokens(group), ".1f")
-    row[POOLED_COLUMN] = _pooled(group)
-    row["_gmacs"] = gmacs
-    return row
 
 
 def failed_table(failed: pd.DataFrame) -> str:

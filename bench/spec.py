@@ -8,10 +8,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ppt_bench import metrics as metric_groups
+from ppt_bench.dtypes import DTYPES
 from ppt_bench.errors import UserError
 
-METRICS = ("accuracy", "macs", "throughput", "latency", "memory", "tokens")
-DTYPES = ("fp32", "fp16", "bf16")
 # "default", "reduce-overhead", "max-autotune": torch.compile modes; "cudagraph": the eager
 # forward captured in a CUDA graph (no compilation, no Python launch overhead).
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "cudagraph")
@@ -37,7 +37,8 @@ class RunSpec:
         compile: how the timed model runs, one of :data:`COMPILE_MODES`; ``True`` means
             ``"default"`` (``torch.compile``), ``False`` means ``"none"`` (eager).
         seed: seed for synthetic data and random methods.
-        metrics: subset of :data:`METRICS`; ``memory`` (peak CUDA memory) needs a CUDA device.
+        metrics: metric groups (:mod:`ppt_bench.metrics`); ``memory`` (peak CUDA memory) needs
+            a CUDA device.
         n_images: evaluate at most this many images (None: all).
         sweep: name of the sweep this run belongs to (not part of ``run_id``).
         workers: DataLoader workers (not part of ``run_id``).
@@ -65,9 +66,11 @@ class RunSpec:
             raise UserError("a run needs a model name, e.g. --model deit_small_patch16_224")
         create_method(self.method, **self.params)  # raises MethodError naming valid choices
         object.__setattr__(self, "metrics", tuple(self.metrics))
-        bad = [m for m in self.metrics if m not in METRICS]
+        bad = [m for m in self.metrics if m not in metric_groups.names()]
         if bad or not self.metrics:
-            raise UserError(f"unknown metrics {bad}: choose from {', '.join(METRICS)}")
+            raise UserError(
+                f"unknown metrics {bad}: choose from {', '.join(metric_groups.names())}"
+            )
         mode = {True: "default", False: "none"}.get(self.compile, self.compile)
         if mode not in COMPILE_MODES:
             raise UserError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
@@ -78,11 +81,12 @@ class RunSpec:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise UserError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
-        if "memory" in self.metrics and not self.device.startswith("cuda"):
-            raise UserError(
-                "the memory metric is peak CUDA memory: drop memory from --metrics or use "
-                "--device cuda"
-            )
+        for name in self.metrics:
+            if metric_groups.get(name).cuda_only and not self.device.startswith("cuda"):
+                raise UserError(
+                    f"the {name} metric is measured on CUDA only: drop {name} from --metrics "
+                    "or use --device cuda"
+                )
         for name in ("batch_size", "n_images"):
             value = getattr(self, name)
             if value is not None and (

@@ -9,7 +9,6 @@ with ``time.perf_counter``. A CUDA out-of-memory error retries at a smaller batc
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -22,11 +21,11 @@ import torch
 from timm.utils import decay_batch_step
 from torch import nn
 
+from ppt_bench.dtypes import amp_autocast
 from ppt_bench.errors import UserError
 
 _logger = logging.getLogger(__name__)
 
-AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # timm benchmark.py's defaults; override with PPT_BENCH_WARMUP / PPT_BENCH_ITERS.
 DEFAULT_WARMUP, DEFAULT_ITERS = 10, 40
 WARMUP_ENV, ITERS_ENV = "PPT_BENCH_WARMUP", "PPT_BENCH_ITERS"
@@ -58,13 +57,6 @@ class Latency:
     p50_ms: float
     p90_ms: float
     batch_size: int
-
-
-def amp_autocast(device: str | torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """Autocast to fp16 / bf16 on ``device``'s type; a no-op context for fp32."""
-    if dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=AMP_DTYPES[dtype])
 
 
 def iterations(warmup: int | None = None, iters: int | None = None) -> tuple[int, int]:

@@ -28,9 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ppt_bench.accuracy import evaluate_accuracy
 from ppt_bench.data import TolerantImageFolder, Transformed, collate_readable
+from ppt_bench.dtypes import DTYPES, amp_autocast
 from ppt_bench.errors import UserError, check_output_path
-from ppt_bench.spec import DTYPES
-from ppt_bench.throughput import amp_autocast
 
 if TYPE_CHECKING:
     import argparse

@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ppt_bench.errors import MethodError
+from ppt_bench.errors import MethodError, PatchError
+from ppt_bench.methods import ops
+from ppt_bench.methods.ops import Features, Reduced
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from ppt_bench.methods.patch import ReductionInfo
+
+# PPT's reduction blocks for a 12-block ViT, shared by the methods that reduce at fixed blocks.
+DEFAULT_LOCATIONS = (3, 6, 9)
 
 # What a method can ask the patch for at a reduction location.
 CLS_ATTN = "cls_attn"  # class-token attention row, [B, H, N]
@@ -27,41 +34,45 @@ VALUE_NORM = "value_norm"  # L2 norm of each token's value vector, [B, N]
 FEATURES = frozenset({CLS_ATTN, KEY_MEAN, VALUE_NORM})
 
 
-class Features(NamedTuple):
-    """Attention features of one block, computed only when a method needs them."""
+@dataclass(frozen=True)
+class ViTInfo:
+    """The shape of a patchable ViT: what a method needs to know to check that it fits.
 
-    cls_attn: torch.Tensor | None = None
-    key_mean: torch.Tensor | None = None
-    value_norm: torch.Tensor | None = None
-
-
-class Reduced(NamedTuple):
-    """Tokens after a reduction step.
-
-    ``pooled`` (bool ``[B]``) and ``score_var`` (``[B]``) are set by methods that choose a
-    branch per image (ppt); they are recorded per location after each forward.
+    Args:
+        name: model name.
+        depth: transformer blocks.
+        embed_dim: channels per token.
+        patch_tokens: patch tokens at the default input size.
+        prefix_tokens: class, distillation and register tokens.
+        class_token: whether one of them is a class token (methods that rank tokens by its
+            attention need one).
     """
 
-    x: torch.Tensor  # [B, N', C]
-    size: torch.Tensor  # [B, N', 1]
-    source: torch.Tensor | None = None  # [B, N', N0] when source tracking is on
-    pooled: torch.Tensor | None = None
-    score_var: torch.Tensor | None = None
+    name: str
+    depth: int
+    embed_dim: int
+    patch_tokens: int
+    prefix_tokens: int
+    class_token: bool = True
 
 
 @dataclass(frozen=True)
 class Method:
-    """Base class: subclasses are frozen dataclasses registered with ``@register_method``.
+    """Base class: subclasses are frozen dataclasses, listed in the registry's built-in table or
+    registered with ``@register_method`` / the ``ppt_bench.methods`` entry-point group.
 
     Class attributes:
-        name: registry name, set by ``register_method``.
+        name: registry name, set by the registry when the class is first loaded.
         description: one line for ``ppt-bench list``.
         needs: the :data:`FEATURES` this method reads at a location.
+        demo_grid: the main parameter and the values ``ppt-bench demo`` sweeps on its 12-block,
+            65-token digits model; None runs the method once with its defaults.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    demo_grid: ClassVar[tuple[str, tuple[Any, ...]] | None] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -77,6 +88,35 @@ class Method:
     def locations_for(self, depth: int) -> tuple[int, ...]:
         """Blocks (0-indexed) where this method reduces tokens in a model of ``depth`` blocks."""
         return ()
+
+    def check_fits(self, info: ViTInfo) -> None:
+        """Raise :class:`MethodError` with one line if this method cannot reduce ``info``'s model.
+
+        Used both by a sweep's early validation (on a model described without weights) and by
+        the patch. The base rules: a method that reads the class token's attention needs a class
+        token, and every location must name one of the model's blocks. Subclasses with rules of
+        their own extend this.
+        """
+        if CLS_ATTN in self.needs and not info.class_token:
+            raise PatchError(
+                f"{self.name} ranks tokens by the class token's attention, and {info.name} has "
+                "no class token; use a method that needs none (merge, tome, random)"
+            )
+        check_locations_fit(self.locations_for(info.depth), info.depth)
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the path through the model depends on the image (then MACs are counted per
+        path, see :meth:`paths` and :meth:`on_path`)."""
+        return False
+
+    def paths(self, info: ReductionInfo) -> list[Hashable]:
+        """The path each image of the last forward took, one hashable key per image."""
+        return []
+
+    def on_path(self, path: Hashable) -> Method:
+        """This method forced onto one path, so that the cost of that path can be counted."""
+        return self
 
     def reduce(
         self,
@@ -114,6 +154,46 @@ class Method:
         from ppt_bench.methods.patch import patch
 
         return patch(model, self, trace_source=trace_source, attn_impl=attn_impl)
+
+
+@dataclass(frozen=True)
+class FixedBudget(Method):
+    """Shared parameters of methods that remove ``r`` tokens at fixed blocks.
+
+    Args:
+        r: tokens removed per reduction block (at most ``(N - P) // 2`` at each).
+        locations: 0-indexed blocks where tokens are removed, after attention, before the MLP.
+    """
+
+    demo_grid = ("r", (8, 12, 16))
+    r: int = 50
+    locations: tuple[int, ...] = field(default=DEFAULT_LOCATIONS)
+
+    def validate(self) -> None:
+        check_int("r", self.r)
+        set_field(self, "locations", check_locations(self.locations))
+
+    def locations_for(self, depth: int) -> tuple[int, ...]:
+        return self.locations
+
+
+@dataclass(frozen=True)
+class ScorePrune(FixedBudget):
+    """Prune by a score: keep the patch tokens with the highest :meth:`scores` at each location.
+
+    ``prune``, ``topk`` and ``random`` differ only in their score.
+    """
+
+    def scores(
+        self, x: torch.Tensor, feats: Features, *, block: int, num_prefix: int
+    ) -> torch.Tensor:
+        """Scores ``[B, N - P]`` of the patch tokens of ``x [B, N, C]``; the highest are kept."""
+        raise NotImplementedError
+
+    def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
+        r = ops.max_reduction(x.shape[1], num_prefix, self.r)
+        scores = self.scores(x, feats, block=block, num_prefix=num_prefix)
+        return ops.prune_step(x, size, source, scores, r, num_prefix)
 
 
 # -- parameter checks shared by the methods ---------------------------------------------------

@@ -7,10 +7,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ppt_bench.methods.base import Method
-from ppt_bench.methods.registry import register_method
 
 
-@register_method("baseline")
 @dataclass(frozen=True)
 class Baseline(Method):
     """No token reduction; the model is returned untouched."""

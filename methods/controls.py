@@ -13,9 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import CLS_ATTN, Reduced, check_int
-from ppt_bench.methods.prune import FixedBudget, prune_step
-from ppt_bench.methods.registry import register_method
+from ppt_bench.methods.base import CLS_ATTN, ScorePrune, check_int
 
 # Keeps the (seed, block) pairs of any realistic depth apart when mixed into one seed.
 _SEED_STRIDE = 10_000
@@ -23,9 +21,8 @@ _SEED_STRIDE = 10_000
 _PRIME, _MIX = 2**31 - 1, 1_103_515_245
 
 
-@register_method("topk")
 @dataclass(frozen=True)
-class TopK(FixedBudget):
+class TopK(ScorePrune):
     """Keep the patch tokens with the highest class-token attention (mean over heads).
 
     Args:
@@ -36,10 +33,8 @@ class TopK(FixedBudget):
     description = "control: drop the r tokens the class token attends to least (no value norm)"
     needs = frozenset({CLS_ATTN})
 
-    def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
-        r = ops.max_reduction(x.shape[1], num_prefix, self.r)
-        scores = ops.cls_attention_mean(feats.cls_attn, num_prefix)  # [B, N - P]
-        return prune_step(x, size, source, scores, r, num_prefix)
+    def scores(self, x, feats, *, block, num_prefix) -> torch.Tensor:
+        return ops.cls_attention_mean(feats.cls_attn, num_prefix)
 
 
 def random_scores(
@@ -58,9 +53,8 @@ def random_scores(
     return h.to(torch.float64).div(_PRIME).to(torch.float32)
 
 
-@register_method("random")
 @dataclass(frozen=True)
-class RandomDrop(FixedBudget):
+class RandomDrop(ScorePrune):
     """Drop ``r`` random patch tokens per location.
 
     Args:
@@ -76,8 +70,6 @@ class RandomDrop(FixedBudget):
         super().validate()
         check_int("seed", self.seed)
 
-    def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
+    def scores(self, x, feats, *, block, num_prefix) -> torch.Tensor:
         B, N, _ = x.shape
-        r = ops.max_reduction(N, num_prefix, self.r)
-        scores = random_scores(B, N - num_prefix, self.seed, block, x.device)
-        return prune_step(x, size, source, scores, r, num_prefix)
+        return random_scores(B, N - num_prefix, self.seed, block, x.device)

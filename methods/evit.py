@@ -18,14 +18,13 @@ from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import (
     CLS_ATTN,
+    DEFAULT_LOCATIONS,
     Method,
     Reduced,
     check_float,
     check_locations,
     set_field,
 )
-from ppt_bench.methods.prune import DEFAULT_LOCATIONS
-from ppt_bench.methods.registry import register_method
 
 
 def num_kept(keep_rate: float, num_tokens: int, num_prefix: int) -> int:
@@ -78,7 +77,6 @@ def evit_step(
     )
 
 
-@register_method("evit")
 @dataclass(frozen=True)
 class EViT(Method):
     """EViT token reorganisation.
@@ -91,6 +89,7 @@ class EViT(Method):
 
     description = "EViT: keep the tokens the class token attends to, fuse the rest into one"
     needs = frozenset({CLS_ATTN})
+    demo_grid = ("keep_rate", (0.8, 0.65, 0.5))
     keep_rate: float = 0.7
     locations: tuple[int, ...] = field(default=DEFAULT_LOCATIONS)
     fuse: bool = True

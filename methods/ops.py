@@ -13,6 +13,28 @@ from typing import NamedTuple
 import torch
 
 
+class Features(NamedTuple):
+    """Attention features of one block, computed only when a method needs them."""
+
+    cls_attn: torch.Tensor | None = None  # class-token attention row, [B, H, N]
+    key_mean: torch.Tensor | None = None  # keys averaged over heads, [B, N, d]
+    value_norm: torch.Tensor | None = None  # value norm of each token, [B, N]
+
+
+class Reduced(NamedTuple):
+    """Tokens after a reduction step.
+
+    ``pooled`` (bool ``[B]``) and ``score_var`` (``[B]``) are set by methods that choose a
+    branch per image (ppt); they are recorded per location after each forward.
+    """
+
+    x: torch.Tensor  # [B, N', C]
+    size: torch.Tensor  # [B, N', 1]
+    source: torch.Tensor | None = None  # [B, N', N0] when source tracking is on
+    pooled: torch.Tensor | None = None
+    score_var: torch.Tensor | None = None
+
+
 def max_reduction(num_tokens: int, num_prefix: int, r: int) -> int:
     """How many tokens one bipartite or pruning step can remove: ``min(r, (N - P) // 2)``."""
     return max(0, min(r, (num_tokens - num_prefix) // 2))
@@ -232,3 +254,59 @@ def merge_weighted(
 def prop_attn_bias(size: torch.Tensor) -> torch.Tensor:
     """Proportional attention as an additive SDPA mask: ``log(size)`` per key, ``[B, 1, 1, N]``."""
     return size.log().transpose(1, 2)[:, None]
+
+
+# -- reduction steps shared by the methods ----------------------------------------------------
+
+
+def prune_step(
+    x: torch.Tensor,
+    size: torch.Tensor,
+    source: torch.Tensor | None,
+    scores: torch.Tensor,
+    r: int,
+    num_prefix: int,
+) -> Reduced:
+    """Drop the ``r`` patch tokens with the lowest ``scores [B, N - P]``; keep prefix tokens.
+
+    With ``r = 0`` the tokens stay as they are, in their order.
+    """
+    if r == 0:
+        return Reduced(x, size, source)
+    keep = keep_top(scores, x.shape[1] - num_prefix - r, num_prefix)  # [B, N - r]
+    return Reduced(
+        gather_tokens(x, keep),
+        gather_tokens(size, keep),
+        None if source is None else gather_tokens(source, keep),
+    )
+
+
+def pool_step(
+    x: torch.Tensor,
+    size: torch.Tensor,
+    source: torch.Tensor | None,
+    slots: torch.Tensor,
+    num_out: int,
+) -> Reduced:
+    """Reduce tokens into ``num_out`` output slots (``slots [B, N]``) by size-weighted averaging."""
+    x, size = pool(slots, num_out, x, size)
+    return Reduced(x, size, None if source is None else pool_source(slots, num_out, source))
+
+
+def merge_step(
+    x: torch.Tensor,
+    size: torch.Tensor,
+    source: torch.Tensor | None,
+    key_mean: torch.Tensor,
+    r: int,
+    num_prefix: int,
+) -> Reduced:
+    """Merge ``r`` patch tokens into their most similar partners (ToMe's bipartite matching on
+    ``key_mean [B, N, d]``, size-weighted average).
+
+    With ``r = 0`` the tokens stay as they are, in their order.
+    """
+    if r == 0:
+        return Reduced(x, size, source)
+    slots = merge_slots(bipartite_soft_matching(key_mean, r, num_prefix), x.shape[1])
+    return pool_step(x, size, source, slots, x.shape[1] - r)

@@ -21,14 +21,7 @@ from torch import nn
 
 from ppt_bench.errors import PatchError
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import (
-    CLS_ATTN,
-    KEY_MEAN,
-    VALUE_NORM,
-    Features,
-    Method,
-    check_locations_fit,
-)
+from ppt_bench.methods.base import CLS_ATTN, KEY_MEAN, VALUE_NORM, Features, Method, ViTInfo
 
 # "fast": fused SDPA, the proportional-attention bias as an additive mask; "fold": fused SDPA
 # with the bias carried in an extra query/key channel, so that no mask is needed (blocks with
@@ -301,6 +294,18 @@ def check_patchable(model: nn.Module) -> None:
             )
 
 
+def vit_info(model: nn.Module, name: str | None = None) -> ViTInfo:
+    """The shape of a patchable model (:func:`check_patchable`), for :meth:`Method.check_fits`."""
+    return ViTInfo(
+        name=name or getattr(model, "default_cfg", {}).get("architecture") or type(model).__name__,
+        depth=len(model.blocks),
+        embed_dim=model.embed_dim,
+        patch_tokens=model.patch_embed.num_patches,
+        prefix_tokens=model.num_prefix_tokens,
+        class_token=getattr(model, "cls_token", None) is not None,
+    )
+
+
 def patch(
     model: nn.Module, method: Method, *, trace_source: bool = False, attn_impl: str = "fast"
 ) -> nn.Module:
@@ -308,19 +313,13 @@ def patch(
 
     Raises:
         PatchError: the model is not a timm ``VisionTransformer`` built from standard blocks.
-        MethodError: the method's locations do not fit the model's depth.
+        MethodError: the method does not fit the model (:meth:`Method.check_fits`).
     """
     if attn_impl not in ATTN_IMPLS:
         raise PatchError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
     check_patchable(model)
-    if CLS_ATTN in method.needs and getattr(model, "cls_token", None) is None:
-        raise PatchError(
-            f"{method.name} ranks tokens by the class token's attention, and this model has no "
-            "class token; use a method that needs none (merge, tome, random)"
-        )
-    depth = len(model.blocks)
-    locations = method.locations_for(depth)
-    check_locations_fit(locations, depth)
+    method.check_fits(vit_info(model))
+    locations = method.locations_for(len(model.blocks))
     model.__class__ = _reducing_class(type(model))
     model.reduction_plan = ReductionPlan(
         method=method,

@@ -10,22 +10,34 @@ batch split.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Hashable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import CLS_ATTN, KEY_MEAN, VALUE_NORM, Reduced, check_float, set_field
-from ppt_bench.methods.merge import merge_step, pool_step
-from ppt_bench.methods.prune import FixedBudget, ats_scores, prune_step
-from ppt_bench.methods.registry import register_method
+from ppt_bench.methods.base import (
+    CLS_ATTN,
+    KEY_MEAN,
+    VALUE_NORM,
+    FixedBudget,
+    Method,
+    Reduced,
+    check_float,
+    set_field,
+)
+from ppt_bench.methods.prune import ats_scores
+
+if TYPE_CHECKING:
+    from ppt_bench.methods.patch import ReductionInfo
 
 BRANCHES = ("auto", "prune", "pool")
 
 
-@register_method("ppt")
 @dataclass(frozen=True)
 class PPT(FixedBudget):
     """Adaptive pruning and pooling.
@@ -60,6 +72,21 @@ class PPT(FixedBudget):
             )
         set_field(self, "branch", branches[0] if len(branches) == 1 else branches)
 
+    @property
+    def adaptive(self) -> bool:
+        """Each image chooses its branch at each location (``branch="auto"``)."""
+        return self.branch == "auto" and bool(self.locations)
+
+    def paths(self, info: ReductionInfo) -> list[Hashable]:
+        """Per image, one flag per location: True where it was pooled."""
+        if info.pooled is None:
+            return []
+        return [tuple(row) for row in info.pooled.tolist()]
+
+    def on_path(self, path: Hashable) -> Method:
+        """Pool where ``path`` is True, prune elsewhere."""
+        return dataclasses.replace(self, branch=tuple("pool" if p else "prune" for p in path))
+
     def branch_at(self, block: int) -> str:
         if isinstance(self.branch, str):
             return self.branch
@@ -72,12 +99,12 @@ class PPT(FixedBudget):
         branch = self.branch_at(block)
         if branch == "prune" or (branch == "auto" and self.threshold == 0.0):
             pooled = torch.zeros_like(score_var, dtype=torch.bool)
-            return prune_step(x, size, source, scores, r, num_prefix)._replace(
+            return ops.prune_step(x, size, source, scores, r, num_prefix)._replace(
                 pooled=pooled, score_var=score_var
             )
         if branch == "pool" or (branch == "auto" and math.isinf(self.threshold)):
             pooled = torch.ones_like(score_var, dtype=torch.bool)
-            return merge_step(x, size, source, feats.key_mean, r, num_prefix)._replace(
+            return ops.merge_step(x, size, source, feats.key_mean, r, num_prefix)._replace(
                 pooled=pooled, score_var=score_var
             )
         # Both branches remove r tokens: each image picks its output slots, one pass reduces all.
@@ -90,4 +117,6 @@ class PPT(FixedBudget):
         slots = torch.where(
             pooled[:, None], ops.merge_slots(matching, N), ops.prune_slots(keep, N)
         )  # [B, N]
-        return pool_step(x, size, source, slots, N - r)._replace(pooled=pooled, score_var=score_var)
+        return ops.pool_step(x, size, source, slots, N - r)._replace(
+            pooled=pooled, score_var=score_var
+        )

@@ -1,6 +1,6 @@
 """ToMe: Token Merging (arXiv 2210.09461), bipartite soft matching in every block.
 
-The merge step is PPT's pooling branch (:func:`ppt_bench.methods.merge.merge_step`); what ToMe
+The merge step is PPT's pooling branch (:func:`ppt_bench.methods.ops.merge_step`); what ToMe
 adds is the schedule: how many tokens each block merges away. The schedule forms follow ToMe's
 ``parse_r``: a constant ``r``, an ``(r, inflection)`` pair, or one ``r`` per block.
 """
@@ -16,8 +16,6 @@ from typing import TYPE_CHECKING, Any
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import KEY_MEAN, Method, Reduced, check_int, set_field
-from ppt_bench.methods.merge import merge_step
-from ppt_bench.methods.registry import register_method
 
 if TYPE_CHECKING:
     from torch import nn
@@ -99,7 +97,6 @@ def per_block_r(r: Schedule, depth: int) -> tuple[int, ...]:
     return (*r[:depth], *(0,) * (depth - len(r)))
 
 
-@register_method("tome")
 @dataclass(frozen=True)
 class ToMe(Method):
     """Token Merging in every block, with ToMe's schedules.
@@ -115,6 +112,7 @@ class ToMe(Method):
 
     description = "ToMe: bipartite merging of similar tokens in every block (r schedule)"
     needs = frozenset({KEY_MEAN})
+    demo_grid = ("r", (2, 3, 4))
     r: Schedule = 13
     prop_attn: bool = True
 
@@ -148,4 +146,4 @@ class ToMe(Method):
         r = ops.max_reduction(x.shape[1], num_prefix, requested)
         if r == 0:  # too few tokens left to match (ToMe's early return)
             return Reduced(x, size, source)
-        return merge_step(x, size, source, feats.key_mean, r, num_prefix)
+        return ops.merge_step(x, size, source, feats.key_mean, r, num_prefix)

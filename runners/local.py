@@ -32,7 +32,7 @@ class LocalRunner:
         bar = tqdm(todo, desc="runs", unit="run", disable=not self.progress or not todo)
         for spec in bar:
             bar.set_postfix_str(f"{spec.model} {spec.method} bs={spec.batch_size}", refresh=False)
-            rows = run_one(spec)
+            rows = run_one(spec, self.progress)
             append_rows(self.out_csv, rows)
             summary.add(rows)
         return summary

@@ -25,13 +25,12 @@ import ray
 from ray import tune
 from tqdm.auto import tqdm
 
+from ppt_bench import metrics
 from ppt_bench.errors import UserError
 from ppt_bench.records import append_rows, finished_run_ids
 from ppt_bench.runners.base import SweepSummary, environ, pending, run_one
 from ppt_bench.spec import RunSpec
 
-# Metrics whose values depend on having the device to themselves.
-TIMING_METRICS = frozenset({"throughput", "latency", "memory"})
 ROWS_KEY = "ppt_bench_rows"
 _DONE_MARKER = ".ppt-bench-complete"
 
@@ -53,14 +52,16 @@ class TrialResources:
         """Ray resources of the trial for one spec dict (``RunSpec.to_dict``)."""
         if not str(spec["device"]).startswith("cuda"):
             return {"CPU": self.cpus}
-        timing = TIMING_METRICS & set(spec["metrics"])
-        return {"CPU": self.cpus, "GPU": 1.0 if timing else self.gpu_fraction}
+        whole = metrics.timing(spec["metrics"])  # timings need the device to themselves
+        return {"CPU": self.cpus, "GPU": 1.0 if whole else self.gpu_fraction}
 
 
-def _trial(config: dict[str, Any], skip: frozenset[str] = frozenset()) -> None:
+def _trial(
+    config: dict[str, Any], skip: frozenset[str] = frozenset(), progress: bool = True
+) -> None:
     """The Tune trainable: evaluate one spec and report its rows."""
     spec = RunSpec.from_dict(config["run"]["spec"])
-    rows = [] if spec.run_id in skip else run_one(spec)
+    rows = [] if spec.run_id in skip else run_one(spec, progress)
     tune.report({ROWS_KEY: json.dumps(rows, default=str)})
 
 
@@ -228,7 +229,7 @@ class RayRunner:
         return tune.Tuner.can_restore(exp_dir) and not (exp_dir / _DONE_MARKER).exists()
 
     def _trainable(self, skip: frozenset[str]):
-        trainable = tune.with_parameters(_trial, skip=skip)
+        trainable = tune.with_parameters(_trial, skip=skip, progress=self.progress)
         return tune.with_resources(trainable, _resources(self.resources))
 
     def _run_config(self, exp_dir: Path, summary: SweepSummary, total: int) -> tune.RunConfig:

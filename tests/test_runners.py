@@ -34,7 +34,7 @@ def fake_evaluate(monkeypatch):
     """``evaluate`` that fails for r=99 and records the specs it was called with."""
     seen = []
 
-    def evaluate(s):
+    def evaluate(s, **options):
         seen.append(s)
         if s.params.get("r") == 99:
             raise RuntimeError("boom\nsecond line")
@@ -52,7 +52,7 @@ def test_local_runner_appends_each_run_and_goes_on_after_a_failure(
     rows_seen_before_last = []
     fake = evaluate_module.evaluate
 
-    def evaluate(s):
+    def evaluate(s, **options):
         if s is specs[-1]:
             rows_seen_before_last.extend(read_results(out)["run_id"])
         return fake(s)

@@ -1,0 +1,348 @@
+"""Metric groups: what ``--metrics`` can ask for, each defined once.
+
+A :class:`MetricGroup` names the rows it writes (metric -> unit), says what it needs (a pass over
+the data, the device to itself, a CUDA device), measures one run, and says which columns the
+report shows for it. ``RunSpec`` validation, the CLI's ``--metrics`` help, Ray's resource
+requests, the records' units and the report's table all read the groups from here.
+
+Third-party groups register with :func:`register_metric_group` or through the entry-point group
+``ppt_bench.metrics`` (``name = "package.module:GROUP"``, a :class:`MetricGroup` object).
+
+>>> register_metric_group(MetricGroup(
+...     "energy", {"joules": "J"}, measure=lambda run: {"joules": read_meter(run.model)},
+...     report=mean_columns(("energy (J)", "joules", ".1f"))))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any
+
+from ppt_bench.errors import UserError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from ppt_bench.evaluate import RunContext
+
+ENTRY_POINT_GROUP = "ppt_bench.metrics"
+
+
+@dataclass(frozen=True)
+class Cells:
+    """What a report column sees: one configuration's runs and the matching baseline's.
+
+    Attributes:
+        runs: the configuration's runs (one row per run, one column per metric).
+        base: the baseline runs of the same model, device, dtype, compile mode and data.
+        batch_sizes: the batch sizes speed was measured at, ascending.
+        gmacs: mean GMACs of this method and parameters, from any run that counted them.
+        base_gmacs: the same for the baseline.
+    """
+
+    runs: pd.DataFrame
+    base: pd.DataFrame
+    batch_sizes: list[int]
+    gmacs: float | None = None
+    base_gmacs: float | None = None
+
+    @staticmethod
+    def mean(runs: pd.DataFrame, metric: str) -> float | None:
+        """The mean of ``metric`` over ``runs``, None where it was not measured."""
+        return runs[metric].mean() if metric in runs and runs[metric].notna().any() else None
+
+    @staticmethod
+    def at(runs: pd.DataFrame, batch_size: int) -> pd.DataFrame:
+        return runs[runs["batch_size"] == batch_size]
+
+    @property
+    def ideal_speedup(self) -> float | None:
+        """Baseline MACs over this configuration's: the speedup if time followed MACs."""
+        if not self.gmacs or self.base_gmacs is None:
+            return None
+        return self.base_gmacs / self.gmacs
+
+
+def fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    """A table cell: ``value`` formatted, '' for None or NaN."""
+    if value is None or value != value:
+        return ""
+    return f"{value:{spec}}{suffix}"
+
+
+Columns = Callable[[Cells], dict[str, str]]
+
+
+def mean_columns(*columns: tuple[str, str, str]) -> Columns:
+    """Report columns that show a metric's mean: ``(header, metric, format spec)`` each."""
+    return lambda c: {h: fmt(c.mean(c.runs, m), spec) for h, m, spec in columns}
+
+
+@dataclass(frozen=True)
+class MetricGroup:
+    """One ``--metrics`` choice.
+
+    Args:
+        name: the choice (``accuracy``).
+        units: metric name -> unit of the rows it writes; a name ending in ``_`` is a prefix
+            (``tokens_block_`` covers ``tokens_block_0``, ``tokens_block_1``, ...).
+        measure: one run's metrics from its :class:`~ppt_bench.evaluate.RunContext`.
+        report: the report's columns for one configuration (header -> cell), or None.
+        needs_data: reads images (a pass over ``--data``), not only synthetic timing input.
+        timing: needs the device to itself (Ray gives such a trial a whole GPU).
+        cuda_only: has no meaning on a CPU.
+        same_everywhere: its values do not depend on device, dtype, compile mode or batch size,
+            so the report takes them from any run of the same method and parameters.
+        help: one line for ``--help``.
+    """
+
+    name: str
+    units: Mapping[str, str]
+    measure: Callable[[RunContext], dict[str, float]]
+    report: Columns | None = None
+    needs_data: bool = False
+    timing: bool = False
+    cuda_only: bool = False
+    same_everywhere: bool = False
+    help: str = ""
+
+    def unit_of(self, metric: str) -> str | None:
+        if metric in self.units:
+            return self.units[metric]
+        prefixes = (p for p in self.units if p.endswith("_") and metric.startswith(p))
+        return next((self.units[p] for p in prefixes), None)
+
+
+_GROUPS: dict[str, MetricGroup] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register_metric_group(group: MetricGroup) -> MetricGroup:
+    """Add a metric group; a second, different group under a taken name is an error."""
+    current = _GROUPS.get(group.name)
+    if current is not None and current is not group:
+        raise UserError(f"metric group {group.name!r} is already registered")
+    _GROUPS[group.name] = group
+    return group
+
+
+def groups() -> dict[str, MetricGroup]:
+    """Every metric group by name, built-in ones first, in the order the report shows them."""
+    global _ENTRY_POINTS_LOADED
+    if not _ENTRY_POINTS_LOADED:
+        _ENTRY_POINTS_LOADED = True
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            register_metric_group(ep.load())
+    return _GROUPS
+
+
+def names() -> tuple[str, ...]:
+    return tuple(groups())
+
+
+def get(name: str) -> MetricGroup:
+    """The group called ``name``; :class:`UserError` naming the valid choices otherwise."""
+    group = groups().get(name)
+    if group is None:
+        raise UserError(f"unknown metrics [{name!r}]: choose from {', '.join(groups())}")
+    return group
+
+
+def unit_of(metric: str) -> str:
+    """The unit of a metric name written by any group, per-block metrics included."""
+    for group in groups().values():
+        unit = group.unit_of(metric)
+        if unit is not None:
+            return unit
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def timing(metrics: Any) -> bool:
+    """Whether any of the named groups needs the device to itself."""
+    return any(get(m).timing for m in metrics)
+
+
+def metrics_of(*, timing: bool | None = None, same_everywhere: bool | None = None) -> list[str]:
+    """Metric names (prefixes included) of the groups with the given flags."""
+    chosen = [
+        g
+        for g in groups().values()
+        if (timing is None or g.timing == timing)
+        and (same_everywhere is None or g.same_everywhere == same_everywhere)
+    ]
+    return [m for g in chosen for m in g.units]
+
+
+# -- the built-in groups ----------------------------------------------------------------------
+
+
+def _measure_accuracy(run: RunContext) -> dict[str, float]:
+    return run.data_pass().metrics(labeled=run.labeled)
+
+
+def _accuracy_columns(c: Cells) -> dict[str, str]:
+    top1, base_top1 = c.mean(c.runs, "top1"), c.mean(c.base, "top1")
+    delta = None if top1 is None or base_top1 is None else top1 - base_top1
+    return {
+        "top-1 (%)": fmt(top1, ".2f"),
+        "Δ top-1 (pp)": fmt(delta, "+.2f"),
+        "agreement (%)": fmt(c.mean(c.runs, "agreement_top1"), ".2f"),
+    }
+
+
+def _measure_macs(run: RunContext) -> dict[str, float]:
+    from ppt_bench.macs import is_adaptive, measure_macs
+
+    paths = run.data_pass().tokens.paths if is_adaptive(run.model) else None
+    return measure_macs(run.model, run.input_size, paths, run.spec.seed, run.progress)
+
+
+def _macs_columns(c: Cells) -> dict[str, str]:
+    ratio = c.ideal_speedup
+    return {
+        "GMACs": fmt(c.gmacs, ".3f"),
+        "MACs reduction (%)": fmt(None if ratio is None else 100 * (1 - 1 / ratio), ".1f"),
+        "ideal speedup": fmt(ratio, ".2f", "x"),
+    }
+
+
+def _measure_throughput(run: RunContext) -> dict[str, float]:
+    speed = run.speed()
+    out = {"samples_per_sec": speed.samples_per_sec}
+    if speed.cpu_threads is not None:
+        out["cpu_threads"] = speed.cpu_threads
+    return out
+
+
+def _throughput_columns(c: Cells) -> dict[str, str]:
+    out, speedup = {}, None
+    for bs in c.batch_sizes:
+        ips = c.mean(c.at(c.runs, bs), "samples_per_sec")
+        base_ips = c.mean(c.at(c.base, bs), "samples_per_sec")
+        speedup = None if ips is None or not base_ips else ips / base_ips
+        out[f"img/s @{bs}"] = fmt(ips, ".1f")
+        out[f"speedup @{bs}"] = fmt(speedup, ".2f", "x")
+    if c.batch_sizes:  # how much of the MAC reduction became speed at the largest batch
+        ideal = c.ideal_speedup
+        share = None if speedup is None or not ideal else 100 * speedup / ideal
+        out[f"% of ideal @{c.batch_sizes[-1]}"] = fmt(share, ".0f")
+    return out
+
+
+def _measure_memory(run: RunContext) -> dict[str, float]:
+    peak = run.speed().peak_mem_mb
+    return {} if peak is None else {"peak_mem_mb": peak}
+
+
+def _measure_latency(run: RunContext) -> dict[str, float]:
+    latency = run.latency()
+    return {"latency_p50_ms": latency.p50_ms, "latency_p90_ms": latency.p90_ms}
+
+
+def _latency_columns(c: Cells) -> dict[str, str]:
+    if not c.batch_sizes:
+        return {}
+    small = c.at(c.runs, c.batch_sizes[0])
+    return {f"latency p50 @{c.batch_sizes[0]} (ms)": fmt(c.mean(small, "latency_p50_ms"), ".2f")}
+
+
+TOKENS, POOLED = "tokens_block_", "pooled_frac_block_"
+POOLED_COLUMN = "pooled fraction (block: frac)"
+
+
+def _measure_tokens(run: RunContext) -> dict[str, float]:
+    return run.data_pass().tokens.metrics()
+
+
+def _per_block(runs: pd.DataFrame, prefix: str) -> list[tuple[int, str]]:
+    """``(block, column)`` of the per-block metric columns with a value, by block."""
+    cols = [c for c in runs if c.startswith(prefix) and runs[c].notna().any()]
+    return sorted((int(c[len(prefix) :]), c) for c in cols)
+
+
+def _tokens_columns(c: Cells) -> dict[str, str]:
+    blocks = _per_block(c.runs, TOKENS)
+    pooled = ", ".join(f"{b}: {c.mean(c.runs, col):.2f}" for b, col in _per_block(c.runs, POOLED))
+    return {
+        "tokens out": fmt(c.mean(c.runs, blocks[-1][1]) if blocks else None, ".1f"),
+        POOLED_COLUMN: pooled,
+    }
+
+
+for _group in (
+    MetricGroup(
+        "accuracy",
+        {
+            "top1": "%",
+            "top5": "%",
+            "loss": "",
+            "agreement_top1": "%",
+            "kl": "",
+            "unreadable_images": "",
+        },
+        _measure_accuracy,
+        _accuracy_columns,
+        needs_data=True,
+        help="top-1, top-5, loss; agreement and KL against the unreduced model",
+    ),
+    MetricGroup(
+        "macs",
+        {
+            "gmacs": "GMACs",
+            "gmacs_fvcore": "GMACs",
+            "gmacs_single_input": "GMACs",
+            "param_count": "M",
+        },
+        _measure_macs,
+        _macs_columns,
+        same_everywhere=True,
+        help="multiply-accumulates (torchprofile, fvcore) and parameters",
+    ),
+    MetricGroup(
+        "throughput",
+        {"samples_per_sec": "img/s", "cpu_threads": ""},
+        _measure_throughput,
+        _throughput_columns,
+        timing=True,
+        help="images/s after warm-up",
+    ),
+    MetricGroup(
+        "latency",
+        {"latency_p50_ms": "ms", "latency_p90_ms": "ms"},
+        _measure_latency,
+        _latency_columns,
+        timing=True,
+        help="p50/p90 ms per batch",
+    ),
+    MetricGroup(
+        "memory",
+        {"peak_mem_mb": "MiB"},
+        _measure_memory,
+        timing=True,
+        cuda_only=True,
+        help="peak CUDA memory",
+    ),
+    MetricGroup(
+        "tokens",
+        {TOKENS: "tokens", POOLED: ""},
+        _measure_tokens,
+        _tokens_columns,
+        needs_data=True,
+        help="tokens after every block; ppt's pooled fraction per location",
+    ),
+):
+    register_metric_group(_group)
+
+__all__ = [
+    "Cells",
+    "MetricGroup",
+    "fmt",
+    "get",
+    "groups",
+    "mean_columns",
+    "names",
+    "register_metric_group",
+    "unit_of",
+]
