@@ -112,12 +112,20 @@ def parse_value(text: str, flag: str = "value") -> Any:
         return text
 
 
-def parse_assignment(text: str, flag: str) -> tuple[str, Any]:
-    """Split ``KEY=VALUE`` and read the value with :func:`parse_value`."""
+def parse_assignment(text: str, flag: str, usage: str | None = None) -> tuple[str, Any]:
+    """Split ``KEY=VALUE`` and read the value with :func:`parse_value`: the one reader of
+    ``KEY=VALUE`` items (``run --param``, ``train --param``, ``visualize --method``).
+
+    Args:
+        text: the item.
+        flag: the flag it came with, for messages.
+        usage: what the flag expects, for the message of a malformed item.
+    """
     key, sep, value = text.partition("=")
     key = key.strip()
     if not sep or not key or not value.strip():
-        raise UserError(f"{flag} expects KEY=VALUE (e.g. {flag} r=50), got {text!r}")
+        usage = usage or f"KEY=VALUE (e.g. {flag} r=50)"
+        raise UserError(f"{flag} expects {usage}, got {text!r}")
     return key, parse_value(value.strip(), f"{flag} {key}:")
 
 

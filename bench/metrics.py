@@ -95,7 +95,7 @@ class MetricGroup:
         cuda_only: has no meaning on a CPU.
         same_everywhere: its values do not depend on device, dtype, compile mode or batch size,
             so the report takes them from any run of the same method and parameters.
-        help: one line for ``--help``.
+        help: one line for ``--help`` (default: the first line of ``measure``'s docstring).
     """
 
     name: str
@@ -107,6 +107,10 @@ class MetricGroup:
     cuda_only: bool = False
     same_everywhere: bool = False
     help: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.help and self.measure.__doc__:
+            object.__setattr__(self, "help", self.measure.__doc__.strip().splitlines()[0])
 
     def unit_of(self, metric: str) -> str | None:
         if metric in self.units:
@@ -179,6 +183,7 @@ def metrics_of(*, timing: bool | None = None, same_everywhere: bool | None = Non
 
 
 def _measure_accuracy(run: RunContext) -> dict[str, float]:
+    """top-1, top-5, loss; agreement and KL against the unreduced model"""
     return run.data_pass().metrics(labeled=run.labeled)
 
 
@@ -192,7 +197,22 @@ def _accuracy_columns(c: Cells) -> dict[str, str]:
     }
 
 
+ACCURACY_UNITS = {
+    "top1": "%",
+    "top5": "%",
+    "loss": "",
+    "agreement_top1": "%",
+    "kl": "",
+    "unreadable_images": "",
+}
+ACCURACY = MetricGroup(
+    "accuracy", ACCURACY_UNITS, _measure_accuracy, _accuracy_columns, needs_data=True
+)
+register_metric_group(ACCURACY)
+
+
 def _measure_macs(run: RunContext) -> dict[str, float]:
+    """multiply-accumulates (torchprofile, fvcore) and parameters"""
     from ppt_bench.macs import is_adaptive, measure_macs
 
     paths = run.data_pass().tokens.paths if is_adaptive(run.model) else None
@@ -208,7 +228,18 @@ def _macs_columns(c: Cells) -> dict[str, str]:
     }
 
 
+MACS_UNITS = {
+    "gmacs": "GMACs",
+    "gmacs_fvcore": "GMACs",
+    "gmacs_single_input": "GMACs",
+    "param_count": "M",
+}
+MACS = MetricGroup("macs", MACS_UNITS, _measure_macs, _macs_columns, same_everywhere=True)
+register_metric_group(MACS)
+
+
 def _measure_throughput(run: RunContext) -> dict[str, float]:
+    """images/s after warm-up"""
     speed = run.speed()
     out = {"samples_per_sec": speed.samples_per_sec}
     if speed.cpu_threads is not None:
@@ -231,12 +262,15 @@ def _throughput_columns(c: Cells) -> dict[str, str]:
     return out
 
 
-def _measure_memory(run: RunContext) -> dict[str, float]:
-    peak = run.speed().peak_mem_mb
-    return {} if peak is None else {"peak_mem_mb": peak}
+THROUGHPUT_UNITS = {"samples_per_sec": "img/s", "cpu_threads": ""}
+THROUGHPUT = MetricGroup(
+    "throughput", THROUGHPUT_UNITS, _measure_throughput, _throughput_columns, timing=True
+)
+register_metric_group(THROUGHPUT)
 
 
 def _measure_latency(run: RunContext) -> dict[str, float]:
+    """p50/p90 ms per batch"""
     latency = run.latency()
     return {"latency_p50_ms": latency.p50_ms, "latency_p90_ms": latency.p90_ms}
 
@@ -248,11 +282,28 @@ def _latency_columns(c: Cells) -> dict[str, str]:
     return {f"latency p50 @{c.batch_sizes[0]} (ms)": fmt(c.mean(small, "latency_p50_ms"), ".2f")}
 
 
+LATENCY_UNITS = {"latency_p50_ms": "ms", "latency_p90_ms": "ms"}
+LATENCY = MetricGroup("latency", LATENCY_UNITS, _measure_latency, _latency_columns, timing=True)
+register_metric_group(LATENCY)
+
+
+def _measure_memory(run: RunContext) -> dict[str, float]:
+    """peak CUDA memory"""
+    peak = run.speed().peak_mem_mb
+    return {} if peak is None else {"peak_mem_mb": peak}
+
+
+MEMORY_UNITS = {"peak_mem_mb": "MiB"}
+MEMORY = MetricGroup("memory", MEMORY_UNITS, _measure_memory, None, timing=True, cuda_only=True)
+register_metric_group(MEMORY)
+
+
 TOKENS, POOLED = "tokens_block_", "pooled_frac_block_"
 POOLED_COLUMN = "pooled fraction (block: frac)"
 
 
 def _measure_tokens(run: RunContext) -> dict[str, float]:
+    """tokens after every block; ppt's pooled fraction per location"""
     return run.data_pass().tokens.metrics()
 
 
@@ -271,69 +322,12 @@ def _tokens_columns(c: Cells) -> dict[str, str]:
     }
 
 
-for _group in (
-    MetricGroup(
-        "accuracy",
-        {
-            "top1": "%",
-            "top5": "%",
-            "loss": "",
-            "agreement_top1": "%",
-            "kl": "",
-            "unreadable_images": "",
-        },
-        _measure_accuracy,
-        _accuracy_columns,
-        needs_data=True,
-        help="top-1, top-5, loss; agreement and KL against the unreduced model",
-    ),
-    MetricGroup(
-        "macs",
-        {
-            "gmacs": "GMACs",
-            "gmacs_fvcore": "GMACs",
-            "gmacs_single_input": "GMACs",
-            "param_count": "M",
-        },
-        _measure_macs,
-        _macs_columns,
-        same_everywhere=True,
-        help="multiply-accumulates (torchprofile, fvcore) and parameters",
-    ),
-    MetricGroup(
-        "throughput",
-        {"samples_per_sec": "img/s", "cpu_threads": ""},
-        _measure_throughput,
-        _throughput_columns,
-        timing=True,
-        help="images/s after warm-up",
-    ),
-    MetricGroup(
-        "latency",
-        {"latency_p50_ms": "ms", "latency_p90_ms": "ms"},
-        _measure_latency,
-        _latency_columns,
-        timing=True,
-        help="p50/p90 ms per batch",
-    ),
-    MetricGroup(
-        "memory",
-        {"peak_mem_mb": "MiB"},
-        _measure_memory,
-        timing=True,
-        cuda_only=True,
-        help="peak CUDA memory",
-    ),
-    MetricGroup(
-        "tokens",
-        {TOKENS: "tokens", POOLED: ""},
-        _measure_tokens,
-        _tokens_columns,
-        needs_data=True,
-        help="tokens after every block; ppt's pooled fraction per location",
-    ),
-):
-    register_metric_group(_group)
+TOKENS_UNITS = {TOKENS: "tokens", POOLED: ""}
+TOKENS_GROUP = MetricGroup(
+    "tokens", TOKENS_UNITS, _measure_tokens, _tokens_columns, needs_data=True
+)
+register_metric_group(TOKENS_GROUP)
+
 
 __all__ = [
     "Cells",

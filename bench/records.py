@@ -16,16 +16,16 @@ import json
 import math
 import os
 import platform
-import stat
 import subprocess
-import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ppt_bench.atomic import atomic_write
 from ppt_bench.errors import UserError
+from ppt_bench.metrics import unit_of
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -72,37 +72,6 @@ TEXT_COLUMNS = (
     "git_sha",
     "error",
 )
-
-# metric -> unit; per-block metrics (tokens_block_<i>, pooled_frac_block_<i>) are matched by prefix.
-UNITS = {
-    "top1": "%",
-    "top5": "%",
-    "loss": "",
-    "agreement_top1": "%",
-    "kl": "",
-    "gmacs": "GMACs",
-    "gmacs_fvcore": "GMACs",
-    "gmacs_single_input": "GMACs",
-    "param_count": "M",
-    "samples_per_sec": "img/s",
-    "latency_p50_ms": "ms",
-    "latency_p90_ms": "ms",
-    "peak_mem_mb": "MiB",
-    "cpu_threads": "",
-    "unreadable_images": "",
-    "tokens_block_": "tokens",
-    "pooled_frac_block_": "",
-}
-
-
-def unit_of(metric: str) -> str:
-    """The unit of a metric name, per-block metrics included."""
-    if metric in UNITS:
-        return UNITS[metric]
-    for prefix, unit in UNITS.items():
-        if prefix.endswith("_") and metric.startswith(prefix):
-            return unit
-    raise ValueError(f"unknown metric {metric!r}")
 
 
 @lru_cache(maxsize=1)
@@ -197,7 +166,7 @@ def make_rows(
 
     Args:
         spec: the run.
-        metrics: metric name -> value (units from :data:`UNITS`).
+        metrics: metric name -> value (units from the metric groups).
         dataset: name of the data actually used.
         n_images: images evaluated.
         batch_size: the batch size actually used (after out-of-memory backoff), default the spec's.
@@ -283,31 +252,10 @@ def append_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None
     text = old + _to_csv(rows, columns, header=not old)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _replace(path, text)
+        atomic_write(path, lambda f: f.write(text), binary=False)
     except OSError as err:
         reason = err.strerror or type(err).__name__
         raise UserError(f"cannot write results file {path} ({reason}): {OUT_ADVICE}") from None
-
-
-def _replace(path: Path, text: str) -> None:
-    """Replace ``path`` by a file holding ``text``: temporary file, fsync, rename."""
-    if path.exists():
-        mode = stat.S_IMODE(path.stat().st_mode)
-    else:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_text(path: Path, advice: str) -> str:

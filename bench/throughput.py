@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -182,47 +182,10 @@ def _warm_step(
     return graph.replay
 
 
-def _timed(
-    timer: Callable[[Callable[[], object], int, int], T],
-    model: nn.Module,
-    input_size: tuple[int, ...],
-    batch_size: int,
-    device: str,
-    dtype: str,
-    warmup: int | None,
-    iters: int | None,
-    cuda_graph: bool,
-) -> tuple[T, int]:
-    """``timer(step, batch_size, iters)`` after warm-up, ``step`` being one forward of a synthetic
-    batch; retried at smaller batches after a CUDA out-of-memory error.
-
-    Returns:
-        What ``timer`` returned and the batch size it was obtained at. On CUDA the peak memory
-        statistics cover that successful attempt only.
-    """
-    warmup, iters = iterations(warmup, iters)
-
-    def at(batch: int) -> T:
-        if _is_cuda(device):
-            torch.cuda.reset_peak_memory_stats(device)
-        with torch.inference_mode(), amp_autocast(device, dtype):
-            x = torch.randn(batch, *input_size, device=device)
-            return timer(_warm_step(model, x, warmup, cuda_graph), batch, iters)
-
-    return with_oom_backoff(at, batch_size)
-
-
-def measure_throughput(
-    model: nn.Module,
-    input_size: tuple[int, ...],
-    batch_size: int,
-    device: str = "cpu",
-    dtype: str = "fp32",
-    warmup: int | None = None,
-    iters: int | None = None,
-    cuda_graph: bool = False,
-) -> Speed:
-    """Images per second of ``model`` on synthetic input, after warm-up.
+@dataclass(frozen=True)
+class Timing:
+    """What a timed loop runs: the arguments of :func:`measure_throughput` and
+    :func:`measure_latency`.
 
     Args:
         model: in eval mode on ``device`` (optionally compiled).
@@ -234,9 +197,47 @@ def measure_throughput(
         iters: timed iterations (default :data:`DEFAULT_ITERS` or ``$PPT_BENCH_ITERS``).
         cuda_graph: time replays of the forward captured in a CUDA graph (CUDA only).
     """
-    rate = lambda step, batch, n: batch * n / time_total(step, n, device)
-    args = (model, input_size, batch_size, device, dtype, warmup, iters, cuda_graph)
-    samples_per_sec, used = _timed(rate, *args)
+
+    model: nn.Module
+    input_size: tuple[int, ...]
+    batch_size: int
+    device: str = "cpu"
+    dtype: str = "fp32"
+    warmup: int | None = None
+    iters: int | None = None
+    cuda_graph: bool = False
+
+    def run(self, timer: Callable[[Callable[[], object], int, int], T]) -> tuple[T, int]:
+        """``timer(step, batch_size, iters)`` after warm-up, ``step`` being one forward of a
+        synthetic batch; retried at smaller batches after a CUDA out-of-memory error.
+
+        Returns:
+            What ``timer`` returned and the batch size it was obtained at. On CUDA the peak
+            memory statistics cover that successful attempt only.
+        """
+        warmup, iters = iterations(self.warmup, self.iters)
+        device = self.device
+
+        def at(batch: int) -> T:
+            if _is_cuda(device):
+                torch.cuda.reset_peak_memory_stats(device)
+            with torch.inference_mode(), amp_autocast(device, self.dtype):
+                x = torch.randn(batch, *self.input_size, device=device)
+                return timer(_warm_step(self.model, x, warmup, self.cuda_graph), batch, iters)
+
+        return with_oom_backoff(at, self.batch_size)
+
+
+def measure_throughput(*args: Any, **kwargs: Any) -> Speed:
+    """Images per second of a model on synthetic input, after warm-up.
+
+    Args: those of :class:`Timing`, in its order.
+    """
+    timing = Timing(*args, **kwargs)
+    device = timing.device
+    samples_per_sec, used = timing.run(
+        lambda step, batch, n: batch * n / time_total(step, n, device)
+    )
     cuda = _is_cuda(device)
     return Speed(
         samples_per_sec=samples_per_sec,
@@ -246,22 +247,14 @@ def measure_throughput(
     )
 
 
-def measure_latency(
-    model: nn.Module,
-    input_size: tuple[int, ...],
-    batch_size: int,
-    device: str = "cpu",
-    dtype: str = "fp32",
-    warmup: int | None = None,
-    iters: int | None = None,
-    cuda_graph: bool = False,
-) -> Latency:
-    """Median and 90th percentile wall time of one batch (ms per batch), after warm-up.
+def measure_latency(*args: Any, **kwargs: Any) -> Latency:
+    """Median and 90th percentile wall time of one batch (ms per batch), after warm-up; meant
+    for small batch sizes (1 to 8).
 
-    Args: as :func:`measure_throughput`; meant for small batch sizes (1 to 8).
+    Args: those of :class:`Timing`, in its order.
     """
-    ms = lambda step, batch, n: np.asarray(time_each(step, n, device)) * 1e3
-    args = (model, input_size, batch_size, device, dtype, warmup, iters, cuda_graph)
-    times_ms, used = _timed(ms, *args)
+    timing = Timing(*args, **kwargs)
+    device = timing.device
+    times_ms, used = timing.run(lambda step, batch, n: np.asarray(time_each(step, n, device)) * 1e3)
     p50, p90 = np.percentile(times_ms, [50, 90])
     return Latency(float(p50), float(p90), used)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ppt_bench.accuracy import evaluate_accuracy
+from ppt_bench.atomic import atomic_write
 from ppt_bench.data import TolerantImageFolder, Transformed, collate_readable
 from ppt_bench.dtypes import DTYPES, amp_autocast
 from ppt_bench.errors import UserError, check_output_path
@@ -444,31 +444,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write ``state`` with ``torch.save`` atomically: a temporary file, then a rename.
-
-    A reader never sees a half-written file, and an interrupted save leaves the old one.
-    """
+    """Write ``state`` with ``torch.save`` atomically (:func:`~ppt_bench.atomic.atomic_write`):
+    a reader never sees a half-written file, and an interrupted save leaves the old one."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes the file private (0600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return atomic_write(path, lambda f: torch.save(state, f), binary=True)
 
 
 # -- ppt-bench train -------------------------------------------------------------------------

@@ -253,19 +253,16 @@ def method_label(name: str, params: dict[str, Any]) -> str:
 
 def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     """Read ``NAME`` or ``NAME:KEY=VALUE,KEY=VALUE`` (values as TOML: ``[3,6,9]``, ``true``)."""
-    from ppt_bench.grid import parse_value
+    from ppt_bench.grid import parse_assignment
 
     name, _, rest = text.partition(":")
     name = name.strip()
     params: dict[str, Any] = {}
     # Split on commas outside brackets, so that lists keep theirs.
+    usage = "NAME or NAME:KEY=VALUE,... (e.g. tome:r=13)"
     for item in filter(None, re.split(r",(?![^\[]*\])", rest)):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise UserError(
-                f"--method expects NAME or NAME:KEY=VALUE,... (e.g. tome:r=13), got {text!r}"
-            )
-        params[key.strip()] = parse_value(value.strip(), f"--method {name} {key.strip()}:")
+        key, value = parse_assignment(item, f"--method {name}", usage)
+        params[key] = value
     return name, params
 
 
