@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from pathlib import Path
 from typing import Any
 
-from ppt_bench.errors import check_output_path
+from ppt_bench.errors import UserError, check_output_path
 from ppt_bench.methods import get_method_class, list_methods
 from ppt_bench.spec import RunSpec
 
@@ -69,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     from ppt_bench.runners.local import LocalRunner
 
     name = args.name or f"demo-{args.device.replace(':', '')}"
+    if Path(name).name != name or name in (".", ".."):
+        raise UserError(f"--name {name!r} must be a file stem, without folders: e.g. demo-laptop")
     # Checked before the minutes of training and runs, not when the files are written.
     results = check_output_path(args.results_dir, "--results-dir", directory=True)
     reports = check_output_path(args.reports_dir, "--reports-dir", directory=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -19,6 +20,16 @@ class MethodError(UserError, ValueError):
 
 class PatchError(UserError, TypeError):
     """A model that the generic patch cannot turn into a token-reducing one."""
+
+
+def _can_create_in(folder: Path) -> bool:
+    """Whether a file can be created in ``folder``: tried, since permission bits do not tell
+    (root passes them everywhere, and /proc or a read-only mount refuses anyway)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def check_output_path(path: str | os.PathLike, what: str, *, directory: bool = False) -> Path:
@@ -42,7 +53,7 @@ def check_output_path(path: str | os.PathLike, what: str, *, directory: bool = F
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"{what} {path}: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK):
+            if not _can_create_in(parent):
                 raise UserError(f"{what} {path}: folder {parent} is not writable")
             break
     return path

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ppt_bench import identity
 from ppt_bench.errors import UserError
 from ppt_bench.spec import RunSpec
 
@@ -92,6 +95,18 @@ def _scalar_keys() -> set[str]:
     return {f.name for f in fields(SweepConfig)} - {"methods", "runner_options"} | set(
         runner_options()
     )
+
+
+def _describe_sweep(settings: dict[str, Any], plans: list[MethodPlan]) -> str:
+    """A name for a sweep given none that says what it runs, so that unnamed sweeps of other
+    models, methods or data do not share one results file: ``deit_tiny_patch16_224-ppt-merge-
+    digits``."""
+    models = list(settings.get("models", []))
+    data = settings.get("data") or "synthetic"
+    parts = [*models[:2], *(["more"] if len(models) > 2 else [])]
+    parts += [p.name for p in plans[:4]] + (["more"] if len(plans) > 4 else [])
+    parts.append(Path(str(data)).name or "data")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(parts))[:120]
 
 
 def parse_value(text: str, flag: str = "value") -> Any:
@@ -222,6 +237,7 @@ def build_config(
     from ppt_bench.runners.base import RUNNERS, runner_options
 
     options = {k: settings.pop(k) for k in runner_options() if k in settings}
+    settings.setdefault("sweep_name", _describe_sweep(settings, plans))
     config = SweepConfig(**settings, methods=plans, runner_options=options)
     if config.runner not in RUNNERS:
         raise UserError(f"runner must be one of {', '.join(RUNNERS)}, got {config.runner!r}")
@@ -314,15 +330,19 @@ def expand(config: SweepConfig) -> list[RunSpec]:
     runs: list[tuple[str, dict[str, Any]]] = [("baseline", {})] if config.baseline else []
     for plan in config.methods:
         runs += [(plan.name, params) for params in plan.combinations()]
+    data, checkpoint = _absolute(config.data, BUILTIN_DATA), _absolute(config.checkpoint)
     common = dict(
-        data=_absolute(config.data, BUILTIN_DATA),
-        checkpoint=_absolute(config.checkpoint),
+        data=data,
+        checkpoint=checkpoint,
         device=config.device,
         seed=config.seed,
         metrics=tuple(config.metrics),
         n_images=config.n_images,
         sweep=config.sweep_name,
         workers=config.workers,
+        checkpoint_sha256=identity.checkpoint_digest(checkpoint),
+        data_fingerprint=identity.data_fingerprint(data),
+        machine=_machine(config),
     )
     specs: dict[str, RunSpec] = {}
     grid = itertools.product(config.models, config.dtype, config.compile, config.batch_sizes)
@@ -344,6 +364,14 @@ def expand(config: SweepConfig) -> list[RunSpec]:
     return list(specs.values())
 
 
+def _machine(config: SweepConfig) -> str:
+    """Where the runs are measured: a Ray cluster by its address, else this machine."""
+    address = config.runner_options.get("ray_address") or os.environ.get("RAY_ADDRESS")
+    if config.runner == "ray" and address:
+        return f"ray cluster {address}"
+    return identity.machine()
+
+
 def validate(specs: Sequence[RunSpec], *, check_cuda: bool = True) -> None:
     """Check what ``RunSpec`` cannot: models exist and fit each method, paths exist, CUDA.
 
@@ -351,7 +379,7 @@ def validate(specs: Sequence[RunSpec], *, check_cuda: bool = True) -> None:
         UserError: with a one-line message naming the problem and the fix.
     """
     from ppt_bench.methods import create_method
-    from ppt_bench.models import describe_vit
+    from ppt_bench.models import check_weights, describe_vit
 
     for spec in specs:
         info = describe_vit(spec.model)
@@ -362,7 +390,9 @@ def validate(specs: Sequence[RunSpec], *, check_cuda: bool = True) -> None:
                     "cannot reduce its tokens (see `ppt-bench list --models`)"
                 )
             try:
-                create_method(spec.method, **spec.params).check_fits(info)
+                method = create_method(spec.method, **spec.params)
+                method.check_fits(info)
+                method.check_budget(info, given=spec.params)
             except UserError as err:
                 raise UserError(
                     f"{spec.method} on {spec.model} ({info.depth} blocks): {err}"
@@ -379,6 +409,8 @@ def validate(specs: Sequence[RunSpec], *, check_cuda: bool = True) -> None:
             "the grid repeats a run; remove duplicate --model, --batch-size, --dtype or --compile "
             "values"
         )
+    for model, checkpoint in dict.fromkeys((s.model, s.checkpoint) for s in specs):
+        check_weights(model, checkpoint)  # once per model before the runs, not in every run
 
 
 def check_paths(spec: RunSpec) -> None:

@@ -13,6 +13,7 @@ import difflib
 import importlib
 import logging
 import os
+import warnings
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -177,6 +178,32 @@ def build_model(
         load_checkpoint(model, state_dict, checkpoint)
     model.eval()
     return model, resolve_data_config({}, model=model)
+
+
+def check_weights(name: str, checkpoint: str | None) -> None:
+    """Check once, before a sweep, that a model's weights can be had and fit it.
+
+    A checkpoint is read and loaded into the model built on the meta device (shapes and keys
+    only, no memory); a pretrained tag is fetched (or found in the hub's cache) once, so that a
+    hub that cannot be reached fails the sweep before its runs instead of each run.
+
+    Raises:
+        UserError: weights that cannot be read or downloaded, or that do not fit the model.
+    """
+    register_project_models()
+    check_model_name(name)
+    if checkpoint is None:
+        if split_model_name_tag(name)[1]:
+            _create(name, pretrained=True, num_classes=None)
+        return
+    state_dict = read_checkpoint(checkpoint)
+    num_classes = head_classes(name, state_dict)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    with warnings.catch_warnings():  # copying into meta tensors is a no-op, as meant here
+        warnings.simplefilter("ignore", UserWarning)
+        load_checkpoint(model, state_dict, checkpoint)
 
 
 # -- inspecting a model without building its weights ------------------------------------------

@@ -10,19 +10,22 @@ sweep killed between runs leaves a readable CSV with every finished row.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import math
 import os
 import platform
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ppt_bench import identity
 from ppt_bench.atomic import atomic_write
 from ppt_bench.errors import UserError
 from ppt_bench.metrics import unit_of
@@ -44,10 +47,15 @@ COLUMNS = (
     "batch_size",
     "device",
     "device_name",
+    "machine",
     "dtype",
     "compile",
+    "checkpoint",
+    "checkpoint_sha256",
     "dataset",
+    "data_fingerprint",
     "n_images",
+    "seed",
     "metric",
     "value",
     "unit",
@@ -60,12 +68,21 @@ COLUMNS = (
     "error",
 )
 
+# What makes an experiment, added after the first schema: a file written before them lacks them
+# (and gains them when a run is appended to it).
+IDENTITY_COLUMNS = ("machine", "checkpoint", "checkpoint_sha256", "data_fingerprint", "seed")
+REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c not in IDENTITY_COLUMNS)
+
 # Columns read back as text: a hex run_id or git sha made only of digits ("012345678901",
 # "1e5...") or a version like "0.10" would otherwise be parsed as a number.
 TEXT_COLUMNS = (
     "run_id",
     "sweep",
     "params",
+    "machine",
+    "checkpoint",
+    "checkpoint_sha256",
+    "data_fingerprint",
     "ppt_bench_version",
     "torch_version",
     "timm_version",
@@ -189,10 +206,15 @@ def make_rows(
         "batch_size": spec.batch_size if batch_size is None else batch_size,
         "device": spec.device,
         "device_name": env["device_name"],
+        "machine": spec.machine or identity.machine(),
         "dtype": spec.dtype,
         "compile": spec.compile,
+        "checkpoint": spec.checkpoint or "",
+        "checkpoint_sha256": spec.checkpoint_sha256 or identity.checkpoint_digest(spec.checkpoint),
         "dataset": dataset,
+        "data_fingerprint": spec.data_fingerprint,
         "n_images": "" if n_images is None else n_images,
+        "seed": spec.seed,
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **{k: env[k] for k in ("ppt_bench_version", "torch_version", "timm_version", "git_sha")},
         "status": status,
@@ -214,7 +236,7 @@ def _number(value: float) -> float | str:
 def header_for(rows: Iterable[dict[str, Any]], old: Sequence[str] = ()) -> tuple[str, ...]:
     """The columns of a file holding ``rows`` (after the ``old`` header's rows): :data:`COLUMNS`
     with the other parameter columns, old ones first, inserted after the common ones."""
-    extra = [c for c in old if c not in COLUMNS]
+    extra = [c for c in old if c not in COLUMNS]  # parameter columns of the rows before
     for row in rows:
         missing = set(COLUMNS) - set(row)
         if missing:
@@ -238,24 +260,87 @@ OUT_ADVICE = "write to a new file with --out"
 REPORT_ADVICE = "pass a CSV written by ppt-bench run"
 
 
-def append_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
-    """Add rows to a results CSV atomically: the file is always either old or old + new.
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock for a read and rewrite of a results file: another process
+    appending to a file in the same folder waits for it.
 
-    The file keeps its permissions; a new one gets the usual ``0666 & ~umask``.
+    The lock is on the folder, not the file, since each write replaces the file (a lock on the
+    old file would not hold the new one), and it leaves no lock file behind.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def append_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> bool:
+    """Add one run's rows to a results CSV, atomically and under the file's lock.
+
+    The file is always either old or old + new, and it is read again under the lock, so that
+    processes writing the same file at once lose no run. A run already recorded as ``ok``
+    is not written again (a second process that ran it too). The file keeps its permissions;
+    a new one gets the usual ``0666 & ~umask``.
+
+    Returns:
+        Whether the rows were written.
+
+    Raises:
+        UserError: the file cannot be written, is not a results CSV, or has a malformed line.
     """
     path = Path(path)
-    old = _read_text(path, OUT_ADVICE) if path.exists() else ""
-    old_header = check_header(path, old.splitlines()[0], OUT_ADVICE) if old else ()
-    columns = header_for(rows, old_header)
-    if old and columns != old_header:  # a parameter without a column yet: widen the file
-        old = _to_csv(csv.DictReader(io.StringIO(old)), columns, header=True)
-    text = old + _to_csv(rows, columns, header=not old)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: f.write(text), binary=False)
+        with locked(path):
+            old = checked_text(path, OUT_ADVICE) if path.exists() else ""
+            if old and rows and rows[0]["run_id"] in _ok_ids(old):
+                return False
+            old_header = check_header(path, old.splitlines()[0], OUT_ADVICE) if old else ()
+            columns = header_for(rows, old_header)
+            if old and columns != old_header:  # a parameter without a column yet: widen
+                old = _to_csv(csv.DictReader(io.StringIO(old)), columns, header=True)
+            text = old + _to_csv(rows, columns, header=not old)
+            atomic_write(path, lambda f: f.write(text), binary=False)
     except OSError as err:
         reason = err.strerror or type(err).__name__
         raise UserError(f"cannot write results file {path} ({reason}): {OUT_ADVICE}") from None
+    return True
+
+
+def _ok_ids(text: str) -> set[str]:
+    return {r["run_id"] for r in csv.DictReader(io.StringIO(text)) if r["status"] == "ok"}
+
+
+def checked_text(path: Path, advice: str) -> str:
+    """The text of a results CSV whose every line has the header's fields.
+
+    A last line without its newline (a copy cut short, an editor) is completed when it holds a
+    whole row, and refused otherwise: a row appended to it would be glued onto it.
+
+    Raises:
+        UserError: one line naming the first malformed line and what to do.
+    """
+    text = _read_text(path, advice)
+    if not text:
+        return text
+    check_header(path, text.splitlines()[0], advice)
+    reader = csv.reader(io.StringIO(text))
+    width = len(next(reader))
+    try:
+        for row in reader:
+            if len(row) != width:
+                raise UserError(
+                    f"results file {path}, line {reader.line_num}, has {len(row)} fields where "
+                    f"the header has {width}: delete or fix that line"
+                )
+    except csv.Error as err:
+        raise UserError(
+            f"results file {path}, line {reader.line_num}, is not valid CSV ({err}): delete or "
+            "fix that line"
+        ) from None
+    return text if text.endswith("\n") else text + "\n"
 
 
 def _read_text(path: Path, advice: str) -> str:
@@ -277,9 +362,10 @@ def _read_text(path: Path, advice: str) -> str:
 
 def check_header(path: Path, header_line: str, advice: str = OUT_ADVICE) -> tuple[str, ...]:
     """The columns of a results CSV from its header line; :class:`UserError` unless it has every
-    column of :data:`COLUMNS`, in order (parameter columns may stand between them)."""
+    column of :data:`REQUIRED_COLUMNS`, in order (parameter and identity columns may stand
+    between them)."""
     header = tuple(next(csv.reader([header_line]), []))
-    if tuple(c for c in header if c in COLUMNS) != COLUMNS:
+    if tuple(c for c in header if c in REQUIRED_COLUMNS) != REQUIRED_COLUMNS:
         raise UserError(f"{path} is not a ppt-bench results CSV (its columns differ); {advice}")
     return header
 
@@ -299,7 +385,7 @@ def read_results(
         paths = [paths]
     frames = []
     for p in map(Path, paths):
-        text = _read_text(p, advice)
+        text = checked_text(p, advice)
         check_header(p, text.splitlines()[0] if text else "", advice)
         frames.append(pd.read_csv(io.StringIO(text), dtype=dict.fromkeys(TEXT_COLUMNS, str)))
     df = pd.concat(frames, ignore_index=True)

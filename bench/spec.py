@@ -42,6 +42,9 @@ class RunSpec:
         n_images: evaluate at most this many images (None: all).
         sweep: name of the sweep this run belongs to (not part of ``run_id``).
         workers: DataLoader workers (not part of ``run_id``).
+        checkpoint_sha256: content hash of a local checkpoint (:mod:`ppt_bench.identity`).
+        data_fingerprint: hash of the data set's file list (:mod:`ppt_bench.identity`).
+        machine: where the run is measured: this machine's name, or the Ray cluster's address.
     """
 
     model: str
@@ -58,6 +61,9 @@ class RunSpec:
     n_images: int | None = None
     sweep: str = ""
     workers: int = 4
+    checkpoint_sha256: str = ""
+    data_fingerprint: str = ""
+    machine: str = ""
 
     def __post_init__(self) -> None:
         from ppt_bench.methods import create_method

@@ -89,6 +89,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "warmup_epochs", "smoothing"):
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0 or self.workers < 0:
             raise UserError("lr must be > 0; weight decay, warm-up epochs and workers >= 0")
         if not 0.0 <= self.smoothing < 1.0:
@@ -303,6 +306,11 @@ def _train_step(loop: _Loop, x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     with amp_autocast(device, loop.config.amp_dtype):
         loss = loop.criterion(loop.model(x), y)
+    if not torch.isfinite(loss):  # diverged: stop before the weights are saved
+        raise UserError(
+            f"training diverged: the loss became {loss.item()} at step {loop.updates + 1}; "
+            "lower --lr (no checkpoint was written, an existing one is kept)"
+        )
     loop.optimizer.zero_grad(set_to_none=True)
     loop.scaler.scale(loss).backward()
     if loop.config.clip_grad is not None:

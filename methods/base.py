@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Hashable, Iterable
+from collections.abc import Collection, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -75,6 +75,10 @@ class Method:
     demo_grid: ClassVar[tuple[str, tuple[Any, ...]] | None] = None
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # a switch given as text ("false") is a mistake
+            value = getattr(self, f.name)
+            if f.type in ("bool", bool) and not isinstance(value, bool):
+                raise MethodError(f"{f.name} must be true or false, got {value!r}")
         self.validate()
 
     def validate(self) -> None:
@@ -103,6 +107,16 @@ class Method:
                 "no class token; use a method that needs none (merge, tome, random)"
             )
         check_locations_fit(self.locations_for(info.depth), info.depth)
+
+    def check_budget(self, info: ViTInfo, given: Collection[str] = ()) -> None:
+        """Raise :class:`MethodError` for a parameter the user gave (``given``) that the patch
+        would quietly clamp at every location, such as an ``r`` larger than any reduction step
+        can remove.
+
+        A sweep refuses such settings before it runs, since its rows would name a reduction that
+        never happened; a default (PPT's r=50 on a small model) and a method applied directly
+        clamp as ToMe does.
+        """
 
     @property
     def adaptive(self) -> bool:
@@ -176,6 +190,10 @@ class FixedBudget(Method):
     def locations_for(self, depth: int) -> tuple[int, ...]:
         return self.locations
 
+    def check_budget(self, info: ViTInfo, given: Collection[str] = ()) -> None:
+        if "r" in given:
+            check_r_budget(self.r, info)
+
 
 @dataclass(frozen=True)
 class ScorePrune(FixedBudget):
@@ -220,6 +238,16 @@ def check_locations(value: Any, default: Iterable[int] | None = None) -> tuple[i
     if len(set(locs)) != len(locs):
         raise MethodError(f"locations must be distinct, got {list(locs)}")
     return tuple(sorted(locs))
+
+
+def check_r_budget(r: int, info: ViTInfo) -> None:
+    """A step removes at most half the patch tokens: refuse an ``r`` beyond the first step's."""
+    most = info.patch_tokens // 2
+    if r > most:
+        raise MethodError(
+            f"r={r} is more than one step can remove from the {info.patch_tokens} patch tokens "
+            f"of {info.name}: use r <= {most}"
+        )
 
 
 def check_locations_fit(locations: tuple[int, ...], depth: int) -> None:

@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import KEY_MEAN, Method, Reduced, check_int, set_field
+from ppt_bench.methods.base import (
+    KEY_MEAN,
+    Method,
+    Reduced,
+    ViTInfo,
+    check_int,
+    check_r_budget,
+    set_field,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -125,6 +133,10 @@ class ToMe(Method):
 
     def locations_for(self, depth: int) -> tuple[int, ...]:
         return tuple(i for i, r in enumerate(self.schedule(depth)) if r > 0)
+
+    def check_budget(self, info: ViTInfo, given: Collection[str] = ()) -> None:
+        if "r" in given:
+            check_r_budget(max(self.schedule(info.depth), default=0), info)
 
     def apply(
         self, model: nn.Module, *, trace_source: bool = False, attn_impl: str = "fast"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ppt_bench import records
+from ppt_bench import atomic
 from ppt_bench.errors import UserError
 from ppt_bench.records import (
     COLUMNS,
@@ -147,7 +147,7 @@ def test_a_failed_write_names_the_results_file(tmp_path, monkeypatch):
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / ".r.csv.x.tmp"))
 
-    monkeypatch.setattr(records.tempfile, "mkstemp", no_space)
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", no_space)
     with pytest.raises(UserError) as err:
         append_rows(path, make_rows(spec(seed=1), {"gmacs": 1.0}))
     assert str(err.value).startswith(f"cannot write results file {path} (No space left on")

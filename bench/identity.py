@@ -1,0 +1,76 @@
+"""What makes an experiment: the content of its weights and data, and the machine it ran on.
+
+These go into every row and into the run id, so that a run with other weights, other images or
+on another machine is another run: never skipped as done, never averaged with this one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from functools import cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+_CHUNK = 1 << 20
+
+
+@cache
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The first 16 hex digits of a file's SHA-256 (cached while its size and mtime hold)."""
+    st = os.stat(path)
+    return _file_digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+def checkpoint_digest(checkpoint: str | None) -> str:
+    """The content hash of a checkpoint: a local file, or a URL's copy in torch hub's cache once
+    downloaded; '' for none, a URL not downloaded yet or a path that does not exist."""
+    if checkpoint is None:
+        return ""
+    if "://" in checkpoint:
+        import torch
+
+        name = os.path.basename(urlparse(checkpoint).path)
+        checkpoint = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    return file_digest(checkpoint) if os.path.isfile(checkpoint) else ""
+
+
+def data_fingerprint(data: str | None) -> str:
+    """A short hash of a data set: the sorted file list with sizes and modification times of an
+    ImageFolder tree, the arrays of the built-in digits, '' for synthetic inputs (the seed says
+    which) or a folder that does not exist (refused later)."""
+    if data in (None, "synthetic"):
+        return ""
+    digest = hashlib.sha1()
+    if data == "digits":
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        digest.update(digits.data.tobytes() + digits.target.tobytes())
+        return digest.hexdigest()[:12]
+    root = Path(data)
+    if not root.is_dir():
+        return ""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            st = os.stat(path)
+            digest.update(
+                f"{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode()
+            )
+    return digest.hexdigest()[:12]
+
+
+def machine() -> str:
+    """The name of this machine."""
+    return socket.gethostname()
