@@ -1,0 +1,268 @@
+"""Results that cannot be mixed up or lost: experiment identity, safe writes, inputs refused
+before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from ppt_bench import identity, models
+from ppt_bench.cli import main
+from ppt_bench.errors import MethodError, UserError
+from ppt_bench.grid import build_config, expand
+from ppt_bench.methods import create_method
+from ppt_bench.records import append_rows, finished_run_ids, make_rows, read_results
+from ppt_bench.report import write_report
+from ppt_bench.spec import RunSpec
+
+DIGITS = "vit_digits_patch4_32"
+
+
+def one_line(code: int, err: str, message: str) -> None:
+    assert code == 2, err
+    assert err.startswith("ppt-bench: error: ") and err.count("\n") == 1, err
+    assert message in err, err
+
+
+def test_runs_on_other_weights_are_other_runs_and_never_averaged(tmp_path):
+    """Runs that were averaged into one baseline before: one run with trained
+    weights, one without, in the same file."""
+    ckpt = tmp_path / "w.pth"
+    ckpt.write_bytes(b"weights")
+    trained = RunSpec(DIGITS, checkpoint=str(ckpt), checkpoint_sha256=identity.file_digest(ckpt))
+    untrained = RunSpec(DIGITS)
+    assert trained.run_id != untrained.run_id
+    path = tmp_path / "r.csv"
+    append_rows(path, make_rows(trained, {"top1": 96.9}, dataset="digits", n_images=32))
+    append_rows(path, make_rows(untrained, {"top1": 15.6}, dataset="digits", n_images=32))
+    df = read_results(path)
+    assert set(df["checkpoint_sha256"].fillna("")) == {identity.file_digest(ckpt), ""}
+    text = write_report(path, tmp_path / "r.md").markdown.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| baseline")]
+    assert len(rows) == 2 and "96.90" in text and "15.60" in text
+    assert "56.25" not in text  # their mean
+
+
+def test_accuracy_over_different_image_counts_is_refused_by_the_report(tmp_path):
+    path = tmp_path / "r.csv"
+    for n, top1 in ((32, 90.0), (360, 97.0)):
+        spec = RunSpec(DIGITS, data="digits", n_images=n)
+        append_rows(path, make_rows(spec, {"top1": top1}, dataset="digits", n_images=n))
+    with pytest.raises(UserError, match=r"measured on 32 and 360 images \(column n_images\)"):
+        write_report(path, tmp_path / "r.md")
+
+
+def test_a_data_set_or_checkpoint_that_changes_changes_the_run_id(tmp_path):
+    data = tmp_path / "data" / "cls"
+    data.mkdir(parents=True)
+    (data / "a.png").write_bytes(b"1")
+    before = identity.data_fingerprint(str(tmp_path / "data"))
+    (data / "b.png").write_bytes(b"2")
+    assert identity.data_fingerprint(str(tmp_path / "data")) != before
+    config = build_config(overrides={"models": [DIGITS], "data": str(tmp_path / "data")})
+    first = expand(config)[0]
+    os.utime(data / "a.png", ns=(1, 1))  # touched: another file list
+    assert expand(config)[0].run_id != first.run_id
+    assert first.machine == identity.machine() and first.data_fingerprint
+
+
+def test_an_unnamed_sweep_is_named_after_what_it_runs():
+    config = build_config(overrides={"models": [DIGITS], "data": "digits"}, methods=["ppt"])
+    assert config.sweep_name == f"{DIGITS}-ppt-digits"
+    assert str(config.out_path) == f"results/{DIGITS}-ppt-digits.csv"
+
+
+def _rows(run: str, status: str = "ok") -> list[dict]:
+    spec = RunSpec(DIGITS, params={"r": int(run)}, method="merge")
+    return make_rows(spec, {"gmacs": 1.0}, status=status)
+
+
+def test_a_last_line_without_newline_is_completed_and_a_cut_one_refused(tmp_path):
+    path = tmp_path / "r.csv"
+    append_rows(path, _rows("1"))
+    path.write_text(path.read_text().rstrip("\n"))  # an editor dropped the final newline
+    append_rows(path, _rows("2"))
+    assert len(read_results(path)) == 2
+    text = path.read_text()
+    path.write_text(text[: len(text) - 40])  # a copy cut short mid-row
+    with pytest.raises(UserError, match=r"line 3, has \d+ fields where the header has \d+"):
+        append_rows(path, _rows("3"))
+    assert path.read_text() == text[: len(text) - 40]
+    with pytest.raises(UserError, match="line 3"):
+        read_results(path)
+
+
+def test_a_malformed_results_file_is_one_line_in_report_and_run(tmp_path, capsys):
+    path = tmp_path / "r.csv"
+    append_rows(path, _rows("1"))
+    append_rows(path, _rows("2"))
+    lines = path.read_text().splitlines(keepends=True)
+    lines[1] = lines[1].replace(",", ",,", 1)
+    path.write_text("".join(lines))
+    one_line(main(["report", str(path), "--out", str(tmp_path / "r.md")]), capsys.readouterr().err,
+             "line 2, has")  # fmt: skip
+    code = main(["run", "--model", DIGITS, "--metrics", "macs", "--out", str(path), "--no-report"])
+    one_line(code, capsys.readouterr().err, "line 2, has")
+
+
+WRITER = """
+import json, sys
+from ppt_bench.records import append_rows
+
+path, runs = sys.argv[1], json.load(open(sys.argv[2]))
+for rows in runs:  # each run's rows as a runner appends them
+    append_rows(path, rows)
+"""
+
+
+def test_two_processes_writing_one_file_lose_and_repeat_nothing(tmp_path):
+    """20 rounds: two writers at once, each with 10 runs of its own and 10 that both ran."""
+    script = tmp_path / "writer.py"
+    script.write_text(textwrap.dedent(WRITER))
+    runs = [
+        make_rows(RunSpec(DIGITS, "merge", {"r": r}), {"gmacs": 1.0, "param_count": 2.0})
+        for r in range(30)
+    ]
+    for part, (a, b) in enumerate(((0, 20), (10, 30))):
+        (tmp_path / f"runs{part}.json").write_text(json.dumps(runs[a:b]))
+    for round_ in range(20):
+        path = tmp_path / f"r{round_}.csv"
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(script), str(path), str(tmp_path / f"runs{i}.json")]
+            )
+            for i in (0, 1)
+        ]
+        assert [p.wait(timeout=120) for p in procs] == [0, 0]
+        df = read_results(path)
+        assert (df.groupby("run_id").size() == 2).all()  # every run once: its two rows
+        assert sorted(df["r"].unique()) == list(range(30))  # no run lost
+
+
+def test_a_run_already_recorded_is_not_written_twice(tmp_path):
+    path = tmp_path / "r.csv"
+    assert append_rows(path, _rows("1"))
+    assert not append_rows(path, _rows("1"))
+    assert not append_rows(path, _rows("1", status="failed"))
+    assert len(read_results(path)) == 1 and len(finished_run_ids(path)) == 1
+
+
+def test_a_switch_given_as_text_is_refused():
+    with pytest.raises(MethodError, match="prop_attn must be true or false, got 'false'"):
+        create_method("merge", prop_attn="false")
+    with pytest.raises(MethodError, match="fuse must be true or false"):
+        create_method("evit", fuse=1)
+
+
+BAD_RUNS = {
+    "prop_attn as a string": (
+        ["--method", "merge", "--param", 'prop_attn="false"'],
+        "prop_attn must be true or false, got 'false'",
+    ),
+    "r beyond the model": (
+        ["--method", "ppt", "--param", "r=1000"],
+        "r=1000 is more than one step can remove from the 64 patch tokens",
+    ),
+    "tome r beyond the model": (["--method", "tome", "--param", "r=40"], "use r <= 32"),
+    "output under /proc": (["--out", "/proc/r.csv"], "folder /proc is not writable"),
+    "report under /proc": (["--report", "/proc/r.md"], "folder /proc is not writable"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_RUNS, ids=list(BAD_RUNS))
+def test_bad_runs_are_refused_before_any_work(case, tmp_path, capsys):
+    flags, message = BAD_RUNS[case]
+    args = ["run", "--model", DIGITS, "--metrics", "macs", "--data", "synthetic"]
+    if "--out" not in flags:
+        args += ["--out", str(tmp_path / "r.csv")]
+    one_line(main([*args, *flags]), capsys.readouterr().err, message)
+    assert not (tmp_path / "r.csv").exists()
+
+
+def test_weights_are_checked_once_before_the_sweep(tmp_path, monkeypatch, capsys):
+    ckpt = tmp_path / "w.pth"
+    torch.save({"head.weight": torch.zeros(3, 7)}, ckpt)  # fits no digits model
+    reads = []
+    real = models.read_checkpoint
+    monkeypatch.setattr(models, "read_checkpoint", lambda c: reads.append(c) or real(c))
+    args = ["run", "--model", DIGITS, "--method", "ppt", "--sweep", "r=[2,4,8]", "--metrics"]
+    args += ["macs", "--checkpoint", str(ckpt), "--out", str(tmp_path / "r.csv")]
+    one_line(main(args), capsys.readouterr().err, "does not fit")
+    assert reads == [str(ckpt)] and not (tmp_path / "r.csv").exists()
+
+
+def test_a_pretrained_tag_without_a_hub_fails_once_before_the_sweep(tmp_path, monkeypatch, capsys):
+    tries = []
+
+    def offline(name, pretrained, num_classes):
+        tries.append(name)
+        raise UserError(f"could not download pretrained weights for {name!r} (OSError)")
+
+    monkeypatch.setattr(models, "_create", offline)
+    args = ["run", "--model", "deit_tiny_patch16_224.fb_in1k", "--method", "ppt", "--sweep"]
+    args += ["r=[2,4]", "--metrics", "macs", "--out", str(tmp_path / "r.csv")]
+    one_line(main(args), capsys.readouterr().err, "could not download pretrained weights")
+    assert tries == ["deit_tiny_patch16_224.fb_in1k"]
+
+
+def test_report_does_not_overwrite_a_file_it_did_not_write(tmp_path, capsys):
+    path = tmp_path / "r.csv"
+    append_rows(path, _rows("1"))
+    notes = tmp_path / "notes.md"
+    notes.write_text("# my notes\n")
+    one_line(main(["report", str(path), "--out", str(notes)]), capsys.readouterr().err,
+             "exists and is not a ppt-bench report")  # fmt: skip
+    assert notes.read_text() == "# my notes\n"
+    report = tmp_path / "r.md"
+    assert main(["report", str(path), "--out", str(report)]) == 0
+    assert main(["report", str(path), "--out", str(report)]) == 0  # its own report: rewritten
+
+
+def test_demo_name_cannot_leave_the_results_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("ppt_bench.digits.load_or_train", lambda **k: pytest.fail("trained"))
+    code = main(["demo", "--results-dir", str(tmp_path), "--name", "../../x"])
+    one_line(code, capsys.readouterr().err, "--name '../../x' must be a file stem")
+    assert not (tmp_path.parent.parent / "x.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--lr", "inf", "lr must be a finite number"),
+        ("--lr", "nan", "lr must be a finite number"),
+        ("--weight-decay", "nan", "weight_decay must be a finite number"),
+    ],
+)
+def test_non_finite_training_settings_are_refused(flag, value, message, tmp_path, capsys):
+    out = tmp_path / "w.pth"
+    code = main(["train", flag, value, "--epochs", "1", "--device", "cpu", "--out", str(out)])
+    one_line(code, capsys.readouterr().err, message)
+    assert not out.exists()
+
+
+def test_a_diverging_training_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    from ppt_bench import train
+
+    out = tmp_path / "w.pth"
+    out.write_bytes(b"the last good checkpoint")
+    real = train._make_loop
+
+    def nan_loss(*args, **kwargs):
+        loop = real(*args, **kwargs)
+        loop.criterion = lambda logits, y: logits.sum() * float("nan")
+        return loop
+
+    monkeypatch.setattr(train, "_make_loop", nan_loss)
+    argv = ["train", "--epochs", "1", "--device", "cpu", "--batch-size", "64", "--out", str(out)]
+    code, err = main(argv), capsys.readouterr().err
+    last = err.split("\r")[-1].splitlines()[-1]  # after the training progress bar
+    assert code == 2 and last.startswith("ppt-bench: error: training diverged: the loss became nan")
+    assert out.read_bytes() == b"the last good checkpoint"
+    assert Path(out).stat().st_size == len(b"the last good checkpoint")
