@@ -24,7 +24,14 @@ if TYPE_CHECKING:
 CLS_ATTN = "cls_attn"  # class-token attention row, [B, H, N]
 KEY_MEAN = "key_mean"  # keys averaged over heads, [B, N, d]
 VALUE_NORM = "value_norm"  # L2 norm of each token's value vector, [B, N]
-FEATURES = frozenset({CLS_ATTN, KEY_MEAN, VALUE_NORM})
+ATTN = "attn"  # the full post-softmax attention map, [B, H, N, N]
+FEATURES = frozenset({CLS_ATTN, KEY_MEAN, VALUE_NORM, ATTN})
+
+# Where in a block a method reduces tokens (``Method.reduce_at``).
+AFTER_ATTN = "after_attn"  # after the attention residual, before the MLP (ALGORITHMS.md)
+IN_ATTN = "in_attn"  # inside the attention: on the block input, with the attention map
+AFTER_MLP = "after_mlp"  # after the MLP residual, on the block output
+REDUCE_POINTS = (AFTER_ATTN, IN_ATTN, AFTER_MLP)
 
 
 class Features(NamedTuple):
@@ -33,13 +40,17 @@ class Features(NamedTuple):
     cls_attn: torch.Tensor | None = None
     key_mean: torch.Tensor | None = None
     value_norm: torch.Tensor | None = None
+    attn: torch.Tensor | None = None
 
 
 class Reduced(NamedTuple):
     """Tokens after a reduction step.
 
     ``pooled`` (bool ``[B]``) and ``score_var`` (``[B]``) are set by methods that choose a
-    branch per image (ppt); they are recorded per location after each forward.
+    branch per image (ppt); they are recorded per location after each forward. ``attn``
+    (``[B, H, N', N']``) is required from a method that reduces inside the attention
+    (``reduce_at = "in_attn"``): the attention map over the reduced tokens, which the block then
+    applies to their values.
     """
 
     x: torch.Tensor  # [B, N', C]
@@ -47,6 +58,7 @@ class Reduced(NamedTuple):
     source: torch.Tensor | None = None  # [B, N', N0] when source tracking is on
     pooled: torch.Tensor | None = None
     score_var: torch.Tensor | None = None
+    attn: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -57,11 +69,18 @@ class Method:
         name: registry name, set by ``register_method``.
         description: one line for ``ppt-bench list``.
         needs: the :data:`FEATURES` this method reads at a location.
+        reduce_at: where in a block it reduces, one of :data:`REDUCE_POINTS`:
+            ``"after_attn"`` (``reduce`` gets the tokens after the attention residual),
+            ``"in_attn"`` (``reduce`` gets the block input and ``feats.attn``, the attention
+            map of the block's tokens, and returns the reduced tokens with the attention map
+            over them in ``Reduced.attn``; the block applies it to the reduced tokens' values,
+            then runs its MLP) or ``"after_mlp"`` (``reduce`` gets the block output).
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
+    reduce_at: ClassVar[str] = AFTER_ATTN
 
     def __post_init__(self) -> None:
         self.validate()
@@ -90,6 +109,21 @@ class Method:
     ) -> Reduced:
         """Reduce tokens ``x [B, N, C]`` (prefix first) at ``block``; see :class:`Reduced`."""
         return Reduced(x, size, source)
+
+    def uncounted_macs(self, tokens: tuple[int, ...], num_prefix: int, dim: int) -> int:
+        """Multiply-accumulates of one image that torchprofile and fvcore do not count.
+
+        Args:
+            tokens: tokens entering each block, then the tokens after the last block
+                (``L + 1`` counts, prefix included).
+            num_prefix: ``P``.
+            dim: channels ``C``.
+
+        Returns:
+            0 unless the method runs operators the counters skip (an FFT, say); then their
+            cost by formula, which :func:`ppt_bench.macs.measure_macs` adds to its figures.
+        """
+        return 0
 
     def params(self) -> dict[str, Any]:
         """The parameters as plain values (tuples become lists), for records and reports."""
