@@ -10,9 +10,10 @@ through ``torch.fft`` (Makhoul's algorithm, as in OpenToMe) and the result is ca
 model's dtype. Unlike OpenToMe, LayerScale is kept and every prefix token (not only the class
 token) is protected.
 
-Cost: torchprofile and fvcore do not count FFTs. :meth:`DCT.uncounted_macs` gives the
-transforms' cost by formula (:func:`transform_macs`), and
-:func:`ppt_bench.macs.measure_macs` adds it to the counted figures.
+Cost: torchprofile and fvcore do not count FFTs. :meth:`DCT.uncounted_macs` gives their cost
+by formula, ``2 n log2(n)`` multiply-accumulates per length-``n`` FFT and channel
+(:func:`transform_macs`), and :func:`ppt_bench.macs.measure_macs` adds it to the counted
+figures; :func:`ppt_bench.macs.uncounted_macs` gives the part added.
 
 Tokens after a DCT step are not a subset or a merge of the input tokens: every output token is
 a cosine-weighted mix of all of them. For source tracking (``visualize``) each input token is
@@ -85,19 +86,23 @@ def resample_slots(num_in: int, num_out: int, device: torch.device) -> torch.Ten
     return weights.abs().argmax(dim=0)
 
 
-def transform_macs(num_in: int, num_out: int, dim: int) -> int:
-    """Multiply-accumulates of one :func:`dct_reduce` per image, by formula.
+def fft_macs(n: int) -> int:
+    """Multiply-accumulates of one length-``n`` complex FFT, by formula: ``2 n log2(n)``.
 
-    A length-``n`` complex FFT is counted as ``2 n log2(n)`` real multiply-accumulates
-    (``n/2 log2(n)`` radix-2 butterflies of one complex multiplication, 4 real ones each); the
-    twiddle products add 2 per coefficient for the DCT (complex times a real pair) and 4 for the
-    inverse (complex times complex). Both run once per channel.
+    That is ``n/2 log2(n)`` radix-2 butterflies of one complex multiplication (4 real
+    multiply-accumulates) each, the usual count for an FFT of any length.
     """
+    return round(2 * n * math.log2(n)) if n > 1 else 0
 
-    def fft(n: int) -> float:
-        return 2 * n * math.log2(n) if n > 1 else 0.0
 
-    return round(dim * (fft(num_in) + 2 * num_in + fft(num_out) + 4 * num_out))
+def transform_macs(num_in: int, num_out: int, dim: int) -> int:
+    """Multiply-accumulates of the FFTs in one :func:`dct_reduce` of one image.
+
+    One FFT of length ``T`` (the DCT) and one of length ``T - r`` (the inverse) per channel.
+    The twiddle and scale products around them are ordinary elementwise multiplications,
+    which torchprofile counts already, so they are not in this figure.
+    """
+    return dim * (fft_macs(num_in) + fft_macs(num_out))
 
 
 @dataclass(frozen=True)
