@@ -27,6 +27,8 @@ GRID: dict[str, tuple[str, tuple]] = {
     "random": ("r", (8, 12, 16)),
     "tome": ("r", (2, 3, 4)),
     "evit": ("keep_rate", (0.8, 0.65, 0.5)),
+    "mctf": ("r", (2, 3, 4)),
+    "dct": ("r", (2, 3, 4)),
 }
 METRICS = ("accuracy", "macs", "throughput", "tokens")
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -129,6 +129,10 @@ class DCT(Method):
 
     def locations_for(self, depth: int) -> tuple[int, ...]:
         return tuple(i for i, r in enumerate(self.schedule(depth)) if r > 0)
+
+    def check_fits(self, info: Any) -> None:
+        """Raise :class:`MethodError` for an ``r`` list longer than the model's blocks."""
+        self.schedule(info.depth)
 
     def apply(
         self, model: nn.Module, *, trace_source: bool = False, attn_impl: str = "fast"

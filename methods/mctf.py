@@ -18,7 +18,7 @@ score. As in the authors' code, a block never leaves fewer than 10 tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 
@@ -33,6 +33,7 @@ from ppt_bench.methods.base import (
     check_float,
     check_int,
     check_locations,
+    check_locations_fit,
     set_field,
 )
 
@@ -278,6 +279,10 @@ class MCTF(Method):
 
     def locations_for(self, depth: int) -> tuple[int, ...]:
         return tuple(range(1, depth)) if self.locations is None else self.locations
+
+    def check_fits(self, info: Any) -> None:
+        """Raise :class:`MethodError` if a location is not one of the model's blocks."""
+        check_locations_fit(self.locations_for(info.depth), info.depth)
 
     def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
         N = x.shape[1]
