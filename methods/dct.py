@@ -16,9 +16,11 @@ by formula, ``2 n log2(n)`` multiply-accumulates per length-``n`` FFT and channe
 figures; :func:`ppt_bench.macs.uncounted_macs` gives the part added.
 
 Tokens after a DCT step are not a subset or a merge of the input tokens: every output token is
-a cosine-weighted mix of all of them. For source tracking (``visualize``) each input token is
-assigned to the output token that weights it most (the nearest point of the resampling), so a
-picture shows runs of neighbouring patches in raster order; sizes stay 1.
+a weighted mix of all of them. With source tracking, ``source[i, j]`` is therefore a real
+weight, not 0/1: the weight of original patch ``j`` in token ``i`` under the composed transforms
+(prefix rows stay one-hot). ``visualize`` draws each patch in the token that weights it most,
+which gives runs of neighbouring patches in raster order, the resampling of the sequence; the
+``size`` of every token stays 1, so proportional attention does not apply.
 """
 
 from __future__ import annotations
@@ -78,12 +80,11 @@ def dct_reduce(x: torch.Tensor, r: int) -> torch.Tensor:
     return idct_ortho(coeffs).transpose(1, 2).to(x.dtype)
 
 
-def resample_slots(num_in: int, num_out: int, device: torch.device) -> torch.Tensor:
-    """For each of ``num_in`` tokens, the output token of :func:`dct_reduce` that weights it
-    most in absolute value: ``[num_in]`` (int64)."""
+def transform_matrix(num_in: int, num_out: int, device: torch.device) -> torch.Tensor:
+    """The linear map of :func:`dct_reduce` on the token axis: ``[num_out, num_in]`` float32,
+    entry ``(i, j)`` the weight of input token ``j`` in output token ``i``."""
     eye = torch.eye(num_in, device=device)[None]  # each input token alone, [1, T, T]
-    weights = dct_reduce(eye, num_in - num_out)[0]  # [T - r, T]: output i from input j
-    return weights.abs().argmax(dim=0)
+    return dct_reduce(eye, num_in - num_out)[0]
 
 
 def fft_macs(n: int) -> int:
@@ -157,9 +158,9 @@ class DCT(Method):
             return Reduced(x, size, source)
         out = torch.cat([x[:, :P], dct_reduce(x[:, P:], r)], dim=1)  # [B, N - r, C]
         if source is not None:
-            patch_slots = P + resample_slots(N - P, N - P - r, x.device)
-            slots = torch.cat([torch.arange(P, device=x.device), patch_slots])
-            source = ops.pool_source(slots.expand(x.shape[0], -1), N - r, source)
+            mix = transform_matrix(N - P, N - P - r, x.device)  # [T - r, T]
+            patches = (mix @ source[:, P:].float()).to(source.dtype)  # [B, T - r, N0]
+            source = torch.cat([source[:, :P], patches], dim=1)
         return Reduced(out, size[:, : N - r], source)
 
     def uncounted_macs(self, tokens: tuple[int, ...], num_prefix: int, dim: int) -> int:

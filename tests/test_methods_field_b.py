@@ -13,7 +13,7 @@ from ppt_bench.errors import MethodError, PatchError
 from ppt_bench.macs import measure_macs, uncounted_macs
 from ppt_bench.methods import Method, create_method, list_methods
 from ppt_bench.methods.base import IN_ATTN, VALUE_NORM
-from ppt_bench.methods.dct import dct_ortho, dct_reduce, idct_ortho, resample_slots
+from ppt_bench.methods.dct import dct_ortho, dct_reduce, idct_ortho, transform_matrix
 from ppt_bench.methods.mctf import bidirectional_matching, fuse, tokens_to_fuse
 
 DEIT_S = "deit_small_patch16_224"
@@ -131,7 +131,7 @@ def test_mctf_keeps_at_least_ten_tokens_as_the_authors_code():
 
 @pytest.mark.parametrize("arch", ["deit_distilled", "vit_reg", "deit3_small", "vit_qknorm"])
 @pytest.mark.parametrize("name", ["mctf", "dct"])
-def test_prefix_tokens_are_protected_and_sources_cover_every_patch(arch, name):
+def test_prefix_tokens_are_protected_and_traced(arch, name):
     ref = make_model(arch)
     P = ref.num_prefix_tokens
     N0 = ref.patch_embed.num_patches + P
@@ -145,7 +145,9 @@ def test_prefix_tokens_are_protected_and_sources_cover_every_patch(arch, name):
         assert count == n, f"block {block}"
     source = info.source
     assert torch.equal(source[:, :P], torch.eye(N0)[:P].expand(2, -1, -1))
-    assert torch.equal(source[:, P:, P:].sum(dim=1), torch.ones(2, N0 - P))
+    assert (source[:, P:, :P] == 0).all()  # no patch token carries a prefix token
+    if name == "mctf":  # fusion only: every patch is in exactly one token
+        assert torch.equal(source[:, P:, P:].sum(dim=1), torch.ones(2, N0 - P))
 
 
 def test_models_without_a_class_token_are_reduced():
@@ -204,8 +206,24 @@ def test_dct_reduce_keeps_low_frequencies_and_the_dtype():
     out = dct_reduce(x, 4)
     assert out.shape == (1, 8, 2) and out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), torch.full((1, 8, 2), math.sqrt(12 / 8)), atol=1e-2)
-    slots = resample_slots(12, 8, torch.device("cpu"))
-    assert slots.tolist() == sorted(slots.tolist()) and set(slots.tolist()) == set(range(8))
+    mix = transform_matrix(12, 8, torch.device("cpu"))  # [8, 12]
+    y = torch.randn(2, 12, 3)
+    assert torch.allclose(mix @ y, dct_reduce(y, 4), atol=1e-5)
+    # Each input token weighs most in the output token at its place in the resampled sequence.
+    owner = mix.argmax(dim=0).tolist()
+    assert owner == sorted(owner) and set(owner) == set(range(8))
+
+
+def test_dct_source_is_the_composed_token_mixing():
+    ref = make_model("deit_distilled")  # 2 prefix tokens, 36 patches
+    model = create_method("dct", r=[4, 6]).apply(clone(ref), trace_source=True)
+    logits(model, images(2, img_size(ref)))
+    source = model.reduction_info.source  # [2, 28, 38]
+    cpu = torch.device("cpu")
+    expected = transform_matrix(32, 26, cpu) @ transform_matrix(36, 32, cpu)  # [26, 36]
+    assert torch.equal(source[:, :2], torch.eye(38)[:2].expand(2, -1, -1))
+    assert torch.allclose(source[:, 2:, 2:], expected.expand(2, -1, -1), atol=1e-5)
+    assert (source[:, 2:, :2] == 0).all()
 
 
 # -- batches, dtypes, compile -----------------------------------------------------------------
