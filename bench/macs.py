@@ -7,6 +7,10 @@ handler here; its "flops" count one multiply-accumulate as one, so its totals ar
 For a method whose path depends on the image (``Method.adaptive``: ppt with ``branch="auto"``
 prunes or pools at each location), each distinct path is forced (``Method.on_path``) and counted
 once, then weighted by how many evaluated images took it (``Method.paths``).
+
+Operators neither counter sees (the FFTs of the dct method) are added by the method's own
+formula, :meth:`~ppt_bench.methods.base.Method.uncounted_macs`, read by :func:`uncounted_macs`;
+the figures include it, and ``uncounted_macs`` alone gives the part added.
 """
 
 from __future__ import annotations
@@ -72,6 +76,26 @@ def macs_fvcore(model: nn.Module, x: torch.Tensor) -> int:
         return int(analysis.total())
 
 
+def uncounted_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """MACs of ``model(x)`` that torchprofile and fvcore do not count, by the method's formula.
+
+    0 for an unpatched model and for every method that does not override
+    :meth:`~ppt_bench.methods.base.Method.uncounted_macs`.
+    """
+    from ppt_bench.methods.base import Method
+
+    if not is_patched(model):
+        return 0
+    method = model.reduction_plan.method
+    if type(method).uncounted_macs is Method.uncounted_macs:
+        return 0
+    with torch.inference_mode():
+        tokens_in = model._pos_embed(model.patch_embed(x)).shape[1]
+        model(x)
+    tokens = (tokens_in, *model.reduction_info.tokens)
+    return method.uncounted_macs(tokens, model.reduction_plan.num_prefix, model.embed_dim)
+
+
 def is_adaptive(model: nn.Module) -> bool:
     """Whether the patched model's path depends on the image (:attr:`Method.adaptive`)."""
     return is_patched(model) and model.reduction_plan.method.adaptive
@@ -107,6 +131,18 @@ def _path_macs(
     return out
 
 
+def _cpu_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in fp32 on the CPU, leaving the model itself where it runs."""
+    info = getattr(model, "reduction_info", None)
+    if info is not None:  # outputs of the last forward, possibly part of an autograd graph
+        model.reduction_info = None
+    try:
+        return copy.deepcopy(model).float().cpu().eval()
+    finally:
+        if info is not None:
+            model.reduction_info = info
+
+
 def measure_macs(
     model: nn.Module,
     input_size: tuple[int, ...],
@@ -127,13 +163,14 @@ def measure_macs(
     Returns:
         For an adaptive model ``gmacs`` and ``gmacs_fvcore`` are means over images, and
         ``gmacs_single_input`` is the path of one random input (the paper's figure); otherwise
-        all three count one random input.
+        all three count one random input and include :func:`uncounted_macs`.
     """
-    model = copy.deepcopy(model).float().cpu().eval()
+    model = _cpu_copy(model)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, *input_size, generator=g)
     if not is_adaptive(model):
-        tp, fv = macs_torchprofile(model, x), macs_fvcore(model, x)
+        extra = uncounted_macs(model, x)
+        tp, fv = macs_torchprofile(model, x) + extra, macs_fvcore(model, x) + extra
         return _result(tp, fv, tp, model)
     single = path_of(model, x)
     counts = Counter(path_counts) if path_counts else Counter([single])

@@ -31,7 +31,14 @@ DEFAULT_LOCATIONS = (3, 6, 9)
 CLS_ATTN = "cls_attn"  # class-token attention row, [B, H, N]
 KEY_MEAN = "key_mean"  # keys averaged over heads, [B, N, d]
 VALUE_NORM = "value_norm"  # L2 norm of each token's value vector, [B, N]
-FEATURES = frozenset({CLS_ATTN, KEY_MEAN, VALUE_NORM})
+ATTN = "attn"  # the full post-softmax attention map, [B, H, N, N]
+FEATURES = frozenset({CLS_ATTN, KEY_MEAN, VALUE_NORM, ATTN})
+
+# Where in a block a method reduces tokens (``Method.reduce_at``).
+AFTER_ATTN = "after_attn"  # after the attention residual, before the MLP (ALGORITHMS.md)
+IN_ATTN = "in_attn"  # inside the attention: on the block input, with the attention map
+AFTER_MLP = "after_mlp"  # after the MLP residual, on the block output
+REDUCE_POINTS = (AFTER_ATTN, IN_ATTN, AFTER_MLP)
 
 
 @dataclass(frozen=True)
@@ -67,12 +74,19 @@ class Method:
         needs: the :data:`FEATURES` this method reads at a location.
         demo_grid: the main parameter and the values ``ppt-bench demo`` sweeps on its 12-block,
             65-token digits model; None runs the method once with its defaults.
+        reduce_at: where in a block it reduces, one of :data:`REDUCE_POINTS`:
+            ``"after_attn"`` (``reduce`` gets the tokens after the attention residual),
+            ``"in_attn"`` (``reduce`` gets the block input and ``feats.attn``, the attention
+            map of the block's tokens, and returns the reduced tokens with the attention map
+            over them in ``Reduced.attn``; the block applies it to the reduced tokens' values,
+            then runs its MLP) or ``"after_mlp"`` (``reduce`` gets the block output).
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     needs: ClassVar[frozenset[str]] = frozenset()
     demo_grid: ClassVar[tuple[str, tuple[Any, ...]] | None] = None
+    reduce_at: ClassVar[str] = AFTER_ATTN
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # a switch given as text ("false") is a mistake
@@ -144,6 +158,21 @@ class Method:
     ) -> Reduced:
         """Reduce tokens ``x [B, N, C]`` (prefix first) at ``block``; see :class:`Reduced`."""
         return Reduced(x, size, source)
+
+    def uncounted_macs(self, tokens: tuple[int, ...], num_prefix: int, dim: int) -> int:
+        """Multiply-accumulates of one image that torchprofile and fvcore do not count.
+
+        Args:
+            tokens: tokens entering each block, then the tokens after the last block
+                (``L + 1`` counts, prefix included).
+            num_prefix: ``P``.
+            dim: channels ``C``.
+
+        Returns:
+            0 unless the method runs operators the counters skip (an FFT, say); then their
+            cost by formula, which :func:`ppt_bench.macs.measure_macs` adds to its figures.
+        """
+        return 0
 
     def params(self) -> dict[str, Any]:
         """The parameters as plain values (tuples become lists), for records and reports."""

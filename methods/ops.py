@@ -19,13 +19,17 @@ class Features(NamedTuple):
     cls_attn: torch.Tensor | None = None  # class-token attention row, [B, H, N]
     key_mean: torch.Tensor | None = None  # keys averaged over heads, [B, N, d]
     value_norm: torch.Tensor | None = None  # value norm of each token, [B, N]
+    attn: torch.Tensor | None = None  # the full post-softmax attention map, [B, H, N, N]
 
 
 class Reduced(NamedTuple):
     """Tokens after a reduction step.
 
     ``pooled`` (bool ``[B]``) and ``score_var`` (``[B]``) are set by methods that choose a
-    branch per image (ppt); they are recorded per location after each forward.
+    branch per image (ppt); they are recorded per location after each forward. ``attn``
+    (``[B, H, N', N']``) is required from a method that reduces inside the attention
+    (``reduce_at = "in_attn"``): the attention map over the reduced tokens, which the block then
+    applies to their values.
     """
 
     x: torch.Tensor  # [B, N', C]
@@ -33,6 +37,7 @@ class Reduced(NamedTuple):
     source: torch.Tensor | None = None  # [B, N', N0] when source tracking is on
     pooled: torch.Tensor | None = None
     score_var: torch.Tensor | None = None
+    attn: torch.Tensor | None = None
 
 
 def max_reduction(num_tokens: int, num_prefix: int, r: int) -> int:

@@ -3,9 +3,11 @@
 The model keeps its modules and weights (the state dict is unchanged); only its class is swapped
 for a subclass whose ``forward_features`` runs the blocks through :func:`reducing_block`, which
 follows timm 1.0's ``Block`` exactly (LayerScale, qk-norm, attention output norm, gated
-attention, dropout, drop path) and calls the method's ``reduce`` after the attention residual of
-each reduction block. Prefix tokens (class, distillation, register) are carried but never
-reduced.
+attention, dropout, drop path) and calls the method's ``reduce`` in each reduction block, where
+the method's ``reduce_at`` says: after the attention residual (most methods), inside the
+attention (the block's attention map is computed, the method reduces the block input and the
+map, and the reduced map is applied to the reduced tokens' values) or after the MLP. Prefix
+tokens (class, distillation, register) are carried but never reduced.
 
 After each forward the model exposes :class:`ReductionInfo` as ``model.reduction_info``.
 """
@@ -21,7 +23,20 @@ from torch import nn
 
 from ppt_bench.errors import PatchError
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import CLS_ATTN, KEY_MEAN, VALUE_NORM, Features, Method, ViTInfo
+from ppt_bench.methods.base import (
+    AFTER_ATTN,
+    AFTER_MLP,
+    ATTN,
+    CLS_ATTN,
+    IN_ATTN,
+    KEY_MEAN,
+    REDUCE_POINTS,
+    VALUE_NORM,
+    Features,
+    Method,
+    Reduced,
+    ViTInfo,
+)
 
 # "fast": fused SDPA, the proportional-attention bias as an additive mask; "fold": fused SDPA
 # with the bias carried in an extra query/key channel, so that no mask is needed (blocks with
@@ -119,6 +134,61 @@ def folded_qkv(
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
+def _qk(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k ``[B, H, N, d]`` of a timm ``Attention`` (after qk-norm), without v.
+
+    A plain ``nn.Linear`` qkv projection computes only its first ``2 C`` output channels.
+    """
+    B, N, _ = x.shape
+    H, d = attn.num_heads, attn.head_dim
+    if isinstance(attn.qkv, nn.Linear):
+        bias = None if attn.qkv.bias is None else attn.qkv.bias[: 2 * H * d]
+        qk = F.linear(x, attn.qkv.weight[: 2 * H * d], bias)
+    else:
+        qk = attn.qkv(x)[..., : 2 * H * d]
+    q, k = qk.reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k)
+
+
+def _values(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """v ``[B, H, N, d]`` of a timm ``Attention``, without q and k."""
+    B, N, _ = x.shape
+    H, d = attn.num_heads, attn.head_dim
+    if isinstance(attn.qkv, nn.Linear):
+        bias = None if attn.qkv.bias is None else attn.qkv.bias[2 * H * d :]
+        v = F.linear(x, attn.qkv.weight[2 * H * d :], bias)
+    else:
+        v = attn.qkv(x)[..., 2 * H * d :]
+    return v.reshape(B, N, H, d).transpose(1, 2)
+
+
+def _softmax_attention(
+    attn: nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Post-softmax attention ``[B, H, N, N]`` with an optional additive mask."""
+    a = (q * attn.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
+    if mask is not None:
+        a = a + mask
+    return a.softmax(dim=-1)
+
+
+def _output(
+    attn: nn.Module, out: torch.Tensor, x: torch.Tensor, gate: torch.Tensor | None
+) -> torch.Tensor:
+    """Heads ``[B, H, N, w]`` to the attention output ``[B, N, C]`` (norm, gate, proj)."""
+    B, N, _ = x.shape
+    H, d = attn.num_heads, attn.head_dim
+    out = out[..., :d].transpose(1, 2).reshape(B, N, H * d)
+    out = getattr(attn, "norm", nn.Identity())(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out))
+
+
+def _gate(attn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    return attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+
+
 def attention(
     attn: nn.Module,
     x: torch.Tensor,
@@ -133,7 +203,8 @@ def attention(
         x: normalised tokens ``[B, N, C]``.
         size: ``[B, N, 1]`` patches each token stands for, for proportional attention (a
             ``log(size)`` bias per key), or None.
-        needs: subset of ``{"cls_attn", "key_mean", "value_norm"}``.
+        needs: subset of :data:`~ppt_bench.methods.base.FEATURES`; ``"attn"`` (the full map)
+            makes this block compute its attention explicitly.
         impl: one of :data:`ATTN_IMPLS`.
 
     Returns:
@@ -141,9 +212,9 @@ def attention(
     """
     B, N, _ = x.shape
     H, d = attn.num_heads, attn.head_dim
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    gate = _gate(attn, x)
     mask = None
-    if size is not None and impl == "fold" and can_fold(attn):
+    if size is not None and impl == "fold" and ATTN not in needs and can_fold(attn):
         q, k, v = folded_qkv(attn, x, size)  # [B, H, N, w], the bias inside q.k
     else:
         q, k, v = attn.qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
@@ -151,14 +222,13 @@ def attention(
         if size is not None:
             mask = ops.prop_attn_bias(size).to(q.dtype)  # [B, 1, 1, N]
 
-    cls_attn = None
-    if impl == "explicit":
-        a = (q * attn.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
-        if mask is not None:
-            a = a + mask
-        a = a.softmax(dim=-1)
+    cls_attn = full = None
+    if impl == "explicit" or ATTN in needs:
+        a = _softmax_attention(attn, q, k, mask)  # [B, H, N, N]
         if CLS_ATTN in needs:
             cls_attn = a[:, :, 0]
+        if ATTN in needs:
+            full = a
         out = attn.attn_drop(a) @ v
     else:
         drop = attn.attn_drop.p if attn.training else 0.0
@@ -172,18 +242,48 @@ def attention(
                 a0 = a0 + mask
             cls_attn = a0.softmax(dim=-1)[:, :, 0]
 
-    out = out[..., :d].transpose(1, 2).reshape(B, N, H * d)
-    out = getattr(attn, "norm", nn.Identity())(out)
-    if gate is not None:
-        out = out * gate
-    out = attn.proj_drop(attn.proj(out))
+    out = _output(attn, out, x, gate)
     k, v = k[..., :d], v[..., :d]
     feats = Features(
         cls_attn=cls_attn,
         key_mean=k.mean(dim=1) if KEY_MEAN in needs else None,
         value_norm=ops.value_norm(v) if VALUE_NORM in needs else None,
+        attn=full,
     )
     return out, feats
+
+
+def attention_map(
+    attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, needs: frozenset[str]
+) -> Features:
+    """The attention map of a block whose method reduces inside the attention.
+
+    Only q and k are projected: the values are taken after the reduction
+    (:func:`apply_attention_map`).
+
+    Args:
+        attn: a timm ``Attention`` module.
+        x: normalised tokens ``[B, N, C]``.
+        size: ``[B, N, 1]`` for proportional attention, or None.
+        needs: the method's features; ``value_norm`` is not available here.
+
+    Returns:
+        Features with ``attn`` ``[B, H, N, N]`` (post-softmax), and ``cls_attn`` / ``key_mean``
+        if asked for.
+    """
+    q, k = _qk(attn, x)
+    mask = None if size is None else ops.prop_attn_bias(size).to(q.dtype)
+    a = _softmax_attention(attn, q, k, mask)
+    return Features(
+        cls_attn=a[:, :, 0] if CLS_ATTN in needs else None,
+        key_mean=k.mean(dim=1) if KEY_MEAN in needs else None,
+        attn=a,
+    )
+
+
+def apply_attention_map(attn: nn.Module, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """The attention output ``[B, N, C]`` of a given map ``a [B, H, N, N]`` on tokens ``x``."""
+    return _output(attn, attn.attn_drop(a) @ _values(attn, x), x, _gate(attn, x))
 
 
 class _State(NamedTuple):
@@ -195,25 +295,40 @@ class _State(NamedTuple):
 def reducing_block(
     block: nn.Module, state: _State, plan: ReductionPlan, index: int
 ) -> tuple[_State, torch.Tensor | None, torch.Tensor | None]:
-    """One timm ``Block`` with an optional reduction between attention and MLP.
+    """One timm ``Block`` with an optional reduction where the method's ``reduce_at`` says:
+    inside the attention, between attention and MLP, or after the MLP.
 
     Returns:
         The new state, and the per-image ``pooled`` / ``score_var`` of the reduction, if any.
     """
     x, size, source = state
-    reduce_here = index in plan.locations
+    method = plan.method
+    at = method.reduce_at if index in plan.locations else None
     prop_size = size if index >= plan.bias_from else None
-    needs = plan.method.needs if reduce_here else frozenset()
-    out, feats = attention(block.attn, block.norm1(x), prop_size, needs, plan.attn_impl)
+    needs = method.needs if at is not None else frozenset()
+    red = None
+
+    def reduce(x: torch.Tensor, feats: Features) -> Reduced:
+        return method.reduce(x, size, feats, block=index, num_prefix=plan.num_prefix, source=source)
+
+    if at == IN_ATTN:
+        feats = attention_map(block.attn, block.norm1(x), prop_size, needs)
+        red = reduce(x, feats)
+        x, size, source = red.x, red.size, red.source
+        out = apply_attention_map(block.attn, block.norm1(x), red.attn)
+    else:
+        out, feats = attention(block.attn, block.norm1(x), prop_size, needs, plan.attn_impl)
     x = x + block.drop_path1(block.ls1(out))
-    pooled = score_var = None
-    if reduce_here:
-        red = plan.method.reduce(
-            x, size, feats, block=index, num_prefix=plan.num_prefix, source=source
-        )
-        x, size, source, pooled, score_var = red
+    if at == AFTER_ATTN:
+        red = reduce(x, feats)
+        x, size, source = red.x, red.size, red.source
     x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
-    return _State(x, size, source), pooled, score_var
+    if at == AFTER_MLP:
+        red = reduce(x, feats)
+        x, size, source = red.x, red.size, red.source
+    if red is None:
+        return _State(x, size, source), None, None
+    return _State(x, size, source), red.pooled, red.score_var
 
 
 def run_blocks(
@@ -319,6 +434,15 @@ def patch(
         raise PatchError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
     check_patchable(model)
     method.check_fits(vit_info(model))
+    if method.reduce_at not in REDUCE_POINTS:
+        raise PatchError(
+            f"{method.name}: reduce_at must be one of {REDUCE_POINTS}, got {method.reduce_at!r}"
+        )
+    if method.reduce_at == IN_ATTN and VALUE_NORM in method.needs:
+        raise PatchError(
+            f"{method.name} reduces inside the attention, before the values exist: it cannot "
+            "read value_norm"
+        )
     locations = method.locations_for(len(model.blocks))
     model.__class__ = _reducing_class(type(model))
     model.reduction_plan = ReductionPlan(

@@ -32,6 +32,8 @@ _BUILTIN: dict[str, str] = {
     "evit": "ppt_bench.methods.evit:EViT",
     "topk": "ppt_bench.methods.controls:TopK",
     "random": "ppt_bench.methods.controls:RandomDrop",
+    "mctf": "ppt_bench.methods.mctf:MCTF",
+    "dct": "ppt_bench.methods.dct:DCT",
 }
 _REGISTRY: dict[str, str | type[Method]] = dict(_BUILTIN)
 _ENTRY_POINTS_LOADED = False

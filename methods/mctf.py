@@ -1,0 +1,288 @@
+"""MCTF: multi-criteria token fusion (CVPR 2024; github.com/mlvlab/MCTF @ 2004da0c,
+``utils/mctf.py`` and ``models/modules/blocks.py``).
+
+At each location the block computes its attention on the current tokens, then fuses tokens by a
+bidirectional bipartite matching whose score multiplies three criteria: similarity (cosine of
+the block input ``x``), informativeness (tokens that receive little attention fuse first) and
+size (small tokens fuse first). Fused tokens are averaged with weights "attention received times
+size"; with ``one_step_ahead`` the attention map is fused the same way (columns summed, rows
+averaged with those weights) and applied to the fused tokens' values, so the block does not
+compute its attention twice. Without it, the tokens are fused after the block's MLP.
+
+Output order (which the next block's alternating split depends on) follows the authors' code:
+prefix tokens, the even tokens left after the first direction with the odd tokens fused into
+them, then the odd tokens left after the second direction in descending order of their best
+score. As in the authors' code, a block never leaves fewer than 10 tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from ppt_bench.errors import MethodError
+from ppt_bench.methods import ops
+from ppt_bench.methods.base import (
+    AFTER_MLP,
+    ATTN,
+    IN_ATTN,
+    Method,
+    Reduced,
+    check_float,
+    check_int,
+    check_locations,
+    set_field,
+)
+
+# The authors' code never reduces a block below this many tokens (``if t - r < 10``).
+MIN_TOKENS = 10
+
+
+def tokens_to_fuse(r: int | float, num_tokens: int, num_prefix: int) -> int:
+    """Tokens one MCTF step removes, as the authors' ``mctf`` computes it.
+
+    Args:
+        r: an int count, or a float in (0, 1): that share of the patch tokens.
+        num_tokens: ``N`` (prefix included).
+        num_prefix: ``P``.
+
+    Returns:
+        ``min(r or int((N - P) r), (N - P) // 2)``, with ``r`` first lowered to ``N - 10`` so
+        that at least 10 tokens stay; never negative.
+    """
+    if num_tokens - r < MIN_TOKENS:
+        r = num_tokens - MIN_TOKENS
+    n = int((num_tokens - num_prefix) * r) if r < 1 else int(r)
+    return max(0, min(n, (num_tokens - num_prefix) // 2))
+
+
+class Fusion(NamedTuple):
+    """Where every token goes: ``slots [B, N]`` (int64) into ``num_out`` output tokens."""
+
+    slots: torch.Tensor
+    num_out: int
+
+
+def inverse_share(t: torch.Tensor) -> torch.Tensor:
+    """``1 / t`` normalised by its maximum over the tokens: ``[B, N] -> [B, N]``."""
+    t = 1 / t
+    return t / t.amax(dim=1, keepdim=True)
+
+
+def fusion_scores(
+    x: torch.Tensor,
+    attn: torch.Tensor,
+    size: torch.Tensor,
+    num_prefix: int,
+    tau_sim: float,
+    tau_info: float,
+    tau_size: float,
+) -> torch.Tensor:
+    """MCTF's multi-criteria score of every even patch token against every odd patch token.
+
+    Args:
+        x: the similarity features ``[B, N, C]`` (the block input), prefix first.
+        attn: post-softmax attention ``[B, H, N, N]``.
+        size: ``[B, N, 1]`` patches each token stands for.
+        num_prefix: ``P``.
+        tau_sim, tau_info, tau_size: temperatures; 0 leaves a criterion out.
+
+    Returns:
+        ``[B, n_a, n_b]``: ``W_sim * W_info * W_size`` with ``W_sim = ((cos + 1) / 2)^(1/tau)``,
+        ``W_info = (i_a i_b)^(1/tau)`` (``i``: inverse of the mean attention a token receives,
+        over heads and queries, divided by its maximum) and ``W_size`` the same with inverse
+        sizes. Even tokens (A) are positions ``0, 2, ...``, odd (B) ``1, 3, ...``, of the whole
+        sequence; prefix tokens are left out.
+    """
+    pa, pb = (num_prefix + 1) // 2, num_prefix // 2  # prefix tokens in A and in B
+
+    def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return t[:, ::2][:, pa:], t[:, 1::2][:, pb:]
+
+    metric = x / x.norm(dim=-1, keepdim=True)
+    a, b = split(metric)
+    scores = torch.ones_like(a[..., :1]) * torch.ones_like(b[..., :1]).transpose(1, 2)
+    if tau_sim:
+        scores = ((a @ b.transpose(1, 2) + 1) / 2) ** (1 / tau_sim)  # [B, n_a, n_b]
+    if tau_info:
+        # The maximum runs over all tokens, prefix included, as in the authors' code.
+        info_a, info_b = split(inverse_share(attn.mean(dim=(1, 2)))[..., None])
+        scores = scores * (info_a * info_b.transpose(1, 2)) ** (1 / tau_info)
+    if tau_size:
+        size_a, size_b = split(inverse_share(size[..., 0])[..., None])
+        scores = scores * (size_a * size_b.transpose(1, 2)) ** (1 / tau_size)
+    return scores
+
+
+def bidirectional_matching(
+    scores: torch.Tensor, r: int, num_tokens: int, num_prefix: int, bidirectional: bool
+) -> Fusion:
+    """MCTF's (bidirectional) bipartite matching as output slots of the whole sequence.
+
+    Direction one: each even token's best odd match; the ``r // 2`` best even tokens (all ``r``
+    if not bidirectional) fuse into their matches. Direction two, with the same scores: each odd
+    token's best still-unfused even token; the ``r - r // 2`` best odd tokens fuse into those
+    (an odd token carries what fused into it). Sorts are stable so that ties (identical
+    patches) never depend on the rest of the batch.
+
+    Args:
+        scores: ``[B, n_a, n_b]`` from :func:`fusion_scores`.
+        r: tokens to remove, at most ``(N - P) // 2``.
+        num_tokens: ``N``.
+        num_prefix: ``P``.
+        bidirectional: fuse in both directions.
+
+    Returns:
+        The slots: prefix tokens ``0 .. P-1``, the unfused even tokens in their order, then the
+        odd tokens not fused in direction two (all odd tokens when not bidirectional).
+    """
+    P = num_prefix
+    B, n_a, n_b = scores.shape
+    r1, r2 = (r // 2, r - r // 2) if bidirectional else (r, 0)
+    device = scores.device
+
+    def arange(n: int) -> torch.Tensor:
+        return torch.arange(n, device=device).expand(B, n)
+
+    node_max, node_idx = scores.max(dim=-1)  # [B, n_a]: best odd match of each even token
+    edge_idx = node_max.sort(dim=-1, descending=True, stable=True).indices
+    unm_idx, src_idx = edge_idx[:, r1:], edge_idx[:, :r1]  # [B, n_a - r1], [B, r1]
+    if P:
+        unm_idx = unm_idx.sort(dim=1).values
+    dst_idx = node_idx.gather(1, src_idx)  # [B, r1] odd destinations
+    n_unm = n_a - r1
+
+    b_slot = P + n_unm + arange(n_b)  # [B, n_b]
+    if bidirectional:
+        # Scores of each odd token against the unfused even tokens, in their output order.
+        back = scores.gather(1, unm_idx[..., None].expand(-1, -1, n_b)).transpose(1, 2)
+        node_max2, node_idx2 = back.max(dim=-1)  # [B, n_b]: index into the unfused list
+        edge_idx2 = node_max2.sort(dim=-1, descending=True, stable=True).indices
+        unm2, src2 = edge_idx2[:, r2:], edge_idx2[:, :r2]
+        b_slot = torch.empty_like(b_slot)
+        b_slot.scatter_(1, unm2, P + n_unm + arange(n_b - r2))
+        b_slot.scatter_(1, src2, P + node_idx2.gather(1, src2))
+
+    a_slot = torch.empty(B, n_a, dtype=torch.long, device=device)
+    a_slot.scatter_(1, unm_idx, P + arange(n_unm))
+    a_slot.scatter_(1, src_idx, b_slot.gather(1, dst_idx))
+
+    prefix = torch.arange(P, device=device)
+    slots = torch.empty(B, num_tokens, dtype=torch.long, device=device)
+    slots[:, 0::2] = torch.cat([prefix[0::2].expand(B, -1), a_slot], dim=1)
+    slots[:, 1::2] = torch.cat([prefix[1::2].expand(B, -1), b_slot], dim=1)
+    return Fusion(slots, num_tokens - r)
+
+
+def scatter_tokens(t: torch.Tensor, slots: torch.Tensor, num_out: int, dim: int) -> torch.Tensor:
+    """Sum the entries of ``t`` along ``dim`` that share a slot (``slots [B, N]``)."""
+    shape = [1] * t.dim()
+    shape[0], shape[dim] = slots.shape
+    idx = slots.view(shape).expand_as(t)
+    out_shape = list(t.shape)
+    out_shape[dim] = num_out
+    return t.new_zeros(out_shape).scatter_add_(dim, idx, t)
+
+
+def fuse(
+    fusion: Fusion,
+    x: torch.Tensor,
+    size: torch.Tensor,
+    attn: torch.Tensor,
+    source: torch.Tensor | None,
+    fuse_attn: bool,
+) -> Reduced:
+    """Average fused tokens weighted by attention received times size (the authors'
+    ``pooling_type=1``), and optionally the attention map.
+
+    Args:
+        fusion: the slots.
+        x: tokens ``[B, N, C]``.
+        size: ``[B, N, 1]``.
+        attn: ``[B, H, N, N]`` post-softmax attention of the block.
+        source: ``[B, N, N0]`` or None.
+        fuse_attn: also return the fused map ``[B, H, N', N']``: columns (keys) summed, rows
+            (queries) averaged with the same weights.
+
+    Returns:
+        The fused tokens with summed sizes and united sources.
+    """
+    slots, n = fusion
+    attn_m = attn.mean(dim=(1, 2))[..., None]  # [B, N, 1] mean attention received
+    weight = attn_m * (size / size.amax(dim=1, keepdim=True))  # [B, N, 1]
+    norm = scatter_tokens(weight, slots, n, 1)  # [B, N', 1]
+    x = scatter_tokens(x * weight, slots, n, 1) / norm
+    fused_attn = None
+    if fuse_attn:
+        cols = scatter_tokens(attn, slots, n, 3)  # [B, H, N, N']
+        fused_attn = scatter_tokens(cols * weight[:, None], slots, n, 2) / norm[:, None]
+    source = None if source is None else ops.pool_source(slots, n, source)
+    return Reduced(x, scatter_tokens(size, slots, n, 1), source, attn=fused_attn)
+
+
+@dataclass(frozen=True)
+class MCTF(Method):
+    """Multi-criteria token fusion, off the shelf.
+
+    Args:
+        r: tokens fused away per location: an int, or a float in (0, 1) for that share of the
+            patch tokens (the authors' MCTF-Fast uses 0.35 at blocks 3, 6, 9). At most half the
+            patch tokens per step, and never below 10 tokens.
+        locations: reduction blocks; default every block but the first (``1 .. L-1``).
+        tau_sim: temperature of the similarity criterion (0 leaves it out).
+        tau_info: temperature of the informativeness criterion (0 leaves it out).
+        tau_size: temperature of the size criterion (0 leaves it out).
+        bidirectional: fuse even into odd tokens, then odd into the unfused even ones.
+        one_step_ahead: fuse inside the attention, with the fused attention map applied to the
+            fused tokens' values; otherwise fuse after the block's MLP.
+        prop_attn: proportional attention (``+ log(size)``) after the first location.
+    """
+
+    description = "MCTF: fuse tokens by similarity, informativeness and size (inside attention)"
+    needs = frozenset({ATTN})
+    demo_grid = ("r", (2, 3, 4))
+    r: int | float = 16
+    locations: tuple[int, ...] | None = None
+    tau_sim: float = 1.0
+    tau_info: float = 20.0
+    tau_size: float = 40.0
+    bidirectional: bool = True
+    one_step_ahead: bool = True
+    prop_attn: bool = True
+
+    def validate(self) -> None:
+        r = self.r
+        if isinstance(r, float) and r.is_integer() and r >= 1:
+            r = int(r)
+        if isinstance(r, float):
+            if not 0 < r < 1:
+                raise MethodError(
+                    f"r must be an integer >= 0 or a share of the tokens in (0, 1), got {r!r}"
+                )
+        else:
+            check_int("r (or a share of the tokens in (0, 1))", r)
+        set_field(self, "r", r)
+        if self.locations is not None:
+            set_field(self, "locations", check_locations(self.locations))
+        for name in ("tau_sim", "tau_info", "tau_size"):
+            set_field(self, name, check_float(name, getattr(self, name), allow_inf=False))
+
+    @property
+    def reduce_at(self) -> str:  # type: ignore[override]
+        return IN_ATTN if self.one_step_ahead else AFTER_MLP
+
+    def locations_for(self, depth: int) -> tuple[int, ...]:
+        return tuple(range(1, depth)) if self.locations is None else self.locations
+
+    def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
+        N = x.shape[1]
+        r = tokens_to_fuse(self.r, N, num_prefix)
+        if r == 0:
+            return Reduced(x, size, source, attn=feats.attn)
+        scores = fusion_scores(
+            x, feats.attn, size, num_prefix, self.tau_sim, self.tau_info, self.tau_size
+        )
+        fusion = bidirectional_matching(scores, r, N, num_prefix, self.bidirectional)
+        return fuse(fusion, x, size, feats.attn, source, self.one_step_ahead)
