@@ -25,20 +25,17 @@ which gives runs of neighbouring patches in raster order, the resampling of the 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
-from ppt_bench.errors import MethodError
-from ppt_bench.methods import ops
-from ppt_bench.methods.base import AFTER_MLP, Method, Reduced, ViTInfo, set_field
-from ppt_bench.methods.tome import Schedule, is_pair, parse_schedule, per_block_r
+from ppt_bench.methods.base import AFTER_MLP, Reduced
+from ppt_bench.methods.schedule import Scheduled
 
 if TYPE_CHECKING:
-    from torch import nn
+    pass
 
 
 def dct_ortho(x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +104,7 @@ def transform_macs(num_in: int, num_out: int, dim: int) -> int:
 
 
 @dataclass(frozen=True)
-class DCT(Method):
+class DCT(Scheduled):
     """DCT token reduction after the MLP of every block with ``r > 0``.
 
     Args:
@@ -118,41 +115,8 @@ class DCT(Method):
 
     description = "DCT: keep the low frequencies of the token sequence (after each MLP)"
     reduce_at = AFTER_MLP
-    demo_grid = ("r", (2, 3, 4))
-    r: Schedule = 13
-
-    def validate(self) -> None:
-        set_field(self, "r", parse_schedule(self.r))
-
-    def schedule(self, depth: int) -> tuple[int, ...]:
-        """Requested ``r`` of each of ``depth`` blocks."""
-        return per_block_r(self.r, depth)
-
-    def locations_for(self, depth: int) -> tuple[int, ...]:
-        return tuple(i for i, r in enumerate(self.schedule(depth)) if r > 0)
-
-    def check_fits(self, info: ViTInfo) -> None:
-        """Also refuse an ``r`` list longer than the model's blocks."""
-        super().check_fits(info)
-        self.schedule(info.depth)
-
-    def apply(
-        self, model: nn.Module, *, trace_source: bool = False, attn_impl: str = "fast"
-    ) -> nn.Module:
-        """Patch ``model`` with the schedule resolved for its depth (as :meth:`ToMe.apply`)."""
-        resolved = dataclasses.replace(self, r=list(self.schedule(len(model.blocks))))
-        return Method.apply(resolved, model, trace_source=trace_source, attn_impl=attn_impl)
-
-    def block_r(self, block: int, num_tokens: int, num_prefix: int) -> int:
-        """Tokens block ``block`` removes from ``num_tokens``: ``min(r, (N - P) // 2)``."""
-        requested = self.r if isinstance(self.r, int) else self.r[block]
-        return ops.max_reduction(num_tokens, num_prefix, requested)
 
     def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
-        if is_pair(self.r):
-            raise MethodError(
-                "an (r, inflection) schedule needs the model depth: use .apply(model)"
-            )
         N, P = x.shape[1], num_prefix
         r = self.block_r(block, N, P)
         if r == 0:
