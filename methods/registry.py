@@ -32,6 +32,9 @@ _BUILTIN: dict[str, str] = {
     "evit": "ppt_bench.methods.evit:EViT",
     "topk": "ppt_bench.methods.controls:TopK",
     "random": "ppt_bench.methods.controls:RandomDrop",
+    "pitome": "ppt_bench.methods.pitome:PiToMe",
+    "tofu": "ppt_bench.methods.tofu:ToFu",
+    "diffrate": "ppt_bench.methods.diffrate:DiffRate",
 }
 _REGISTRY: dict[str, str | type[Method]] = dict(_BUILTIN)
 _ENTRY_POINTS_LOADED = False
