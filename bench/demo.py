@@ -27,6 +27,18 @@ GRID: dict[str, tuple[str, tuple]] = {
     "random": ("r", (8, 12, 16)),
     "tome": ("r", (2, 3, 4)),
     "evit": ("keep_rate", (0.8, 0.65, 0.5)),
+    "pitome": ("ratio", (0.95, 0.925, 0.9)),
+    "tofu": ("ratio", (0.95, 0.925, 0.9)),
+    # DiffRate's searched schedules are for 197 tokens: DeiT-S's 3.1, 2.9 and 2.3 merge counts
+    # scaled to the digits model's 65 tokens (1 + round((c - 1) * 64 / 196)).
+    "diffrate": (
+        "merge_kept",
+        (
+            (65, 65, 61, 54, 50, 47, 44, 40, 34, 26, 23, 2),
+            (65, 64, 58, 52, 47, 44, 40, 36, 29, 22, 19, 2),
+            (65, 59, 52, 42, 36, 33, 27, 22, 18, 13, 11, 2),
+        ),
+    ),
 }
 METRICS = ("accuracy", "macs", "throughput", "tokens")
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import KEY_MEAN, Method, Reduced, check_float, set_field
+from ppt_bench.methods.base import KEY_MEAN, Method, Reduced, set_field
 
 if TYPE_CHECKING:
     from torch import nn
@@ -36,10 +36,10 @@ if TYPE_CHECKING:
 
 def check_ratio(value: Any) -> float:
     """A keep ratio in ``(0, 1]``, as a float."""
-    ratio = check_float("ratio", value, allow_inf=False)
-    if not 0.0 < ratio <= 1.0:
-        raise MethodError(f"ratio must be in (0, 1] (1 keeps every token), got {value!r}")
-    return ratio
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not 0.0 < value <= 1.0:  # NaN fails the comparison too
+        raise MethodError(f"ratio must be a number in (0, 1] (1 keeps every token), got {value!r}")
+    return float(value)
 
 
 def ratio_reduction(num_tokens: int, ratio: float) -> int:
