@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ARCHS, clone, images, logits, make_model
 
-from ppt_bench.errors import MethodError
+from ppt_bench.errors import MethodError, PatchError
 from ppt_bench.macs import measure_macs
 from ppt_bench.methods import create_method, list_methods
 from ppt_bench.methods.diffrate import diffrate_step
@@ -331,3 +331,38 @@ def test_diffrate_uses_proportional_attention_from_its_first_merge():
     assert method.locations_for(12) == tuple(range(12))
     merge_only = create_method("diffrate", merge_kept=[50, 50, 40, 45, 40, 30])
     assert merge_only.locations_for(6) == (0, 2, 5)
+
+
+def test_models_without_a_class_token():
+    ref = make_model("vit_tiny_patch16_224", img_size=96, class_token=False, global_pool="avg")
+    assert ref.num_prefix_tokens == 0
+    x = images(2, 96)
+    for name in ("pitome", "tofu"):
+        model = create_method(name, ratio=0.8).apply(clone(ref))
+        assert torch.isfinite(logits(model, x)).all()
+        assert list(model.reduction_info.tokens) == ratio_counts(0.8, 12, 36, 0, name == "tofu")
+    with pytest.raises(PatchError, match="no class token"):
+        create_method("diffrate", merge_kept=[30] * 12).apply(clone(ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", FIELD)
+def test_capture_in_a_cuda_graph(name):
+    """Capture fails on any host synchronisation or CPU-GPU copy inside the forward."""
+    model = create_method(name).apply(make_model("deit_small_patch16_224").cuda())
+    x = images(8, 224).cuda()
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = model(x)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                model(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(x)
+        graph.replay()
+        torch.cuda.synchronize()
+    assert (out.float() - eager.float()).abs().max() < 5e-2
