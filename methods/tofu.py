@@ -15,8 +15,9 @@ the number of patches a token stands for).
 
 The only public code, the re-implementation in hchautran/PiToMe (``algo/tofu/merge.py``, mode
 ``"tofu"``), divides the average by the norm of the destination token as it was *before*
-averaging, ``mean / ||x_dst|| * max_i ||x_i||``, so the fused token keeps neither the largest
-norm nor the direction's scale; this module follows the paper. Its pruning half is the same as
+averaging, ``mean / ||x_dst|| * max_i ||x_i||``, so the fused token's norm is
+``max_i ||x_i|| * ||mean|| / ||x_dst||`` rather than the largest member norm; this module follows
+the paper. Its pruning half is the same as
 here (token counts and kept tokens agree). Its source tracking also unions the pruned tokens
 into their partners; here pruned tokens leave the source map, as they leave the model.
 """
