@@ -7,6 +7,7 @@ attention residual, with only the attention features it asks for, and takes back
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Collection, Hashable, Iterable
@@ -121,6 +122,14 @@ class Method:
                 "no class token; use a method that needs none (merge, tome, random)"
             )
         check_locations_fit(self.locations_for(info.depth), info.depth)
+
+    def bind(self, info: ViTInfo) -> Method:
+        """This method resolved for one model, which the patch runs (default: itself).
+
+        For a method whose rule at a block depends on the model (a schedule given for any
+        depth, margins that depend on where a block sits), ``reduce`` sees the resolved copy.
+        """
+        return self
 
     def check_budget(self, info: ViTInfo, given: Collection[str] = ()) -> None:
         """Raise :class:`MethodError` for a parameter the user gave (``given``) that the patch
@@ -243,6 +252,38 @@ class ScorePrune(FixedBudget):
         return ops.prune_step(x, size, source, scores, r, num_prefix)
 
 
+@dataclass(frozen=True)
+class KeepRatio(Method):
+    """Methods that reduce every block to a keep ``ratio`` of its tokens, by a rule that
+    depends on where the block sits among the model's ``depth`` blocks (PiToMe, ToFu).
+
+    Args:
+        ratio: keep ratio of each block, in (0, 1]; 1 is no change.
+    """
+
+    demo_grid = ("ratio", (0.95, 0.925, 0.9))
+    ratio: float = 0.925
+
+    def validate(self) -> None:
+        set_field(self, "ratio", check_ratio(self.ratio))
+
+    def locations_for(self, depth: int) -> tuple[int, ...]:
+        return tuple(range(depth)) if self.ratio < 1.0 else ()
+
+    def bind(self, info: ViTInfo) -> Method:
+        bound = copy.copy(self)
+        object.__setattr__(bound, "_depth", info.depth)
+        return bound
+
+    @property
+    def depth(self) -> int:
+        """The depth of the model this method was bound to by the patch."""
+        depth = getattr(self, "_depth", None)
+        if depth is None:
+            raise MethodError(f"{self.name} needs the model depth: patch with .apply(model)")
+        return depth
+
+
 # -- parameter checks shared by the methods ---------------------------------------------------
 
 
@@ -286,6 +327,14 @@ def check_locations_fit(locations: tuple[int, ...], depth: int) -> None:
         raise MethodError(
             f"locations {bad} are outside the model's blocks: valid locations are 0 to {depth - 1}"
         )
+
+
+def check_ratio(value: Any) -> float:
+    """A keep ratio in ``(0, 1]``, as a float."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not 0.0 < value <= 1.0:  # NaN fails the comparison too
+        raise MethodError(f"ratio must be a number in (0, 1] (1 keeps every token), got {value!r}")
+    return float(value)
 
 
 def check_float(name: str, value: Any, minimum: float = 0.0, allow_inf: bool = True) -> float:

@@ -433,7 +433,9 @@ def patch(
     if attn_impl not in ATTN_IMPLS:
         raise PatchError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
     check_patchable(model)
-    method.check_fits(vit_info(model))
+    info = vit_info(model)
+    method.check_fits(info)
+    method = method.bind(info)
     if method.reduce_at not in REDUCE_POINTS:
         raise PatchError(
             f"{method.name}: reduce_at must be one of {REDUCE_POINTS}, got {method.reduce_at!r}"

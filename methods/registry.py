@@ -34,6 +34,9 @@ _BUILTIN: dict[str, str] = {
     "random": "ppt_bench.methods.controls:RandomDrop",
     "mctf": "ppt_bench.methods.mctf:MCTF",
     "dct": "ppt_bench.methods.dct:DCT",
+    "pitome": "ppt_bench.methods.pitome:PiToMe",
+    "tofu": "ppt_bench.methods.tofu:ToFu",
+    "diffrate": "ppt_bench.methods.diffrate:DiffRate",
 }
 _REGISTRY: dict[str, str | type[Method]] = dict(_BUILTIN)
 _ENTRY_POINTS_LOADED = False

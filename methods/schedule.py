@@ -17,7 +17,7 @@ from ppt_bench.methods import ops
 from ppt_bench.methods.base import Method, ViTInfo, check_int, check_r_budget, set_field
 
 if TYPE_CHECKING:
-    from torch import nn
+    pass
 
 Schedule = int | tuple[int, float] | tuple[int, ...]
 
@@ -130,16 +130,11 @@ class Scheduled(Method):
         if "r" in given:
             check_r_budget(max(self.schedule(info.depth), default=0), info)
 
-    def apply(
-        self, model: nn.Module, *, trace_source: bool = False, attn_impl: str = "fast"
-    ) -> nn.Module:
-        """Patch ``model`` with this schedule resolved for its depth (see :meth:`Method.apply`).
-
-        The patched model's ``reduction_plan.method`` carries the per-block list, since an
-        ``(r, inflection)`` pair only means something for a given depth.
-        """
-        resolved = dataclasses.replace(self, r=list(self.schedule(len(model.blocks))))
-        return Method.apply(resolved, model, trace_source=trace_source, attn_impl=attn_impl)
+    def bind(self, info: ViTInfo) -> Method:
+        """The schedule resolved for the model's depth: the patched model's
+        ``reduction_plan.method`` carries the per-block list, since an ``(r, inflection)`` pair
+        only means something for a given depth."""
+        return dataclasses.replace(self, r=list(self.schedule(info.depth)))
 
     def block_r(self, block: int, num_tokens: int, num_prefix: int) -> int:
         """Tokens block ``block`` removes from ``num_tokens``: ``min(r, (N - P) // 2)``."""

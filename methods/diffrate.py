@@ -1,0 +1,231 @@
+"""DiffRate: pruning and merging with searched per-block token counts (ICCV 2023).
+
+In every block, after the attention residual (OpenGVLab/DiffRate @ 91ae3e37,
+``DiffRate/patch/deit.py``, ``DiffRate/merge.py``, inference path):
+
+1. Patch tokens are ranked by the class token's attention averaged over heads.
+2. Pruning keeps the ``prune_kept`` most important tokens (prefix tokens included).
+3. Merging compares the least important remaining tokens, past the first ``merge_kept``, with
+   the kept ones by the cosine of ``x``; each merges into its most similar kept token (never a
+   prefix token) by a plain mean of the destination and its sources, and the destination's
+   size grows by ``cos * size`` of each source (not clamped, as in the authors' inference).
+
+Output: the kept tokens in importance order. Proportional attention (``+ log(size)``) applies in
+every block; sizes are 1 up to the first merge, so it starts there. A count above the tokens
+left changes nothing, so the counts in effect are running minima.
+
+The searched schedules of the authors' ``compression_rate.json`` ship with the package
+(``data/diffrate_schedules.json``, which names its source) and are chosen by name: ``"2.9"``,
+or ``"ViT-S-DeiT/2.9"`` where a number names schedules of two models.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ppt_bench.errors import MethodError
+from ppt_bench.methods import ops
+from ppt_bench.methods.base import CLS_ATTN, Method, Reduced, ViTInfo, check_int, set_field
+
+if TYPE_CHECKING:
+    pass
+
+DEFAULT_SCHEDULE = "ViT-S-DeiT/2.9"
+KEEP_ALL = 1 << 62  # a count no sequence reaches: the step removes nothing
+
+
+@cache
+def schedules() -> dict[str, dict[str, dict[str, list[int]]]]:
+    """The authors' searched schedules: ``{model: {name: {"prune_kept": [...], ...}}}``."""
+    text = resources.files("ppt_bench.methods").joinpath("data/diffrate_schedules.json")
+    return json.loads(text.read_text(encoding="utf-8"))["schedules"]
+
+
+def schedule_names() -> str:
+    """The valid names, one group per model, for error messages."""
+    return "; ".join(f"{m}: {', '.join(s)}" for m, s in schedules().items())
+
+
+def resolve_schedule(name: Any) -> str:
+    """A schedule name as ``"model/name"``: a bare ``"2.9"`` names the one schedule called so.
+
+    Raises:
+        MethodError: not a string, unknown, or a bare name shared by two models.
+    """
+    if not isinstance(name, str):
+        raise MethodError(f"schedule must be a name like '2.9', got {name!r}")
+    model, _, key = name.rpartition("/")
+    found = [m for m, s in schedules().items() if key in s and model in ("", m)]
+    if not found:
+        raise MethodError(f"unknown DiffRate schedule {name!r}; valid: {schedule_names()}")
+    if len(found) > 1:
+        options = " or ".join(f"'{m}/{key}'" for m in found)
+        raise MethodError(
+            f"schedule {name!r} names schedules of {len(found)} models: use {options}"
+        )
+    return f"{found[0]}/{key}"
+
+
+def check_counts(name: str, value: Any) -> tuple[int, ...] | None:
+    """A list of kept-token counts, one per block, as a tuple of ints >= 1, or None."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise MethodError(f"{name} must be a list of token counts, one per block, got {value!r}")
+    counts = tuple(value)
+    if not counts:
+        raise MethodError(f"{name} must list one token count per block, got an empty list")
+    for count in counts:
+        check_int(f"each count of {name}", count, minimum=1)
+    return counts
+
+
+def diffrate_step(
+    x: torch.Tensor,
+    size: torch.Tensor,
+    source: torch.Tensor | None,
+    importance: torch.Tensor,
+    num_pruned: int,
+    num_merged: int,
+    num_prefix: int,
+) -> Reduced:
+    """Keep ``num_pruned`` tokens by importance, then merge all past ``num_merged`` away.
+
+    Args:
+        x: tokens ``[B, N, C]``, prefix first; size ``[B, N, 1]``; source ``[B, N, N0]`` or None.
+        importance: ``[B, N - P]`` class attention of the patch tokens, averaged over heads.
+        num_pruned: tokens left after pruning, prefix included (``P < num_pruned <= N``).
+        num_merged: tokens left after merging (``P < num_merged <= num_pruned``).
+        num_prefix: ``P``.
+
+    Returns:
+        ``num_merged`` tokens: prefix, then patch tokens by decreasing importance.
+    """
+    P = num_prefix
+    keep = ops.keep_top(importance, num_pruned - P, P)  # [B, num_pruned], importance order
+    x, size = ops.gather_tokens(x, keep), ops.gather_tokens(size, keep)
+    source = None if source is None else ops.gather_tokens(source, keep)
+    if num_merged == num_pruned:
+        return Reduced(x, size, source)
+    B, K = x.shape[0], num_merged
+    metric = x / x.norm(dim=-1, keepdim=True)
+    sim = metric[:, K:] @ metric[:, :K].transpose(-1, -2)  # [B, num_pruned - K, K]
+    sim[..., :P] = float("-inf")  # prefix tokens never absorb a token
+    cos, dst = sim.max(dim=-1)  # [B, num_pruned - K]
+    slots = torch.cat([torch.arange(K, device=x.device).expand(B, K), dst], dim=1)
+    ones = x.new_ones(B, num_pruned, 1)
+    x, _ = ops.pool(slots, K, x, ones)  # plain mean of each destination and its sources
+    # DiffRate's size rule: a source adds cos * size, so a dissimilar one counts for less.
+    weight = torch.cat([ones[:, :K], cos[..., None].to(size.dtype)], dim=1)
+    grown = size.new_zeros(B, K + 1, 1).scatter_add_(1, slots[..., None], size * weight)
+    return Reduced(x, grown[:, :K], None if source is None else ops.pool_source(slots, K, source))
+
+
+@dataclass(frozen=True)
+class DiffRate(Method):
+    """DiffRate with a searched or explicit schedule of kept tokens per block.
+
+    Args:
+        schedule: a searched schedule of the authors (``"2.9"``, ``"ViT-B-MAE/8.7"``; see
+            ``data/diffrate_schedules.json``). With neither this nor a list, DeiT-S's ``2.9``.
+        prune_kept: tokens kept after pruning in each block, prefix tokens included; without
+            it (and with ``merge_kept``) nothing is pruned.
+        merge_kept: tokens kept after merging in each block, prefix tokens included; without it
+            (and with ``prune_kept``) nothing is merged.
+    """
+
+    description = "DiffRate: per-block pruning and merging by searched token counts, every block"
+    needs = frozenset({CLS_ATTN})
+    # The digits model has 65 tokens: DeiT-S's 3.1, 2.9 and 2.3 merge counts scaled to it.
+    demo_grid = (
+        "merge_kept",
+        (
+            (65, 65, 61, 54, 50, 47, 44, 40, 34, 26, 23, 2),
+            (65, 64, 58, 52, 47, 44, 40, 36, 29, 22, 19, 2),
+            (65, 59, 52, 42, 36, 33, 27, 22, 18, 13, 11, 2),
+        ),
+    )
+    schedule: str | None = None
+    prune_kept: tuple[int, ...] | None = None
+    merge_kept: tuple[int, ...] | None = None
+
+    def validate(self) -> None:
+        prune = check_counts("prune_kept", self.prune_kept)
+        merge = check_counts("merge_kept", self.merge_kept)
+        explicit = prune is not None or merge is not None
+        if explicit and self.schedule is not None:
+            raise MethodError("give either schedule or prune_kept/merge_kept lists, not both")
+        if prune is not None and merge is not None and len(prune) != len(merge):
+            raise MethodError(
+                f"prune_kept lists {len(prune)} blocks and merge_kept {len(merge)}: "
+                "give one count per block in each"
+            )
+        set_field(self, "prune_kept", prune)
+        set_field(self, "merge_kept", merge)
+        if not explicit:
+            set_field(self, "schedule", resolve_schedule(self.schedule or DEFAULT_SCHEDULE))
+            model, _, key = self.schedule.rpartition("/")
+            entry = schedules()[model][key]
+            prune, merge = tuple(entry["prune_kept"]), tuple(entry["merge_kept"])
+        # A missing list removes nothing: no pruning before merging, or no merging after it.
+        prune = prune or (KEEP_ALL,) * len(merge)
+        object.__setattr__(self, "_counts", (prune, merge or prune))
+
+    @property
+    def prop_attn(self) -> bool:
+        return True
+
+    def counts(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Tokens kept after pruning and after merging in each block (prefix included;
+        :data:`KEEP_ALL` where a list is missing)."""
+        return self._counts
+
+    def check_fits(self, info: ViTInfo) -> None:
+        """Raise :class:`MethodError` unless the schedule fits the model ``info`` describes.
+
+        ``info`` has ``depth``, ``prefix_tokens`` and ``patch_tokens``: a schedule has one
+        count per block; a searched one is for the model's token count; every count keeps the
+        prefix tokens and at least one patch token.
+        """
+        super().check_fits(info)
+        prune, merge = self.counts()
+        what = f"schedule {self.schedule!r}" if self.schedule else "prune_kept/merge_kept"
+        tokens = info.prefix_tokens + info.patch_tokens
+        if len(prune) != info.depth:
+            raise MethodError(
+                f"diffrate {what} has {len(prune)} blocks and the model {info.depth}: give "
+                f"prune_kept and merge_kept with {info.depth} counts"
+            )
+        if self.schedule and prune[0] != tokens:
+            raise MethodError(
+                f"diffrate {what} was searched for {prune[0]} tokens and the model has {tokens}: "
+                "give prune_kept and merge_kept for this model"
+            )
+        if min(prune + merge) <= info.prefix_tokens:  # a merge needs a patch destination
+            raise MethodError(
+                f"diffrate {what}: every count must exceed the model's {info.prefix_tokens} "
+                f"prefix tokens, got {min(prune + merge)}"
+            )
+
+    def locations_for(self, depth: int) -> tuple[int, ...]:
+        """Block 0 (its count may be below the model's tokens) and every block whose count
+        falls below all earlier ones."""
+        prune, merge = self.counts()
+        kept = [min(p, m) for p, m in zip(prune, merge, strict=True)][:depth]
+        return tuple(i for i, k in enumerate(kept) if i == 0 or k < min(kept[:i]))
+
+    def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
+        prune, merge = self.counts()
+        N = x.shape[1]
+        num_pruned = min(N, prune[block])
+        num_merged = min(num_pruned, merge[block])
+        if num_merged == N:
+            return Reduced(x, size, source)
+        importance = ops.cls_attention_mean(feats.cls_attn, num_prefix)  # [B, N - P]
+        return diffrate_step(x, size, source, importance, num_pruned, num_merged, num_prefix)

@@ -1,0 +1,161 @@
+"""PiToMe: token merging that protects informative tokens by an energy score (NeurIPS 2024).
+
+Every block merges ``r = floor(T - T * ratio)`` of its ``T`` patch tokens after the attention
+residual (hchautran/PiToMe @ 550b5dee, ``algo/pitome/merge.py`` and ``patch/timm.py``):
+
+- Keys averaged over heads, patch tokens only, L2-normalised: ``S = m m^T``.
+- Energy ``E_i = mean_j ELU(S_ij - margin)`` with the margin ``0.75 - 0.75 l / L`` of block ``l``
+  of ``L``; tokens are ordered by energy, highest first (the most redundant ones).
+- Blocks ``l < ceil(L / 2)`` (bipartite half): all patch tokens alternate, in energy order,
+  into A and B; the ``r`` A tokens with the best B match merge into it. Output: prefix, the
+  unmerged A tokens (in the order of their best match, as the authors leave them), then B.
+- Later blocks: only the ``2r`` highest-energy tokens take part; they alternate into A and B,
+  every A token merges into its most similar B token, the others are protected. Output:
+  prefix, protected tokens in energy order, then B.
+
+Merging is ToMe's size-weighted average, sizes carried; there is no proportional attention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from ppt_bench.methods import ops
+from ppt_bench.methods.base import KEY_MEAN, KeepRatio, Reduced
+
+if TYPE_CHECKING:
+    pass
+
+
+def ratio_reduction(num_tokens: int, ratio: float) -> int:
+    """Tokens a keep ``ratio`` removes from ``T`` tokens: ``floor(T - T * ratio)``.
+
+    Written as the authors write it, so that float rounding gives the same counts.
+    """
+    return math.floor(num_tokens - num_tokens * ratio)
+
+
+def margin(block: int, depth: int) -> float:
+    """The energy margin of block ``l`` of ``L``: ``0.75 - 0.75 l / L``."""
+    return 0.75 - 0.75 * (block / depth)
+
+
+def energy_order(metric: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Patch tokens by decreasing energy, and their cosine similarities.
+
+    Args:
+        metric: ``[B, T, d]`` keys averaged over heads, patch tokens only.
+        margin: the block's margin.
+
+    Returns:
+        ``order [B, T]`` (highest energy first; a stable sort, so ties keep their position and
+        each image is ordered on its own) and ``sim [B, T, T]``.
+    """
+    m = F.normalize(metric, p=2, dim=-1)
+    sim = m @ m.transpose(-1, -2)  # [B, T, T]
+    energy = F.elu(sim - margin).mean(dim=-1)  # [B, T]
+    return energy.sort(dim=-1, descending=True, stable=True).indices, sim
+
+
+def _scores(sim: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor) -> torch.Tensor:
+    """Similarities ``[B, n_a, n_b]`` of the tokens ``a_idx [B, n_a]`` to ``b_idx [B, n_b]``."""
+    B, T, _ = sim.shape
+    s = sim.gather(2, b_idx[:, None].expand(B, T, -1))  # [B, T, n_b]
+    return s.gather(1, a_idx[..., None].expand(-1, -1, b_idx.shape[1]))  # [B, n_a, n_b]
+
+
+def bsm_slots(sim: torch.Tensor, order: torch.Tensor, r: int) -> torch.Tensor:
+    """Output slot of each patch token in a bipartite block, ``[B, T]``.
+
+    A and B alternate over the energy order; the ``r`` A tokens with the most similar B partner
+    merge into it. Slots: unmerged A ``0 .. n_a - r - 1`` (by decreasing best similarity), then
+    B in energy order.
+    """
+    a_idx, b_idx = order[:, ::2], order[:, 1::2]  # [B, n_a], [B, n_b]
+    B, n_a = a_idx.shape
+    n_unm = n_a - r
+    node_max, node_idx = _scores(sim, a_idx, b_idx).max(dim=-1)  # [B, n_a]
+    edge_idx = node_max.sort(dim=-1, descending=True, stable=True).indices  # [B, n_a]
+    arange = torch.arange(max(n_a, b_idx.shape[1]), device=sim.device)
+    a_slot = torch.empty_like(a_idx)
+    a_slot.scatter_(1, edge_idx[:, r:], arange[:n_unm].expand(B, -1))
+    a_slot.scatter_(1, edge_idx[:, :r], n_unm + node_idx.gather(1, edge_idx[:, :r]))
+    slots = torch.empty_like(order)
+    slots.scatter_(1, a_idx, a_slot)
+    return slots.scatter_(1, b_idx, (n_unm + arange[: b_idx.shape[1]]).expand(B, -1))
+
+
+def protected_slots(sim: torch.Tensor, order: torch.Tensor, r: int) -> torch.Tensor:
+    """Output slot of each patch token in a block that protects low-energy tokens, ``[B, T]``.
+
+    The ``2r`` highest-energy tokens alternate into A and B and every A token merges into its
+    most similar B token. Slots: protected tokens ``0 .. T - 2r - 1`` in energy order, then B.
+    """
+    B, T = order.shape
+    a_idx, b_idx = order[:, : 2 * r : 2], order[:, 1 : 2 * r : 2]  # [B, r] each
+    dst = _scores(sim, a_idx, b_idx).argmax(dim=-1)  # [B, r]
+    n_prot = T - 2 * r
+    arange = torch.arange(max(n_prot, r), device=sim.device)
+    slots = torch.empty_like(order)
+    slots.scatter_(1, order[:, 2 * r :], arange[:n_prot].expand(B, -1))
+    slots.scatter_(1, b_idx, (n_prot + arange[:r]).expand(B, -1))
+    return slots.scatter_(1, a_idx, n_prot + dst)
+
+
+def pitome_step(
+    x: torch.Tensor,
+    size: torch.Tensor,
+    source: torch.Tensor | None,
+    key_mean: torch.Tensor,
+    r: int,
+    num_prefix: int,
+    margin: float,
+    bsm: bool,
+) -> Reduced:
+    """Merge ``r`` patch tokens of ``x [B, N, C]`` away, PiToMe's way (see the module docstring).
+
+    Args:
+        x: tokens, prefix first; size ``[B, N, 1]``, source ``[B, N, N0]`` or None.
+        key_mean: ``[B, N, d]`` keys averaged over heads.
+        r: tokens to remove, at most ``(N - P) // 2``.
+        num_prefix: ``P``; prefix tokens keep slots ``0 .. P - 1``.
+        margin: the block's energy margin.
+        bsm: the bipartite rule (first half of the blocks) rather than the protecting one.
+    """
+    if r == 0:
+        return Reduced(x, size, source)
+    B, N, _ = x.shape
+    P = num_prefix
+    order, sim = energy_order(key_mean[:, P:], margin)
+    patch = (bsm_slots if bsm else protected_slots)(sim, order, r)  # [B, N - P]
+    prefix = torch.arange(P, device=x.device).expand(B, P)
+    slots = torch.cat([prefix, P + patch], dim=1)  # [B, N]
+    x, size = ops.pool(slots, N - r, x, size)
+    return Reduced(x, size, None if source is None else ops.pool_source(slots, N - r, source))
+
+
+@dataclass(frozen=True)
+class PiToMe(KeepRatio):
+    """PiToMe in every block.
+
+    Args:
+        ratio: keep ratio of each block, in (0, 1]: block ``l`` removes
+            ``floor(T - T * ratio)`` of its ``T`` patch tokens (at most half). 1 is no change.
+    """
+
+    description = "PiToMe: energy-ordered merging that protects distinctive tokens, every block"
+    needs = frozenset({KEY_MEAN})
+
+    def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
+        depth = self.depth  # the margins and halves depend on it
+        T = x.shape[1] - num_prefix
+        r = ops.max_reduction(x.shape[1], num_prefix, ratio_reduction(T, self.ratio))
+        bsm = block < math.ceil(depth * 0.5)
+        return pitome_step(
+            x, size, source, feats.key_mean, r, num_prefix, margin(block, depth), bsm
+        )

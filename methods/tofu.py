@@ -1,0 +1,135 @@
+"""ToFu: Token Fusion, pruning in early blocks and norm-preserving merging later (WACV 2024).
+
+Every block removes ``r = floor(N - N * ratio)`` tokens after the attention residual, ``N``
+counting the prefix tokens as the paper's class token is counted. ToMe's bipartite matching on
+keys averaged over heads (A = even positions, B = odd, prefix tokens never matched) picks the
+``r`` A tokens most similar to their best B partner:
+
+- blocks ``l <= L // 2`` drop them (pruning: the early features are not yet linear enough for
+  averaging to be safe);
+- later blocks fuse each B token with the A tokens matched to it by MLERP, the paper's
+  norm-preserving average: ``mean / ||mean|| * max_i ||x_i||`` over the members.
+
+No sizes enter the average and there is no proportional attention (sizes are still carried as
+the number of patches a token stands for).
+
+The only public code, the re-implementation in hchautran/PiToMe (``algo/tofu/merge.py``, mode
+``"tofu"``), divides the average by the norm of the destination token as it was *before*
+averaging, ``mean / ||x_dst|| * max_i ||x_i||``, so the fused token's norm is
+``max_i ||x_i|| * ||mean|| / ||x_dst||`` rather than the largest member norm; this module follows
+the paper. Its pruning half is the same as
+here (token counts and kept tokens agree). Its source tracking also unions the pruned tokens
+into their partners; here pruned tokens leave the source map, as they leave the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ppt_bench.methods import ops
+from ppt_bench.methods.base import KEY_MEAN, KeepRatio, Reduced
+from ppt_bench.methods.pitome import ratio_reduction
+
+if TYPE_CHECKING:
+    pass
+
+
+def kept_positions(m: ops.Matching, num_tokens: int) -> torch.Tensor:
+    """Indices ``[B, N - r]`` of the tokens a matching keeps when its sources are dropped.
+
+    Order as in ToMe's output: prefix tokens, the unmatched A tokens, then all B tokens. A token
+    ``j`` of the A patches sits at position ``2 (pa + j)`` of the sequence, a B patch at
+    ``2 (pb + j) + 1``, where ``pa`` and ``pb`` count the prefix tokens in A and in B.
+    """
+    P = m.num_prefix
+    pa, pb = (P + 1) // 2, P // 2
+    B, n_unm, _ = m.unm_idx.shape
+    n_b = num_tokens - P - n_unm - m.src_idx.shape[1]
+    arange = torch.arange(max(P, n_b), device=m.unm_idx.device)
+    unm = 2 * (pa + m.unm_idx[..., 0])  # [B, n_a - r]
+    b_pos = 2 * (pb + arange[:n_b]) + 1
+    return torch.cat([arange[:P].expand(B, -1), unm, b_pos.expand(B, -1)], dim=1)
+
+
+def mlerp(slots: torch.Tensor, num_out: int, x: torch.Tensor) -> torch.Tensor:
+    """MLERP merge: the mean of each slot's tokens rescaled to the largest norm among them.
+
+    Args:
+        slots: ``[B, N]`` output slot of each token (as from :func:`ops.merge_slots`).
+        num_out: tokens out.
+        x: tokens ``[B, N, C]``.
+
+    Returns:
+        ``[B, num_out, C]``; a token alone in its slot comes out unchanged.
+    """
+    B, N, _ = x.shape
+    mean, count = ops.pool(slots, num_out, x, x.new_ones(B, N, 1))  # [B, num_out, C], [.., 1]
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # [B, N, 1]
+    top = norm.new_zeros(B, num_out + 1, 1).scatter_reduce(
+        1, slots[..., None], norm, reduce="amax", include_self=False
+    )[:, :num_out]
+    mean_norm = torch.linalg.vector_norm(mean, dim=-1, keepdim=True)
+    scale = top / mean_norm.clamp_min(torch.finfo(x.dtype).tiny)
+    return torch.where(count > 1, mean * scale, mean)
+
+
+def tofu_step(
+    x: torch.Tensor,
+    size: torch.Tensor,
+    source: torch.Tensor | None,
+    key_mean: torch.Tensor,
+    r: int,
+    num_prefix: int,
+    prune: bool,
+) -> Reduced:
+    """Remove ``r`` tokens of ``x [B, N, C]`` by ToMe matching: drop the matched A tokens
+    (``prune``) or fuse them into their B partners by :func:`mlerp`.
+
+    Args:
+        x: tokens, prefix first; size ``[B, N, 1]``; source ``[B, N, N0]`` or None.
+        key_mean: ``[B, N, d]`` keys averaged over heads.
+        r: tokens to remove, at most ``(N - P) // 2``.
+        num_prefix: ``P``.
+        prune: drop rather than fuse.
+    """
+    if r == 0:
+        return Reduced(x, size, source)
+    N = x.shape[1]
+    m = ops.bipartite_soft_matching(key_mean, r, num_prefix)
+    if prune:
+        keep = kept_positions(m, N)  # [B, N - r]
+        return Reduced(
+            ops.gather_tokens(x, keep),
+            ops.gather_tokens(size, keep),
+            None if source is None else ops.gather_tokens(source, keep),
+        )
+    slots = ops.merge_slots(m, N)  # [B, N]
+    B = x.shape[0]
+    total = size.new_zeros(B, N - r + 1, 1).scatter_add_(1, slots[..., None], size)
+    return Reduced(
+        mlerp(slots, N - r, x),
+        total[:, : N - r],
+        None if source is None else ops.pool_source(slots, N - r, source),
+    )
+
+
+@dataclass(frozen=True)
+class ToFu(KeepRatio):
+    """Token Fusion in every block: pruning up to block ``L // 2``, MLERP merging after.
+
+    Args:
+        ratio: keep ratio of each block, in (0, 1]: ``floor(N - N * ratio)`` tokens go, ``N``
+            counting the prefix tokens (at most half the patch tokens). 1 is no change.
+    """
+
+    description = "ToFu: ToMe matching that prunes in early blocks, norm-preserving merge later"
+    needs = frozenset({KEY_MEAN})
+
+    def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
+        N = x.shape[1]
+        r = ops.max_reduction(N, num_prefix, ratio_reduction(N, self.ratio))
+        prune = block <= self.depth // 2
+        return tofu_step(x, size, source, feats.key_mean, r, num_prefix, prune)
