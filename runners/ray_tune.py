@@ -5,17 +5,27 @@ reports its rows as one JSON string; a callback on the driver appends them to th
 each trial finishes, so an interrupted sweep keeps every finished run. Trials that Tune itself
 reports as errored (a worker killed for memory, a lost node) become ``status=failed`` rows.
 
-Resuming: the Tune experiment is named after the sweep and a hash of its grid, so the same
-command finds it again. An interrupted experiment is restored (``Tuner.restore``); runs already
-``ok`` in the CSV are skipped either way, and anything left over runs in a fresh experiment.
+Resuming: the Tune experiment is named after the sweep, a hash of its grid and a hash of the
+results file it writes, so the same command finds it again and a command with another ``--out``
+never does. An interrupted experiment is restored (``Tuner.restore``); runs already ``ok`` in the
+CSV are skipped either way, and anything left over runs in a fresh experiment.
+
+Without a cluster address the runner starts a private Ray instance that listens on loopback
+only (every Ray process binds to 127.0.0.1), has no dashboard, and, where Ray supports token
+authentication, accepts only a token generated for this instance.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
+import socket
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +36,19 @@ from ray import tune
 from tqdm.auto import tqdm
 
 from ppt_bench import metrics
-from ppt_bench.errors import UserError
+from ppt_bench.errors import UserError, check_output_path
 from ppt_bench.records import append_rows, finished_run_ids
 from ppt_bench.runners.base import SweepSummary, environ, pending, run_one
 from ppt_bench.spec import RunSpec
 
 ROWS_KEY = "ppt_bench_rows"
 _DONE_MARKER = ".ppt-bench-complete"
+# HOST:PORT, HOST a name or an IPv4 address, or an IPv6 address in brackets.
+_ADDRESS = re.compile(
+    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+)):(?P<port>[0-9]+)"
+)
+# How long a cluster address may take to accept a connection before the sweep gives up.
+CONNECT_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +145,117 @@ def _last_line(error: BaseException) -> TrialError:
     return TrialError(lines[-1] if lines else type(error).__name__)
 
 
+def parse_address(address: str, source: str = "--ray-address") -> tuple[str, int] | None:
+    """The host and port of a Ray cluster address, or None for ``auto`` (Ray finds it).
+
+    Args:
+        address: ``HOST:PORT`` of the head node's GCS (``[IPv6]:PORT`` for IPv6), or ``auto``.
+        source: where the address came from, for the message.
+
+    Raises:
+        UserError: a ``ray://`` client address, or anything that is not ``HOST:PORT``.
+    """
+    if address == "auto":
+        return None
+    if address.startswith("ray://"):
+        raise UserError(
+            "ray:// client addresses are not supported: run ppt-bench on a node of the "
+            "cluster with --ray-address HEAD_IP:6379"
+        )
+    match = _ADDRESS.fullmatch(address)
+    port = int(match["port"]) if match else 0
+    if not match or not 0 < port < 65536:
+        raise UserError(
+            f"{source} must be HOST:PORT of the Ray head node (as in HEAD_IP:6379) or auto, "
+            f"got {address!r}"
+        )
+    return match["ipv6"] or match["host"], port
+
+
+def check_reachable(host: str, port: int, source: str = "--ray-address") -> None:
+    """Fail now, not after Ray's minutes of retries, when nothing listens at the address.
+
+    Raises:
+        UserError: the address does not accept a TCP connection within a few seconds.
+    """
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise UserError(
+            f"no Ray cluster answers at {source} {host}:{port} ({reason.lower()}): start it "
+            "with `ray start --head --port=PORT` or fix the address"
+        ) from None
+
+
+def check_storage(path: Path, source: str) -> None:
+    """Check that Tune can keep its experiment in ``path``, creating the folder if needed.
+
+    Raises:
+        UserError: ``path`` is not a folder that this process can write to.
+    """
+    check_output_path(path, source, directory=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        reason = (err.strerror or type(err).__name__).lower()
+        raise UserError(
+            f"{source} {path} is not a folder Ray Tune can write to ({reason}): pass another "
+            "folder with --ray-storage"
+        ) from None
+
+
+def _path_hash(path: Path) -> str:
+    return hashlib.sha1(str(path).encode()).hexdigest()[:8]
+
+
+def _reload_auth_config() -> None:
+    """Make this process's Ray read RAY_AUTH_MODE and the token again (Ray caches both)."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication (before 2.52)
+        return
+    Config.initialize("")  # before the token cache, as Ray's own tests do
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Keep a new local instance on 127.0.0.1.
+
+    Ray replaces 127.0.0.1 by the machine's network address unless its multi-node support is
+    off; the switch is read once, when Ray is imported, so this process's copy is set here and
+    the Ray processes started meanwhile see the environment variable.
+    """
+    from ray._private import ray_constants
+
+    old = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        with environ(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"):
+            yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old
+
+
+@contextlib.contextmanager
+def _generated_token() -> Iterator[None]:
+    """Token authentication with a token made for this instance only.
+
+    ``RAY_AUTH_TOKEN`` comes before ``RAY_AUTH_TOKEN_PATH`` and ``~/.ray/auth_token``, so a
+    token left there by another cluster is neither used nor overwritten. The token lives in the
+    environment of this process and of the Ray processes it starts, readable by this user only.
+    """
+    try:
+        with environ(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_urlsafe(32)):
+            _reload_auth_config()
+            yield
+    finally:
+        _reload_auth_config()  # with the environment as it was
+
+
 class RayRunner:
     """Run specs as Ray Tune trials and append their rows to a results CSV.
 
@@ -156,13 +283,13 @@ class RayRunner:
     ) -> None:
         self.out_csv = Path(out_csv).resolve()
         self.address = address or os.environ.get("RAY_ADDRESS") or None
-        if self.address and self.address.startswith("ray://"):
-            raise UserError(
-                "ray:// client addresses are not supported: run ppt-bench on a node of the "
-                "cluster with --ray-address HEAD_IP:6379"
-            )
+        self._address_source = "--ray-address" if address else "RAY_ADDRESS"
+        host_port = parse_address(self.address, self._address_source) if self.address else None
+        if host_port and not ray.is_initialized():
+            check_reachable(*host_port, self._address_source)
         default_storage = Path("~/ray_results").expanduser()
         self.storage_path = Path(storage_path or default_storage).expanduser().resolve()
+        check_storage(self.storage_path, "--ray-storage" if storage_path else "Ray Tune's folder")
         self.resources = resources or TrialResources()
         self.max_concurrent = max_concurrent
         self.num_cpus = num_cpus
@@ -177,7 +304,8 @@ class RayRunner:
         if not todo:
             return summary
         sweep = specs[0].sweep or "sweep"
-        exp_dir = self.storage_path / f"{sweep}-{grid_hash(specs)}"
+        # The results file is part of the name: another --out is another experiment.
+        exp_dir = self.storage_path / f"{sweep}-{grid_hash(specs)}-{_path_hash(self.out_csv)}"
         # Trials keep the driver's working directory (Tune propagates this variable to them);
         # paths in specs from the grid are absolute anyway.
         with environ(RAY_CHDIR_TO_TRIAL_DIR="0"), self._ray():
@@ -199,19 +327,39 @@ class RayRunner:
             return
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if self.address:
-            ray.init(address=self.address, log_to_driver=False)
+            with self._started(self._connect):
+                yield
         else:
-            ray.init(
-                address="local",
-                num_cpus=self.num_cpus or os.cpu_count(),
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                log_to_driver=False,
-            )
+            with _loopback_only(), _generated_token(), self._started(self._start_private):
+                yield
+
+    @contextlib.contextmanager
+    def _started(self, init: Callable[[], None]) -> Iterator[None]:
+        """Run ``init``, then the block; shut Ray down after both, even half started."""
         try:
+            init()
             yield
         finally:
             ray.shutdown()
+
+    def _connect(self) -> None:
+        try:
+            ray.init(address=self.address, log_to_driver=False)
+        except (ConnectionError, ray.exceptions.AuthenticationError) as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            reason = lines[0] if lines else type(err).__name__
+            raise UserError(
+                f"cannot join the Ray cluster at {self._address_source} {self.address}: {reason}"
+            ) from None
+
+    def _start_private(self) -> None:
+        ray.init(
+            address="local",  # never join a cluster that happens to run on this machine
+            num_cpus=self.num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+        )
 
     def _check_resources(self, todo: Sequence[RunSpec]) -> None:
         """Trials asking for more than the cluster has would wait forever: refuse them now."""
@@ -259,13 +407,22 @@ class RayRunner:
         tuner = tune.Tuner.restore(
             str(exp_dir), self._trainable(skip), resume_unfinished=True, restart_errored=True
         )
-        # The restored run config carries a copy of the old callback; count into this summary.
+        # The restored run config carries a copy of the old callback: write to this results
+        # file and count into this summary.
         for callback in tuner._local_tuner.get_run_config().callbacks or []:
             if isinstance(callback, RecordRows):
-                callback.summary, callback.total, callback.done = summary, total, set(skip)
+                callback.out_csv, callback.summary = self.out_csv, summary
+                callback.total, callback.done = total, set(skip)
         return tuner
 
     def _fit(self, tuner: tune.Tuner, exp_dir: Path) -> None:
+        """Run the trials; a sweep Tune stopped on Ctrl-C ends as a KeyboardInterrupt.
+
+        Raises:
+            KeyboardInterrupt: SIGINT stopped the trials (Tune catches the first one, stops
+                every trial, saves the experiment and returns with trials left unfinished).
+        """
         results = tuner.fit()  # trial errors are recorded by the callback, not raised
-        if results.num_terminated + results.num_errors == len(results):
-            (exp_dir / _DONE_MARKER).touch()  # nothing left to restore
+        if results.num_terminated + results.num_errors < len(results):
+            raise KeyboardInterrupt  # finished runs are in the CSV; the rest resume next time
+        (exp_dir / _DONE_MARKER).touch()  # nothing left to restore
