@@ -20,12 +20,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +50,8 @@ _DONE_MARKER = ".ppt-bench-complete"
 _ADDRESS = re.compile(
     r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+)):(?P<port>[0-9]+)"
 )
+# Where Tune logs the messages that _TuneInterruptFilter drops.
+_TUNE_LOGGERS = ("tune", "analysis.experiment_analysis")
 # How long a cluster address may take to accept a connection before the sweep gives up.
 CONNECT_TIMEOUT_S = 5.0
 
@@ -416,13 +421,63 @@ class RayRunner:
         return tuner
 
     def _fit(self, tuner: tune.Tuner, exp_dir: Path) -> None:
-        """Run the trials; a sweep Tune stopped on Ctrl-C ends as a KeyboardInterrupt.
+        """Run the trials; a sweep that Tune stopped on Ctrl-C ends as a KeyboardInterrupt.
 
         Raises:
-            KeyboardInterrupt: SIGINT stopped the trials (Tune catches the first one, stops
-                every trial, saves the experiment and returns with trials left unfinished).
+            KeyboardInterrupt: SIGINT stopped the sweep. Tune catches the first one, stops every
+                trial, saves the experiment (resumed by the same command) and returns as if it
+                had finished; the finished runs are already in the results file.
         """
-        results = tuner.fit()  # trial errors are recorded by the callback, not raised
-        if results.num_terminated + results.num_errors < len(results):
-            raise KeyboardInterrupt  # finished runs are in the CSV; the rest resume next time
+        with _tune_sigint() as interrupted, _quiet_tune_interrupt():
+            tuner.fit()  # trial errors are recorded by the callback, not raised
+            if interrupted():
+                raise KeyboardInterrupt
         (exp_dir / _DONE_MARKER).touch()  # nothing left to restore
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _tune_sigint() -> Iterator[Callable[[], bool]]:
+    """Tell whether Tune caught a SIGINT in the block.
+
+    Tune's handler, on the first SIGINT, puts back the handler it found; without one, Tune's
+    stays installed after the run. So the block starts with a handler of ours, and Tune caught
+    a SIGINT when that handler is back at the end. The handler from before is restored after.
+    """
+    tune_catches = not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER") or "0")
+    if threading.current_thread() is not threading.main_thread() or not tune_catches:
+        yield lambda: False  # Tune catches nothing: SIGINT raises KeyboardInterrupt itself
+        return
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        yield lambda: signal.getsignal(signal.SIGINT) is _interrupt
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if before is None else before)
+
+
+class _TuneInterruptFilter(logging.Filter):
+    """Drops Tune's messages about a Ctrl-C and about trials without results: the CLI says
+    what happened, and Tune's advice to resume with ``Tuner.restore`` does not apply (running
+    the same command again resumes)."""
+
+    DROP = ("Stop signal received", "Experiment has been interrupted", "Failed to fetch metrics")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.DROP)
+
+
+@contextlib.contextmanager
+def _quiet_tune_interrupt() -> Iterator[None]:
+    loggers = [logging.getLogger(f"ray.tune.{name}") for name in _TUNE_LOGGERS]
+    quiet = _TuneInterruptFilter()
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
