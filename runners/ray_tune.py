@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -193,6 +195,50 @@ def check_reachable(host: str, port: int, source: str = "--ray-address") -> None
         ) from None
 
 
+def check_token(address: str, source: str = "--ray-address") -> None:
+    """Fail now when the cluster refuses this machine's token; ``ray.init`` would retry.
+
+    Raises:
+        UserError: the cluster requires a token and this process has none or another one.
+    """
+    try:
+        from ray._raylet import GcsClient
+    except ImportError:  # pragma: no cover - every Ray this runner supports has it
+        return
+    try:
+        with _stderr_to_devnull():  # Ray's own log line about the refusal; ours says it all
+            GcsClient(address=address)
+    except ray.exceptions.AuthenticationError:
+        raise UserError(
+            f"the Ray cluster at {source} {address} refused this machine's token "
+            "(InvalidAuthToken): set RAY_AUTH_MODE=token and put the head node's token in "
+            "~/.ray/auth_token (`ray get-auth-token` on the head node prints it)"
+        ) from None
+    except Exception:  # anything else: ray.init says what it is
+        return
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull() -> Iterator[None]:
+    """Silence file descriptor 2, where Ray's C++ code logs, for the duration of a block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_storage(path: Path, source: str) -> None:
     """Check that Tune can keep its experiment in ``path``, creating the folder if needed.
 
@@ -292,6 +338,9 @@ class RayRunner:
         host_port = parse_address(self.address, self._address_source) if self.address else None
         if host_port and not ray.is_initialized():
             check_reachable(*host_port, self._address_source)
+            check_token(self.address, self._address_source)
+        # A cluster on this machine's loopback: Ray must not swap 127.0.0.1 for another address.
+        self._loopback = bool(host_port) and _is_loopback(host_port[0])
         default_storage = Path("~/ray_results").expanduser()
         self.storage_path = Path(storage_path or default_storage).expanduser().resolve()
         check_storage(self.storage_path, "--ray-storage" if storage_path else "Ray Tune's folder")
@@ -332,7 +381,8 @@ class RayRunner:
             return
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if self.address:
-            with self._started(self._connect):
+            local = _loopback_only() if self._loopback else contextlib.nullcontext()
+            with local, self._started(self._connect):
                 yield
         else:
             with _loopback_only(), _generated_token(), self._started(self._start_private):

@@ -114,6 +114,20 @@ def gcs_answer(address: str, env: dict[str, str]) -> str:
     return proc.stdout.strip()
 
 
+def runner_check(address: str, env: dict[str, str]) -> str:
+    """What the runner's check of a cluster's token says, run with ``env``."""
+    code = (
+        "import sys\nfrom ppt_bench.errors import UserError\n"
+        "from ppt_bench.runners.ray_tune import check_token\n"
+        "try:\n    check_token(sys.argv[1])\nexcept UserError as e:\n    print(e)\n"
+        "else:\n    print('ok')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, address], env=env, capture_output=True, text=True, timeout=60
+    )
+    return proc.stdout.strip() + proc.stderr.strip()
+
+
 def environ_of(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
@@ -166,6 +180,8 @@ def interrupted_sweep(tmp_path_factory) -> Sweep:
                     address, {**client, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": STALE_TOKEN}
                 )
                 auth_errors["none"] = gcs_answer(address, {**client, "RAY_AUTH_MODE": "disabled"})
+                # A driver joining with the stale ~/.ray/auth_token.
+                auth_errors["runner"] = runner_check(address, {**env, "RAY_AUTH_MODE": "token"})
                 auth_errors["right"] = gcs_answer(
                     address, {**client, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
                 )
@@ -209,6 +225,16 @@ def test_private_instance_takes_only_its_own_generated_token(interrupted_sweep):
     for which in ("wrong", "none"):
         assert answers[which].startswith("AuthenticationError"), (which, answers[which])
         assert "InvalidAuthToken" in answers[which]
+
+
+@pytest.mark.slow
+def test_a_cluster_refusing_the_token_is_one_line_at_once(interrupted_sweep):
+    """What ppt-bench says to a driver whose ~/.ray/auth_token is another cluster's (ray.init
+    would retry); its stderr is empty but for that line."""
+    answer = interrupted_sweep.auth_errors["runner"]
+    assert answer.startswith("the Ray cluster at --ray-address 127.0.0.1:"), answer
+    assert "refused this machine's token (InvalidAuthToken)" in answer
+    assert len(answer.splitlines()) == 1
 
 
 @pytest.mark.slow
