@@ -170,7 +170,8 @@ def interrupted_sweep(tmp_path_factory) -> Sweep:
             seen |= listening(set(processes))
             gcs = [(a, pid) for a, name, pid in seen if name == "gcs_server"]
             if gcs and not auth_errors:
-                address, pid = gcs[0]
+                listen, pid = gcs[0]
+                address = f"127.0.0.1:{listen.rsplit(':', 1)[1]}"
                 gcs_env = environ_of(pid)
                 token_source["mode"] = gcs_env.get("RAY_AUTH_MODE", "")
                 token = gcs_env.get("RAY_AUTH_TOKEN", "")
