@@ -54,7 +54,11 @@ _ADDRESS = re.compile(
 )
 # Where Tune logs the messages that _TuneInterruptFilter drops.
 _TUNE_LOGGERS = ("tune", "analysis.experiment_analysis")
-# How long a cluster address may take to accept a connection before the sweep gives up.
+# Ray's error for a token the cluster refuses (Ray 2.52 and later).
+_AUTHENTICATION_ERROR = getattr(
+    ray.exceptions, "AuthenticationError", type("NoAuthenticationError", (Exception,), {})
+)
+# How long a cluster address may take to accept a connection (or its GCS to answer).
 CONNECT_TIMEOUT_S = 5.0
 
 
@@ -196,26 +200,35 @@ def check_reachable(host: str, port: int, source: str = "--ray-address") -> None
 
 
 def check_token(address: str, source: str = "--ray-address") -> None:
-    """Fail now when the cluster refuses this machine's token; ``ray.init`` would retry.
+    """Ask the cluster's GCS once, briefly: ``ray.init`` would retry for minutes when it refuses
+    this machine's token or when something else listens at the address.
 
     Raises:
-        UserError: the cluster requires a token and this process has none or another one.
+        UserError: the cluster refuses this process's token (none, or another cluster's), or
+            no Ray GCS answers at the address.
     """
+    from ray._raylet import GcsClient
+
+    standalone = getattr(getattr(ray._raylet, "InnerGcsClient", None), "standalone", None)
     try:
-        from ray._raylet import GcsClient
-    except ImportError:  # pragma: no cover - every Ray this runner supports has it
-        return
-    try:
-        with _stderr_to_devnull():  # Ray's own log line about the refusal; ours says it all
-            GcsClient(address=address)
-    except ray.exceptions.AuthenticationError:
+        with _stderr_to_devnull():  # Ray's C++ log lines about it; ours says it all
+            if standalone is not None:
+                standalone(address, None, int(CONNECT_TIMEOUT_S * 1000))
+            else:  # pragma: no cover - older Ray
+                GcsClient(address=address)
+    except _AUTHENTICATION_ERROR:
         raise UserError(
             f"the Ray cluster at {source} {address} refused this machine's token "
             "(InvalidAuthToken): set RAY_AUTH_MODE=token and put the head node's token in "
             "~/.ray/auth_token (`ray get-auth-token` on the head node prints it)"
         ) from None
-    except Exception:  # anything else: ray.init says what it is
-        return
+    except Exception as err:
+        if "timed out" not in str(err).lower():
+            return  # anything else: ray.init says what it is
+        raise UserError(
+            f"no Ray cluster answers at {source} {address} (something else listens there): "
+            "pass the head node's GCS port (ray start --head --port=PORT)"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -400,7 +413,7 @@ class RayRunner:
     def _connect(self) -> None:
         try:
             ray.init(address=self.address, log_to_driver=False)
-        except (ConnectionError, ray.exceptions.AuthenticationError) as err:
+        except (ConnectionError, _AUTHENTICATION_ERROR) as err:
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
             reason = lines[0] if lines else type(err).__name__
             raise UserError(

@@ -344,3 +344,18 @@ def test_an_unwritable_storage_folder_is_refused_before_any_trial(where, tmp_pat
     line = refused(capsys, ["--ray-storage", str(storage), "--out", str(out)])
     assert f"--ray-storage {storage}" in line
     assert not out.exists() and not storage.exists()
+
+
+@pytest.mark.slow  # Ray's GCS client waits its 3 x 5 s before it gives up
+def test_an_address_where_something_else_listens_fails_within_seconds(tmp_path, capsys):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as server:  # accepts, never speaks gRPC
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        start = time.monotonic()
+        line = refused(capsys, ["--ray-address", address, "--out", str(tmp_path / "r.csv")])
+    assert line == (
+        f"ppt-bench: error: no Ray cluster answers at --ray-address {address} (something else "
+        "listens there): pass the head node's GCS port (ray start --head --port=PORT)"
+    )
+    assert time.monotonic() - start < 60
