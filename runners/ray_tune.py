@@ -472,9 +472,10 @@ class RayRunner:
 
     def _restored(self, exp_dir: Path, summary: SweepSummary, total: int):
         skip = frozenset(finished_run_ids(self.out_csv))
-        tuner = tune.Tuner.restore(
-            str(exp_dir), self._trainable(skip), resume_unfinished=True, restart_errored=True
-        )
+        with _quiet_tune():
+            tuner = tune.Tuner.restore(
+                str(exp_dir), self._trainable(skip), resume_unfinished=True, restart_errored=True
+            )
         # The restored run config carries a copy of the old callback: write to this results
         # file and count into this summary.
         for callback in tuner._local_tuner.get_run_config().callbacks or []:
@@ -491,7 +492,7 @@ class RayRunner:
                 trial, saves the experiment (resumed by the same command) and returns as if it
                 had finished; the finished runs are already in the results file.
         """
-        with _tune_sigint() as interrupted, _quiet_tune_interrupt():
+        with _tune_sigint() as interrupted, _quiet_tune():
             tuner.fit()  # trial errors are recorded by the callback, not raised
             if interrupted():
                 raise KeyboardInterrupt
@@ -523,9 +524,9 @@ def _tune_sigint() -> Iterator[Callable[[], bool]]:
 
 
 class _TuneInterruptFilter(logging.Filter):
-    """Drops Tune's messages about a Ctrl-C and about trials without results: the CLI says
-    what happened, and Tune's advice to resume with ``Tuner.restore`` does not apply (running
-    the same command again resumes)."""
+    """Drops Tune's messages about a Ctrl-C and about trials without results (those not run
+    yet, when an interrupted experiment is restored): the CLI says what happened, and Tune's
+    advice to resume with ``Tuner.restore`` does not apply (the same command resumes)."""
 
     DROP = ("Stop signal received", "Experiment has been interrupted", "Failed to fetch metrics")
 
@@ -534,7 +535,7 @@ class _TuneInterruptFilter(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_tune_interrupt() -> Iterator[None]:
+def _quiet_tune() -> Iterator[None]:
     loggers = [logging.getLogger(f"ray.tune.{name}") for name in _TUNE_LOGGERS]
     quiet = _TuneInterruptFilter()
     for logger in loggers:
