@@ -326,8 +326,11 @@ class RayRunner:
     Args:
         out_csv: results file; runs already ``ok`` in it are skipped.
         address: an existing cluster (``HEAD_IP:6379`` or ``auto``); default ``RAY_ADDRESS``, or
-            a new local instance bound to loopback.
-        storage_path: where Tune keeps experiment state (default ``~/ray_results``).
+            a new private instance on loopback with a token of its own. Checked now: a malformed
+            address, one where no Ray GCS answers, or a cluster that refuses this machine's
+            token raise :class:`UserError`.
+        storage_path: where Tune keeps experiment state (default ``~/ray_results``); created
+            now, and :class:`UserError` if it cannot be written.
         resources: per-trial resource requests.
         max_concurrent: at most this many trials at once (default: as resources allow).
         num_cpus: CPUs of a new local instance (default: all).
