@@ -5,17 +5,32 @@ reports its rows as one JSON string; a callback on the driver appends them to th
 each trial finishes, so an interrupted sweep keeps every finished run. Trials that Tune itself
 reports as errored (a worker killed for memory, a lost node) become ``status=failed`` rows.
 
-Resuming: the Tune experiment is named after the sweep and a hash of its grid, so the same
-command finds it again. An interrupted experiment is restored (``Tuner.restore``); runs already
-``ok`` in the CSV are skipped either way, and anything left over runs in a fresh experiment.
+Resuming: the Tune experiment is named after the sweep, a hash of its grid and a hash of the
+results file it writes, so the same command finds it again and a command with another ``--out``
+never does. An interrupted experiment is restored (``Tuner.restore``); runs already ``ok`` in the
+CSV are skipped either way, and anything left over runs in a fresh experiment.
+
+Without a cluster address the runner starts a private Ray instance that listens on loopback
+only (every Ray process binds to 127.0.0.1), has no dashboard, and, where Ray supports token
+authentication, accepts only a token generated for this instance.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import ipaddress
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +41,25 @@ from ray import tune
 from tqdm.auto import tqdm
 
 from ppt_bench import metrics
-from ppt_bench.errors import UserError
+from ppt_bench.errors import UserError, check_output_path
 from ppt_bench.records import append_rows, finished_run_ids
 from ppt_bench.runners.base import SweepSummary, environ, pending, run_one
 from ppt_bench.spec import RunSpec
 
 ROWS_KEY = "ppt_bench_rows"
 _DONE_MARKER = ".ppt-bench-complete"
+# HOST:PORT, HOST a name or an IPv4 address, or an IPv6 address in brackets.
+_ADDRESS = re.compile(
+    r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+)):(?P<port>[0-9]+)"
+)
+# Where Tune logs the messages that _TuneInterruptFilter drops.
+_TUNE_LOGGERS = ("tune", "analysis.experiment_analysis")
+# Ray's error for a token the cluster refuses (Ray 2.52 and later).
+_AUTHENTICATION_ERROR = getattr(
+    ray.exceptions, "AuthenticationError", type("NoAuthenticationError", (Exception,), {})
+)
+# How long a cluster address may take to accept a connection (or its GCS to answer).
+CONNECT_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -129,14 +156,181 @@ def _last_line(error: BaseException) -> TrialError:
     return TrialError(lines[-1] if lines else type(error).__name__)
 
 
+def parse_address(address: str, source: str = "--ray-address") -> tuple[str, int] | None:
+    """The host and port of a Ray cluster address, or None for ``auto`` (Ray finds it).
+
+    Args:
+        address: ``HOST:PORT`` of the head node's GCS (``[IPv6]:PORT`` for IPv6), or ``auto``.
+        source: where the address came from, for the message.
+
+    Raises:
+        UserError: a ``ray://`` client address, or anything that is not ``HOST:PORT``.
+    """
+    if address == "auto":
+        return None
+    if address.startswith("ray://"):
+        raise UserError(
+            "ray:// client addresses are not supported: run ppt-bench on a node of the "
+            "cluster with --ray-address HEAD_IP:6379"
+        )
+    match = _ADDRESS.fullmatch(address)
+    port = int(match["port"]) if match else 0
+    if not match or not 0 < port < 65536:
+        raise UserError(
+            f"{source} must be HOST:PORT of the Ray head node (as in HEAD_IP:6379) or auto, "
+            f"got {address!r}"
+        )
+    return match["ipv6"] or match["host"], port
+
+
+def check_reachable(host: str, port: int, source: str = "--ray-address") -> None:
+    """Fail now, not after Ray's minutes of retries, when nothing listens at the address.
+
+    Raises:
+        UserError: the address does not accept a TCP connection within a few seconds.
+    """
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        reason = err.strerror or str(err) or type(err).__name__
+        raise UserError(
+            f"no Ray cluster answers at {source} {host}:{port} ({reason.lower()}): start it "
+            "with `ray start --head --port=PORT` or fix the address"
+        ) from None
+
+
+def check_token(address: str, source: str = "--ray-address") -> None:
+    """Ask the cluster's GCS once, briefly: ``ray.init`` would retry for minutes when it refuses
+    this machine's token or when something else listens at the address.
+
+    Raises:
+        UserError: the cluster refuses this process's token (none, or another cluster's), or
+            no Ray GCS answers at the address.
+    """
+    from ray._raylet import GcsClient
+
+    standalone = getattr(getattr(ray._raylet, "InnerGcsClient", None), "standalone", None)
+    try:
+        with _stderr_to_devnull():  # Ray's C++ log lines about it; ours says it all
+            if standalone is not None:
+                standalone(address, None, int(CONNECT_TIMEOUT_S * 1000))
+            else:  # pragma: no cover - older Ray
+                GcsClient(address=address)
+    except _AUTHENTICATION_ERROR:
+        raise UserError(
+            f"the Ray cluster at {source} {address} refused this machine's token "
+            "(InvalidAuthToken): set RAY_AUTH_MODE=token and put the head node's token in "
+            "~/.ray/auth_token (`ray get-auth-token` on the head node prints it)"
+        ) from None
+    except Exception as err:
+        if "timed out" not in str(err).lower():
+            return  # anything else: ray.init says what it is
+        raise UserError(
+            f"no Ray cluster answers at {source} {address} (something else listens there): "
+            "pass the head node's GCS port (ray start --head --port=PORT)"
+        ) from None
+
+
+@contextlib.contextmanager
+def _stderr_to_devnull() -> Iterator[None]:
+    """Silence file descriptor 2, where Ray's C++ code logs, for the duration of a block."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_storage(path: Path, source: str) -> None:
+    """Check that Tune can keep its experiment in ``path``, creating the folder if needed.
+
+    Raises:
+        UserError: ``path`` is not a folder that this process can write to.
+    """
+    check_output_path(path, source, directory=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        reason = (err.strerror or type(err).__name__).lower()
+        raise UserError(
+            f"{source} {path} is not a folder Ray Tune can write to ({reason}): pass another "
+            "folder with --ray-storage"
+        ) from None
+
+
+def _path_hash(path: Path) -> str:
+    return hashlib.sha1(str(path).encode()).hexdigest()[:8]
+
+
+def _reload_auth_config() -> None:
+    """Make this process's Ray read RAY_AUTH_MODE and the token again (Ray caches both)."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # a Ray without token authentication (before 2.52)
+        return
+    Config.initialize("")  # before the token cache, as Ray's own tests do
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """Keep a new local instance on 127.0.0.1.
+
+    Ray replaces 127.0.0.1 by the machine's network address unless its multi-node support is
+    off; the switch is read once, when Ray is imported, so this process's copy is set here and
+    the Ray processes started meanwhile see the environment variable.
+    """
+    from ray._private import ray_constants
+
+    old = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        with environ(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"):
+            yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old
+
+
+@contextlib.contextmanager
+def _generated_token() -> Iterator[None]:
+    """Token authentication with a token made for this instance only.
+
+    ``RAY_AUTH_TOKEN`` comes before ``RAY_AUTH_TOKEN_PATH`` and ``~/.ray/auth_token``, so a
+    token left there by another cluster is neither used nor overwritten. The token lives in the
+    environment of this process and of the Ray processes it starts, readable by this user only.
+    """
+    try:
+        with environ(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_urlsafe(32)):
+            _reload_auth_config()
+            yield
+    finally:
+        _reload_auth_config()  # with the environment as it was
+
+
 class RayRunner:
     """Run specs as Ray Tune trials and append their rows to a results CSV.
 
     Args:
         out_csv: results file; runs already ``ok`` in it are skipped.
         address: an existing cluster (``HEAD_IP:6379`` or ``auto``); default ``RAY_ADDRESS``, or
-            a new local instance bound to loopback.
-        storage_path: where Tune keeps experiment state (default ``~/ray_results``).
+            a new private instance on loopback with a token of its own. Checked now: a malformed
+            address, one where no Ray GCS answers, or a cluster that refuses this machine's
+            token raise :class:`UserError`.
+        storage_path: where Tune keeps experiment state (default ``~/ray_results``); created
+            now, and :class:`UserError` if it cannot be written.
         resources: per-trial resource requests.
         max_concurrent: at most this many trials at once (default: as resources allow).
         num_cpus: CPUs of a new local instance (default: all).
@@ -156,13 +350,16 @@ class RayRunner:
     ) -> None:
         self.out_csv = Path(out_csv).resolve()
         self.address = address or os.environ.get("RAY_ADDRESS") or None
-        if self.address and self.address.startswith("ray://"):
-            raise UserError(
-                "ray:// client addresses are not supported: run ppt-bench on a node of the "
-                "cluster with --ray-address HEAD_IP:6379"
-            )
+        self._address_source = "--ray-address" if address else "RAY_ADDRESS"
+        host_port = parse_address(self.address, self._address_source) if self.address else None
+        if host_port and not ray.is_initialized():
+            check_reachable(*host_port, self._address_source)
+            check_token(self.address, self._address_source)
+        # A cluster on this machine's loopback: Ray must not swap 127.0.0.1 for another address.
+        self._loopback = bool(host_port) and _is_loopback(host_port[0])
         default_storage = Path("~/ray_results").expanduser()
         self.storage_path = Path(storage_path or default_storage).expanduser().resolve()
+        check_storage(self.storage_path, "--ray-storage" if storage_path else "Ray Tune's folder")
         self.resources = resources or TrialResources()
         self.max_concurrent = max_concurrent
         self.num_cpus = num_cpus
@@ -177,7 +374,8 @@ class RayRunner:
         if not todo:
             return summary
         sweep = specs[0].sweep or "sweep"
-        exp_dir = self.storage_path / f"{sweep}-{grid_hash(specs)}"
+        # The results file is part of the name: another --out is another experiment.
+        exp_dir = self.storage_path / f"{sweep}-{grid_hash(specs)}-{_path_hash(self.out_csv)}"
         # Trials keep the driver's working directory (Tune propagates this variable to them);
         # paths in specs from the grid are absolute anyway.
         with environ(RAY_CHDIR_TO_TRIAL_DIR="0"), self._ray():
@@ -199,19 +397,40 @@ class RayRunner:
             return
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         if self.address:
-            ray.init(address=self.address, log_to_driver=False)
+            local = _loopback_only() if self._loopback else contextlib.nullcontext()
+            with local, self._started(self._connect):
+                yield
         else:
-            ray.init(
-                address="local",
-                num_cpus=self.num_cpus or os.cpu_count(),
-                include_dashboard=False,
-                _node_ip_address="127.0.0.1",
-                log_to_driver=False,
-            )
+            with _loopback_only(), _generated_token(), self._started(self._start_private):
+                yield
+
+    @contextlib.contextmanager
+    def _started(self, init: Callable[[], None]) -> Iterator[None]:
+        """Run ``init``, then the block; shut Ray down after both, even half started."""
         try:
+            init()
             yield
         finally:
             ray.shutdown()
+
+    def _connect(self) -> None:
+        try:
+            ray.init(address=self.address, log_to_driver=False)
+        except (ConnectionError, _AUTHENTICATION_ERROR) as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            reason = lines[0] if lines else type(err).__name__
+            raise UserError(
+                f"cannot join the Ray cluster at {self._address_source} {self.address}: {reason}"
+            ) from None
+
+    def _start_private(self) -> None:
+        ray.init(
+            address="local",  # never join a cluster that happens to run on this machine
+            num_cpus=self.num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=False,
+        )
 
     def _check_resources(self, todo: Sequence[RunSpec]) -> None:
         """Trials asking for more than the cluster has would wait forever: refuse them now."""
@@ -256,16 +475,76 @@ class RayRunner:
 
     def _restored(self, exp_dir: Path, summary: SweepSummary, total: int):
         skip = frozenset(finished_run_ids(self.out_csv))
-        tuner = tune.Tuner.restore(
-            str(exp_dir), self._trainable(skip), resume_unfinished=True, restart_errored=True
-        )
-        # The restored run config carries a copy of the old callback; count into this summary.
+        with _quiet_tune():
+            tuner = tune.Tuner.restore(
+                str(exp_dir), self._trainable(skip), resume_unfinished=True, restart_errored=True
+            )
+        # The restored run config carries a copy of the old callback: write to this results
+        # file and count into this summary.
         for callback in tuner._local_tuner.get_run_config().callbacks or []:
             if isinstance(callback, RecordRows):
-                callback.summary, callback.total, callback.done = summary, total, set(skip)
+                callback.out_csv, callback.summary = self.out_csv, summary
+                callback.total, callback.done = total, set(skip)
         return tuner
 
     def _fit(self, tuner: tune.Tuner, exp_dir: Path) -> None:
-        results = tuner.fit()  # trial errors are recorded by the callback, not raised
-        if results.num_terminated + results.num_errors == len(results):
-            (exp_dir / _DONE_MARKER).touch()  # nothing left to restore
+        """Run the trials; a sweep that Tune stopped on Ctrl-C ends as a KeyboardInterrupt.
+
+        Raises:
+            KeyboardInterrupt: SIGINT stopped the sweep. Tune catches the first one, stops every
+                trial, saves the experiment (resumed by the same command) and returns as if it
+                had finished; the finished runs are already in the results file.
+        """
+        with _tune_sigint() as interrupted, _quiet_tune():
+            tuner.fit()  # trial errors are recorded by the callback, not raised
+            if interrupted():
+                raise KeyboardInterrupt
+        (exp_dir / _DONE_MARKER).touch()  # nothing left to restore
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _tune_sigint() -> Iterator[Callable[[], bool]]:
+    """Tell whether Tune caught a SIGINT in the block.
+
+    Tune's handler, on the first SIGINT, puts back the handler it found; without one, Tune's
+    stays installed after the run. So the block starts with a handler of ours, and Tune caught
+    a SIGINT when that handler is back at the end. The handler from before is restored after.
+    """
+    tune_catches = not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER") or "0")
+    if threading.current_thread() is not threading.main_thread() or not tune_catches:
+        yield lambda: False  # Tune catches nothing: SIGINT raises KeyboardInterrupt itself
+        return
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, _interrupt)
+    try:
+        yield lambda: signal.getsignal(signal.SIGINT) is _interrupt
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if before is None else before)
+
+
+class _TuneInterruptFilter(logging.Filter):
+    """Drops Tune's messages about a Ctrl-C and about trials without results (those not run
+    yet, when an interrupted experiment is restored): the CLI says what happened, and Tune's
+    advice to resume with ``Tuner.restore`` does not apply (the same command resumes)."""
+
+    DROP = ("Stop signal received", "Experiment has been interrupted", "Failed to fetch metrics")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.DROP)
+
+
+@contextlib.contextmanager
+def _quiet_tune() -> Iterator[None]:
+    loggers = [logging.getLogger(f"ray.tune.{name}") for name in _TUNE_LOGGERS]
+    quiet = _TuneInterruptFilter()
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
