@@ -14,12 +14,14 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path as PathLib
 from typing import Any
 
 import torch
 from timm.utils import random_seed
 from torch import nn
 
+from ppt_bench import imagecache
 from ppt_bench.accuracy import Path, evaluate_accuracy
 from ppt_bench.data import SYNTHETIC, make_loader
 from ppt_bench.errors import UserError
@@ -73,6 +75,14 @@ def oom_as_user_error(spec: RunSpec) -> Iterator[None]:
         ) from err
 
 
+def cache_dir(spec: RunSpec) -> Path | None:
+    """Where the run reads cached images: ``spec.cache_dir``, else the user cache directory;
+    None with ``cache=False``."""
+    if not spec.cache:
+        return None
+    return PathLib(spec.cache_dir) if spec.cache_dir else imagecache.default_cache_dir()
+
+
 def _needs_data_pass(spec: RunSpec, model: nn.Module) -> bool:
     wants = set(spec.metrics)
     return bool(wants & {"accuracy", "tokens"}) or ("macs" in wants and is_adaptive(model))
@@ -96,6 +106,8 @@ def _measure_data(
         workers=spec.workers,
         seed=spec.seed,
         device=spec.device,
+        cache_dir=cache_dir(spec),
+        progress=progress_bars(),
     )
     if reference is not None:
         reference.to(spec.device)

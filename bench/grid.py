@@ -71,6 +71,8 @@ class SweepConfig:
     compile: list[bool | str] = field(default_factory=lambda: ["none"])
     seed: int = 0
     workers: int = 4
+    cache: bool = True
+    cache_dir: str | None = None
     baseline: bool = True
     sweep_name: str = "sweep"
     runner: str = "local"
@@ -240,7 +242,8 @@ def build_config(
 _TYPES: dict[str, type | tuple[type, ...]] = {
     **dict.fromkeys(("data", "checkpoint", "device", "sweep_name", "runner"), str),
     **dict.fromkeys(("ray_address", "ray_storage", "out", "report"), str),
-    "baseline": bool,
+    **dict.fromkeys(("baseline", "cache"), bool),
+    "cache_dir": str,
     **dict.fromkeys(("seed", "workers", "n_images"), int),
 }
 
@@ -306,6 +309,8 @@ def expand(config: SweepConfig) -> list[RunSpec]:
         n_images=config.n_images,
         sweep=config.sweep_name,
         workers=config.workers,
+        cache=config.cache,
+        cache_dir=_absolute(config.cache_dir),
     )
     specs: dict[str, RunSpec] = {}
     grid = itertools.product(config.models, config.dtype, config.compile, config.batch_sizes)

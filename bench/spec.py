@@ -16,7 +16,7 @@ DTYPES = ("fp32", "fp16", "bf16")
 # forward captured in a CUDA graph (no compilation, no Python launch overhead).
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "cudagraph")
 # Fields that only say how a run is scheduled or named, not what it measures.
-_NOT_IN_RUN_ID = ("sweep", "workers")
+_NOT_IN_RUN_ID = ("sweep", "workers", "cache", "cache_dir")
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,9 @@ class RunSpec:
         n_images: evaluate at most this many images (None: all).
         sweep: name of the sweep this run belongs to (not part of ``run_id``).
         workers: DataLoader workers (not part of ``run_id``).
+        cache: read ImageFolder images through the preprocessed-image cache
+            (:mod:`ppt_bench.imagecache`; not part of ``run_id``: the images are the same).
+        cache_dir: the cache's folder; None: the user cache directory (not part of ``run_id``).
     """
 
     model: str
@@ -57,6 +60,8 @@ class RunSpec:
     n_images: int | None = None
     sweep: str = ""
     workers: int = 4
+    cache: bool = True
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         from ppt_bench.methods import create_method
@@ -91,6 +96,12 @@ class RunSpec:
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise UserError(f"workers must be an integer >= 0, got {self.workers!r}")
+        if not isinstance(self.cache, bool):
+            raise UserError(f"cache must be true or false, got {self.cache!r}")
+        if self.cache_dir is not None and (
+            not isinstance(self.cache_dir, str) or not self.cache_dir
+        ):
+            raise UserError(f"cache_dir must be a folder path, got {self.cache_dir!r}")
 
     @property
     def run_id(self) -> str:
