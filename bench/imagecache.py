@@ -251,6 +251,11 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+def _write(f: Any, data: bytes) -> None:
+    """Append ``data`` to the entry's image file (an ``OSError`` here means a full disk)."""
+    f.write(data)
+
+
 def _build(
     entry: Path,
     samples: Sequence[tuple[str, int]],
@@ -285,7 +290,7 @@ def _build(
         bar = tqdm(total=n, desc="caching images", unit="img", leave=False, disable=not progress)
         with (tmp / IMAGES).open("wb") as f, bar:
             for images, batch_labels, batch_readable in loader:
-                f.write(images.numpy().tobytes())
+                _write(f, images.numpy().tobytes())
                 b = len(batch_labels)
                 labels[done : done + b] = batch_labels.numpy()
                 readable[done : done + b] = batch_readable.numpy()
