@@ -160,7 +160,7 @@ def evaluate_accuracy(
     """
     meters = {name: AverageMeter() for name in ACCURACY_METRICS}
     stats, unreadable = TokenStats(), 0
-    normalize = device_transform(loader)
+    normalize = device_transform(loader, reuse_output=True)  # each batch is done with below
     with torch.inference_mode():
         for images, labels, skipped in tqdm(
             loader, desc=desc, leave=False, disable=not progress, unit="batch"

@@ -220,10 +220,22 @@ def make_dataset(
     return dataset if keep is None else Subset(dataset, keep)
 
 
-def device_transform(loader: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def device_transform(
+    loader: Any, *, reuse_output: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """What turns the loader's images into model input once they are on the device: the
-    normalisation of cached uint8 images, None for a loader of ready float images."""
-    return getattr(getattr(loader, "dataset", None), "normalize", None)
+    normalisation of cached uint8 images, None for a loader of ready float images.
+
+    Args:
+        loader: a loader from :func:`make_loader`.
+        reuse_output: write every batch into the same buffer (each result is valid until the
+            next call); a pass that is done with each batch before the next saves the
+            allocation.
+    """
+    normalize = getattr(getattr(loader, "dataset", None), "normalize", None)
+    if normalize is None or not reuse_output:
+        return normalize
+    return normalize.reusing()
 
 
 def batch_loader(
@@ -243,7 +255,9 @@ def batch_loader(
         dataset: ``(image | None, label)`` samples, or :class:`~ppt_bench.imagecache.
             CachedImages` (whole batches).
         batch_size: images per batch (per process when training on several).
-        workers: loader worker processes.
+        workers: loader worker processes; none for the image cache, read in this process (a
+            batch from the memory map is one copy; a worker would add one through shared
+            memory, and reads ten times fewer images/s on a small machine).
         device: pinned host memory when this is a CUDA device.
         train: shuffled (seeded) with the last partial batch dropped; over several processes
             a ``DistributedSampler`` gives each its share of ``batch_size // world_size``.
@@ -253,6 +267,8 @@ def batch_loader(
     """
     from ppt_bench.imagecache import CachedImages, pass_batch
 
+    cached = isinstance(dataset, CachedImages)
+    workers = 0 if cached else workers
     sampler = None
     if world_size > 1 and train:
         from torch.utils.data.distributed import DistributedSampler
@@ -264,7 +280,7 @@ def batch_loader(
         shuffle=train and sampler is None,
         sampler=sampler,
         drop_last=train,
-        collate_fn=pass_batch if isinstance(dataset, CachedImages) else collate_readable,
+        collate_fn=pass_batch if cached else collate_readable,
         num_workers=workers,
         generator=torch.Generator().manual_seed(seed),
         pin_memory=torch.device(device).type == "cuda",

@@ -74,10 +74,32 @@ class DeviceNormalize:
         self.mean = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)  # [1, 3, 1, 1]
         self.std = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """``images [B, 3, H, W]`` uint8 -> normalised float32 ``[B, 3, H, W]``, same device."""
-        x = images.to(dtype=torch.float32).div(255)
+    def __call__(self, images: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``images [B, 3, H, W]`` uint8 -> normalised float32 ``[B, 3, H, W]``, same device.
+
+        Args:
+            images: a uint8 batch.
+            out: a float32 tensor of the same shape and device to write the result into.
+        """
+        x = images.to(dtype=torch.float32) if out is None else out.copy_(images)
+        x = x.div_(255)
         return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+
+    def reusing(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This normalisation writing every batch into one buffer, valid until the next call.
+
+        On the CPU a fresh 40 MB float batch costs more in page faults than the arithmetic
+        (measured: 1.5 ms of 2 ms per 224 px image); a loop that is done with a batch before it
+        asks for the next one can reuse the memory.
+        """
+        buffer: list[torch.Tensor] = []
+
+        def normalize(images: torch.Tensor) -> torch.Tensor:
+            if not buffer or buffer[0].shape != images.shape or buffer[0].device != images.device:
+                buffer[:] = [torch.empty(images.shape, dtype=torch.float32, device=images.device)]
+            return self(images, out=buffer[0])
+
+        return normalize
 
 
 def split_transform(transform: Callable) -> tuple[Callable, DeviceNormalize] | None:
@@ -97,9 +119,13 @@ def split_transform(transform: Callable) -> tuple[Callable, DeviceNormalize] | N
 
 
 def to_uint8(image: Image.Image) -> torch.Tensor:
-    """A PIL RGB image ``(W, H)`` -> uint8 ``[3, H, W]``, the pixels ToTensor divides by 255."""
+    """A PIL RGB image ``(W, H)`` -> uint8 ``[3, H, W]``, the pixels ToTensor divides by 255.
+
+    Raises:
+        TypeError: another mode (ToTensor would give another tensor: the run decodes directly).
+    """
     if image.mode != "RGB":
-        image = image.convert("RGB")
+        raise TypeError(f"the eval transform gave a {image.mode} image, not RGB")
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
@@ -357,6 +383,7 @@ def cached_images(
             root.mkdir(parents=True, exist_ok=True)
             with _locked(root / f"{key}.lock"):
                 if not _valid(entry, len(samples), shape):  # not built while we waited
+                    _remove_leftovers(root, key)
                     _build(entry, samples, pil_steps, shape, workers, progress)
                     _report(entry, len(samples), shape, progress)
         return CachedImages(entry, samples, classes, normalize)
@@ -364,6 +391,13 @@ def cached_images(
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
         _logger.warning("image cache in %s not usable (%s): decoding directly", root, reason)
         return None
+
+
+def _remove_leftovers(root: Path, key: str) -> None:
+    """Delete half-built folders of ``key`` left by a killed process (called under the lock,
+    so no live process of this node is building them)."""
+    for tmp in root.glob(f"{key}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _report(entry: Path, n: int, shape: tuple[int, ...], progress: bool) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -270,6 +271,21 @@ def test_two_processes_building_the_same_cache_at_once(tmp_path):
     assert not list(cache_dir.glob("*.tmp-*"))  # no half-built entry left behind
 
 
+def test_a_build_killed_halfway_leaves_nothing_that_is_read(tree, tmp_path, decodes):
+    cache_dir = tmp_path / "cache"
+    make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
+    (entry,) = _entries(cache_dir)
+    leftover = entry.with_name(f"{entry.name}.tmp-999999-dead")  # as a killed build leaves it
+    leftover.mkdir()
+    (leftover / imagecache.IMAGES).write_bytes(b"\0" * 100)
+    shutil.rmtree(entry)
+    decodes.clear()
+    loader, _ = make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
+    assert device_transform(loader) is not None
+    assert sum(decodes.values()) == len(CLASSES) * PER_CLASS + 1  # rebuilt, not read
+    assert _entries(cache_dir) == [entry] and not leftover.exists()
+
+
 def test_an_entry_renamed_into_place_by_another_process_is_read(tree, tmp_path, monkeypatch):
     """Without a working lock both processes build; the one that renames second keeps the
     first one's entry and reads it."""
@@ -374,3 +390,16 @@ def test_cached_images_needs_a_tensor_tail_to_split(tree, tmp_path):
     assert cached_images(samples, ["ant"], no_tail, (3, 32, 32), tmp_path / "cache") is None
     assert not (tmp_path / "cache").exists()
     assert cached_images(samples, ["ant"], transform, (3, 32, 32), tmp_path / "cache")
+
+
+def test_normalising_into_a_reused_buffer_gives_the_same_tensors():
+    normalize = imagecache.DeviceNormalize(DATA_CONFIG["mean"], DATA_CONFIG["std"])
+    reusing = normalize.reusing()
+    g = torch.Generator().manual_seed(0)
+    batches_ = [
+        torch.randint(0, 256, (b, 3, 8, 8), generator=g, dtype=torch.uint8) for b in (4, 4, 3)
+    ]
+    outs = [reusing(b) for b in batches_[:2]]
+    assert outs[0].data_ptr() == outs[1].data_ptr()  # one buffer
+    assert torch.equal(outs[1], normalize(batches_[1]))
+    assert torch.equal(reusing(batches_[2]), normalize(batches_[2]))  # a smaller last batch
