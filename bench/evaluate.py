@@ -75,7 +75,7 @@ def oom_as_user_error(spec: RunSpec) -> Iterator[None]:
         ) from err
 
 
-def cache_dir(spec: RunSpec) -> Path | None:
+def cache_dir(spec: RunSpec) -> PathLib | None:
     """Where the run reads cached images: ``spec.cache_dir``, else the user cache directory;
     None with ``cache=False``."""
     if not spec.cache:
