@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ppt_bench.data import device_transform
 from ppt_bench.dtypes import amp_autocast
 from ppt_bench.errors import UserError
 from ppt_bench.methods import is_patched
@@ -147,7 +148,9 @@ def evaluate_accuracy(
     Args:
         model: the (reduced) model, in eval mode on ``device``.
         loader: yields ``(images [B, 3, H, W], labels [B], unreadable)`` (see
-            :func:`ppt_bench.data.make_loader`; training validates with the same batches).
+            :func:`ppt_bench.data.make_loader`; training validates with the same batches);
+            cached uint8 images are normalised on ``device``
+            (:func:`ppt_bench.data.device_transform`).
         reference: the unreduced model on the same device; None means ``model`` is itself
             unreduced (agreement 100 %, KL 0).
         device: where the batches go.
@@ -157,6 +160,7 @@ def evaluate_accuracy(
     """
     meters = {name: AverageMeter() for name in ACCURACY_METRICS}
     stats, unreadable = TokenStats(), 0
+    normalize = device_transform(loader, reuse_output=True)  # each batch is done with below
     with torch.inference_mode():
         for images, labels, skipped in tqdm(
             loader, desc=desc, leave=False, disable=not progress, unit="batch"
@@ -165,6 +169,8 @@ def evaluate_accuracy(
             if images is None:
                 continue
             images = images.to(device, non_blocking=True)
+            if normalize is not None:
+                images = normalize(images)
             labels = labels.to(device, non_blocking=True)
             with amp_autocast(device, dtype):
                 logits = model(images).float()

@@ -137,6 +137,18 @@ def add_run_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, help="seed for synthetic data and random methods")
     p.add_argument("--workers", type=int, help="DataLoader workers (default 4)")
     p.add_argument(
+        "--cache",
+        action=argparse.BooleanOptionalAction,
+        help="decode an ImageFolder once into the preprocessed-image cache and read it from "
+        "there in every run (default on); --no-cache decodes the images in every run",
+    )
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="folder of the image cache (default $XDG_CACHE_HOME/ppt-bench/images); a shared "
+        "file system shares it between the nodes of a cluster",
+    )
+    p.add_argument(
         "--baseline",
         action=argparse.BooleanOptionalAction,
         help="add an unreduced run per model and batch size (default on)",
@@ -264,6 +276,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "compile": args.compile,
         "seed": args.seed,
         "workers": args.workers,
+        "cache": args.cache,
+        "cache_dir": args.cache_dir,
         "baseline": args.baseline,
         "sweep_name": args.sweep_name,
         "runner": args.runner,

@@ -1,8 +1,12 @@
 """Evaluation data: an ImageFolder tree, the built-in digits set, or synthetic inputs.
 
-Every loader yields ``(images [B, 3, H, W] float, labels [B] long, unreadable int)``: images
+Every loader yields ``(images [B, 3, H, W], labels [B] long, unreadable int)``: images
 that cannot be decoded are dropped from their batch and counted, never fatal. A batch whose
-images are all unreadable has ``images is None``.
+images are all unreadable has ``images is None``. Images are normalised float, except from the
+preprocessed-image cache (:mod:`ppt_bench.imagecache`): there they are uint8 and
+:func:`device_transform` gives what normalises them once they are on the device.
+
+:func:`batch_loader` is the one DataLoader factory of evaluation and training.
 """
 
 from __future__ import annotations
@@ -35,19 +39,29 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 Batch = tuple[torch.Tensor | None, torch.Tensor | None, int]
 
 
+def decode_image(path: str) -> Image.Image:
+    """Decode one image file as RGB: every image the project reads goes through here."""
+    with open(path, "rb") as f:
+        return Image.open(f).convert("RGB")
+
+
+def load_sample(path: str, transform: Callable | None = None) -> Any:
+    """The decoded, transformed image at ``path``, or None (with a warning) if it cannot be
+    decoded."""
+    try:
+        image = decode_image(path)
+    except DECODE_ERRORS as err:
+        _logger.warning("skipping unreadable image %s (%s)", path, err)
+        return None
+    return image if transform is None else transform(image)
+
+
 class TolerantImageFolder(ImageFolder):
     """``ImageFolder`` that yields ``(None, label)`` for an image it cannot decode."""
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, target = self.samples[index]
-        try:
-            sample = self.loader(path)
-        except DECODE_ERRORS as err:
-            _logger.warning("skipping unreadable image %s (%s)", path, err)
-            return None, target
-        if self.transform is not None:
-            sample = self.transform(sample)
-        return sample, target
+        return load_sample(path, self.transform), target
 
 
 class SyntheticImages(Dataset):
@@ -154,23 +168,124 @@ def _digits(transform: Callable) -> Dataset:
     return Transformed(digits_dataset(split="test"), transform)
 
 
+def _subset_indices(n: int, n_images: int | None, seed: int) -> list[int] | None:
+    """A seeded random subset of ``n_images`` of ``n`` indices, in order; None for all.
+
+    A random subset, not the first images: an ImageFolder lists images class by class.
+    """
+    if n_images is None or n_images >= n:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=g)[:n_images].sort().values.tolist()
+
+
 def make_dataset(
-    data: str | None, data_config: dict[str, Any], n_images: int | None = None, seed: int = 0
+    data: str | None,
+    data_config: dict[str, Any],
+    n_images: int | None = None,
+    seed: int = 0,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int = 0,
+    progress: bool = True,
 ) -> Dataset:
     """The evaluation dataset, limited to a seeded random subset of ``n_images`` if given.
 
-    A random subset, not the first images: an ImageFolder lists images class by class.
+    With ``cache_dir``, an ImageFolder's images (the subset's, if one is taken) come from the
+    preprocessed-image cache there, decoded into it on first use
+    (:func:`ppt_bench.imagecache.cached_images`); when the cache cannot be used they are
+    decoded directly.
     """
     if data in (None, SYNTHETIC):
         n = n_images or DEFAULT_SYNTHETIC_IMAGES
         return SyntheticImages(n, data_config["input_size"], seed)
     transform = create_transform(**data_config, is_training=False)
     dataset = _digits(transform) if data == DIGITS else image_folder(data, transform)
-    if n_images is not None and n_images < len(dataset):
-        g = torch.Generator().manual_seed(seed)
-        keep = torch.randperm(len(dataset), generator=g)[:n_images].sort().values
-        dataset = Subset(dataset, keep.tolist())
-    return dataset
+    keep = _subset_indices(len(dataset), n_images, seed)
+    if cache_dir is not None and isinstance(dataset, TolerantImageFolder):
+        from ppt_bench.imagecache import cached_images
+
+        samples = dataset.samples if keep is None else [dataset.samples[i] for i in keep]
+        cached = cached_images(
+            samples,
+            dataset.classes,
+            transform,
+            data_config["input_size"],
+            cache_dir,
+            workers=workers,
+            progress=progress,
+        )
+        if cached is not None:
+            return cached
+    return dataset if keep is None else Subset(dataset, keep)
+
+
+def device_transform(
+    loader: Any, *, reuse_output: bool = False
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What turns the loader's images into model input once they are on the device: the
+    normalisation of cached uint8 images, None for a loader of ready float images.
+
+    Args:
+        loader: a loader from :func:`make_loader`.
+        reuse_output: write every batch into the same buffer (each result is valid until the
+            next call); a pass that is done with each batch before the next saves the
+            allocation.
+    """
+    normalize = getattr(getattr(loader, "dataset", None), "normalize", None)
+    if normalize is None or not reuse_output:
+        return normalize
+    return normalize.reusing()
+
+
+def batch_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    workers: int = 0,
+    device: str | torch.device = "cpu",
+    train: bool = False,
+    seed: int = 0,
+    world_size: int = 1,
+    persistent: bool = False,
+) -> DataLoader:
+    """The DataLoader of evaluation and training, yielding ``(images, labels, unreadable)``.
+
+    Args:
+        dataset: ``(image | None, label)`` samples, or :class:`~ppt_bench.imagecache.
+            CachedImages` (whole batches).
+        batch_size: images per batch (per process when training on several).
+        workers: loader worker processes; none for the image cache, read in this process (a
+            batch from the memory map is one copy; a worker would add one through shared
+            memory, and reads ten times fewer images/s on a small machine).
+        device: pinned host memory when this is a CUDA device.
+        train: shuffled (seeded) with the last partial batch dropped; over several processes
+            a ``DistributedSampler`` gives each its share of ``batch_size // world_size``.
+        seed: seed of the order and of the workers' random state.
+        world_size: processes of a torchrun job.
+        persistent: keep the workers between passes (a loader read once per epoch).
+    """
+    from ppt_bench.imagecache import CachedImages, pass_batch
+
+    cached = isinstance(dataset, CachedImages)
+    workers = 0 if cached else workers
+    sampler = None
+    if world_size > 1 and train:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
+    return DataLoader(
+        dataset,
+        batch_size=max(1, batch_size // world_size) if train else batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        drop_last=train,
+        collate_fn=pass_batch if cached else collate_readable,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.device(device).type == "cuda",
+        persistent_workers=persistent and workers > 0,
+    )
 
 
 def make_loader(
@@ -181,6 +296,9 @@ def make_loader(
     workers: int = 4,
     seed: int = 0,
     device: str = "cpu",
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
 ) -> tuple[DataLoader, str]:
     """A DataLoader over the evaluation data and the dataset's name for the records.
 
@@ -194,18 +312,22 @@ def make_loader(
         workers: loader worker processes.
         seed: seed of the subset and of synthetic images.
         device: pinned host memory when this is a CUDA device.
+        cache_dir: read an ImageFolder through the preprocessed-image cache in this folder
+            (None: decode every image).
+        progress: show a progress bar while the cache is built.
 
     Returns:
-        ``(loader, dataset_name)``; the loader yields ``(images, labels, unreadable)``.
+        ``(loader, dataset_name)``; the loader yields ``(images, labels, unreadable)``, with
+        uint8 images from the cache (see :func:`device_transform`).
     """
-    dataset = make_dataset(data, data_config, n_images, seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=collate_readable,
-        pin_memory=device.startswith("cuda"),
-        drop_last=False,
+    dataset = make_dataset(
+        data,
+        data_config,
+        n_images,
+        seed,
+        cache_dir=cache_dir,
+        workers=workers,
+        progress=progress,
     )
+    loader = batch_loader(dataset, batch_size, workers=workers, device=device, seed=seed)
     return loader, dataset_name(data)

@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 from timm.utils import random_seed
 
-from ppt_bench import metrics
+from ppt_bench import imagecache, metrics
 from ppt_bench.accuracy import AccuracyResult, evaluate_accuracy
 from ppt_bench.data import SYNTHETIC, make_loader
 from ppt_bench.errors import UserError
@@ -56,6 +57,14 @@ def oom_as_user_error(spec: RunSpec) -> Iterator[None]:
             f"CUDA out of memory running {spec.model} at batch size {spec.batch_size} on "
             f"{spec.device}; lower --batch-size or use --dtype fp16/bf16"
         ) from err
+
+
+def cache_dir(spec: RunSpec) -> Path | None:
+    """Where the run reads cached images: ``spec.cache_dir``, else the user cache directory;
+    None with ``cache=False``."""
+    if not spec.cache:
+        return None
+    return Path(spec.cache_dir) if spec.cache_dir else imagecache.default_cache_dir()
 
 
 class RunContext:
@@ -100,6 +109,8 @@ class RunContext:
             workers=spec.workers,
             seed=spec.seed,
             device=spec.device,
+            cache_dir=cache_dir(spec),
+            progress=self.progress,
         )
         self.labeled = self.dataset != SYNTHETIC
         reference, self._reference = self._reference, None

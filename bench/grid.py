@@ -71,6 +71,8 @@ class SweepConfig:
     compile: list[bool | str] = field(default_factory=lambda: ["none"])
     seed: int = 0
     workers: int = 4
+    cache: bool = True
+    cache_dir: str | None = None
     baseline: bool = True
     sweep_name: str = "sweep"
     runner: str = "local"
@@ -269,8 +271,8 @@ def build_config(
 # Expected types of the single-valued settings (lists are checked by RunSpec).
 _TYPES: dict[str, type | tuple[type, ...]] = {
     **dict.fromkeys(("data", "checkpoint", "device", "sweep_name", "runner"), str),
-    **dict.fromkeys(("out", "report"), str),
-    "baseline": bool,
+    **dict.fromkeys(("out", "report", "cache_dir"), str),
+    **dict.fromkeys(("baseline", "cache"), bool),
     **dict.fromkeys(("seed", "workers", "n_images"), int),
 }
 
@@ -343,6 +345,8 @@ def expand(config: SweepConfig) -> list[RunSpec]:
         checkpoint_sha256=identity.checkpoint_digest(checkpoint),
         data_fingerprint=identity.data_fingerprint(data),
         machine=_machine(config),
+        cache=config.cache,
+        cache_dir=_absolute(config.cache_dir),
     )
     specs: dict[str, RunSpec] = {}
     grid = itertools.product(config.models, config.dtype, config.compile, config.batch_sizes)

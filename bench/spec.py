@@ -16,7 +16,7 @@ from ppt_bench.errors import UserError
 # forward captured in a CUDA graph (no compilation, no Python launch overhead).
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "cudagraph")
 # Fields that only say how a run is scheduled or named, not what it measures.
-_NOT_IN_RUN_ID = ("sweep", "workers")
+_NOT_IN_RUN_ID = ("sweep", "workers", "cache", "cache_dir")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class RunSpec:
         checkpoint_sha256: content hash of a local checkpoint (:mod:`ppt_bench.identity`).
         data_fingerprint: hash of the data set's file list (:mod:`ppt_bench.identity`).
         machine: where the run is measured: this machine's name, or the Ray cluster's address.
+        cache: read ImageFolder images through the preprocessed-image cache
+            (:mod:`ppt_bench.imagecache`; not part of ``run_id``: the images are the same).
+        cache_dir: the cache's folder; None: the user cache directory (not part of ``run_id``).
     """
 
     model: str
@@ -64,6 +67,8 @@ class RunSpec:
     checkpoint_sha256: str = ""
     data_fingerprint: str = ""
     machine: str = ""
+    cache: bool = True
+    cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         from ppt_bench.methods import create_method
@@ -101,6 +106,12 @@ class RunSpec:
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise UserError(f"workers must be an integer >= 0, got {self.workers!r}")
+        if not isinstance(self.cache, bool):
+            raise UserError(f"cache must be true or false, got {self.cache!r}")
+        if self.cache_dir is not None and (
+            not isinstance(self.cache_dir, str) or not self.cache_dir
+        ):
+            raise UserError(f"cache_dir must be a folder path, got {self.cache_dir!r}")
 
     @property
     def run_id(self) -> str:

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ppt_bench.accuracy import evaluate_accuracy
 from ppt_bench.atomic import atomic_write
-from ppt_bench.data import TolerantImageFolder, Transformed, collate_readable
+from ppt_bench.data import TolerantImageFolder, Transformed, batch_loader
 from ppt_bench.dtypes import DTYPES, amp_autocast
 from ppt_bench.errors import UserError, check_output_path
 
@@ -225,33 +225,6 @@ def build_transforms(model: nn.Module, augment: str = "affine") -> tuple[Any, An
     return train_tf, eval_tf
 
 
-def make_loader(
-    dataset: Dataset, batch_size: int, *, train: bool, seed: int, workers: int, dist: Dist
-) -> DataLoader:
-    """A seeded DataLoader; a ``DistributedSampler`` over the processes when there are several.
-
-    Both kinds yield ``(images, labels, unreadable)`` like every loader
-    :func:`evaluate_accuracy` reads: images that cannot be decoded are dropped and counted.
-    """
-    sampler = None
-    if dist.world_size > 1 and train:
-        from torch.utils.data.distributed import DistributedSampler
-
-        sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
-    return DataLoader(
-        dataset,
-        batch_size=max(1, batch_size // dist.world_size) if train else batch_size,
-        shuffle=train and sampler is None,
-        sampler=sampler,
-        drop_last=train,
-        collate_fn=collate_readable,
-        num_workers=workers,
-        generator=torch.Generator().manual_seed(seed),
-        pin_memory=dist.device.type == "cuda",
-        persistent_workers=workers > 0,
-    )
-
-
 # -- the loop --------------------------------------------------------------------------------
 
 
@@ -375,24 +348,11 @@ def train(
     start = time.perf_counter()
     with deterministic(config.seed + dist.rank):
         train_tf, eval_tf = build_transforms(model, config.augment)
-        loader = make_loader(
-            Transformed(train_set, train_tf),
-            config.batch_size,
-            train=True,
-            seed=config.seed,
-            workers=config.workers,
-            dist=dist,
-        )
+        loader = _loader(Transformed(train_set, train_tf), config.batch_size, config, dist, True)
         val_loader = None
         if val_set is not None and dist.main:
-            val_loader = make_loader(
-                Transformed(val_set, eval_tf),
-                2 * config.batch_size,
-                train=False,
-                seed=config.seed,
-                workers=config.workers,
-                dist=dist,
-            )
+            val_set = Transformed(val_set, eval_tf)
+            val_loader = _loader(val_set, 2 * config.batch_size, config, dist, False)
         if len(loader) == 0:
             raise UserError(
                 f"the training set ({len(train_set)} images) is smaller than one batch of "
@@ -406,6 +366,23 @@ def train(
     val_top1 = history[-1].val_top1 if history else None
     model.eval()
     return TrainResult(model, val_top1, time.perf_counter() - start, history, dist.world_size)
+
+
+def _loader(
+    dataset: Dataset, batch_size: int, config: TrainConfig, dist: Dist, train: bool
+) -> DataLoader:
+    """The project's loader (:func:`ppt_bench.data.batch_loader`), seeded, with workers kept
+    across epochs; a ``DistributedSampler`` shares the training set over torchrun processes."""
+    return batch_loader(
+        dataset,
+        batch_size,
+        workers=config.workers,
+        device=dist.device,
+        train=train,
+        seed=config.seed,
+        world_size=dist.world_size,
+        persistent=True,
+    )
 
 
 def _run_epochs(

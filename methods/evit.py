@@ -58,11 +58,7 @@ def evit_step(
         sources.
     """
     keep = ops.keep_top(cls_attn, num_keep, num_prefix)  # [B, P + num_keep]
-    kept = Reduced(
-        ops.gather_tokens(x, keep),
-        ops.gather_tokens(size, keep),
-        None if source is None else ops.gather_tokens(source, keep),
-    )
+    kept = ops.keep_step(x, size, source, keep)
     if not fuse:
         return kept
     dropped = ops.dropped_mask(keep, x.shape[1], num_prefix).to(x.dtype)  # [B, N - P]

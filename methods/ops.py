@@ -278,7 +278,13 @@ def prune_step(
     """
     if r == 0:
         return Reduced(x, size, source)
-    keep = keep_top(scores, x.shape[1] - num_prefix - r, num_prefix)  # [B, N - r]
+    return keep_step(x, size, source, keep_top(scores, x.shape[1] - num_prefix - r, num_prefix))
+
+
+def keep_step(
+    x: torch.Tensor, size: torch.Tensor, source: torch.Tensor | None, keep: torch.Tensor
+) -> Reduced:
+    """The tokens at positions ``keep [B, K]`` of each image, in that order."""
     return Reduced(
         gather_tokens(x, keep),
         gather_tokens(size, keep),

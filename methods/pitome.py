@@ -108,19 +108,12 @@ def protected_slots(sim: torch.Tensor, order: torch.Tensor, r: int) -> torch.Ten
 
 
 def pitome_step(
-    x: torch.Tensor,
-    size: torch.Tensor,
-    source: torch.Tensor | None,
-    key_mean: torch.Tensor,
-    r: int,
-    num_prefix: int,
-    margin: float,
-    bsm: bool,
+    tokens: Reduced, key_mean: torch.Tensor, r: int, num_prefix: int, *, margin: float, bsm: bool
 ) -> Reduced:
     """Merge ``r`` patch tokens of ``x [B, N, C]`` away, PiToMe's way (see the module docstring).
 
     Args:
-        x: tokens, prefix first; size ``[B, N, 1]``, source ``[B, N, N0]`` or None.
+        tokens: ``x [B, N, C]`` (prefix first), ``size [B, N, 1]``, ``source [B, N, N0]`` or None.
         key_mean: ``[B, N, d]`` keys averaged over heads.
         r: tokens to remove, at most ``(N - P) // 2``.
         num_prefix: ``P``; prefix tokens keep slots ``0 .. P - 1``.
@@ -128,15 +121,15 @@ def pitome_step(
         bsm: the bipartite rule (first half of the blocks) rather than the protecting one.
     """
     if r == 0:
-        return Reduced(x, size, source)
+        return tokens
+    x, size, source = tokens[:3]
     B, N, _ = x.shape
     P = num_prefix
     order, sim = energy_order(key_mean[:, P:], margin)
     patch = (bsm_slots if bsm else protected_slots)(sim, order, r)  # [B, N - P]
     prefix = torch.arange(P, device=x.device).expand(B, P)
     slots = torch.cat([prefix, P + patch], dim=1)  # [B, N]
-    x, size = ops.pool(slots, N - r, x, size)
-    return Reduced(x, size, None if source is None else ops.pool_source(slots, N - r, source))
+    return ops.pool_step(x, size, source, slots, N - r)
 
 
 @dataclass(frozen=True)
@@ -156,6 +149,7 @@ class PiToMe(KeepRatio):
         T = x.shape[1] - num_prefix
         r = ops.max_reduction(x.shape[1], num_prefix, ratio_reduction(T, self.ratio))
         bsm = block < math.ceil(depth * 0.5)
+        tokens = Reduced(x, size, source)
         return pitome_step(
-            x, size, source, feats.key_mean, r, num_prefix, margin(block, depth), bsm
+            tokens, feats.key_mean, r, num_prefix, margin=margin(block, depth), bsm=bsm
         )

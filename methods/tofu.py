@@ -77,35 +77,25 @@ def mlerp(slots: torch.Tensor, num_out: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def tofu_step(
-    x: torch.Tensor,
-    size: torch.Tensor,
-    source: torch.Tensor | None,
-    key_mean: torch.Tensor,
-    r: int,
-    num_prefix: int,
-    prune: bool,
+    tokens: Reduced, key_mean: torch.Tensor, r: int, num_prefix: int, *, prune: bool
 ) -> Reduced:
     """Remove ``r`` tokens of ``x [B, N, C]`` by ToMe matching: drop the matched A tokens
     (``prune``) or fuse them into their B partners by :func:`mlerp`.
 
     Args:
-        x: tokens, prefix first; size ``[B, N, 1]``; source ``[B, N, N0]`` or None.
+        tokens: ``x [B, N, C]`` (prefix first), ``size [B, N, 1]``, ``source [B, N, N0]`` or None.
         key_mean: ``[B, N, d]`` keys averaged over heads.
         r: tokens to remove, at most ``(N - P) // 2``.
         num_prefix: ``P``.
         prune: drop rather than fuse.
     """
     if r == 0:
-        return Reduced(x, size, source)
+        return tokens
+    x, size, source = tokens[:3]
     N = x.shape[1]
     m = ops.bipartite_soft_matching(key_mean, r, num_prefix)
     if prune:
-        keep = kept_positions(m, N)  # [B, N - r]
-        return Reduced(
-            ops.gather_tokens(x, keep),
-            ops.gather_tokens(size, keep),
-            None if source is None else ops.gather_tokens(source, keep),
-        )
+        return ops.keep_step(x, size, source, kept_positions(m, N))  # [B, N - r, C]
     slots = ops.merge_slots(m, N)  # [B, N]
     B = x.shape[0]
     total = size.new_zeros(B, N - r + 1, 1).scatter_add_(1, slots[..., None], size)
@@ -132,4 +122,4 @@ class ToFu(KeepRatio):
         N = x.shape[1]
         r = ops.max_reduction(N, num_prefix, ratio_reduction(N, self.ratio))
         prune = block <= self.depth // 2
-        return tofu_step(x, size, source, feats.key_mean, r, num_prefix, prune)
+        return tofu_step(Reduced(x, size, source), feats.key_mean, r, num_prefix, prune=prune)

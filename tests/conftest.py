@@ -60,3 +60,17 @@ def images(n: int, size: int, seed: int = 1) -> torch.Tensor:
 @pytest.fixture
 def make():
     return make_model
+
+
+@pytest.fixture(scope="session")
+def _image_cache_root(tmp_path_factory) -> object:
+    return tmp_path_factory.mktemp("image-cache")
+
+
+@pytest.fixture(autouse=True)
+def _image_cache_in_tmp(_image_cache_root, monkeypatch) -> None:
+    """Runs that use the default image cache keep it in the session's temporary folder, not in
+    the user's cache directory."""
+    import ppt_bench.imagecache
+
+    monkeypatch.setattr(ppt_bench.imagecache, "default_cache_dir", lambda: _image_cache_root)

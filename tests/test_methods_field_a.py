@@ -14,6 +14,7 @@ from ppt_bench.errors import MethodError, PatchError
 from ppt_bench.macs import measure_macs
 from ppt_bench.methods import create_method, list_methods
 from ppt_bench.methods.diffrate import diffrate_step
+from ppt_bench.methods.ops import Reduced
 from ppt_bench.methods.pitome import margin, pitome_step
 from ppt_bench.methods.tofu import mlerp
 
@@ -296,7 +297,7 @@ def test_pitome_step_equals_the_authors_merge(bsm):
     size = torch.randint(1, 4, (3, 37, 1), generator=g).float()
     m = margin(7, 12)
     ref_x, ref_size, r = _authors_pitome(x, size, key_mean, 0.8, m, bsm)
-    out = pitome_step(x, size, None, key_mean, r, 1, m, bsm)
+    out = pitome_step(Reduced(x, size, None), key_mean, r, 1, margin=m, bsm=bsm)
     assert r == 7 and out.x.shape == ref_x.shape == (3, 30, 16)
     assert torch.allclose(out.x, ref_x, atol=1e-6) and torch.equal(out.size, ref_size)
 

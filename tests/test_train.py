@@ -15,17 +15,15 @@ from PIL import Image
 from torch.utils.data import Subset
 
 from ppt_bench.accuracy import evaluate_accuracy
-from ppt_bench.data import Transformed
+from ppt_bench.data import Transformed, batch_loader
 from ppt_bench.digits import MODEL_NAME, digits_dataset
 from ppt_bench.errors import MethodError, UserError
 from ppt_bench.methods import create_method
 from ppt_bench.train import (
-    Dist,
     TrainConfig,
     add_arguments,
     build_for_training,
     build_transforms,
-    make_loader,
     parse_params,
     run,
     save_checkpoint,
@@ -117,7 +115,7 @@ def test_validation_is_the_evaluation_pass_of_ppt_bench_run():
     result = train(tiny_model(), subset(64), subset(32, "test"), TINY, progress=False)
     _, eval_tf = build_transforms(result.model)
     val_set = Transformed(subset(32, "test"), eval_tf)
-    loader = make_loader(val_set, 64, train=False, seed=TINY.seed, workers=0, dist=Dist())
+    loader = batch_loader(val_set, 64, seed=TINY.seed)
     images, labels, unreadable = next(iter(loader))
     assert (images.shape[0], labels.shape[0], unreadable) == (32, 32, 0)
     val = evaluate_accuracy(result.model, loader, progress=False)

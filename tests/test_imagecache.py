@@ -1,0 +1,405 @@
+"""The preprocessed-image cache: same tensors and predictions as decoding, each image decoded
+once per sweep, rebuilt when a file changes, safe with two processes, never fatal."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_model
+from PIL import Image
+from timm.data import create_transform
+
+import ppt_bench.data
+from ppt_bench import imagecache
+from ppt_bench.accuracy import evaluate_accuracy
+from ppt_bench.cli import _overrides, build_parser
+from ppt_bench.data import device_transform, make_loader
+from ppt_bench.grid import build_config, expand
+from ppt_bench.imagecache import cached_images, split_transform, to_uint8
+from ppt_bench.methods import create_method
+from ppt_bench.runners.local import LocalRunner
+from ppt_bench.spec import RunSpec
+
+# DeiT's eval transform scaled down: resize to 36 (bicubic, crop_pct 0.9), crop 32, normalise.
+DATA_CONFIG = {
+    "input_size": (3, 32, 32),
+    "interpolation": "bicubic",
+    "mean": (0.485, 0.456, 0.406),
+    "std": (0.229, 0.224, 0.225),
+    "crop_pct": 0.9,
+    "crop_mode": "center",
+}
+CLASSES = ("ant", "bee", "cat")
+PER_CLASS = 4
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (50, 37)) -> None:
+    """Smooth random colours with noise, saved as JPEG or PNG by the file name."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = rng.integers(0, 256, size=(1, 1, 3))
+    ramp = np.linspace(0, 120, w)[None, :, None] + np.linspace(0, 60, h)[:, None, None]
+    pixels = (base + ramp + rng.normal(0, 25, size=(h, w, 3))).clip(0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, **({"quality": 90} if path.suffix == ".jpg" else {}))
+
+
+def write_tree(root: Path, per_class: int = PER_CLASS) -> Path:
+    """JPEGs and PNGs of two sizes in class folders, and one corrupt file."""
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            suffix = ".jpg" if i % 2 == 0 else ".png"
+            size = (50, 37) if i % 3 else (37, 50)
+            write_image(root / name / f"{i}{suffix}", seed=100 * c + i, size=size)
+    (root / "bee" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return root
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    return write_tree(tmp_path / "toy")
+
+
+@pytest.fixture
+def decodes(monkeypatch) -> Counter[str]:
+    """Counts every image decode (in this process) by path."""
+    counts: Counter[str] = Counter()
+    decode = ppt_bench.data.decode_image
+
+    def counting(path: str) -> Image.Image:
+        counts[path] += 1
+        return decode(path)
+
+    monkeypatch.setattr(ppt_bench.data, "decode_image", counting)
+    return counts
+
+
+def batches(loader) -> list[tuple[torch.Tensor | None, torch.Tensor | None, int]]:
+    """The loader's batches as the model sees them (cached images normalised)."""
+    normalize = device_transform(loader)
+    out = []
+    for images, labels, skipped in loader:
+        if images is not None and normalize is not None:
+            images = normalize(images)
+        out.append((images, labels, skipped))
+    return out
+
+
+def test_the_cached_pixels_normalise_to_the_decoded_tensor_bit_for_bit(tree):
+    transform = create_transform(**DATA_CONFIG, is_training=False)
+    pil_steps, normalize = split_transform(transform)
+    for path in sorted(tree.glob("*/*.*g")):
+        if path.name == "broken.jpg":
+            continue
+        image = Image.open(path).convert("RGB")
+        pixels = to_uint8(pil_steps(image))  # [3, 32, 32] uint8
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 32, 32)
+        assert torch.equal(normalize(pixels[None])[0], transform(image))
+
+
+@pytest.mark.parametrize(("batch_size", "n_images", "workers"), [(5, None, 0), (4, 7, 2)])
+def test_cached_batches_equal_decoded_batches(tree, tmp_path, batch_size, n_images, workers):
+    args = (str(tree), DATA_CONFIG, batch_size, n_images, workers)
+    direct, _ = make_loader(*args)
+    cached, name = make_loader(*args, cache_dir=tmp_path / "cache", progress=False)
+    assert name == "toy" and device_transform(direct) is None
+    assert isinstance(cached.dataset, imagecache.CachedImages)
+    for (a, la, sa), (b, lb, sb) in zip(batches(direct), batches(cached), strict=True):
+        assert sa == sb
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert b.dtype == torch.float32 and torch.equal(a, b)
+            assert torch.equal(la, lb)
+    assert sum(b[2] for b in batches(cached)) == (
+        1 if n_images is None else sum(b[2] for b in batches(direct))
+    )
+
+
+def test_same_top1_agreement_and_predictions_from_the_cache(tree, tmp_path):
+    model = make_model("deit_tiny", img_size=32, patch_size=8, num_classes=len(CLASSES))
+    reduced = create_method("tome", r=4).apply(make_model("deit_tiny", img_size=32, patch_size=8,
+                                                          num_classes=len(CLASSES)))  # fmt: skip
+    direct, _ = make_loader(str(tree), DATA_CONFIG, 5, workers=0)
+    cached, _ = make_loader(str(tree), DATA_CONFIG, 5, workers=0, cache_dir=tmp_path / "c")
+    results = [evaluate_accuracy(reduced, lo, model, progress=False) for lo in (direct, cached)]
+    for name in ("top1", "top5", "loss", "agreement_top1", "kl", "n_images", "unreadable_images"):
+        assert getattr(results[0], name) == getattr(results[1], name), name
+    predictions = []
+    with torch.inference_mode():
+        for loader in (direct, cached):
+            logits = [reduced(images) for images, _, _ in batches(loader) if images is not None]
+            predictions.append(torch.cat(logits))
+    assert predictions[0].shape == (len(CLASSES) * PER_CLASS, len(CLASSES))
+    assert torch.equal(predictions[0].argmax(-1), predictions[1].argmax(-1))
+    assert torch.equal(predictions[0], predictions[1])
+
+
+def _specs(data: Path, cache_dir: Path | None, sweep: str) -> list[RunSpec]:
+    common = dict(
+        model="test_vit", data=str(data), batch_size=16, workers=0, metrics=("accuracy",),
+        cache=cache_dir is not None, cache_dir=None if cache_dir is None else str(cache_dir),
+        sweep=sweep,
+    )  # fmt: skip
+    specs = [RunSpec(method="baseline", **common)]
+    specs += [RunSpec(method="tome", params={"r": r}, **common) for r in (2, 4, 8)]
+    specs += [
+        RunSpec(method="random", params={"r": r, "locations": [1, 3]}, **common) for r in (2, 4, 8)
+    ]
+    specs += [RunSpec(method="ppt", params={"r": 4, "locations": [1, 3]}, **common)]
+    return specs
+
+
+def test_a_sweep_of_eight_runs_decodes_each_image_once(tree, tmp_path, decodes):
+    runner = LocalRunner(tmp_path / "cached.csv", progress=False)
+    summary = runner.run(_specs(tree, tmp_path / "cache", "cached"))
+    assert summary.ok == 8 and not summary.failed
+    images = {str(p) for p in tree.rglob("*.*g")}
+    assert set(decodes) == images and set(decodes.values()) == {1}  # broken.jpg tried once too
+    assert len(list((tmp_path / "cache").glob("*/meta.json"))) == 1
+
+    decodes.clear()
+    direct = _specs(tree, None, "d")[-2:]  # two of the runs again, decoding
+    summary = LocalRunner(tmp_path / "direct.csv", progress=False).run(direct)
+    assert summary.ok == 2 and set(decodes.values()) == {2}  # without the cache: every run
+
+    def values(csv: Path) -> dict[tuple, float]:
+        from ppt_bench.records import read_results
+
+        rows = read_results(csv).to_dict("records")
+        return {(r["method"], str(r["params"]), r["metric"]): r["value"] for r in rows}
+
+    cached, decoded = values(tmp_path / "cached.csv"), values(tmp_path / "direct.csv")
+    assert len(decoded) == 12 and decoded == {k: cached[k] for k in decoded}
+
+
+def _entries(cache_dir: Path) -> list[Path]:
+    return sorted(p.parent for p in cache_dir.glob("*/meta.json"))
+
+
+@pytest.mark.parametrize("change", ["touched", "replaced", "added", "removed"])
+def test_a_changed_file_rebuilds_the_cache(tree, tmp_path, decodes, change):
+    cache_dir = tmp_path / "cache"
+
+    def load() -> list:
+        loader, _ = make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
+        return batches(loader)
+
+    load()
+    load()
+    assert set(decodes.values()) == {1}  # the second load decoded nothing
+    first = _entries(cache_dir)
+    target = tree / "ant" / "1.png"
+    if change == "touched":
+        st = target.stat()
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    elif change == "replaced":
+        write_image(target, seed=999)  # same name, new pixels
+    elif change == "added":
+        write_image(tree / "cat" / "new.jpg", seed=998)
+    else:
+        target.unlink()
+    decodes.clear()
+    after = load()
+    assert sum(decodes.values()) >= len(CLASSES) * PER_CLASS - 1  # decoded again
+    assert len(_entries(cache_dir)) == 2 and first[0] in _entries(cache_dir)
+    direct, _ = make_loader(str(tree), DATA_CONFIG, 4, workers=0)
+    for (a, la, _), (b, lb, _) in zip(batches(direct), after, strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+SCRIPT = """
+import hashlib, json, sys
+from collections import Counter
+import ppt_bench.data
+from ppt_bench.data import device_transform, make_loader
+
+config = json.loads(sys.argv[3])
+count = Counter()
+decode = ppt_bench.data.decode_image
+def counting(path):
+    count[path] += 1
+    return decode(path)
+ppt_bench.data.decode_image = counting
+loader, _ = make_loader(sys.argv[1], config, 16, workers=0, cache_dir=sys.argv[2], progress=False)
+normalize = device_transform(loader)
+h = hashlib.sha256()
+for images, labels, skipped in loader:
+    if images is not None:
+        h.update(normalize(images).numpy().tobytes())
+        h.update(labels.numpy().tobytes())
+    h.update(str(skipped).encode())
+cached = normalize is not None
+print(json.dumps({"digest": h.hexdigest(), "decodes": sum(count.values()), "cached": cached}))
+"""
+
+
+def test_two_processes_building_the_same_cache_at_once(tmp_path):
+    tree = write_tree(tmp_path / "big", per_class=40)
+    cache_dir = tmp_path / "cache"
+    script = tmp_path / "load.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    argv = [sys.executable, str(script), str(tree), str(cache_dir), json.dumps(DATA_CONFIG)]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    results = [json.loads(out.strip().splitlines()[-1]) for out in outs]
+    assert all(r["cached"] for r in results)
+    n_files = len(CLASSES) * 40 + 1
+    assert sum(r["decodes"] for r in results) == n_files  # one built it, the other waited
+    direct, _ = make_loader(str(tree), DATA_CONFIG, 16, workers=0)
+    import hashlib
+
+    h = hashlib.sha256()
+    for images, labels, skipped in direct:
+        h.update(images.numpy().tobytes())
+        h.update(labels.numpy().tobytes())
+        h.update(str(skipped).encode())
+    assert {r["digest"] for r in results} == {h.hexdigest()}
+    assert len(_entries(cache_dir)) == 1
+    assert not list(cache_dir.glob("*.tmp-*"))  # no half-built entry left behind
+
+
+def test_a_build_killed_halfway_leaves_nothing_that_is_read(tree, tmp_path, decodes):
+    cache_dir = tmp_path / "cache"
+    make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
+    (entry,) = _entries(cache_dir)
+    leftover = entry.with_name(f"{entry.name}.tmp-999999-dead")  # as a killed build leaves it
+    leftover.mkdir()
+    (leftover / imagecache.IMAGES).write_bytes(b"\0" * 100)
+    shutil.rmtree(entry)
+    decodes.clear()
+    loader, _ = make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
+    assert device_transform(loader) is not None
+    assert sum(decodes.values()) == len(CLASSES) * PER_CLASS + 1  # rebuilt, not read
+    assert _entries(cache_dir) == [entry] and not leftover.exists()
+
+
+def test_an_entry_renamed_into_place_by_another_process_is_read(tree, tmp_path, monkeypatch):
+    """Without a working lock both processes build; the one that renames second keeps the
+    first one's entry and reads it."""
+    cache_dir = tmp_path / "cache"
+    make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
+    (entry,) = _entries(cache_dir)
+    valid = imagecache._valid
+    calls = Counter()
+
+    def blind_until_built(path, n, shape):  # sees no entry before building, as if racing
+        calls["valid"] += 1
+        return valid(path, n, shape) if calls["valid"] > 2 else False
+
+    monkeypatch.setattr(imagecache, "_valid", blind_until_built)
+    loader, _ = make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
+    assert isinstance(loader.dataset, imagecache.CachedImages)
+    assert _entries(cache_dir) == [entry] and not list(cache_dir.glob("*.tmp-*"))
+
+
+@pytest.mark.parametrize("problem", ["not a folder", "disk full", "write fails"])
+def test_an_unusable_cache_warns_once_and_the_run_decodes(tree, tmp_path, caplog, monkeypatch,
+                                                          problem):  # fmt: skip
+    cache_dir = tmp_path / "cache"
+    if problem == "not a folder":
+        cache_dir.write_text("a file where the cache folder should be")
+    elif problem == "disk full":
+        monkeypatch.setattr(
+            imagecache.shutil,
+            "disk_usage",
+            lambda p: SimpleNamespace(total=10**9, used=10**9, free=1000),
+        )
+    else:
+
+        def full(f, data):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(imagecache, "_write", full)
+    caplog.set_level(logging.WARNING, logger="ppt_bench.imagecache")
+    loader, _ = make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
+    warnings = [r for r in caplog.records if r.name == "ppt_bench.imagecache"]
+    assert len(warnings) == 1 and "decoding directly" in warnings[0].getMessage()
+    assert "\n" not in warnings[0].getMessage()
+    assert device_transform(loader) is None
+    direct, _ = make_loader(str(tree), DATA_CONFIG, 4, workers=0)
+    for (a, _, sa), (b, _, sb) in zip(batches(direct), batches(loader), strict=True):
+        assert sa == sb and (a is None or torch.equal(a, b))
+    assert not list(tmp_path.glob("cache/*.tmp-*"))
+
+
+def test_a_run_with_an_unwritable_cache_dir_succeeds(tree, tmp_path):
+    from ppt_bench.evaluate import evaluate
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    spec = RunSpec(model="test_vit", data=str(tree), batch_size=8, workers=0,
+                   metrics=("accuracy",), cache_dir=str(blocker / "cache"))  # fmt: skip
+    rows = evaluate(spec)
+    assert {r["status"] for r in rows} == {"ok"}
+    assert {r["metric"]: r["value"] for r in rows}["unreadable_images"] == 1
+
+
+def test_cache_settings_do_not_change_the_run_id(tmp_path):
+    spec = RunSpec(model="test_vit")
+    assert spec.cache and spec.cache_dir is None
+    assert spec.replace(cache=False).run_id == spec.run_id
+    assert spec.replace(cache_dir=str(tmp_path)).run_id == spec.run_id
+    with pytest.raises(Exception, match="cache must be true or false"):
+        RunSpec(model="test_vit", cache="yes")
+
+
+def test_cache_flags_and_config_keys_reach_the_specs(tmp_path):
+    parser = build_parser()
+    args = parser.parse_args(["run", "--model", "test_vit", "--no-cache"])
+    (spec,) = expand(build_config(overrides=_overrides(args)))
+    assert spec.cache is False
+    args = parser.parse_args(["run", "--model", "test_vit", "--cache-dir", "rel/cache"])
+    (spec,) = expand(build_config(overrides=_overrides(args)))
+    assert spec.cache and spec.cache_dir == str(Path("rel/cache").resolve())
+    (spec,) = expand(build_config({"models": ["test_vit"], "cache_dir": "/shared/c"}))
+    assert spec.cache_dir == "/shared/c"
+    (spec,) = expand(build_config({"models": ["test_vit"], "cache": False}))
+    assert spec.cache is False
+
+
+def test_default_cache_dir_follows_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.undo()  # the conftest fixture points the default at a temporary folder
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert imagecache.default_cache_dir() == tmp_path / "ppt-bench" / "images"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert imagecache.default_cache_dir() == Path.home() / ".cache" / "ppt-bench" / "images"
+
+
+def test_synthetic_and_digits_data_do_not_use_the_cache(tmp_path):
+    loader, _ = make_loader(None, DATA_CONFIG, 4, n_images=4, workers=0, cache_dir=tmp_path)
+    assert device_transform(loader) is None and not any(tmp_path.iterdir())
+
+
+def test_cached_images_needs_a_tensor_tail_to_split(tree, tmp_path):
+    transform = create_transform(**DATA_CONFIG, is_training=False)
+    samples = [(str(p), 0) for p in sorted(tree.glob("ant/*"))]
+    no_tail = type(transform)(transform.transforms[:-1])  # no Normalize: not cached
+    assert cached_images(samples, ["ant"], no_tail, (3, 32, 32), tmp_path / "cache") is None
+    assert not (tmp_path / "cache").exists()
+    assert cached_images(samples, ["ant"], transform, (3, 32, 32), tmp_path / "cache")
+
+
+def test_normalising_into_a_reused_buffer_gives_the_same_tensors():
+    normalize = imagecache.DeviceNormalize(DATA_CONFIG["mean"], DATA_CONFIG["std"])
+    reusing = normalize.reusing()
+    g = torch.Generator().manual_seed(0)
+    batches_ = [
+        torch.randint(0, 256, (b, 3, 8, 8), generator=g, dtype=torch.uint8) for b in (4, 4, 3)
+    ]
+    outs = [reusing(b) for b in batches_[:2]]
+    assert outs[0].data_ptr() == outs[1].data_ptr()  # one buffer
+    assert torch.equal(outs[1], normalize(batches_[1]))
+    assert torch.equal(reusing(batches_[2]), normalize(batches_[2]))  # a smaller last batch
