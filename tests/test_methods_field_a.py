@@ -107,7 +107,8 @@ def test_token_counts_equal_the_authors_code(name, setting):
 @pytest.mark.parametrize(("name", "setting"), list(ALGORITHMS_GMACS))
 def test_deit_s_gmacs_within_half_a_percent_of_algorithms_md(name, setting):
     model = method_for(name, setting).apply(make_model("deit_small_patch16_224"))
-    gmacs = measure_macs(model, (3, 224, 224), progress=False)["gmacs"]
+    gmacs = measure_macs(model, (3, 224, 224), progress=False)["gmacs"]  # counts on a copy
+    logits(model, images(1, 224))
     assert list(model.reduction_info.tokens) == AUTHORS_TOKENS[name, setting]
     expected = ALGORITHMS_GMACS[name, setting]
     assert gmacs == pytest.approx(expected, rel=5e-3), f"{name} {setting}: {gmacs:.3f} GMACs"

@@ -31,12 +31,12 @@ def spec(method="baseline", **params):
 
 @pytest.fixture
 def fake_evaluate(monkeypatch):
-    """``evaluate`` that fails for r=99 and records the specs it was called with."""
+    """``evaluate`` that fails for r=98 and records the specs it was called with."""
     seen = []
 
     def evaluate(s, **options):
         seen.append(s)
-        if s.params.get("r") == 99:
+        if s.params.get("r") == 98:
             raise RuntimeError("boom\nsecond line")
         return make_rows(s, {"gmacs": 1.0})
 
@@ -48,7 +48,7 @@ def test_local_runner_appends_each_run_and_goes_on_after_a_failure(
     fake_evaluate, tmp_path, monkeypatch
 ):
     out = tmp_path / "r.csv"
-    specs = [spec(), spec("merge", r=99), spec("merge", r=4)]
+    specs = [spec(), spec("merge", r=98), spec("merge", r=4)]
     rows_seen_before_last = []
     fake = evaluate_module.evaluate
 
@@ -66,23 +66,23 @@ def test_local_runner_appends_each_run_and_goes_on_after_a_failure(
     failed = df[df["status"] == "failed"]
     assert list(failed["run_id"]) == [specs[1].run_id]
     assert failed["error"].item() == "RuntimeError: boom"
-    assert summary.errors == [f"{DIGITS} merge r=99 (batch size 2): RuntimeError: boom"]
+    assert summary.errors == [f"{DIGITS} merge r=98 (batch size 2): RuntimeError: boom"]
 
 
 def test_cli_prints_each_failed_run_with_its_error(fake_evaluate, tmp_path, capsys):
     out = tmp_path / "r.csv"
-    flags = ["--model", DEIT, "--method", "merge", "--sweep", "r=[4,99]", "--batch-size", "2"]
+    flags = ["--model", DEIT, "--method", "merge", "--sweep", "r=[4,98]", "--batch-size", "2"]
     assert main(["run", *flags, "--out", str(out), "--no-report", "--quiet"]) == 1
     printed = capsys.readouterr()
     assert "2 runs finished, 1 failed" in printed.out
     assert printed.err.splitlines() == [
-        f"ppt-bench: failed run: {DEIT} merge r=99 (batch size 2): RuntimeError: boom"
+        f"ppt-bench: failed run: {DEIT} merge r=98 (batch size 2): RuntimeError: boom"
     ]
 
 
 def test_local_runner_skips_finished_runs_and_retries_failed_ones(fake_evaluate, tmp_path):
     out = tmp_path / "r.csv"
-    specs = [spec(), spec("merge", r=99), spec("merge", r=4)]
+    specs = [spec(), spec("merge", r=98), spec("merge", r=4)]
     LocalRunner(out, progress=False).run(specs)
     fake_evaluate.clear()
     summary = LocalRunner(out, progress=False).run(specs)
