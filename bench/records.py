@@ -389,6 +389,8 @@ def read_results(
         check_header(p, text.splitlines()[0] if text else "", advice)
         frames.append(pd.read_csv(io.StringIO(text), dtype=dict.fromkeys(TEXT_COLUMNS, str)))
     df = pd.concat(frames, ignore_index=True)
+    # Files written before the identity columns existed lack them.
+    df = df.reindex(columns=[*df.columns, *(c for c in IDENTITY_COLUMNS if c not in df)])
     df["value"] = pd.to_numeric(df["value"], errors="coerce")
     return df
 
