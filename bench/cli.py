@@ -156,7 +156,11 @@ def add_run_parser(sub: Any) -> None:
     p.add_argument("--runner", choices=tuple(RUNNERS), help="local (default) or ray")
     for option, text in runner_options().items():
         p.add_argument(f"--{option.replace('_', '-')}", dest=option, help=text)
-    p.add_argument("--sweep-name", help="name of the sweep (default: config file name, sweep)")
+    p.add_argument(
+        "--sweep-name",
+        help="name of the sweep (default: the config file's name, else its models, methods "
+        "and data)",
+    )
     p.add_argument("--out", metavar="CSV", help="results file (default results/<sweep>.csv)")
     p.add_argument("--report", metavar="MD", help="report file (default reports/<sweep>.md)")
     p.add_argument("--no-report", action="store_true", help="do not write a report")
