@@ -205,6 +205,26 @@ def test_sweep_over_the_rope_models_writes_rows_and_a_report(tmp_path, monkeypat
     code = main(["run", *flags, "--out", str(out), "--report", str(report)])
     assert code == 0
     rows = pd.read_csv(out)
-    assert set(rows["model"]) == set(models) and len(rows) == 9
     assert rows["status"].eq("ok").all()
+    runs = rows.groupby(["model", "method"])["metric"].agg(set)
+    assert len(runs) == 9 and set(runs.index.get_level_values("model")) == set(models)
+    for metrics in runs:  # generated images: agreement and KL against the unreduced model
+        assert {"gmacs", "gmacs_fvcore", "agreement_top1", "kl", "samples_per_sec"} <= metrics
+    agreement = rows[rows["metric"] == "agreement_top1"].set_index(["model", "method"])["value"]
+    gmacs = rows[rows["metric"] == "gmacs"].set_index(["model", "method"])["value"]
+    for model in models:
+        assert agreement[model, "baseline"] == 100.0
+        assert gmacs[model, "tome"] < gmacs[model, "baseline"]
+        assert gmacs[model, "prune"] < gmacs[model, "baseline"]
     assert report.exists() and all(m in report.read_text() for m in models)
+
+
+@pytest.mark.slow
+def test_rope_tracking_compiles_without_graph_breaks():
+    ref, size = rope_model("eva02")
+    model = create_method("ppt", r=8).apply(clone(ref))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explain = torch._dynamo.explain(model)(images(2, size))
+    assert explain.graph_break_count == 0, explain.break_reasons
+    assert explain.graph_count == 1
