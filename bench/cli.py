@@ -181,13 +181,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UserError(f"--limit must be a positive integer, got {args.limit}")
     if args.models is not None:
-        from ppt_bench.models import patchable_models
+        from ppt_bench.models import has_rope, patchable_models
 
         models, candidates = patchable_models(args.models, args.limit)
         if not models:
             raise UserError(f"no timm ViT the patch supports matches {args.models!r}")
-        rows = [[m.name, m.depth, m.embed_dim, m.patch_tokens, m.prefix_tokens] for m in models]
-        headers = ["model", "blocks", "embed dim", "patch tokens", "prefix tokens"]
+        rows = [
+            [m.name, m.depth, m.embed_dim, m.patch_tokens, m.prefix_tokens, _yes(has_rope(m.name))]
+            for m in models
+        ]
+        headers = ["model", "blocks", "embed dim", "patch tokens", "prefix tokens", "rope"]
         print(tabulate(rows, headers, tablefmt="simple"))
         if len(models) == args.limit and candidates > args.limit:
             print(f"(first {args.limit} of up to {candidates} matches: narrow the pattern)")
@@ -200,6 +203,10 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows.append([name, params or "-", get_method_class(name).description])
     print(tabulate(rows, ["method", "parameters (defaults)", "description"], tablefmt="simple"))
     return 0
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "-"
 
 
 def _show(value: Any) -> str:

@@ -383,15 +383,15 @@ def validate(specs: Sequence[RunSpec], *, check_cuda: bool = True) -> None:
         UserError: with a one-line message naming the problem and the fix.
     """
     from ppt_bench.methods import create_method
-    from ppt_bench.models import check_weights, describe_vit
+    from ppt_bench.models import check_weights, describe_vit, unpatchable_reason
 
     for spec in specs:
         info = describe_vit(spec.model)
         if spec.method != "baseline":
             if info is None:
                 raise UserError(
-                    f"model {spec.model!r} is not a timm VisionTransformer, so {spec.method!r} "
-                    "cannot reduce its tokens (see `ppt-bench list --models`)"
+                    f"{spec.method!r} cannot reduce the tokens of {spec.model!r}: "
+                    f"{unpatchable_reason(spec.model)}"
                 )
             try:
                 method = create_method(spec.method, **spec.params)

@@ -24,7 +24,7 @@ from timm.models import clean_state_dict, get_pretrained_cfg, split_model_name_t
 
 from ppt_bench.errors import PatchError, UserError
 from ppt_bench.methods.base import ViTInfo
-from ppt_bench.methods.patch import check_patchable, vit_info
+from ppt_bench.methods.patch import check_patchable, uses_rope, vit_info
 
 if TYPE_CHECKING:
     from torch import nn
@@ -215,25 +215,45 @@ def find_model(name: str) -> None:
     check_model_name(name)
 
 
-# timm modules whose models are VisionTransformer (sub)classes the patch may accept; "digits" is
-# ppt_bench.digits, which registers vit_digits_patch4_32.
-VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit", "digits")
+# timm modules whose models are VisionTransformer (sub)classes or Eva models (EVA-02, DINOv3,
+# PE, vit_*_rope_*) the patch may accept; "digits" is ppt_bench.digits, which registers
+# vit_digits_patch4_32.
+VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit", "eva", "digits")
 
 
 @cache
-def describe_vit(name: str) -> ViTInfo | None:
-    """The shape of a model the patch can reduce, or None for any other model.
-
-    The model is built on the meta device: no memory, no weights, tens of milliseconds.
-    """
+def _inspect(name: str) -> tuple[ViTInfo | None, bool, str]:
+    """``(info, rope, why)``: the shape of a model the patch can reduce and whether it uses
+    rotary position embeddings, or ``(None, False, why)`` with the one-line reason it cannot."""
     find_model(name)
     try:
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False)
         check_patchable(model)
-    except (PatchError, RuntimeError, NotImplementedError, TypeError, ValueError):
-        return None  # not a ViT, or a model that cannot even be built without weights
-    return vit_info(model, name)
+    except PatchError as err:
+        return None, False, str(err)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as err:
+        return None, False, f"it cannot be built without weights ({type(err).__name__})"
+    return vit_info(model, name), uses_rope(model), ""
+
+
+def describe_vit(name: str) -> ViTInfo | None:
+    """The shape of a model the patch can reduce, or None for any other model
+    (:func:`unpatchable_reason` says why).
+
+    The model is built on the meta device: no memory, no weights, tens of milliseconds.
+    """
+    return _inspect(name)[0]
+
+
+def has_rope(name: str) -> bool:
+    """Whether the patchable model ``name`` uses rotary position embeddings (an ``Eva``)."""
+    return _inspect(name)[1]
+
+
+def unpatchable_reason(name: str) -> str:
+    """Why the patch cannot reduce model ``name``, in one line ("" when it can)."""
+    return _inspect(name)[2]
 
 
 def patchable_models(pattern: str, limit: int) -> tuple[list[ViTInfo], int]:

@@ -1,4 +1,4 @@
-"""One generic patch that turns a timm ``VisionTransformer`` into a token-reducing one.
+"""One generic patch that turns a timm ``VisionTransformer`` or ``Eva`` into a token-reducing one.
 
 The model keeps its modules and weights (the state dict is unchanged); only its class is swapped
 for a subclass whose ``forward_features`` runs the blocks through :func:`reducing_block`, which
@@ -8,6 +8,22 @@ the method's ``reduce_at`` says: after the attention residual (most methods), in
 attention (the block's attention map is computed, the method reduces the block input and the
 map, and the reduced map is applied to the reduced tokens' values) or after the MLP. Prefix
 tokens (class, distillation, register) are carried but never reduced.
+
+Two block families run through the same loop: timm's ``Block`` / ``Attention`` and the
+``Eva`` family's ``EvaBlock`` / ``EvaAttention`` (EVA-02, DINOv3, PE, ``vit_*_rope_*``: fused or
+separate q/k/v projections with their biases, SwiGLU or GLU MLPs, LayerScale as ``gamma_1`` /
+``gamma_2``). Small adapters (:func:`project_qkv`, :func:`layer_scale`) give q, k, v and the
+residual branches of either.
+
+Rotary position embeddings follow their tokens. The model computes its rope table once per
+forward for the patch grid (``[N0, D]``, or ``[depth, H, N0, D]`` for mixed rope, one per block);
+the patch carries, for every token, the index of the original patch whose embedding it uses
+(``pos [B, N]``, prefix entries unused) and gathers each block's rope from the table with it.
+At a reduction the method also reduces a one-hot ``[B, N, N]`` membership map through its
+``source`` path (gathered when pruning, summed into a slot when merging, mixed when resampling),
+and each output token takes the position of its member standing for the most patches (the
+largest ``size``; among equals the first in token order, so a kept or pruned-to token keeps
+its own embedding exactly). Batches stay rectangular and shapes static.
 
 After each forward the model exposes :class:`ReductionInfo` as ``model.reduction_info``.
 """
@@ -83,6 +99,8 @@ class ReductionPlan:
     num_prefix: int
     attn_impl: str = "fast"
     trace_source: bool = False
+    track_rope: bool = False  # the model has rotary embeddings: carry each token's position
+    rope_per_block: bool = False  # mixed rope: one table per block, ``[depth, H, N0, D]``
 
     @property
     def bias_from(self) -> int:
@@ -97,10 +115,19 @@ def fold_width(head_dim: int) -> int:
     return head_dim + 8 - head_dim % 8
 
 
+def is_eva(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``Eva`` model, block or attention (``EvaAttention`` or
+    ``AttentionRope``), rather than timm's ViT."""
+    from timm.layers.attention import AttentionRope
+    from timm.models.eva import Eva, EvaAttention, EvaBlock
+
+    return isinstance(module, (Eva, EvaBlock, EvaAttention, AttentionRope))
+
+
 def can_fold(attn: nn.Module) -> bool:
     """Whether the bias can ride in an extra channel: a plain qkv projection, and q and k not
-    normalised per head."""
-    plain = isinstance(attn.qkv, nn.Linear)
+    normalised per head nor rotated (``Eva`` attention falls back to the mask)."""
+    plain = isinstance(attn.qkv, nn.Linear) and not is_eva(attn)
     return plain and isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)
 
 
@@ -134,11 +161,77 @@ def folded_qkv(
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def _qk(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _eva_qkv(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v ``[B, H, N, d]`` (k and v ``[B, H_kv, N, d]`` with grouped-query attention) of an
+    ``EvaAttention`` or ``AttentionRope`` before qk-norm and rope, as timm computes them: one
+    fused projection (``EvaAttention``: with the q/k/v biases concatenated), or three."""
+    B, N, _ = x.shape
+    H, d = attn.num_heads, attn.head_dim
+    if attn.qkv is None:
+        projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+        return tuple(p(x).reshape(B, N, -1, d).transpose(1, 2) for p in projs)
+    if getattr(attn, "q_bias", None) is None:
+        qkv = attn.qkv(x)
+    else:
+        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+        if attn.qkv_bias_separate:
+            qkv = attn.qkv(x) + bias
+        else:
+            qkv = F.linear(x, weight=attn.qkv.weight, bias=bias)
+    return qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _expand_kv(attn: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """Grouped-query keys or values ``[B, H_kv, N, d]`` repeated to every head, as timm does."""
+    groups = getattr(attn, "num_kv_groups", 1)
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def rotate(attn: nn.Module, t: torch.Tensor, rope: torch.Tensor | None, like: torch.Tensor):
+    """Queries or keys ``[B, H, N, d]`` with the rotary embedding ``rope`` applied to the patch
+    tokens (the attention's ``num_prefix_tokens`` first ones are left as they are), as timm's
+    ``EvaAttention`` does.
+
+    Args:
+        rope: ``[Np, D]`` / ``[H, Np, D]`` (the model's table) or ``[B, 1 or H, Np, D]`` (gathered
+            per image after a reduction), or None.
+        like: the values, whose dtype the result takes.
+    """
+    if rope is None:
+        return t
+    from timm.layers import apply_rot_embed_cat
+
+    P = attn.num_prefix_tokens
+    rotated = apply_rot_embed_cat(t[:, :, P:, :], rope, half=attn.rotate_half)
+    return torch.cat([t[:, :, :P, :], rotated], dim=2).type_as(like)
+
+
+def project_qkv(
+    attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[B, H, N, d]`` of a timm ``Attention`` or ``EvaAttention``: projected, qk-norm
+    applied, and for ``Eva`` the rotary embedding of the current tokens (:func:`rotate`)."""
+    B, N, _ = x.shape
+    if is_eva(attn):
+        q, k, v = _eva_qkv(attn, x)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = rotate(attn, q, rope, v), rotate(attn, k, rope, v)
+        return q, _expand_kv(attn, k), _expand_kv(attn, v)
+    H, d = attn.num_heads, attn.head_dim
+    q, k, v = attn.qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def _qk(
+    attn: nn.Module, x: torch.Tensor, rope: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q and k ``[B, H, N, d]`` of a timm ``Attention`` (after qk-norm), without v.
 
-    A plain ``nn.Linear`` qkv projection computes only its first ``2 C`` output channels.
+    A plain ``nn.Linear`` qkv projection computes only its first ``2 C`` output channels; an
+    ``EvaAttention`` computes all three (:func:`project_qkv`).
     """
+    if is_eva(attn):
+        return project_qkv(attn, x, rope)[:2]
     B, N, _ = x.shape
     H, d = attn.num_heads, attn.head_dim
     if isinstance(attn.qkv, nn.Linear):
@@ -151,10 +244,20 @@ def _qk(attn: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _values(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """v ``[B, H, N, d]`` of a timm ``Attention``, without q and k."""
+    """v ``[B, H, N, d]`` of a timm ``Attention`` or ``EvaAttention``, without q and k."""
     B, N, _ = x.shape
     H, d = attn.num_heads, attn.head_dim
-    if isinstance(attn.qkv, nn.Linear):
+    if is_eva(attn):
+        if attn.qkv is None:
+            return _expand_kv(attn, attn.v_proj(x).reshape(B, N, -1, d).transpose(1, 2))
+        if hasattr(attn, "v_bias"):  # EvaAttention: the biases are separate parameters
+            bias = attn.v_bias
+        else:
+            bias = None if attn.qkv.bias is None else attn.qkv.bias[2 * H * d :]
+        v = F.linear(x, attn.qkv.weight[2 * H * d :], bias)
+        if getattr(attn, "qkv_bias_separate", False) and bias is not None:
+            v = F.linear(x, attn.qkv.weight[2 * H * d :]) + bias
+    elif isinstance(attn.qkv, nn.Linear):
         bias = None if attn.qkv.bias is None else attn.qkv.bias[2 * H * d :]
         v = F.linear(x, attn.qkv.weight[2 * H * d :], bias)
     else:
@@ -195,30 +298,31 @@ def attention(
     size: torch.Tensor | None,
     needs: frozenset[str],
     impl: str = "fast",
+    rope: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Features]:
-    """timm ``Attention.forward`` that also returns the features a method needs.
+    """timm ``Attention.forward`` (or ``EvaAttention.forward``) that also returns the features a
+    method needs.
 
     Args:
-        attn: a timm ``Attention`` module.
+        attn: a timm ``Attention`` or ``EvaAttention`` module.
         x: normalised tokens ``[B, N, C]``.
         size: ``[B, N, 1]`` patches each token stands for, for proportional attention (a
             ``log(size)`` bias per key), or None.
         needs: subset of :data:`~ppt_bench.methods.base.FEATURES`; ``"attn"`` (the full map)
             makes this block compute its attention explicitly.
         impl: one of :data:`ATTN_IMPLS`.
+        rope: the rotary embedding of the current patch tokens (:func:`rotate`), or None.
 
     Returns:
         The attention output ``[B, N, C]`` (after ``proj``) and the requested features.
     """
-    B, N, _ = x.shape
-    H, d = attn.num_heads, attn.head_dim
+    d = attn.head_dim
     gate = _gate(attn, x)
     mask = None
     if size is not None and impl == "fold" and ATTN not in needs and can_fold(attn):
         q, k, v = folded_qkv(attn, x, size)  # [B, H, N, w], the bias inside q.k
     else:
-        q, k, v = attn.qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = project_qkv(attn, x, rope)
         if size is not None:
             mask = ops.prop_attn_bias(size).to(q.dtype)  # [B, 1, 1, N]
 
@@ -254,7 +358,11 @@ def attention(
 
 
 def attention_map(
-    attn: nn.Module, x: torch.Tensor, size: torch.Tensor | None, needs: frozenset[str]
+    attn: nn.Module,
+    x: torch.Tensor,
+    size: torch.Tensor | None,
+    needs: frozenset[str],
+    rope: torch.Tensor | None = None,
 ) -> Features:
     """The attention map of a block whose method reduces inside the attention.
 
@@ -266,12 +374,13 @@ def attention_map(
         x: normalised tokens ``[B, N, C]``.
         size: ``[B, N, 1]`` for proportional attention, or None.
         needs: the method's features; ``value_norm`` is not available here.
+        rope: the rotary embedding of the current patch tokens, or None.
 
     Returns:
         Features with ``attn`` ``[B, H, N, N]`` (post-softmax), and ``cls_attn`` / ``key_mean``
         if asked for.
     """
-    q, k = _qk(attn, x)
+    q, k = _qk(attn, x, rope)
     mask = None if size is None else ops.prop_attn_bias(size).to(q.dtype)
     a = _softmax_attention(attn, q, k, mask)
     return Features(
@@ -290,51 +399,149 @@ class _State(NamedTuple):
     x: torch.Tensor  # [B, N, C]
     size: torch.Tensor  # [B, N, 1]
     source: torch.Tensor | None  # [B, N, N0]
+    # Index into the rope table of the embedding each token uses, [B, N] (prefix entries unused);
+    # None while the tokens are still the model's own (no reduction yet) or without rope.
+    pos: torch.Tensor | None = None
+
+
+def layer_scale(block: nn.Module, branch: int, t: torch.Tensor) -> torch.Tensor:
+    """A residual branch ``[B, N, C]`` through the block's LayerScale: timm's ``ls1`` / ``ls2``
+    modules, or ``Eva``'s ``gamma_1`` / ``gamma_2`` parameters (None: no LayerScale)."""
+    if hasattr(block, f"gamma_{branch}"):
+        gamma = getattr(block, f"gamma_{branch}")
+        return t if gamma is None else gamma * t
+    return getattr(block, f"ls{branch}")(t)
+
+
+def block_rope(
+    table: torch.Tensor | None, pos: torch.Tensor | None, num_prefix: int
+) -> torch.Tensor | None:
+    """The rotary embedding of the current patch tokens.
+
+    Args:
+        table: the model's rope for the full patch grid, ``[N0, D]`` or (mixed rope, this
+            block's) ``[H, N0, D]``; None without rope.
+        pos: ``[B, N]`` table index of each token (prefix entries unused), or None while the
+            tokens are the model's own: then the table is used as it is, as timm uses it.
+        num_prefix: ``P``.
+
+    Returns:
+        ``table``, or per image ``[B, 1, N - P, D]`` / ``[B, H, N - P, D]``.
+    """
+    if table is None or pos is None:
+        return table
+    idx = pos[:, num_prefix:]  # [B, N - P]
+    if table.dim() == 2:
+        return table[idx].unsqueeze(1)  # [B, 1, N - P, D], broadcast over heads
+    return table[:, idx].transpose(0, 1)  # [H, B, N - P, D] -> [B, H, N - P, D]
+
+
+def follow_positions(
+    member: torch.Tensor, size: torch.Tensor, pos: torch.Tensor | None, num_prefix: int
+) -> torch.Tensor:
+    """The rope position of each token after a reduction step.
+
+    Args:
+        member: ``[B, N', N]`` how much of input token ``j`` output token ``i`` holds (the
+            method's reduction of a one-hot map: 0/1 after pruning or merging, real weights
+            after a resampling such as DCT).
+        size: ``[B, N, 1]`` patches each input token stands for.
+        pos: ``[B, N]`` table index of each input token, or None for the model's own tokens.
+        num_prefix: ``P``.
+
+    Returns:
+        ``[B, N']``: each output token's position is that of the member with the largest
+        ``member * size`` (the member standing for the most patches; a gathered token's only
+        member), the first in token order among equals.
+    """
+    B, N = member.shape[0], member.shape[2]
+    if pos is None:
+        patches = torch.arange(N - num_prefix, device=member.device)
+        pos = torch.cat([patches.new_zeros(num_prefix), patches]).expand(B, N)
+    rep = (member * size.transpose(1, 2).to(member.dtype)).argmax(dim=-1)  # [B, N']
+    return pos.gather(1, rep)
 
 
 def reducing_block(
-    block: nn.Module, state: _State, plan: ReductionPlan, index: int
+    block: nn.Module,
+    state: _State,
+    plan: ReductionPlan,
+    index: int,
+    rope: torch.Tensor | None = None,
 ) -> tuple[_State, torch.Tensor | None, torch.Tensor | None]:
-    """One timm ``Block`` with an optional reduction where the method's ``reduce_at`` says:
-    inside the attention, between attention and MLP, or after the MLP.
+    """One timm ``Block`` or ``EvaBlock`` with an optional reduction where the method's
+    ``reduce_at`` says: inside the attention, between attention and MLP, or after the MLP.
+
+    Args:
+        rope: the model's rope table for this block (:func:`block_rope`), or None.
 
     Returns:
         The new state, and the per-image ``pooled`` / ``score_var`` of the reduction, if any.
     """
-    x, size, source = state
+    x, size, source, pos = state
     method = plan.method
     at = method.reduce_at if index in plan.locations else None
     prop_size = size if index >= plan.bias_from else None
     needs = method.needs if at is not None else frozenset()
     red = None
+    P = plan.num_prefix
+    track = plan.track_rope and rope is not None
 
-    def reduce(x: torch.Tensor, feats: Features) -> Reduced:
-        return method.reduce(x, size, feats, block=index, num_prefix=plan.num_prefix, source=source)
+    def reduce(x: torch.Tensor, feats: Features) -> tuple[Reduced, torch.Tensor | None]:
+        if not track:
+            red = method.reduce(x, size, feats, block=index, num_prefix=P, source=source)
+            return red, pos
+        # The method reduces a one-hot map of the current tokens along with any traced source,
+        # which says which tokens each output token holds: its rope follows from that.
+        B, N, _ = x.shape
+        probe = torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N)
+        both = probe if source is None else torch.cat([source, probe], dim=-1)
+        red = method.reduce(x, size, feats, block=index, num_prefix=P, source=both)
+        if red.source is None:
+            raise PatchError(
+                f"{method.name} does not carry the token sources: it cannot reduce a model with "
+                "rotary embeddings, whose positions follow the sources"
+            )
+        new_pos = follow_positions(red.source[..., -N:], size, pos, P)
+        return red._replace(source=None if source is None else red.source[..., :-N]), new_pos
 
     if at == IN_ATTN:
-        feats = attention_map(block.attn, block.norm1(x), prop_size, needs)
-        red = reduce(x, feats)
+        feats = attention_map(
+            block.attn, block.norm1(x), prop_size, needs, block_rope(rope, pos, P)
+        )
+        red, pos = reduce(x, feats)
         x, size, source = red.x, red.size, red.source
         out = apply_attention_map(block.attn, block.norm1(x), red.attn)
     else:
-        out, feats = attention(block.attn, block.norm1(x), prop_size, needs, plan.attn_impl)
-    x = x + block.drop_path1(block.ls1(out))
+        out, feats = attention(
+            block.attn, block.norm1(x), prop_size, needs, plan.attn_impl, block_rope(rope, pos, P)
+        )
+    x = x + block.drop_path1(layer_scale(block, 1, out))
     if at == AFTER_ATTN:
-        red = reduce(x, feats)
+        red, pos = reduce(x, feats)
         x, size, source = red.x, red.size, red.source
-    x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+    x = x + block.drop_path2(layer_scale(block, 2, block.mlp(block.norm2(x))))
     if at == AFTER_MLP:
-        red = reduce(x, feats)
+        red, pos = reduce(x, feats)
         x, size, source = red.x, red.size, red.source
     if red is None:
-        return _State(x, size, source), None, None
-    return _State(x, size, source), red.pooled, red.score_var
+        return _State(x, size, source, pos), None, None
+    return _State(x, size, source, pos), red.pooled, red.score_var
 
 
 def run_blocks(
-    blocks: nn.Sequential, x: torch.Tensor, plan: ReductionPlan
+    blocks: nn.Sequential,
+    x: torch.Tensor,
+    plan: ReductionPlan,
+    rope: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ReductionInfo]:
-    """Run all blocks on tokens ``x [B, N, C]`` with the plan's reductions."""
+    """Run all blocks on tokens ``x [B, N, C]`` with the plan's reductions.
+
+    Args:
+        rope: an ``Eva`` model's rotary embedding table for its patch grid, ``[N0, D]``, or
+            ``[depth, H, N0, D]`` with one table per block (``plan.rope_per_block``); None
+            without rope.
+    """
     B, N, _ = x.shape
     size = torch.ones_like(x[..., :1])
     source = None
@@ -345,7 +552,8 @@ def run_blocks(
     pooled: list[torch.Tensor] = []
     score_var: list[torch.Tensor] = []
     for i, block in enumerate(blocks):
-        state, p, v = reducing_block(block, state, plan, i)
+        table = rope[i] if rope is not None and plan.rope_per_block else rope
+        state, p, v = reducing_block(block, state, plan, i, table)
         tokens.append(state.x.shape[1])
         if p is not None:
             pooled.append(p)
@@ -371,10 +579,14 @@ class ReducingMixin:
         if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
             raise PatchError("a token-reducing model does not take attn_mask or is_causal")
         x = self.patch_embed(x)
-        x = self._pos_embed(x)
-        x = self.patch_drop(x)
+        if is_eva(self):
+            # Eva's own: absolute position embedding (if any) and the rope table for this input's
+            # grid (computed per forward for dynamic sizes); patch dropout is refused at patch time.
+            x, rope = self._pos_embed(x)
+        else:
+            x, rope = self.patch_drop(self._pos_embed(x)), None
         x = self.norm_pre(x)
-        x, self.reduction_info = run_blocks(self.blocks, x, self.reduction_plan)
+        x, self.reduction_info = run_blocks(self.blocks, x, self.reduction_plan, rope)
         return self.norm(x)
 
 
@@ -393,10 +605,13 @@ def check_patchable(model: nn.Module) -> None:
     """Raise :class:`PatchError` saying why ``model`` cannot be patched, if it cannot."""
     from timm.models.vision_transformer import VisionTransformer
 
+    if is_eva(model):
+        _check_eva(model)
+        return
     if not isinstance(model, VisionTransformer):
         raise PatchError(
-            f"{type(model).__name__} is not a timm VisionTransformer: token reduction patches "
-            "timm ViT/DeiT models (see `ppt-bench list --models`)"
+            f"{type(model).__name__} is not a timm VisionTransformer or Eva: token reduction "
+            "patches timm ViT/DeiT/EVA models (see `ppt-bench list --models`)"
         )
     for i, block in enumerate(model.blocks):
         missing = [p for p in _BLOCK_PARTS if not hasattr(block, p)]
@@ -407,6 +622,34 @@ def check_patchable(model: nn.Module) -> None:
                 f"block {i} ({type(block).__name__}) is not a pre-norm timm Block with fused qkv "
                 f"attention (missing {', '.join(missing)}); this model cannot be patched"
             )
+
+
+def _check_eva(model: nn.Module) -> None:
+    """The ``Eva`` models the patch runs: pre-norm ``EvaBlock`` with ``EvaAttention``, no patch
+    dropout, rope (if any) skipping exactly the model's prefix tokens."""
+    from timm.layers.attention import AttentionRope
+    from timm.models.eva import EvaAttention, EvaBlock
+
+    name = type(model).__name__
+    if getattr(model, "patch_drop", None) is not None:
+        raise PatchError(f"{name} uses patch dropout: build it with patch_drop_rate=0 to patch it")
+    for i, block in enumerate(model.blocks):
+        if type(block) is not EvaBlock or type(block.attn) not in (EvaAttention, AttentionRope):
+            raise PatchError(
+                f"block {i} is a {type(block).__name__} with {type(block.attn).__name__}: the "
+                "patch runs pre-norm EvaBlock with EvaAttention or AttentionRope only; this model "
+                "cannot be patched"
+            )
+        if model.rope is not None and block.attn.num_prefix_tokens != model.num_prefix_tokens:
+            raise PatchError(
+                f"block {i} rotates all but {block.attn.num_prefix_tokens} tokens and the model "
+                f"has {model.num_prefix_tokens} prefix tokens; this model cannot be patched"
+            )
+
+
+def uses_rope(model: nn.Module) -> bool:
+    """Whether ``model`` carries rotary position embeddings (an ``Eva`` with a ``rope``)."""
+    return is_eva(model) and getattr(model, "rope", None) is not None
 
 
 def vit_info(model: nn.Module, name: str | None = None) -> ViTInfo:
@@ -427,7 +670,8 @@ def patch(
     """Make ``model`` reduce tokens with ``method``; returns the same object, patched in place.
 
     Raises:
-        PatchError: the model is not a timm ``VisionTransformer`` built from standard blocks.
+        PatchError: the model is not a timm ``VisionTransformer`` built from standard blocks nor
+            an ``Eva`` built from pre-norm ``EvaBlock`` (:func:`check_patchable`).
         MethodError: the method does not fit the model (:meth:`Method.check_fits`).
     """
     if attn_impl not in ATTN_IMPLS:
@@ -453,6 +697,8 @@ def patch(
         num_prefix=model.num_prefix_tokens,
         attn_impl=attn_impl,
         trace_source=trace_source,
+        track_rope=uses_rope(model),
+        rope_per_block=bool(getattr(model, "rope_mixed", False)),
     )
     model.reduction_info = None
     return model

@@ -1,0 +1,230 @@
+"""timm ``Eva`` backbones with rotary position embeddings: EVA-02, DINOv3 and a RoPE ViT.
+
+Every method is the identity at zero reduction, reduced batches are batch independent, bf16
+runs, and pruning is exact: the reduced model equals the unpatched one with the dropped tokens
+masked out as keys from the pruning block on (each kept token keeps its own rotary embedding).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import clone, images, logits, make_model
+
+from ppt_bench.cli import main
+from ppt_bench.errors import PatchError
+from ppt_bench.methods import create_method, list_methods
+from ppt_bench.methods.patch import check_patchable, uses_rope
+
+# (timm name, small input size): 8 x 8 patches keep each forward well under a second.
+ROPE_MODELS = {
+    "eva02": ("eva02_tiny_patch14_224", 112),  # RotaryEmbeddingCat, SwiGLU, EvaAttention
+    "dinov3": ("vit_small_patch16_dinov3", 128),  # DINOv3 rope, 4 registers, LayerScale
+    "rope_vit": ("vit_small_patch16_rope_224", 128),  # AttentionRope, LayerScale
+    "rope_mixed": ("vit_small_patch16_rope_mixed_224", 128),  # one rope table per block
+}
+# Inputs of 4 x 4 patches where nothing is reduced.
+TINY = {"eva02": 56, "dinov3": 64, "rope_vit": 64, "rope_mixed": 64}
+SLOW = pytest.mark.slow
+
+# Each method's setting that removes nothing.
+ZERO = {
+    "baseline": {},
+    "ppt": {"r": 0},
+    "prune": {"r": 0},
+    "merge": {"r": 0},
+    "tome": {"r": 0},
+    "topk": {"r": 0},
+    "random": {"r": 0},
+    "evit": {"keep_rate": 1.0},
+    "mctf": {"r": 0},
+    "dct": {"r": 0},
+    "pitome": {"ratio": 1.0},
+    "tofu": {"ratio": 1.0},
+    "diffrate": {"prune_kept": [1 << 20] * 12},
+}
+
+# Each method's setting that reduces the 64 patch tokens of the test inputs.
+REDUCING = {
+    "ppt": {"r": 8, "threshold": 1e-4},
+    "prune": {"r": 8},
+    "merge": {"r": 8},
+    "tome": {"r": 4},
+    "topk": {"r": 8},
+    "random": {"r": 8},
+    "evit": {"keep_rate": 0.7},
+    "mctf": {"r": 4},
+    "dct": {"r": 4},
+    "pitome": {"ratio": 0.9},
+    "tofu": {"ratio": 0.9},
+    "diffrate": {"merge_kept": [80, 70, 60, 50, 45, 40, 35, 30, 25, 20, 15, 10]},
+}
+
+
+def rope_model(key: str, size: int | None = None, **kwargs) -> tuple[torch.nn.Module, int]:
+    """A random-weight model with a 10-class head of non-trivial weights, and its input size."""
+    name, default = ROPE_MODELS[key]
+    size = size or default
+    model = make_model(name, img_size=size, num_classes=10, **kwargs)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.head.weight)
+    return model, size
+
+
+@pytest.mark.parametrize("key", ["eva02", "dinov3", "rope_vit", "rope_mixed"])
+def test_every_method_at_zero_reduction_equals_the_unpatched_model(key):
+    ref, size = rope_model(key, TINY[key])
+    assert uses_rope(ref)
+    x = images(2, size)
+    expected = logits(ref, x)
+    impls = ("fast", "explicit") if key == "eva02" else ("fast",)
+    for name in list_methods():
+        for impl in impls:
+            model = create_method(name, **ZERO[name]).apply(clone(ref), attn_impl=impl)
+            got = logits(model, x)
+            assert (got - expected).abs().max() < 1e-5, (name, impl)
+
+
+@pytest.mark.parametrize(
+    "key", ["eva02", pytest.param("dinov3", marks=SLOW), pytest.param("rope_vit", marks=SLOW)]
+)
+def test_reduced_mixed_batch_equals_its_images_one_at_a_time(key):
+    ref, size = rope_model(key)
+    x = images(3, size, seed=4)
+    x[0] *= 3  # images that differ in scale choose different tokens
+    for name, params in REDUCING.items():
+        if name == "random":  # its scores are seeded per position in the batch
+            continue
+        model = create_method(name, **params).apply(clone(ref))
+        batch = logits(model, x)
+        assert model.reduction_info.tokens[-1] < 64 + ref.num_prefix_tokens, name  # 8 x 8 patches
+        for i in range(len(x)):
+            alone = logits(model, x[i : i + 1])
+            assert (alone[0] - batch[i]).abs().max() < 1e-4, (name, i)
+
+
+@pytest.mark.parametrize("key", ["eva02", pytest.param("rope_mixed", marks=SLOW)])
+def test_bf16_runs_every_method_and_keeps_the_dtype(key):
+    ref, size = rope_model(key)
+    ref = ref.to(torch.bfloat16)
+    x = images(2, size).to(torch.bfloat16)
+    for name, params in REDUCING.items():
+        out = logits(create_method(name, **params).apply(clone(ref)), x)
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all(), name
+
+
+def masked_reference(
+    model: torch.nn.Module, x: torch.Tensor, kept: torch.Tensor, block: int
+) -> torch.Tensor:
+    """The unpatched model's logits with the tokens not in ``kept [B, N]`` masked out as keys in
+    every block after ``block`` (the pruning block's MLP still runs on all of them)."""
+    with torch.inference_mode():
+        tokens, rope = model._pos_embed(model.patch_embed(x))
+        tokens = model.norm_pre(tokens)
+        mask = kept[:, None, None, :]  # [B, 1, 1, N], True where a key is attended to
+        for i, blk in enumerate(model.blocks):
+            table = rope[i] if model.rope_mixed else rope
+            tokens = blk(tokens, rope=table, attn_mask=mask if i > block else None)
+        return model.forward_head(model.norm(tokens))
+
+
+@pytest.mark.parametrize("key", ["eva02", "dinov3", "rope_vit", "rope_mixed"])
+@pytest.mark.parametrize("name", ["prune", "topk", "random"])
+def test_pruning_equals_masking_the_dropped_tokens(key, name):
+    ref, size = rope_model(key, global_pool="token")
+    x = images(2, size, seed=5)
+    block = 4
+    model = create_method(name, r=16, locations=(block,)).apply(clone(ref), trace_source=True)
+    got = logits(model, x)
+    source = model.reduction_info.source  # [B, N - 16, N]: one original token per row
+    assert source.shape[1] == source.shape[2] - 16
+    kept = source.amax(dim=1) > 0  # [B, N]
+    assert (kept.sum(dim=1) == source.shape[1]).all()
+    expected = masked_reference(ref, x, kept, block)
+    assert (got - expected).abs().max() < 1e-4
+    # The kept set differs between the images, so the masks are not the same per image.
+    assert not torch.equal(kept[0], kept[1]) or name == "random"
+
+
+def test_tokens_keep_their_own_rope_when_pruned_and_merged():
+    """A gathered token's rope is its own; a merged one is one of its members'."""
+    from ppt_bench.methods.patch import follow_positions
+
+    member = torch.tensor([[[1, 0, 0, 0, 0], [0, 0, 0, 1, 0], [0, 1, 1, 0, 1]]]).float()
+    size = torch.tensor([[[1.0], [1.0], [3.0], [1.0], [1.0]]])
+    pos = follow_positions(member, size, None, num_prefix=1)
+    # Prefix slot 0, token 3 -> patch 2, the merge of 1, 2, 4 -> the largest member (2 -> patch 1).
+    assert pos.tolist() == [[0, 2, 1]]
+
+
+def test_unsupported_eva_variants_are_refused_in_one_line():
+    import timm
+
+    post_norm = timm.create_model(
+        "eva02_tiny_patch14_224", pretrained=False, img_size=56, use_post_norm=True
+    )
+    with pytest.raises(PatchError, match="EvaBlockPostNorm"):
+        check_patchable(post_norm)
+    dropping = timm.create_model(
+        "eva02_tiny_patch14_224", pretrained=False, img_size=56, patch_drop_rate=0.5
+    )
+    with pytest.raises(PatchError, match="patch dropout"):
+        check_patchable(dropping)
+
+
+def test_list_models_shows_rope(capsys):
+    assert main(["list", "--models", "eva02_tiny*"]) == 0
+    out = capsys.readouterr().out
+    assert "rope" in out.splitlines()[0]
+    row = next(line for line in out.splitlines() if line.startswith("eva02_tiny_patch14_224 "))
+    assert row.split()[1:] == ["12", "192", "256", "1", "yes"]
+
+
+def test_macs_count_the_reduced_rope_models():
+    from ppt_bench.macs import measure_macs
+
+    ref, size = rope_model("rope_vit")
+    full = measure_macs(ref, (3, size, size), progress=False)
+    reduced = create_method("tome", r=4).apply(clone(ref))
+    cut = measure_macs(reduced, (3, size, size), progress=False)
+    assert 0 < cut["gmacs"] < full["gmacs"] and 0 < cut["gmacs_fvcore"] < full["gmacs_fvcore"]
+
+
+@pytest.mark.slow
+def test_sweep_over_the_rope_models_writes_rows_and_a_report(tmp_path, monkeypatch):
+    import pandas as pd
+
+    monkeypatch.setenv("PPT_BENCH_WARMUP", "1")
+    monkeypatch.setenv("PPT_BENCH_ITERS", "1")
+    out, report = tmp_path / "r.csv", tmp_path / "r.md"
+    models = [name for name, _ in (ROPE_MODELS[k] for k in ("eva02", "dinov3", "rope_vit"))]
+    flags = [arg for m in models for arg in ("--model", m)]
+    flags += ["--method", "baseline", "--method", "tome", "--method", "prune"]
+    flags += ["--metrics", "accuracy,macs,throughput", "--data", "synthetic"]
+    flags += ["--n-images", "2", "--batch-size", "2", "--workers", "0", "--quiet"]
+    code = main(["run", *flags, "--out", str(out), "--report", str(report)])
+    assert code == 0
+    rows = pd.read_csv(out)
+    assert rows["status"].eq("ok").all()
+    runs = rows.groupby(["model", "method"])["metric"].agg(set)
+    assert len(runs) == 9 and set(runs.index.get_level_values("model")) == set(models)
+    for metrics in runs:  # generated images: agreement and KL against the unreduced model
+        assert {"gmacs", "gmacs_fvcore", "agreement_top1", "kl", "samples_per_sec"} <= metrics
+    agreement = rows[rows["metric"] == "agreement_top1"].set_index(["model", "method"])["value"]
+    gmacs = rows[rows["metric"] == "gmacs"].set_index(["model", "method"])["value"]
+    for model in models:
+        assert agreement[model, "baseline"] == 100.0
+        assert gmacs[model, "tome"] < gmacs[model, "baseline"]
+        assert gmacs[model, "prune"] < gmacs[model, "baseline"]
+    assert report.exists() and all(m in report.read_text() for m in models)
+
+
+@pytest.mark.slow
+def test_rope_tracking_compiles_without_graph_breaks():
+    ref, size = rope_model("eva02")
+    model = create_method("ppt", r=8).apply(clone(ref))
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explain = torch._dynamo.explain(model)(images(2, size))
+    assert explain.graph_break_count == 0, explain.break_reasons
+    assert explain.graph_count == 1
