@@ -398,10 +398,7 @@ def read_results(
 def finished_run_ids(path: str | os.PathLike) -> set[str]:
     """Ids of runs already recorded as ``ok`` in ``path`` (empty if it does not exist)."""
     p = Path(path)
-    if not p.exists():
-        return set()
-    df = read_results(p, advice=OUT_ADVICE)
-    return set(df.loc[df["status"] == "ok", "run_id"].astype(str))
+    return _ok_ids(checked_text(p, OUT_ADVICE)) if p.exists() else set()
 
 
 def format_params(params: str) -> str:

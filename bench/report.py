@@ -61,7 +61,6 @@ def tidy_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """
     import pandas as pd
 
-    df = df.reindex(columns=list(dict.fromkeys([*df.columns, *IDENTITY_COLUMNS])))
     df = df.fillna(
         {"params": "{}", "error": "", "dataset": "", **dict.fromkeys(IDENTITY_COLUMNS, "")}
     )

@@ -96,8 +96,6 @@ class EViT(Method):
             raise MethodError(f"keep_rate must be in (0, 1], got {self.keep_rate!r}")
         set_field(self, "keep_rate", keep_rate)
         set_field(self, "locations", check_locations(self.locations))
-        if not isinstance(self.fuse, bool):
-            raise MethodError(f"fuse must be true or false, got {self.fuse!r}")
 
     def locations_for(self, depth: int) -> tuple[int, ...]:
         return self.locations

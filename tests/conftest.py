@@ -57,6 +57,27 @@ def images(n: int, size: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=g)
 
 
+def cuda_graph_replay(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model(x)`` eagerly and replayed from a CUDA graph capture, in bf16 autocast.
+
+    Capture fails on any host synchronisation or CPU-GPU copy inside the forward.
+    """
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = model(x)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                model(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(x)
+        graph.replay()
+        torch.cuda.synchronize()
+    return eager, out
+
+
 @pytest.fixture
 def make():
     return make_model

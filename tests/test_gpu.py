@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import clone, images, logits, make_model
+from conftest import clone, cuda_graph_replay, images, logits, make_model
 
 from ppt_bench.methods import create_method, list_methods
 
@@ -93,19 +93,7 @@ def test_methods_capture_in_a_cuda_graph(name, attn_impl):
         make_model("deit_small_patch16_224").cuda(), attn_impl=attn_impl
     )
     x = images(8, 224).cuda()
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-        eager = model(x)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                model(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = model(x)
-        graph.replay()
-        torch.cuda.synchronize()
+    eager, out = cuda_graph_replay(model, x)
     assert (out.float() - eager.float()).abs().max() < 5e-2
 
 

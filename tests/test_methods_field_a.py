@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCHS, clone, images, logits, make_model
+from conftest import ARCHS, clone, cuda_graph_replay, images, logits, make_model
 
 from ppt_bench import demo
 from ppt_bench.errors import MethodError, PatchError
@@ -355,17 +355,5 @@ def test_capture_in_a_cuda_graph(name):
     """Capture fails on any host synchronisation or CPU-GPU copy inside the forward."""
     model = create_method(name).apply(make_model("deit_small_patch16_224").cuda())
     x = images(8, 224).cuda()
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-        eager = model(x)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                model(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = model(x)
-        graph.replay()
-        torch.cuda.synchronize()
+    eager, out = cuda_graph_replay(model, x)
     assert (out.float() - eager.float()).abs().max() < 5e-2
