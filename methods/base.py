@@ -81,6 +81,12 @@ class Method:
             map of the block's tokens, and returns the reduced tokens with the attention map
             over them in ``Reduced.attn``; the block applies it to the reduced tokens' values,
             then runs its MLP) or ``"after_mlp"`` (``reduce`` gets the block output).
+        gives_origin: ``reduce`` sets ``Reduced.origin`` (the input token each output token
+            descends from) whenever it changes the tokens, and returns them unchanged when it
+            leaves it None. On a model with rotary embeddings the positions then follow
+            ``origin``; a method without it reduces a one-hot map through its ``source`` path
+            instead, which costs an ``[B, N, N]`` map per reduction (see
+            :func:`ppt_bench.methods.patch.follow_positions`).
     """
 
     name: ClassVar[str] = ""
@@ -88,6 +94,7 @@ class Method:
     needs: ClassVar[frozenset[str]] = frozenset()
     demo_grid: ClassVar[tuple[str, tuple[Any, ...]] | None] = None
     reduce_at: ClassVar[str] = AFTER_ATTN
+    gives_origin: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # a switch given as text ("false") is a mistake
@@ -239,6 +246,8 @@ class ScorePrune(FixedBudget):
 
     ``prune``, ``topk`` and ``random`` differ only in their score.
     """
+
+    gives_origin = True
 
     def scores(
         self, x: torch.Tensor, feats: Features, *, block: int, num_prefix: int

@@ -21,6 +21,12 @@ weight, not 0/1: the weight of original patch ``j`` in token ``i`` under the com
 (prefix rows stay one-hot). ``visualize`` draws each patch in the token that weights it most,
 which gives runs of neighbouring patches in raster order, the resampling of the sequence; the
 ``size`` of every token stays 1, so proportional attention does not apply.
+
+For the same reason no output token descends from one input token, so DCT gives no
+``Reduced.origin``: on a model with rotary embeddings the patch reduces a one-hot map of the
+tokens through the same transform and output token ``i`` takes the position of the input token
+that weighs most in it (the first among equals;
+:func:`ppt_bench.methods.patch.follow_positions`), which resamples the positions with the tokens.
 """
 
 from __future__ import annotations

@@ -105,14 +105,15 @@ def diffrate_step(
         num_prefix: ``P``.
 
     Returns:
-        ``num_merged`` tokens: prefix, then patch tokens by decreasing importance.
+        ``num_merged`` tokens: prefix, then patch tokens by decreasing importance; each merged
+        token's ``origin`` is its destination, the kept token the others merged into.
     """
     P = num_prefix
     keep = ops.keep_top(importance, num_pruned - P, P)  # [B, num_pruned], importance order
     x, size = ops.gather_tokens(x, keep), ops.gather_tokens(size, keep)
     source = None if source is None else ops.gather_tokens(source, keep)
     if num_merged == num_pruned:
-        return Reduced(x, size, source)
+        return Reduced(x, size, source, origin=keep)
     B, K = x.shape[0], num_merged
     metric = x / x.norm(dim=-1, keepdim=True)
     sim = metric[:, K:] @ metric[:, :K].transpose(-1, -2)  # [B, num_pruned - K, K]
@@ -124,7 +125,9 @@ def diffrate_step(
     # DiffRate's size rule: a source adds cos * size, so a dissimilar one counts for less.
     weight = torch.cat([ones[:, :K], cos[..., None].to(size.dtype)], dim=1)
     grown = size.new_zeros(B, K + 1, 1).scatter_add_(1, slots[..., None], size * weight)
-    return Reduced(x, grown[:, :K], None if source is None else ops.pool_source(slots, K, source))
+    source = None if source is None else ops.pool_source(slots, K, source)
+    # The first K kept tokens are the destinations: each keeps its own position.
+    return Reduced(x, grown[:, :K], source, origin=keep[:, :K])
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ class DiffRate(Method):
 
     description = "DiffRate: per-block pruning and merging by searched token counts, every block"
     needs = frozenset({CLS_ATTN})
+    gives_origin = True
     # The digits model has 65 tokens: DeiT-S's 3.1, 2.9 and 2.3 merge counts scaled to it.
     demo_grid = (
         "merge_kept",

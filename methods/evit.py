@@ -55,7 +55,8 @@ def evit_step(
     Returns:
         Prefix tokens, the kept tokens in descending attention, then the fused token:
         ``sum_j c_j x_j`` over the dropped tokens, with their total size and the union of their
-        sources.
+        sources. A kept token's ``origin`` is itself, the fused token's is the dropped token
+        standing for the most patches (the first in token order among equals).
     """
     keep = ops.keep_top(cls_attn, num_keep, num_prefix)  # [B, P + num_keep]
     kept = ops.keep_step(x, size, source, keep)
@@ -64,12 +65,16 @@ def evit_step(
     dropped = ops.dropped_mask(keep, x.shape[1], num_prefix).to(x.dtype)  # [B, N - P]
     fused_x = ops.fuse_tokens(x, cls_attn * dropped, num_prefix)  # [B, 1, C]
     fused_size = ops.fuse_tokens(size, dropped, num_prefix)  # [B, 1, 1]
+    # The fused token is no merge into a destination: it descends from its dropped token
+    # standing for the most patches, the first in token order among equals.
+    fused_origin = num_prefix + (dropped * size[:, num_prefix:, 0]).argmax(dim=1, keepdim=True)
     return Reduced(
         torch.cat([kept.x, fused_x], dim=1),
         torch.cat([kept.size, fused_size], dim=1),
         None
         if source is None
         else torch.cat([kept.source, ops.fuse_tokens(source, dropped, num_prefix, "amax")], 1),
+        origin=torch.cat([keep, fused_origin], dim=1),  # [B, P + num_keep + 1]
     )
 
 
@@ -85,6 +90,7 @@ class EViT(Method):
 
     description = "EViT: keep the tokens the class token attends to, fuse the rest into one"
     needs = frozenset({CLS_ATTN})
+    gives_origin = True
     demo_grid = ("keep_rate", (0.8, 0.65, 0.5))
     keep_rate: float = 0.7
     locations: tuple[int, ...] = field(default=DEFAULT_LOCATIONS)

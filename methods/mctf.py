@@ -59,10 +59,13 @@ def tokens_to_fuse(r: int | float, num_tokens: int, num_prefix: int) -> int:
 
 
 class Fusion(NamedTuple):
-    """Where every token goes: ``slots [B, N]`` (int64) into ``num_out`` output tokens."""
+    """Where every token goes: ``slots [B, N]`` (int64) into ``num_out`` output tokens, and the
+    token each output token descends from, ``origin [B, num_out]``: the token left unfused in
+    that slot, into which the others fused."""
 
     slots: torch.Tensor
     num_out: int
+    origin: torch.Tensor | None = None
 
 
 def inverse_share(t: torch.Tensor) -> torch.Tensor:
@@ -136,7 +139,9 @@ def bidirectional_matching(
 
     Returns:
         The slots: prefix tokens ``0 .. P-1``, the unfused even tokens in their order, then the
-        odd tokens not fused in direction two (all odd tokens when not bidirectional).
+        odd tokens not fused in direction two (all odd tokens when not bidirectional). The
+        origin of each slot is that unfused token: an even token that took odd tokens (and what
+        had fused into them) in direction two stays their destination.
     """
     P = num_prefix
     B, n_a, n_b = scores.shape
@@ -155,6 +160,7 @@ def bidirectional_matching(
     n_unm = n_a - r1
 
     b_slot = P + n_unm + arange(n_b)  # [B, n_b]
+    b_kept = arange(n_b)  # odd tokens left after direction two, in their output order
     if bidirectional:
         # Scores of each odd token against the unfused even tokens, in their output order.
         back = scores.gather(1, unm_idx[..., None].expand(-1, -1, n_b)).transpose(1, 2)
@@ -164,6 +170,7 @@ def bidirectional_matching(
         b_slot = torch.empty_like(b_slot)
         b_slot.scatter_(1, unm2, P + n_unm + arange(n_b - r2))
         b_slot.scatter_(1, src2, P + node_idx2.gather(1, src2))
+        b_kept = unm2
 
     a_slot = torch.empty(B, n_a, dtype=torch.long, device=device)
     a_slot.scatter_(1, unm_idx, P + arange(n_unm))
@@ -173,7 +180,11 @@ def bidirectional_matching(
     slots = torch.empty(B, num_tokens, dtype=torch.long, device=device)
     slots[:, 0::2] = torch.cat([prefix[0::2].expand(B, -1), a_slot], dim=1)
     slots[:, 1::2] = torch.cat([prefix[1::2].expand(B, -1), b_slot], dim=1)
-    return Fusion(slots, num_tokens - r)
+    pa, pb = (P + 1) // 2, P // 2  # prefix tokens in A and in B
+    origin = torch.cat(
+        [prefix.expand(B, -1), 2 * (pa + unm_idx), 2 * (pb + b_kept) + 1], dim=1
+    )  # [B, N - r]: A token k sits at 2 (pa + k), B token j at 2 (pb + j) + 1
+    return Fusion(slots, num_tokens - r, origin)
 
 
 def scatter_tokens(t: torch.Tensor, slots: torch.Tensor, num_out: int, dim: int) -> torch.Tensor:
@@ -209,7 +220,7 @@ def fuse(
     Returns:
         The fused tokens with summed sizes and united sources.
     """
-    slots, n = fusion
+    slots, n = fusion.slots, fusion.num_out
     attn_m = attn.mean(dim=(1, 2))[..., None]  # [B, N, 1] mean attention received
     weight = attn_m * (size / size.amax(dim=1, keepdim=True))  # [B, N, 1]
     norm = scatter_tokens(weight, slots, n, 1)  # [B, N', 1]
@@ -219,7 +230,8 @@ def fuse(
         cols = scatter_tokens(attn, slots, n, 3)  # [B, H, N, N']
         fused_attn = scatter_tokens(cols * weight[:, None], slots, n, 2) / norm[:, None]
     source = None if source is None else ops.pool_source(slots, n, source)
-    return Reduced(x, scatter_tokens(size, slots, n, 1), source, attn=fused_attn)
+    size = scatter_tokens(size, slots, n, 1)
+    return Reduced(x, size, source, attn=fused_attn, origin=fusion.origin)
 
 
 @dataclass(frozen=True)
@@ -242,6 +254,7 @@ class MCTF(Method):
 
     description = "MCTF: fuse tokens by similarity, informativeness and size (inside attention)"
     needs = frozenset({ATTN})
+    gives_origin = True
     demo_grid = ("r", (2, 3, 4))
     r: int | float = 16
     locations: tuple[int, ...] | None = None

@@ -20,6 +20,7 @@ class Merge(FixedBudget):
 
     description = "PPT's pooling branch: ToMe bipartite merging of r tokens at fixed blocks"
     needs = frozenset({KEY_MEAN})
+    gives_origin = True
     prop_attn: bool = True
 
     def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:

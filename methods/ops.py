@@ -30,6 +30,11 @@ class Reduced(NamedTuple):
     (``[B, H, N', N']``) is required from a method that reduces inside the attention
     (``reduce_at = "in_attn"``): the attention map over the reduced tokens, which the block then
     applies to their values.
+
+    ``origin`` (int64 ``[B, N']``) says which input token each output token descends from: a
+    kept token its own index, a merged token its destination's (the token the matching merged
+    the others into), so that a token's rotary position follows it. None where a step leaves
+    the tokens as they are, or where output tokens are mixtures with no single ancestor.
     """
 
     x: torch.Tensor  # [B, N', C]
@@ -38,6 +43,7 @@ class Reduced(NamedTuple):
     pooled: torch.Tensor | None = None
     score_var: torch.Tensor | None = None
     attn: torch.Tensor | None = None
+    origin: torch.Tensor | None = None  # [B, N'] int64, index of each token's input token
 
 
 def max_reduction(num_tokens: int, num_prefix: int, r: int) -> int:
@@ -179,6 +185,25 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Ma
     return Matching(num_prefix, unm_idx, src_idx, dst_idx)
 
 
+def kept_positions(m: Matching, num_tokens: int) -> torch.Tensor:
+    """The input token behind each output slot of a matching, ``[B, N - r]`` (int64).
+
+    In :func:`merge_slots`'s order: prefix tokens, the unmerged A tokens, then all B tokens (the
+    destinations of the merged A tokens). These are also the tokens kept when the sources are
+    dropped instead (ToFu's pruning). A token ``j`` of the A patches sits at position
+    ``2 (pa + j)`` of the sequence, a B patch at ``2 (pb + j) + 1``, where ``pa`` and ``pb``
+    count the prefix tokens in A and in B.
+    """
+    P = m.num_prefix
+    pa, pb = (P + 1) // 2, P // 2
+    B, n_unm, _ = m.unm_idx.shape
+    n_b = num_tokens - P - n_unm - m.src_idx.shape[1]
+    arange = torch.arange(max(P, n_b), device=m.unm_idx.device)
+    unm = 2 * (pa + m.unm_idx[..., 0])  # [B, n_a - r]
+    b_pos = 2 * (pb + arange[:n_b]) + 1
+    return torch.cat([arange[:P].expand(B, -1), unm, b_pos.expand(B, -1)], dim=1)
+
+
 def merge_slots(m: Matching, num_tokens: int) -> torch.Tensor:
     """The output slot of every input token under a matching, ``[B, N]`` (int64).
 
@@ -284,11 +309,12 @@ def prune_step(
 def keep_step(
     x: torch.Tensor, size: torch.Tensor, source: torch.Tensor | None, keep: torch.Tensor
 ) -> Reduced:
-    """The tokens at positions ``keep [B, K]`` of each image, in that order."""
+    """The tokens at positions ``keep [B, K]`` of each image, in that order (``origin = keep``)."""
     return Reduced(
         gather_tokens(x, keep),
         gather_tokens(size, keep),
         None if source is None else gather_tokens(source, keep),
+        origin=keep,
     )
 
 
@@ -298,10 +324,15 @@ def pool_step(
     source: torch.Tensor | None,
     slots: torch.Tensor,
     num_out: int,
+    origin: torch.Tensor | None = None,
 ) -> Reduced:
-    """Reduce tokens into ``num_out`` output slots (``slots [B, N]``) by size-weighted averaging."""
+    """Reduce tokens into ``num_out`` output slots (``slots [B, N]``) by size-weighted averaging.
+
+    ``origin [B, num_out]``, the input token behind each slot (its destination), is passed on.
+    """
     x, size = pool(slots, num_out, x, size)
-    return Reduced(x, size, None if source is None else pool_source(slots, num_out, source))
+    source = None if source is None else pool_source(slots, num_out, source)
+    return Reduced(x, size, source, origin=origin)
 
 
 def merge_step(
@@ -315,9 +346,11 @@ def merge_step(
     """Merge ``r`` patch tokens into their most similar partners (ToMe's bipartite matching on
     ``key_mean [B, N, d]``, size-weighted average).
 
-    With ``r = 0`` the tokens stay as they are, in their order.
+    With ``r = 0`` the tokens stay as they are, in their order. A merged token's ``origin`` is
+    its B destination.
     """
     if r == 0:
         return Reduced(x, size, source)
-    slots = merge_slots(bipartite_soft_matching(key_mean, r, num_prefix), x.shape[1])
-    return pool_step(x, size, source, slots, x.shape[1] - r)
+    N = x.shape[1]
+    m = bipartite_soft_matching(key_mean, r, num_prefix)
+    return pool_step(x, size, source, merge_slots(m, N), N - r, kept_positions(m, N))

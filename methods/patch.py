@@ -19,11 +19,16 @@ Rotary position embeddings follow their tokens. The model computes its rope tabl
 forward for the patch grid (``[N0, D]``, or ``[depth, H, N0, D]`` for mixed rope, one per block);
 the patch carries, for every token, the index of the original patch whose embedding it uses
 (``pos [B, N]``, prefix entries unused) and gathers each block's rope from the table with it.
-At a reduction the method also reduces a one-hot ``[B, N, N]`` membership map through its
-``source`` path (gathered when pruning, summed into a slot when merging, mixed when resampling),
-and each output token takes the position of its member standing for the most patches (the
-largest ``size``; among equals the first in token order, so a kept or pruned-to token keeps
-its own embedding exactly). Batches stay rectangular and shapes static.
+A method that ``gives_origin`` says at each reduction which input token every output token
+descends from (``Reduced.origin``: a kept token itself, a merged token the matching's
+destination, even where a source merged into it stands for more patches), and the output token
+takes that token's position (:func:`follow_origin`). For any other method (DCT, whose output
+tokens are mixtures of all input tokens with no destination, or a third-party method) the
+method also reduces a one-hot ``[B, N, N]`` membership map through its ``source`` path, and each
+output token takes the position of its member weighing most, ``member * size``, the first in
+token order among equals (:func:`follow_positions`): a gathered token keeps its own, a
+resampled one takes the input token that weighs most in it. Batches stay rectangular and
+shapes static.
 
 After each forward the model exposes :class:`ReductionInfo` as ``model.reduction_info``.
 """
@@ -436,10 +441,36 @@ def block_rope(
     return table[:, idx].transpose(0, 1)  # [H, B, N - P, D] -> [B, H, N - P, D]
 
 
+def own_positions(batch: int, num_tokens: int, num_prefix: int, device) -> torch.Tensor:
+    """The table index of the model's own tokens, ``[B, N]``: patch token ``i`` uses row
+    ``i - P`` (prefix entries 0, unused)."""
+    patches = torch.arange(num_tokens - num_prefix, device=device)
+    return torch.cat([patches.new_zeros(num_prefix), patches]).expand(batch, num_tokens)
+
+
+def follow_origin(origin: torch.Tensor, pos: torch.Tensor | None, num_prefix: int) -> torch.Tensor:
+    """The rope position of each token after a reduction step that says where each output token
+    comes from.
+
+    Args:
+        origin: ``[B, N']`` the input token each output token descends from (``Reduced.origin``):
+            a kept token itself, a merged token its destination.
+        pos: ``[B, N]`` table index of each input token, or None for the model's own tokens.
+        num_prefix: ``P``.
+
+    Returns:
+        ``[B, N']``: ``pos`` gathered at ``origin``.
+    """
+    if pos is None:  # the model's own token j uses row j - P (prefix entries 0, unused)
+        return (origin - num_prefix).clamp_min(0)
+    return pos.gather(1, origin)
+
+
 def follow_positions(
     member: torch.Tensor, size: torch.Tensor, pos: torch.Tensor | None, num_prefix: int
 ) -> torch.Tensor:
-    """The rope position of each token after a reduction step.
+    """The rope position of each token after a reduction step that does not give its origin
+    (a resampling such as DCT, or a method without ``gives_origin``).
 
     Args:
         member: ``[B, N', N]`` how much of input token ``j`` output token ``i`` holds (the
@@ -451,13 +482,14 @@ def follow_positions(
 
     Returns:
         ``[B, N']``: each output token's position is that of the member with the largest
-        ``member * size`` (the member standing for the most patches; a gathered token's only
-        member), the first in token order among equals.
+        ``member * size`` (for a resampling, the input token that weighs most in it; a gathered
+        token's only member), the first in token order among equals. A merge seen this way
+        does not say which member was its destination, hence :func:`follow_origin` where the
+        method gives it.
     """
     B, N = member.shape[0], member.shape[2]
     if pos is None:
-        patches = torch.arange(N - num_prefix, device=member.device)
-        pos = torch.cat([patches.new_zeros(num_prefix), patches]).expand(B, N)
+        pos = own_positions(B, N, num_prefix, member.device)
     rep = (member * size.transpose(1, 2).to(member.dtype)).argmax(dim=-1)  # [B, N']
     return pos.gather(1, rep)
 
@@ -488,9 +520,17 @@ def reducing_block(
     track = plan.track_rope and rope is not None
 
     def reduce(x: torch.Tensor, feats: Features) -> tuple[Reduced, torch.Tensor | None]:
-        if not track:
+        if not track or method.gives_origin:
             red = method.reduce(x, size, feats, block=index, num_prefix=P, source=source)
-            return red, pos
+            if not track or (red.origin is None and red.x.shape[1] == x.shape[1]):
+                return red, pos  # no rope, or the tokens are unchanged
+            if red.origin is None:
+                raise PatchError(
+                    f"{method.name} declares gives_origin but reduced {x.shape[1]} tokens to "
+                    f"{red.x.shape[1]} without Reduced.origin; set it or leave gives_origin off"
+                )
+            # A kept token keeps its own rope, a merged one its destination's.
+            return red, follow_origin(red.origin, pos, P)
         # The method reduces a one-hot map of the current tokens along with any traced source,
         # which says which tokens each output token holds: its rope follows from that.
         B, N, _ = x.shape
@@ -499,10 +539,13 @@ def reducing_block(
         red = method.reduce(x, size, feats, block=index, num_prefix=P, source=both)
         if red.source is None:
             raise PatchError(
-                f"{method.name} does not carry the token sources: it cannot reduce a model with "
-                "rotary embeddings, whose positions follow the sources"
+                f"{method.name} neither carries the token sources nor gives_origin: it cannot "
+                "reduce a model with rotary embeddings, whose positions follow the tokens"
             )
-        new_pos = follow_positions(red.source[..., -N:], size, pos, P)
+        if red.origin is not None:
+            new_pos = follow_origin(red.origin, pos, P)
+        else:
+            new_pos = follow_positions(red.source[..., -N:], size, pos, P)
         return red._replace(source=None if source is None else red.source[..., :-N]), new_pos
 
     if at == IN_ATTN:

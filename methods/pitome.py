@@ -69,12 +69,13 @@ def _scores(sim: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor) -> torc
     return s.gather(1, a_idx[..., None].expand(-1, -1, b_idx.shape[1]))  # [B, n_a, n_b]
 
 
-def bsm_slots(sim: torch.Tensor, order: torch.Tensor, r: int) -> torch.Tensor:
-    """Output slot of each patch token in a bipartite block, ``[B, T]``.
+def bsm_slots(sim: torch.Tensor, order: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output slot of each patch token in a bipartite block, ``[B, T]``, and the patch token
+    behind each slot, ``[B, T - r]``.
 
     A and B alternate over the energy order; the ``r`` A tokens with the most similar B partner
     merge into it. Slots: unmerged A ``0 .. n_a - r - 1`` (by decreasing best similarity), then
-    B in energy order.
+    B in energy order; a B slot descends from its B token, the merge's destination.
     """
     a_idx, b_idx = order[:, ::2], order[:, 1::2]  # [B, n_a], [B, n_b]
     B, n_a = a_idx.shape
@@ -87,14 +88,19 @@ def bsm_slots(sim: torch.Tensor, order: torch.Tensor, r: int) -> torch.Tensor:
     a_slot.scatter_(1, edge_idx[:, :r], n_unm + node_idx.gather(1, edge_idx[:, :r]))
     slots = torch.empty_like(order)
     slots.scatter_(1, a_idx, a_slot)
-    return slots.scatter_(1, b_idx, (n_unm + arange[: b_idx.shape[1]]).expand(B, -1))
+    slots.scatter_(1, b_idx, (n_unm + arange[: b_idx.shape[1]]).expand(B, -1))
+    return slots, torch.cat([a_idx.gather(1, edge_idx[:, r:]), b_idx], dim=1)
 
 
-def protected_slots(sim: torch.Tensor, order: torch.Tensor, r: int) -> torch.Tensor:
-    """Output slot of each patch token in a block that protects low-energy tokens, ``[B, T]``.
+def protected_slots(
+    sim: torch.Tensor, order: torch.Tensor, r: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output slot of each patch token in a block that protects low-energy tokens, ``[B, T]``,
+    and the patch token behind each slot, ``[B, T - r]``.
 
     The ``2r`` highest-energy tokens alternate into A and B and every A token merges into its
-    most similar B token. Slots: protected tokens ``0 .. T - 2r - 1`` in energy order, then B.
+    most similar B token. Slots: protected tokens ``0 .. T - 2r - 1`` in energy order, then B
+    (each the destination of the A tokens merged into it).
     """
     B, T = order.shape
     a_idx, b_idx = order[:, : 2 * r : 2], order[:, 1 : 2 * r : 2]  # [B, r] each
@@ -104,7 +110,8 @@ def protected_slots(sim: torch.Tensor, order: torch.Tensor, r: int) -> torch.Ten
     slots = torch.empty_like(order)
     slots.scatter_(1, order[:, 2 * r :], arange[:n_prot].expand(B, -1))
     slots.scatter_(1, b_idx, (n_prot + arange[:r]).expand(B, -1))
-    return slots.scatter_(1, a_idx, n_prot + dst)
+    slots.scatter_(1, a_idx, n_prot + dst)
+    return slots, torch.cat([order[:, 2 * r :], b_idx], dim=1)
 
 
 def pitome_step(
@@ -126,10 +133,12 @@ def pitome_step(
     B, N, _ = x.shape
     P = num_prefix
     order, sim = energy_order(key_mean[:, P:], margin)
-    patch = (bsm_slots if bsm else protected_slots)(sim, order, r)  # [B, N - P]
+    # Slots of the patch tokens [B, N - P] and the patch token behind each slot [B, N - P - r].
+    patch, kept = (bsm_slots if bsm else protected_slots)(sim, order, r)
     prefix = torch.arange(P, device=x.device).expand(B, P)
     slots = torch.cat([prefix, P + patch], dim=1)  # [B, N]
-    return ops.pool_step(x, size, source, slots, N - r)
+    origin = torch.cat([prefix, P + kept], dim=1)  # [B, N - r]
+    return ops.pool_step(x, size, source, slots, N - r, origin)
 
 
 @dataclass(frozen=True)
@@ -143,6 +152,7 @@ class PiToMe(KeepRatio):
 
     description = "PiToMe: energy-ordered merging that protects distinctive tokens, every block"
     needs = frozenset({KEY_MEAN})
+    gives_origin = True
 
     def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
         depth = self.depth  # the margins and halves depend on it

@@ -55,6 +55,7 @@ class PPT(FixedBudget):
 
     description = "PPT: per image and block, prune by significance or pool similar tokens"
     needs = frozenset({CLS_ATTN, VALUE_NORM, KEY_MEAN})
+    gives_origin = True
     threshold: float = 7e-5
     prop_attn: bool = True
     branch: str | tuple[str, ...] = "auto"
@@ -117,6 +118,8 @@ class PPT(FixedBudget):
         slots = torch.where(
             pooled[:, None], ops.merge_slots(matching, N), ops.prune_slots(keep, N)
         )  # [B, N]
-        return ops.pool_step(x, size, source, slots, N - r)._replace(
+        # Each output token descends from its merge destination, or is a kept token itself.
+        origin = torch.where(pooled[:, None], ops.kept_positions(matching, N), keep)  # [B, N - r]
+        return ops.pool_step(x, size, source, slots, N - r, origin)._replace(
             pooled=pooled, score_var=score_var
         )

@@ -37,23 +37,6 @@ if TYPE_CHECKING:
     pass
 
 
-def kept_positions(m: ops.Matching, num_tokens: int) -> torch.Tensor:
-    """Indices ``[B, N - r]`` of the tokens a matching keeps when its sources are dropped.
-
-    Order as in ToMe's output: prefix tokens, the unmatched A tokens, then all B tokens. A token
-    ``j`` of the A patches sits at position ``2 (pa + j)`` of the sequence, a B patch at
-    ``2 (pb + j) + 1``, where ``pa`` and ``pb`` count the prefix tokens in A and in B.
-    """
-    P = m.num_prefix
-    pa, pb = (P + 1) // 2, P // 2
-    B, n_unm, _ = m.unm_idx.shape
-    n_b = num_tokens - P - n_unm - m.src_idx.shape[1]
-    arange = torch.arange(max(P, n_b), device=m.unm_idx.device)
-    unm = 2 * (pa + m.unm_idx[..., 0])  # [B, n_a - r]
-    b_pos = 2 * (pb + arange[:n_b]) + 1
-    return torch.cat([arange[:P].expand(B, -1), unm, b_pos.expand(B, -1)], dim=1)
-
-
 def mlerp(slots: torch.Tensor, num_out: int, x: torch.Tensor) -> torch.Tensor:
     """MLERP merge: the mean of each slot's tokens rescaled to the largest norm among them.
 
@@ -94,8 +77,9 @@ def tofu_step(
     x, size, source = tokens[:3]
     N = x.shape[1]
     m = ops.bipartite_soft_matching(key_mean, r, num_prefix)
+    kept = ops.kept_positions(m, N)  # [B, N - r]: prefix, unmatched A, B (the destinations)
     if prune:
-        return ops.keep_step(x, size, source, kept_positions(m, N))  # [B, N - r, C]
+        return ops.keep_step(x, size, source, kept)  # [B, N - r, C]
     slots = ops.merge_slots(m, N)  # [B, N]
     B = x.shape[0]
     total = size.new_zeros(B, N - r + 1, 1).scatter_add_(1, slots[..., None], size)
@@ -103,6 +87,7 @@ def tofu_step(
         mlerp(slots, N - r, x),
         total[:, : N - r],
         None if source is None else ops.pool_source(slots, N - r, source),
+        origin=kept,
     )
 
 
@@ -117,6 +102,7 @@ class ToFu(KeepRatio):
 
     description = "ToFu: ToMe matching that prunes in early blocks, norm-preserving merge later"
     needs = frozenset({KEY_MEAN})
+    gives_origin = True
 
     def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
         N = x.shape[1]

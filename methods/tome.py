@@ -28,6 +28,7 @@ class ToMe(Scheduled):
 
     description = "ToMe: bipartite merging of similar tokens in every block (r schedule)"
     needs = frozenset({KEY_MEAN})
+    gives_origin = True
     prop_attn: bool = True
 
     def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:

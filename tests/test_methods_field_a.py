@@ -325,6 +325,8 @@ def test_diffrate_step_prunes_then_merges_with_the_cosine_size_rule():
     assert torch.allclose(out.x[0], torch.tensor([[5.0, 5.0], [1.0, 0.5], [0.0, 1.0]]))
     assert torch.allclose(out.size[0, :, 0], torch.tensor([1.0, 3.0 + 2.0 / math.sqrt(2), 1.0]))
     assert out.source[0].tolist() == [[1, 0, 0, 0, 0], [0, 1, 0, 0, 1], [0, 0, 1, 0, 0]]
+    # Patch 1 (size 2) merged into patch 4: the merged token descends from its destination.
+    assert out.origin[0].tolist() == [0, 4, 2]
 
 
 def test_diffrate_uses_proportional_attention_from_its_first_merge():

@@ -169,9 +169,13 @@ def test_mctf_matching_follows_the_authors_order():
     fusion = bidirectional_matching(scores, 2, 7, 1, bidirectional=True)
     assert fusion.num_out == 5
     assert fusion.slots.tolist() == [[0, 4, 4, 1, 1, 3, 2]]
+    # Each output token descends from the token left unfused in its slot: B1 took A2 and then
+    # fused into A4, whose own position the token keeps.
+    assert fusion.origin.tolist() == [[0, 4, 6, 5, 1]]
     # One direction, r = 2: A2 and A4 fuse into B1 and B3; out: class, A6, B1, B3, B5.
     fusion = bidirectional_matching(scores, 2, 7, 1, bidirectional=False)
     assert fusion.slots.tolist() == [[0, 2, 2, 3, 3, 4, 1]]
+    assert fusion.origin.tolist() == [[0, 6, 1, 3, 5]]
 
 
 def test_mctf_fused_attention_keeps_rows_normalised():

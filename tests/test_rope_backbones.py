@@ -146,8 +146,9 @@ def test_pruning_equals_masking_the_dropped_tokens(key, name):
     assert not torch.equal(kept[0], kept[1]) or name == "random"
 
 
-def test_tokens_keep_their_own_rope_when_pruned_and_merged():
-    """A gathered token's rope is its own; a merged one is one of its members'."""
+def test_positions_without_an_origin_follow_the_member_weighing_most():
+    """The rule for a method that gives no origin (dct, third-party methods): a gathered token's
+    rope is its own, a token holding several is its member standing for the most patches'."""
     from ppt_bench.methods.patch import follow_positions
 
     member = torch.tensor([[[1, 0, 0, 0, 0], [0, 0, 0, 1, 0], [0, 1, 1, 0, 1]]]).float()
