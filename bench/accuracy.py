@@ -1,28 +1,33 @@
 """Accuracy against labels and against the unreduced model, with token statistics on the way.
 
-One pass over the data gives top-1 / top-5 / loss (timm's ``accuracy`` and ``AverageMeter``, as
-in timm's ``validate.py``), the label-free top-1 agreement and KL divergence against the
-unreduced model on the same images, the tokens left after each block, ppt's pooled fraction at
-each location, and how many images took each pruning/pooling path (for the MACs mean).
+One pass over the data keeps, image by image (:class:`~ppt_bench.outcomes.Outcomes`), the top-1
+prediction, whether the label is in the top 5 (as timm's ``accuracy``), the loss, and the
+label-free agreement and KL divergence against the unreduced model's outputs on the same images
+(a :class:`~ppt_bench.outcomes.Reference`, computed once per sweep); and the tokens left after
+each block, ppt's pooled fraction at each location, and how many images took each
+pruning/pooling path (for the MACs mean). The figures and their 95% intervals follow from the
+per-image outcomes (:mod:`ppt_bench.stats`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.utils import AverageMeter, accuracy
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ppt_bench import stats
 from ppt_bench.data import device_transform
 from ppt_bench.dtypes import amp_autocast
 from ppt_bench.errors import UserError
 from ppt_bench.methods import is_patched
+from ppt_bench.outcomes import Outcomes, Reference
 
 ACCURACY_METRICS = ("top1", "top5", "loss", "agreement_top1", "kl")
 LABEL_FREE_METRICS = ("agreement_top1", "kl")
@@ -90,23 +95,47 @@ class TokenStats:
 
 @dataclass
 class AccuracyResult:
-    """What one pass over the data measured; percentages in %, loss and KL in nats."""
+    """What one pass over the data measured; percentages in %, loss and KL in nats.
 
-    top1: float
-    top5: float
-    loss: float
-    agreement_top1: float
-    kl: float
-    n_images: int
+    Attributes:
+        outcomes: the run image by image; its :meth:`~Outcomes.estimates` give the figures
+            with their 95% intervals.
+        log_probs: ``[N, K]`` the model's own log-probabilities, kept when asked for (the
+            unreduced model's pass, which is the reference of every other run).
+        reference: the unreduced model's outputs, when the pass computed them (it was given
+            the unreduced model rather than its stored outputs).
+    """
+
+    outcomes: Outcomes
     unreadable_images: int
     tokens: TokenStats
+    log_probs: torch.Tensor | None = None
+    reference: Reference | None = None
 
-    def metrics(self, labeled: bool = True) -> dict[str, float]:
-        """The accuracy metrics; without real labels only the label-free ones."""
-        names = ACCURACY_METRICS if labeled else LABEL_FREE_METRICS
-        out = {name: getattr(self, name) for name in names}
+    @property
+    def n_images(self) -> int:
+        return self.outcomes.n_images
+
+    def __getattr__(self, name: str) -> float:
+        if name in ACCURACY_METRICS:  # top1, loss, ...: the figure without its interval
+            return self.outcomes.estimates()[name].value
+        raise AttributeError(name)
+
+    def metrics(
+        self, labeled: bool = True, reduced: bool = True
+    ) -> dict[str, stats.Estimate | float]:
+        """The accuracy metrics with their intervals; without real labels only the label-free
+        ones. With labels, a reduced model's run also gets its paired comparison with the
+        unreduced model on the same images: ``delta_top1`` (pp, with its interval) and
+        ``p_value`` (exact McNemar)."""
+        out: dict[str, stats.Estimate | float] = dict(self.outcomes.estimates(labeled))
+        if not reduced:  # its own reference: agreement 100 % and KL 0 by definition
+            out.update(agreement_top1=100.0, kl=0.0)
         if labeled:
             out["unreadable_images"] = self.unreadable_images
+        if labeled and reduced:
+            versus = self.outcomes.against_reference()
+            out["delta_top1"], out["p_value"] = versus.delta, versus.p_value
         return out
 
 
@@ -118,10 +147,13 @@ def agreement_and_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> tuple[fl
         ref_logits: unreduced model outputs ``[B, K]`` on the same images.
     """
     agree = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() * 100.0
-    kl = F.kl_div(
-        logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="batchmean"
-    )
+    kl = kl_per_image(logits.log_softmax(-1), ref_logits.log_softmax(-1)).mean()
     return agree.item(), kl.item()
+
+
+def kl_per_image(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """``KL(ref || p)`` of each image ``[B]`` from log-probabilities ``[B, K]``."""
+    return F.kl_div(log_probs, ref_log_probs, log_target=True, reduction="none").sum(-1)
 
 
 def check_labels(labels: torch.Tensor, num_classes: int) -> None:
@@ -134,16 +166,35 @@ def check_labels(labels: torch.Tensor, num_classes: int) -> None:
         )
 
 
+def _batches(
+    loader: DataLoader, device: str | torch.device, desc: str, progress: bool
+) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, int]]:
+    """``(images on device, labels on device, unreadable)`` of each batch (None when a batch
+    held no readable image)."""
+    normalize = device_transform(loader, reuse_output=True)  # each batch is done with below
+    for images, labels, skipped in tqdm(
+        loader, desc=desc, leave=False, disable=not progress, unit="batch"
+    ):
+        if images is None:
+            yield None, None, skipped
+            continue
+        images = images.to(device, non_blocking=True)
+        if normalize is not None:
+            images = normalize(images)
+        yield images, labels.to(device, non_blocking=True), skipped
+
+
 def evaluate_accuracy(
     model: nn.Module,
     loader: DataLoader,
-    reference: nn.Module | None = None,
+    reference: nn.Module | Reference | None = None,
     device: str | torch.device = "cpu",
     dtype: str = "fp32",
     desc: str = "accuracy",
     progress: bool = True,
+    keep_log_probs: bool = False,
 ) -> AccuracyResult:
-    """Run ``model`` (and ``reference``) over ``loader`` and measure accuracy and token stats.
+    """Run ``model`` over ``loader`` and measure accuracy, image by image, and token stats.
 
     Args:
         model: the (reduced) model, in eval mode on ``device``.
@@ -151,41 +202,69 @@ def evaluate_accuracy(
             :func:`ppt_bench.data.make_loader`; training validates with the same batches);
             cached uint8 images are normalised on ``device``
             (:func:`ppt_bench.data.device_transform`).
-        reference: the unreduced model on the same device; None means ``model`` is itself
-            unreduced (agreement 100 %, KL 0).
+        reference: the unreduced model's outputs on the same images (:class:`Reference`,
+            computed once per sweep), or the unreduced model itself (run on each batch beside
+            ``model``; its outputs are returned as ``result.reference``); None means ``model``
+            is itself unreduced (agreement 100 %, KL 0).
         device: where the batches go.
         dtype: ``fp32``, ``fp16`` or ``bf16`` (autocast).
         desc: progress bar label.
         progress: show the progress bar.
+        keep_log_probs: keep the model's log-probabilities (``[N, K]`` on the CPU).
     """
-    meters = {name: AverageMeter() for name in ACCURACY_METRICS}
-    stats, unreadable = TokenStats(), 0
-    normalize = device_transform(loader, reuse_output=True)  # each batch is done with below
+    columns: dict[str, list[torch.Tensor]] = {f.name: [] for f in fields(Outcomes)}
+    own: list[torch.Tensor] = []
+    computed: list[torch.Tensor] = []  # the unreduced model's, when it runs here
+    stats_, unreadable, seen = TokenStats(), 0, 0
     with torch.inference_mode():
-        for images, labels, skipped in tqdm(
-            loader, desc=desc, leave=False, disable=not progress, unit="batch"
-        ):
+        for images, labels, skipped in _batches(loader, device, desc, progress):
             unreadable += skipped
             if images is None:
                 continue
-            images = images.to(device, non_blocking=True)
-            if normalize is not None:
-                images = normalize(images)
-            labels = labels.to(device, non_blocking=True)
             with amp_autocast(device, dtype):
                 logits = model(images).float()
-                ref = logits if reference is None else reference(images).float()
+                if isinstance(reference, nn.Module):
+                    computed.append(reference(images).float().log_softmax(-1))
             check_labels(labels, logits.shape[-1])
             n = images.shape[0]
-            stats.update(model, n)
-            top1, top5 = accuracy(logits, labels, topk=(1, 5))
-            agree, kl = agreement_and_kl(logits, ref)
-            values = (top1.item(), top5.item(), F.cross_entropy(logits, labels).item(), agree, kl)
-            for name, value in zip(ACCURACY_METRICS, values, strict=True):
-                meters[name].update(value, n)
+            stats_.update(model, n)
+            log_probs = logits.log_softmax(-1)
+            if reference is None:
+                ref = log_probs
+            elif isinstance(reference, nn.Module):
+                ref = computed[-1]
+                computed[-1] = ref.cpu()
+            elif reference.log_probs.shape[0] < seen + n:
+                raise reference.mismatch()
+            else:
+                ref = reference.log_probs[seen : seen + n].to(log_probs.device)
+            seen += n
+            k = min(5, logits.shape[-1])
+            batch = {
+                "label": labels,
+                "pred": logits.argmax(-1),
+                "top5": (logits.topk(k, dim=-1).indices == labels[:, None]).any(-1),
+                "loss": F.cross_entropy(logits, labels, reduction="none"),
+                "ref_pred": ref.argmax(-1),
+                "kl": kl_per_image(log_probs, ref),
+            }
+            for name, values in batch.items():
+                columns[name].append(values.cpu())
+            if keep_log_probs:
+                own.append(log_probs.cpu())
+    outcomes = Outcomes(
+        **{
+            name: torch.cat(parts).numpy() if parts else np.empty(0)
+            for name, parts in columns.items()
+        }
+    )
+    labels = torch.from_numpy(outcomes.label)
+    if isinstance(reference, Reference) and not reference.covers(labels):
+        raise reference.mismatch()
     return AccuracyResult(
-        **{name: meters[name].avg for name in ACCURACY_METRICS},
-        n_images=meters["top1"].count,
+        outcomes=outcomes,
         unreadable_images=unreadable,
-        tokens=stats,
+        tokens=stats_,
+        log_probs=torch.cat(own) if own else None,
+        reference=Reference(torch.cat(computed), labels) if computed else None,
     )

@@ -17,6 +17,7 @@ from typing import Any
 from ppt_bench import __version__
 from ppt_bench.errors import UserError
 from ppt_bench.spec import COMPILE_MODES
+from ppt_bench.throughput import DEFAULT_ROUNDS
 
 PROG = "ppt-bench"
 # Subcommands whose module (ppt_bench.<name>) provides add_arguments(parser) and run(args).
@@ -136,6 +137,13 @@ def add_run_parser(sub: Any) -> None:
     )
     p.add_argument("--seed", type=int, help="seed for synthetic data and random methods")
     p.add_argument("--workers", type=int, help="DataLoader workers (default 4)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help=f"timed rounds of throughput, each a reduced model's loop and the unreduced "
+        f"model's in turn; the speedup is the median of the per-round ratios with its 95%% "
+        f"interval, which needs 6 or more (default {DEFAULT_ROUNDS})",
+    )
     p.add_argument(
         "--cache",
         action=argparse.BooleanOptionalAction,
@@ -287,6 +295,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "compile": args.compile,
         "seed": args.seed,
         "workers": args.workers,
+        "rounds": args.rounds,
         "cache": args.cache,
         "cache_dir": args.cache_dir,
         "baseline": args.baseline,

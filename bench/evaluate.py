@@ -1,8 +1,9 @@
 """``evaluate(spec) -> rows``: the one function every runner maps over its specs.
 
-Build the model (and an unreduced copy when accuracy is measured), apply the method, let each
-metric group that ``spec.metrics`` names measure the run (:mod:`ppt_bench.metrics`), and return
-tidy rows (:func:`ppt_bench.records.make_rows`).
+Build the model (and, for a reduced run, an unreduced copy: the reference of its accuracy and the
+other half of its paired timing), apply the method, let each metric group that ``spec.metrics``
+names measure the run (:mod:`ppt_bench.metrics`), keep its per-image outcomes in the sweep's
+:class:`~ppt_bench.outcomes.RunStore`, and return tidy rows (:func:`ppt_bench.records.make_rows`).
 Errors a user can cause are raised as :class:`~ppt_bench.errors.UserError`; runners record a
 failed run with :func:`failed_rows` and go on.
 """
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 from timm.utils import random_seed
+from torch import nn
 
 from ppt_bench import imagecache, metrics
 from ppt_bench.accuracy import AccuracyResult, evaluate_accuracy
@@ -25,6 +27,7 @@ from ppt_bench.errors import UserError
 from ppt_bench.methods import create_method
 from ppt_bench.methods.baseline import Baseline
 from ppt_bench.models import build_model
+from ppt_bench.outcomes import Outcomes, Reference, RunStore
 from ppt_bench.records import make_rows
 from ppt_bench.spec import RunSpec
 from ppt_bench.throughput import (
@@ -76,25 +79,34 @@ class RunContext:
     Args:
         spec: the run.
         progress: show progress bars.
+        store: where the per-image outcomes and the unreduced model's outputs of the sweep are
+            kept (:class:`~ppt_bench.outcomes.RunStore`); None: computed for this run alone.
     """
 
-    def __init__(self, spec: RunSpec, progress: bool = True) -> None:
+    def __init__(self, spec: RunSpec, progress: bool = True, store: RunStore | None = None) -> None:
         self.spec = spec
         self.progress = progress
+        self.store = store
         model, self.data_config = build_model(spec)
         self.input_size = tuple(self.data_config["input_size"])
         method = create_method(spec.method, **spec.params)
-        # The unreduced model is its own reference: agreement 100 % and KL 0 by definition.
-        wants_reference = "accuracy" in spec.metrics and not isinstance(method, Baseline)
-        self._reference = copy.deepcopy(model) if wants_reference else None
+        # The unreduced model: the reference of accuracy (unless stored) and the other half
+        # of every paired timing round. The baseline run is its own reference.
+        self.reduced = not isinstance(method, Baseline)
+        self._unreduced = copy.deepcopy(model) if self.reduced else None
         self.model = method.apply(model).to(spec.device)
         self.dataset = SYNTHETIC
         self.labeled = False
         self.n_images: int | None = None
         self.batch_size: int | None = None
+        self.outcomes: Outcomes | None = None
         self._data: AccuracyResult | None = None
         self._speed: Speed | None = None
         self._latency: Latency | None = None
+
+    def unreduced(self) -> nn.Module:
+        """The unreduced model on the run's device (reduced runs only)."""
+        return self._unreduced.to(self.spec.device)
 
     def data_pass(self) -> AccuracyResult:
         """Accuracy, agreement and token statistics over the data (computed once)."""
@@ -113,17 +125,29 @@ class RunContext:
             progress=self.progress,
         )
         self.labeled = self.dataset != SYNTHETIC
-        reference, self._reference = self._reference, None
-        if reference is not None:
-            reference.to(spec.device)
+        store, key = self.store, spec.reference_key
+        # A reduced run reads the unreduced model's outputs that another run of the sweep
+        # stored, else runs the unreduced model beside its own, batch by batch.
+        reference: Reference | nn.Module | None = None
+        if self.reduced:
+            stored = store.load_reference(key) if store is not None else None
+            reference = stored if stored is not None else self.unreduced()
+        keep = not self.reduced and store is not None
         result = evaluate_accuracy(
-            self.model, loader, reference, spec.device, spec.dtype, spec.method, self.progress
+            self.model, loader, reference, spec.device, spec.dtype, spec.method, self.progress, keep
         )
         if result.n_images == 0:
             raise UserError(
                 f"no readable images in {spec.data}: all {result.unreadable_images} failed"
             )
-        self.n_images, self._data = result.n_images, result
+        if store is not None and result.reference is not None:
+            store.offer_reference(key, result.reference)
+        if keep:  # the baseline's own outputs are every other run's reference
+            labels = torch.from_numpy(result.outcomes.label)
+            store.offer_reference(key, Reference(result.log_probs, labels))
+            result.log_probs = None
+        result.reference = None
+        self.n_images, self._data, self.outcomes = result.n_images, result, result.outcomes
         return result
 
     def _timing_args(self) -> tuple[Any, ...]:
@@ -132,10 +156,15 @@ class RunContext:
         return fast, self.input_size, spec.batch_size, spec.device, spec.dtype
 
     def speed(self) -> Speed:
-        """Throughput and peak memory in the spec's compile mode (measured once)."""
+        """Throughput and peak memory in the spec's compile mode, a reduced model's paired with
+        the unreduced model's (measured once)."""
         if self._speed is None:
-            graph = self.spec.compile == "cudagraph"
-            self._speed = measure_throughput(*self._timing_args(), cuda_graph=graph)
+            spec = self.spec
+            graph = spec.compile == "cudagraph"
+            base = compile_for_timing(self.unreduced(), spec.compile) if self.reduced else None
+            self._speed = measure_throughput(
+                *self._timing_args(), cuda_graph=graph, rounds=spec.rounds, baseline=base
+            )
             self.batch_size = self._speed.batch_size
         return self._speed
 
@@ -143,11 +172,15 @@ class RunContext:
         """Latency per batch in the spec's compile mode (measured once)."""
         if self._latency is None:
             graph = self.spec.compile == "cudagraph"
-            self._latency = measure_latency(*self._timing_args(), cuda_graph=graph)
+            self._latency = measure_latency(
+                *self._timing_args(), cuda_graph=graph, rounds=self.spec.rounds
+            )
         return self._latency
 
 
-def evaluate(spec: RunSpec, *, progress: bool = True) -> list[dict[str, Any]]:
+def evaluate(
+    spec: RunSpec, *, progress: bool = True, store: RunStore | None = None
+) -> list[dict[str, Any]]:
     """Measure one run and return its rows, one per metric.
 
     Each entry of ``spec.metrics`` is a metric group (:mod:`ppt_bench.metrics`) that writes its
@@ -157,23 +190,32 @@ def evaluate(spec: RunSpec, *, progress: bool = True) -> list[dict[str, Any]]:
     the CPU); latency -> ``latency_p50_ms, latency_p90_ms``; memory -> ``peak_mem_mb`` (CUDA
     only); tokens -> ``tokens_block_<i>`` and, for ppt, ``pooled_frac_block_<i>``.
 
+    Every estimate carries its 95% interval (``ci_low``, ``ci_high``). A reduced run also
+    compares itself with the unreduced model: on labelled data ``delta_top1`` and ``p_value``
+    (paired, on the same images), and with throughput the paired ``speedup`` and
+    ``baseline_samples_per_sec``.
+
     Args:
         spec: the run.
         progress: show progress bars.
+        store: keeps the run's per-image outcomes (``<run_id>.npz``) and shares the unreduced
+            model's outputs between the runs of a sweep; None: nothing is kept.
 
     Raises:
         UserError: bad model, weights, data or device, or out of memory at batch size 1.
     """
     check_device(spec.device)
     random_seed(spec.seed)
-    run = RunContext(spec, progress)
+    run = RunContext(spec, progress, store)
     values: dict[str, float] = {}
     chosen = [metrics.get(name) for name in spec.metrics]
-    # The data pass first, so that the unreduced reference is freed before the timed loops.
+    # The data pass first (the accuracy, tokens and the MACs of adaptive methods read it).
     with oom_as_user_error(spec):
         for group in sorted(chosen, key=lambda g: not g.needs_data):
             values.update({group.name: group.measure(run)})
     ordered = {k: v for name in spec.metrics for k, v in values[name].items()}
+    if store is not None and run.outcomes is not None:  # before the rows: found with them
+        store.save_outcomes(spec.run_id, run.outcomes)
     return make_rows(
         spec, ordered, dataset=run.dataset, n_images=run.n_images, batch_size=run.batch_size
     )

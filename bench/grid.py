@@ -21,6 +21,7 @@ from typing import Any
 from ppt_bench import identity
 from ppt_bench.errors import UserError
 from ppt_bench.spec import RunSpec
+from ppt_bench.throughput import DEFAULT_ROUNDS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -71,6 +72,7 @@ class SweepConfig:
     compile: list[bool | str] = field(default_factory=lambda: ["none"])
     seed: int = 0
     workers: int = 4
+    rounds: int = DEFAULT_ROUNDS
     cache: bool = True
     cache_dir: str | None = None
     baseline: bool = True
@@ -273,7 +275,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
     **dict.fromkeys(("data", "checkpoint", "device", "sweep_name", "runner"), str),
     **dict.fromkeys(("out", "report", "cache_dir"), str),
     **dict.fromkeys(("baseline", "cache"), bool),
-    **dict.fromkeys(("seed", "workers", "n_images"), int),
+    **dict.fromkeys(("seed", "workers", "n_images", "rounds"), int),
 }
 
 
@@ -342,6 +344,7 @@ def expand(config: SweepConfig) -> list[RunSpec]:
         n_images=config.n_images,
         sweep=config.sweep_name,
         workers=config.workers,
+        rounds=config.rounds,
         checkpoint_sha256=identity.checkpoint_digest(checkpoint),
         data_fingerprint=identity.data_fingerprint(data),
         machine=_machine(config),

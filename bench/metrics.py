@@ -15,12 +15,14 @@ Third-party groups register with :func:`register_metric_group` or through the en
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 from ppt_bench.errors import UserError
+from ppt_bench.stats import Estimate
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -54,6 +56,20 @@ class Cells:
         return runs[metric].mean() if metric in runs and runs[metric].notna().any() else None
 
     @staticmethod
+    def estimate(runs: pd.DataFrame, metric: str) -> Estimate | None:
+        """``metric`` with its 95% interval when one run measured it (the interval columns
+        ``low:<metric>``, ``high:<metric>`` of the report's runs frame); the mean without an
+        interval over several runs; None where it was not measured."""
+        if metric not in runs or not runs[metric].notna().any():
+            return None
+        measured = runs[runs[metric].notna()]
+        if len(measured) > 1:
+            return Estimate(float(measured[metric].mean()))
+        row = measured.iloc[0]
+        low, high = (row.get(f"{bound}:{metric}", math.nan) for bound in ("low", "high"))
+        return Estimate(float(row[metric]), float(low), float(high))
+
+    @staticmethod
     def at(runs: pd.DataFrame, batch_size: int) -> pd.DataFrame:
         return runs[runs["batch_size"] == batch_size]
 
@@ -70,6 +86,20 @@ def fmt(value: float | None, spec: str, suffix: str = "") -> str:
     if value is None or value != value:
         return ""
     return f"{value:{spec}}{suffix}"
+
+
+NOT_SIGNIFICANT = "°"  # marks a difference from the baseline that is not significant at 5%
+
+
+def fmt_ci(est: Estimate | None, spec: str, suffix: str = "", mark: bool = False) -> str:
+    """A table cell for a figure and its 95% interval: ``96.67 [94.26, 98.08]`` (no brackets
+    without an interval); ``mark`` appends :data:`NOT_SIGNIFICANT`."""
+    if est is None or est.value != est.value:
+        return ""
+    text = f"{est.value:{spec}}{suffix}"
+    if est.low == est.low and est.high == est.high:
+        text += f" [{est.low:{spec}}, {est.high:{spec}}]"
+    return text + (NOT_SIGNIFICANT if mark else "")
 
 
 Columns = Callable[[Cells], dict[str, str]]
@@ -182,19 +212,25 @@ def metrics_of(*, timing: bool | None = None, same_everywhere: bool | None = Non
 # -- the built-in groups ----------------------------------------------------------------------
 
 
-def _measure_accuracy(run: RunContext) -> dict[str, float]:
-    """top-1, top-5, loss; agreement and KL against the unreduced model"""
-    return run.data_pass().metrics(labeled=run.labeled)
+def _measure_accuracy(run: RunContext) -> dict[str, Estimate | float]:
+    """top-1, top-5, loss; agreement and KL against the unreduced model; paired delta top-1"""
+    return run.data_pass().metrics(labeled=run.labeled, reduced=run.reduced)
 
 
 def _accuracy_columns(c: Cells) -> dict[str, str]:
-    top1, base_top1 = c.mean(c.runs, "top1"), c.mean(c.base, "top1")
-    delta = None if top1 is None or base_top1 is None else top1 - base_top1
+    top1, base_top1 = c.estimate(c.runs, "top1"), c.mean(c.base, "top1")
+    delta, p_value = c.estimate(c.runs, "delta_top1"), c.mean(c.runs, "p_value")
+    if delta is None and top1 is not None and base_top1 is not None:  # a file without pairs
+        delta = Estimate(top1.value - base_top1)
     return {
-        "top-1 (%)": fmt(top1, ".2f"),
-        "Δ top-1 (pp)": fmt(delta, "+.2f"),
-        "agreement (%)": fmt(c.mean(c.runs, "agreement_top1"), ".2f"),
+        "top-1 (%)": fmt_ci(top1, ".2f"),
+        "Δ top-1 (pp)": fmt_ci(delta, "+.2f", mark=_not_significant(p_value)),
+        "agreement (%)": fmt_ci(c.estimate(c.runs, "agreement_top1"), ".2f"),
     }
+
+
+def _not_significant(p_value: float | None) -> bool:
+    return p_value is not None and not p_value < 0.05
 
 
 ACCURACY_UNITS = {
@@ -204,6 +240,8 @@ ACCURACY_UNITS = {
     "agreement_top1": "%",
     "kl": "",
     "unreadable_images": "",
+    "delta_top1": "pp",  # against the unreduced model on the same images
+    "p_value": "",  # exact McNemar test of that difference
 }
 ACCURACY = MetricGroup(
     "accuracy", ACCURACY_UNITS, _measure_accuracy, _accuracy_columns, needs_data=True
@@ -238,10 +276,14 @@ MACS = MetricGroup("macs", MACS_UNITS, _measure_macs, _macs_columns, same_everyw
 register_metric_group(MACS)
 
 
-def _measure_throughput(run: RunContext) -> dict[str, float]:
-    """images/s after warm-up"""
+def _measure_throughput(run: RunContext) -> dict[str, Estimate | float]:
+    """images/s after warm-up; speedup paired with the unreduced model"""
     speed = run.speed()
-    out = {"samples_per_sec": speed.samples_per_sec}
+    out: dict[str, Estimate | float] = {"samples_per_sec": speed.throughput}
+    if speed.speedup is not None:
+        out["speedup"] = speed.speedup
+        out["baseline_samples_per_sec"] = speed.baseline_throughput
+    out["timing_rounds"] = speed.rounds
     if speed.cpu_threads is not None:
         out["cpu_threads"] = speed.cpu_threads
     return out
@@ -250,36 +292,49 @@ def _measure_throughput(run: RunContext) -> dict[str, float]:
 def _throughput_columns(c: Cells) -> dict[str, str]:
     out, speedup = {}, None
     for bs in c.batch_sizes:
-        ips = c.mean(c.at(c.runs, bs), "samples_per_sec")
+        runs = c.at(c.runs, bs)
+        ips = c.estimate(runs, "samples_per_sec")
+        # Paired in the run itself; the baseline, or a file written before pairing: the ratio
+        # of the means.
+        speedup = c.estimate(runs, "speedup")
         base_ips = c.mean(c.at(c.base, bs), "samples_per_sec")
-        speedup = None if ips is None or not base_ips else ips / base_ips
-        out[f"img/s @{bs}"] = fmt(ips, ".1f")
-        out[f"speedup @{bs}"] = fmt(speedup, ".2f", "x")
-    if c.batch_sizes:  # how much of the MAC reduction became speed at the largest batch
+        if speedup is None and ips is not None and base_ips:
+            speedup = Estimate(ips.value / base_ips)
+        tie = speedup is not None and speedup.low <= 1 <= speedup.high
+        out[f"img/s @{bs}"] = fmt_ci(ips, ".1f")
+        out[f"speedup @{bs}"] = fmt_ci(speedup, ".2f", "x", mark=tie)
+    if c.batch_sizes:  # how much of the MAC reduction became speed
         ideal = c.ideal_speedup
-        share = None if speedup is None or not ideal else 100 * speedup / ideal
+        share = None if speedup is None or not ideal else 100 * speedup.value / ideal
         out[f"% of ideal @{c.batch_sizes[-1]}"] = fmt(share, ".0f")
     return out
 
 
-THROUGHPUT_UNITS = {"samples_per_sec": "img/s", "cpu_threads": ""}
+THROUGHPUT_UNITS = {
+    "samples_per_sec": "img/s",
+    "speedup": "x",
+    "baseline_samples_per_sec": "img/s",
+    "timing_rounds": "",
+    "cpu_threads": "",
+}
 THROUGHPUT = MetricGroup(
     "throughput", THROUGHPUT_UNITS, _measure_throughput, _throughput_columns, timing=True
 )
 register_metric_group(THROUGHPUT)
 
 
-def _measure_latency(run: RunContext) -> dict[str, float]:
+def _measure_latency(run: RunContext) -> dict[str, Estimate]:
     """p50/p90 ms per batch"""
     latency = run.latency()
-    return {"latency_p50_ms": latency.p50_ms, "latency_p90_ms": latency.p90_ms}
+    return {"latency_p50_ms": latency.p50, "latency_p90_ms": latency.p90}
 
 
 def _latency_columns(c: Cells) -> dict[str, str]:
     if not c.batch_sizes:
         return {}
     small = c.at(c.runs, c.batch_sizes[0])
-    return {f"latency p50 @{c.batch_sizes[0]} (ms)": fmt(c.mean(small, "latency_p50_ms"), ".2f")}
+    p50 = c.estimate(small, "latency_p50_ms")
+    return {f"latency p50 @{c.batch_sizes[0]} (ms)": fmt_ci(p50, ".2f")}
 
 
 LATENCY_UNITS = {"latency_p50_ms": "ms", "latency_p90_ms": "ms"}

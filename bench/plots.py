@@ -1,4 +1,5 @@
-"""The report's PNG plots: accuracy vs GMACs with the Pareto front, throughput vs batch size.
+"""The report's PNG plots: accuracy vs GMACs with the Pareto front, throughput vs batch size,
+each point with its 95% interval as an error bar where the run recorded one.
 
 Both take the wide runs frame of :func:`ppt_bench.report.tidy_runs` (one row per run, one column
 per metric) and draw one panel per model. A plot whose metrics are missing is not drawn.
@@ -74,7 +75,16 @@ def plot_pareto(runs: pd.DataFrame, path: Path) -> Path | None:
     for ax, model in zip(axes, models, strict=True):
         mine = points[points["model"] == model]
         for method, group in mine.groupby("method"):
-            ax.scatter(group["gmacs"], group[column], label=method, s=28)
+            ax.errorbar(
+                group["gmacs"],
+                group[column],
+                yerr=_yerr(group, column),
+                fmt="o",
+                ms=5,
+                capsize=2,
+                elinewidth=0.8,
+                label=method,
+            )
         front = pareto_front(list(zip(mine["gmacs"], mine[column], strict=True)))
         ax.plot(*zip(*front, strict=True), color="0.3", lw=1, ls="--", label="Pareto front")
         ax.set(title=model, xlabel="GMACs per image", ylabel=ylabel)
@@ -95,8 +105,14 @@ def plot_throughput(runs: pd.DataFrame, path: Path) -> Path | None:
         keys = ["method", "params", "device", "dtype", "compile"]
         for _, group in mine.groupby([k for k in keys if k in mine], sort=False):
             group = group.sort_values("batch_size")
-            ax.plot(
-                group["batch_size"], group["samples_per_sec"], "o-", label=_label(group.iloc[0])
+            ax.errorbar(
+                group["batch_size"],
+                group["samples_per_sec"],
+                yerr=_yerr(group, "samples_per_sec"),
+                fmt="o-",
+                capsize=2,
+                elinewidth=0.8,
+                label=_label(group.iloc[0]),
             )
         ax.set(title=model, xlabel="batch size", ylabel="images/s")
         ax.set_xscale("log", base=2)
@@ -106,6 +122,17 @@ def plot_throughput(runs: pd.DataFrame, path: Path) -> Path | None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     return _save(fig, path)
+
+
+def _yerr(runs: pd.DataFrame, column: str):
+    """Error bars from the 95% interval columns (``low:<column>``, ``high:<column>``), zero
+    where a run has none; None when no run has one."""
+    low, high = f"low:{column}", f"high:{column}"
+    if low not in runs or high not in runs:
+        return None
+    below = (runs[column] - runs[low]).fillna(0).clip(lower=0)
+    above = (runs[high] - runs[column]).fillna(0).clip(lower=0)
+    return [below.to_numpy(), above.to_numpy()]
 
 
 def _has(runs: pd.DataFrame, column: str) -> bool:

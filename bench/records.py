@@ -29,6 +29,7 @@ from ppt_bench import identity
 from ppt_bench.atomic import atomic_write
 from ppt_bench.errors import UserError
 from ppt_bench.metrics import unit_of
+from ppt_bench.stats import Estimate
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -58,6 +59,8 @@ COLUMNS = (
     "seed",
     "metric",
     "value",
+    "ci_low",
+    "ci_high",
     "unit",
     "timestamp",
     "ppt_bench_version",
@@ -71,7 +74,9 @@ COLUMNS = (
 # What makes an experiment, added after the first schema: a file written before them lacks them
 # (and gains them when a run is appended to it).
 IDENTITY_COLUMNS = ("machine", "checkpoint", "checkpoint_sha256", "data_fingerprint", "seed")
-REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c not in IDENTITY_COLUMNS)
+# The 95% interval of ``value`` (same unit; empty where none applies), also added later.
+INTERVAL_COLUMNS = ("ci_low", "ci_high")
+REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c not in (*IDENTITY_COLUMNS, *INTERVAL_COLUMNS))
 
 # Columns read back as text: a hex run_id or git sha made only of digits ("012345678901",
 # "1e5...") or a version like "0.10" would otherwise be parsed as a number.
@@ -183,7 +188,8 @@ def make_rows(
 
     Args:
         spec: the run.
-        metrics: metric name -> value (units from the metric groups).
+        metrics: metric name -> value, a number or an :class:`Estimate` with its 95% interval
+            (units from the metric groups).
         dataset: name of the data actually used.
         n_images: images evaluated.
         batch_size: the batch size actually used (after out-of-memory backoff), default the spec's.
@@ -221,11 +227,18 @@ def make_rows(
         "error": error.replace("\n", " ")[:500],
     }
     if status != "ok":
-        return [{**base, "metric": "", "value": "", "unit": ""}]
+        return [{**base, "metric": "", "value": "", "ci_low": "", "ci_high": "", "unit": ""}]
     return [
-        {**base, "metric": name, "value": _number(value), "unit": unit_of(name)}
+        {**base, "metric": name, **_value(value), "unit": unit_of(name)}
         for name, value in metrics.items()
     ]
+
+
+def _value(value: float | Estimate) -> dict[str, float | str]:
+    """The ``value``, ``ci_low`` and ``ci_high`` cells of a figure (an :class:`Estimate` or a
+    plain number)."""
+    value, low, high = value if isinstance(value, Estimate) else (value, math.nan, math.nan)
+    return {"value": _number(value), "ci_low": _number(low), "ci_high": _number(high)}
 
 
 def _number(value: float) -> float | str:
@@ -389,9 +402,11 @@ def read_results(
         check_header(p, text.splitlines()[0] if text else "", advice)
         frames.append(pd.read_csv(io.StringIO(text), dtype=dict.fromkeys(TEXT_COLUMNS, str)))
     df = pd.concat(frames, ignore_index=True)
-    # Files written before the identity columns existed lack them.
-    df = df.reindex(columns=[*df.columns, *(c for c in IDENTITY_COLUMNS if c not in df)])
-    df["value"] = pd.to_numeric(df["value"], errors="coerce")
+    # Files written before the identity and interval columns existed lack them.
+    later = (*IDENTITY_COLUMNS, *INTERVAL_COLUMNS)
+    df = df.reindex(columns=[*df.columns, *(c for c in later if c not in df)])
+    for column in ("value", *INTERVAL_COLUMNS):
+        df[column] = pd.to_numeric(df[column], errors="coerce")
     return df
 
 

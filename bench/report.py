@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 from tabulate import tabulate
 
-from ppt_bench import metrics
+from ppt_bench import metrics, stats
 from ppt_bench.errors import UserError, check_output_path
-from ppt_bench.metrics import POOLED_COLUMN, Cells
+from ppt_bench.metrics import NOT_SIGNIFICANT, POOLED_COLUMN, Cells, fmt_ci
+from ppt_bench.outcomes import Outcomes, RunStore
 from ppt_bench.records import IDENTITY_COLUMNS, format_params, read_results
+from ppt_bench.stats import Estimate
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -56,8 +59,10 @@ class Report:
 def tidy_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split results into one wide row per ``ok`` run and the failed runs that never succeeded.
 
-    A run recorded more than once (a rerun, or the same run in two CSVs) keeps its last value
-    of each metric; a failed run that later succeeded is not listed as failed.
+    The wide frame has a column per metric, and ``low:<metric>`` / ``high:<metric>`` for the
+    bounds of its 95% interval where the rows give one. A run recorded more than once (a rerun,
+    or the same run in two CSVs) keeps its last value of each metric; a failed run that later
+    succeeded is not listed as failed.
     """
     import pandas as pd
 
@@ -70,12 +75,16 @@ def tidy_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     failed = df[(df["status"] != "ok") & ~df["run_id"].isin(ok["run_id"])]
     failed = failed.drop_duplicates("run_id", keep="last")
     info = ok.drop_duplicates("run_id", keep="last").set_index("run_id")
-    values = ok.drop_duplicates(["run_id", "metric"], keep="last").pivot(
-        index="run_id", columns="metric", values="value"
-    )
+    last = ok.drop_duplicates(["run_id", "metric"], keep="last")
+    values = last.pivot(index="run_id", columns="metric", values="value")
+    bounds = [
+        last.pivot(index="run_id", columns="metric", values=f"ci_{bound}").add_prefix(f"{bound}:")
+        for bound in ("low", "high")
+    ]
+    bounds = [b.dropna(axis=1, how="all") for b in bounds]
     keep = [c for c in (*RUN_COLUMNS[1:], *CONTEXT, "n_images") if c in info]
     keep = list(dict.fromkeys(keep))
-    runs = pd.concat([info[keep], values], axis=1).reset_index()
+    runs = pd.concat([info[keep], values, *bounds], axis=1).reset_index()
     return runs, failed
 
 
@@ -116,39 +125,74 @@ def model_table(runs: pd.DataFrame) -> str:
     return tabulate(table, header, tablefmt="github", disable_numparse=True, colalign=align)
 
 
-def equal_macs_table(runs: pd.DataFrame, reference: str = "ppt") -> str | None:
+def equal_macs_table(
+    runs: pd.DataFrame, reference: str = "ppt", outcomes: Mapping[str, Outcomes] | None = None
+) -> str | None:
     """Top-1 of every method at the MAC budgets of the ``reference`` method's runs.
 
-    A method measured within 1% of a budget shows its measured top-1; otherwise its top-1 is
-    interpolated linearly between its two runs that bracket the budget (marked ``~``), and left
-    blank outside the budgets it was run at. None when there is nothing to compare.
+    A method measured within 1% of a budget shows its measured top-1 with its 95% interval;
+    otherwise its top-1 is interpolated linearly between its two runs that bracket the budget
+    (marked ``~``, without an interval), and left blank outside the budgets it was run at. The
+    best top-1 at a budget is in bold only where it beats the runner-up significantly: both
+    measured, on the same images, exact McNemar p < 0.05 on their per-image ``outcomes`` (by
+    run id). None when there is nothing to compare.
     """
-    import numpy as np
-
     if not {"top1", "gmacs"} <= set(runs) or reference not in set(runs["method"]):
         return None
     points = runs[runs["top1"].notna() & runs["gmacs"].notna() & (runs["method"] != "baseline")]
-    curves = {
-        m: g.groupby("gmacs")["top1"].mean().sort_index() for m, g in points.groupby("method")
-    }
-    budgets = sorted(curves.get(reference, {}).index, reverse=True)
-    if not budgets or len(curves) < 2:
+    by_method = {m: g for m, g in points.groupby("method")}
+    budgets = sorted(by_method.get(reference, points[:0])["gmacs"].unique(), reverse=True)
+    if not budgets or len(by_method) < 2:
         return None
-    methods = [reference, *sorted(m for m in curves if m != reference)]
+    methods = [reference, *sorted(m for m in by_method if m != reference)]
     rows = []
     for budget in budgets:
+        cells = {m: _cell_at(by_method[m], budget) for m in methods}
+        cells = {m: c for m, c in cells.items() if c is not None}
+        best = _significant_best(cells, outcomes or {})
         row = [f"{budget:.3f}"]
         for m in methods:
-            curve = curves[m]
-            near = curve[np.isclose(curve.index, budget, rtol=0.01)]
-            if len(near):
-                row.append(f"{near.mean():.2f}")
-            elif curve.index.min() <= budget <= curve.index.max():
-                row.append(f"~{np.interp(budget, curve.index, curve.values):.2f}")
-            else:
+            cell = cells.get(m)
+            if cell is None:
                 row.append("")
+                continue
+            text = f"~{cell.top1.value:.2f}" if cell.interpolated else fmt_ci(cell.top1, ".2f")
+            row.append(f"**{text}**" if m == best else text)
         rows.append(row)
     return tabulate(rows, ["GMACs", *methods], tablefmt="github", disable_numparse=True)
+
+
+class _Cell(NamedTuple):
+    top1: Estimate
+    run_id: str | None = None  # the one run measured at the budget
+    interpolated: bool = False
+
+
+def _cell_at(runs: pd.DataFrame, budget: float) -> _Cell | None:
+    """One method's top-1 at a MAC budget: the run within 1% of the budget (several: their
+    mean, without an interval), else interpolated between the runs around it, else None."""
+    near = runs[np.isclose(runs["gmacs"], budget, rtol=0.01)]
+    if len(near) == 1:
+        return _Cell(Cells.estimate(near, "top1"), near["run_id"].iloc[0])
+    if len(near) > 1:
+        return _Cell(Estimate(float(near["top1"].mean())))
+    curve = runs.groupby("gmacs")["top1"].mean().sort_index()
+    if curve.index.min() <= budget <= curve.index.max():
+        return _Cell(Estimate(float(np.interp(budget, curve.index, curve.values))), None, True)
+    return None
+
+
+def _significant_best(cells: dict[str, _Cell], outcomes: Mapping[str, Outcomes]) -> str | None:
+    """The method with the best top-1 among ``cells`` if it beats the runner-up significantly
+    on the paired test of their per-image outcomes, else None."""
+    if len(cells) < 2:
+        return None
+    ranked = sorted(cells.items(), key=lambda kv: kv[1].top1.value, reverse=True)
+    (best, first), (_, second) = ranked[:2]
+    a, b = outcomes.get(first.run_id or ""), outcomes.get(second.run_id or "")
+    if a is None or b is None or not np.array_equal(a.label, b.label):
+        return None
+    return best if stats.paired(a.correct, b.correct).significant else None
 
 
 def _gmacs_by_config(runs: pd.DataFrame) -> dict[tuple[str, str], float]:
@@ -229,6 +273,21 @@ def where_table(df: pd.DataFrame) -> str:
     return tabulate(rows, headers, tablefmt="github", disable_numparse=True)
 
 
+HOW_TO_READ = (
+    "How to read the figures: `x [a, b]` is a figure with its 95% interval. top-1, top-5 and "
+    "agreement: Wilson intervals over the images. Δ top-1: the method against the unreduced "
+    "model on the same images, with the exact conditional interval of the exact McNemar test; "
+    "images/s and latency: the median over timed rounds with its order-statistic interval; "
+    "speedup: measured in pairs, each round timing the method and then the unreduced model (or "
+    "the other way round) in one process at the same batch size, the median of the per-round "
+    f"ratios with its interval. `{NOT_SIGNIFICANT}` marks a difference from the baseline that "
+    "is not significant at 5% (McNemar p >= 0.05, or a speedup interval that holds 1.00x): "
+    "read it as a tie. Two methods' intervals overlapping does not make them equal, nor does "
+    "a gap between rows make them different: compare them on the same images (the equal-MACs "
+    "tables do)."
+)
+
+
 def render(
     df: pd.DataFrame,
     *,
@@ -237,14 +296,18 @@ def render(
     plots: Sequence[Path] = (),
     sources=(),
     notes: str | None = None,
+    outcomes: Mapping[str, Outcomes] | None = None,
 ) -> str:
-    """The report's markdown text; ``notes`` (markdown) go in a section of their own."""
+    """The report's markdown text; ``notes`` (markdown) go in a section of their own;
+    ``outcomes`` (per-image, by run id) decide the significant best at equal MACs."""
     runs, failed = tidy_runs(df)
     lines = [
         f"{TITLE}{title}",
         "",
         f"Generated by `{command}` from {', '.join(f'`{s}`' for s in sources)}; "
         "regenerate it with that command instead of editing it by hand.",
+        "",
+        HOW_TO_READ,
         "",
     ]
     for model, group in runs.groupby("model", sort=True):
@@ -253,14 +316,16 @@ def render(
         varied = _varied(group, ("dataset", *IDENTITY_COLUMNS))
         experiments = group.groupby(varied, sort=True) if varied else [((), group)]
         for key, experiment in experiments:
-            equal = equal_macs_table(experiment)
+            equal = equal_macs_table(experiment, outcomes=outcomes)
             if not equal:
                 continue
             which = ", ".join(f"{c} {v}" for c, v in zip(varied, key, strict=True))
             lines += [
                 f"Top-1 (%) at equal MACs{f' ({which})' if which else ''}: each method at the "
-                "budgets of the ppt runs (`~`: interpolated between its two nearest runs; blank: "
-                "outside its range).",
+                "budgets of the ppt runs (`~`: interpolated between its two nearest runs, "
+                "without an interval or a test; blank: outside its range). In bold: the best, "
+                "where it beats the runner-up significantly (both measured on the same images, "
+                "exact McNemar p < 0.05); no bold: no method is ahead at that budget.",
                 "",
                 equal,
                 "",
@@ -318,6 +383,21 @@ def _is_report(path: Path) -> bool:
         return False
 
 
+def stored_outcomes(
+    csvs: Sequence[str | os.PathLike], run_ids: Sequence[str]
+) -> dict[str, Outcomes]:
+    """The per-image outcomes kept beside the results files, for the runs that have them."""
+    stores = [RunStore.beside(csv) for csv in csvs]
+    found = {}
+    for run_id in run_ids:
+        for store in stores:
+            outcome = store.load_outcomes(run_id)
+            if outcome is not None:
+                found[run_id] = outcome
+                break
+    return found
+
+
 def write_report(
     csvs: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
@@ -346,11 +426,20 @@ def write_report(
         except (OSError, UnicodeDecodeError) as err:
             raise UserError(f"notes file {notes} cannot be read ({type(err).__name__})") from None
     runs, _ = tidy_runs(df)
+    outcomes = stored_outcomes(csvs, runs["run_id"])
     if command is None:
         extra = [] if notes is None else ["--notes", str(notes)]
         command = shlex.join(["ppt-bench", "report", *map(str, csvs), "--out", str(out), *extra])
     out.parent.mkdir(parents=True, exist_ok=True)
     plots = write_plots(runs, out.parent, out.stem)
-    text = render(df, title=out.stem, command=command, plots=plots, sources=csvs, notes=notes_text)
+    text = render(
+        df,
+        title=out.stem,
+        command=command,
+        plots=plots,
+        sources=csvs,
+        notes=notes_text,
+        outcomes=outcomes,
+    )
     out.write_text(text)
     return Report(out, tuple(plots))

@@ -11,12 +11,26 @@ from typing import Any
 from ppt_bench import metrics as metric_groups
 from ppt_bench.dtypes import DTYPES
 from ppt_bench.errors import UserError
+from ppt_bench.throughput import DEFAULT_ROUNDS
 
 # "default", "reduce-overhead", "max-autotune": torch.compile modes; "cudagraph": the eager
 # forward captured in a CUDA graph (no compilation, no Python launch overhead).
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "cudagraph")
 # Fields that only say how a run is scheduled or named, not what it measures.
-_NOT_IN_RUN_ID = ("sweep", "workers", "cache", "cache_dir")
+_NOT_IN_RUN_ID = ("sweep", "workers", "cache", "cache_dir", "rounds")
+# What decides the unreduced model's outputs on the evaluated images: runs that agree on these
+# share one reference (:attr:`RunSpec.reference_key`), whatever their method or batch size.
+_REFERENCE_FIELDS = (
+    "model",
+    "checkpoint",
+    "checkpoint_sha256",
+    "data",
+    "data_fingerprint",
+    "n_images",
+    "seed",
+    "dtype",
+    "device",
+)
 
 
 @dataclass(frozen=True)
@@ -48,6 +62,8 @@ class RunSpec:
         cache: read ImageFolder images through the preprocessed-image cache
             (:mod:`ppt_bench.imagecache`; not part of ``run_id``: the images are the same).
         cache_dir: the cache's folder; None: the user cache directory (not part of ``run_id``).
+        rounds: timed rounds of throughput, alternating with the unreduced model's (not part of
+            ``run_id``: it sets the precision, not what is measured).
     """
 
     model: str
@@ -69,6 +85,7 @@ class RunSpec:
     machine: str = ""
     cache: bool = True
     cache_dir: str | None = None
+    rounds: int = DEFAULT_ROUNDS
 
     def __post_init__(self) -> None:
         from ppt_bench.methods import create_method
@@ -104,6 +121,8 @@ class RunSpec:
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise UserError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise UserError(f"rounds must be a positive integer, got {self.rounds!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise UserError(f"workers must be an integer >= 0, got {self.workers!r}")
         if not isinstance(self.cache, bool):
@@ -118,6 +137,13 @@ class RunSpec:
         """A stable hash of what the run measures: the same spec always gets the same id."""
         d = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_RUN_ID}
         blob = json.dumps(d, sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+    @property
+    def reference_key(self) -> str:
+        """A hash of what decides the unreduced model's outputs on this run's images."""
+        d = self.to_dict()
+        blob = json.dumps({k: d[k] for k in _REFERENCE_FIELDS}, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     def to_dict(self) -> dict[str, Any]:

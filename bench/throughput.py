@@ -1,7 +1,12 @@
-"""Speed: images/s, latency per batch and peak memory, the way timm's ``benchmark.py`` measures.
+"""Speed: images/s, latency per batch and peak memory, the way timm's ``benchmark.py`` measures,
+in rounds, with 95% intervals, and speedups measured in pairs.
 
 Synthetic input of the model's input size, warm-up iterations first, everything under
-``torch.inference_mode`` and AMP autocast for fp16 / bf16. On CUDA the timed loop is bracketed
+``torch.inference_mode`` and AMP autocast for fp16 / bf16. Throughput is timed in rounds of
+``iters`` forwards; given the unreduced model as ``baseline``, its rounds alternate with the
+reduced model's (ABBA), in this process on this device at the same batch size, and the speedup
+is the median of the per-round ratios with its 95% interval (:mod:`ppt_bench.stats`): never a
+ratio of two runs made at different times or places. On CUDA the timed loop is bracketed
 by CUDA events (throughput) or synchronised around each batch (latency); on the CPU it is timed
 with ``time.perf_counter``. A CUDA out-of-memory error retries at a smaller batch
 (``timm.utils.decay_batch_step``) and the result records the batch size actually used.
@@ -9,6 +14,7 @@ with ``time.perf_counter``. A CUDA out-of-memory error retries at a smaller batc
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -21,13 +27,17 @@ import torch
 from timm.utils import decay_batch_step
 from torch import nn
 
+from ppt_bench import stats
 from ppt_bench.dtypes import amp_autocast
 from ppt_bench.errors import UserError
+from ppt_bench.stats import Estimate
 
 _logger = logging.getLogger(__name__)
 
-# timm benchmark.py's defaults; override with PPT_BENCH_WARMUP / PPT_BENCH_ITERS.
-DEFAULT_WARMUP, DEFAULT_ITERS = 10, 40
+# Warm-up forwards per model and timed forwards per round (override with PPT_BENCH_WARMUP /
+# PPT_BENCH_ITERS), and timed rounds per model (``--rounds``): 7 rounds give a median's 95%
+# interval; 7 x 10 forwards are about timm benchmark.py's 40 for each of the two models.
+DEFAULT_WARMUP, DEFAULT_ITERS, DEFAULT_ROUNDS = 10, 10, 7
 WARMUP_ENV, ITERS_ENV = "PPT_BENCH_WARMUP", "PPT_BENCH_ITERS"
 
 T = TypeVar("T")
@@ -35,28 +45,47 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Speed:
-    """Throughput at one batch size.
+    """Throughput at one batch size, measured in rounds.
 
     Attributes:
-        samples_per_sec: images per second over the timed iterations.
+        throughput: images per second, the median over rounds with its 95% interval.
         batch_size: the batch size actually used (after out-of-memory backoff).
-        peak_mem_mb: peak CUDA memory allocated during the run in MiB (None on the CPU).
+        speedup: paired against the unreduced model timed in the same rounds (None without
+            one): the median of the per-round ratios of images/s, with its 95% interval.
+        baseline_throughput: the unreduced model's images/s in those rounds.
+        rounds: timed rounds per model.
+        peak_mem_mb: peak CUDA memory of the measured model's forward in MiB (None on the CPU).
         cpu_threads: ``torch.get_num_threads()`` on the CPU (None on CUDA).
     """
 
-    samples_per_sec: float
+    throughput: Estimate
     batch_size: int
+    speedup: Estimate | None = None
+    baseline_throughput: Estimate | None = None
+    rounds: int = 1
     peak_mem_mb: float | None = None
     cpu_threads: int | None = None
+
+    @property
+    def samples_per_sec(self) -> float:
+        return self.throughput.value
 
 
 @dataclass(frozen=True)
 class Latency:
-    """Wall time of one forward of a whole batch, in ms per batch."""
+    """Wall time of one forward of a whole batch, in ms per batch, with 95% intervals."""
 
-    p50_ms: float
-    p90_ms: float
+    p50: Estimate
+    p90: Estimate
     batch_size: int
+
+    @property
+    def p50_ms(self) -> float:
+        return self.p50.value
+
+    @property
+    def p90_ms(self) -> float:
+        return self.p90.value
 
 
 def iterations(warmup: int | None = None, iters: int | None = None) -> tuple[int, int]:
@@ -193,9 +222,14 @@ class Timing:
         batch_size: images per forward; lowered on CUDA out of memory.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
         dtype: ``fp32``, ``fp16`` or ``bf16`` (autocast).
-        warmup: untimed iterations (default :data:`DEFAULT_WARMUP` or ``$PPT_BENCH_WARMUP``).
-        iters: timed iterations (default :data:`DEFAULT_ITERS` or ``$PPT_BENCH_ITERS``).
+        warmup: untimed iterations per model (default :data:`DEFAULT_WARMUP` or
+            ``$PPT_BENCH_WARMUP``).
+        iters: timed iterations per round (default :data:`DEFAULT_ITERS` or ``$PPT_BENCH_ITERS``).
         cuda_graph: time replays of the forward captured in a CUDA graph (CUDA only).
+        rounds: timed rounds (default :data:`DEFAULT_ROUNDS`); 6 or more give the medians a 95%
+            interval.
+        baseline: the unreduced model, timed in alternate rounds with ``model`` at the same
+            batch size (throughput only), or None.
     """
 
     model: nn.Module
@@ -206,55 +240,91 @@ class Timing:
     warmup: int | None = None
     iters: int | None = None
     cuda_graph: bool = False
+    rounds: int = DEFAULT_ROUNDS
+    baseline: nn.Module | None = None
 
-    def run(self, timer: Callable[[Callable[[], object], int, int], T]) -> tuple[T, int]:
-        """``timer(step, batch_size, iters)`` after warm-up, ``step`` being one forward of a
-        synthetic batch; retried at smaller batches after a CUDA out-of-memory error.
+    def run(
+        self, timer: Callable[[list[Callable[[], object]], int, int], T]
+    ) -> tuple[T, int, float | None]:
+        """``timer(steps, batch_size, iters)`` after warm-up, ``steps`` being one forward of a
+        synthetic batch through the model (and the baseline, second); retried at smaller
+        batches after a CUDA out-of-memory error.
 
         Returns:
-            What ``timer`` returned and the batch size it was obtained at. On CUDA the peak
-            memory statistics cover that successful attempt only.
+            What ``timer`` returned, the batch size it was obtained at, and on CUDA the peak
+            memory of the model's warm-up at that batch size in MiB (None on the CPU).
         """
         warmup, iters = iterations(self.warmup, self.iters)
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+            raise UserError(f"rounds must be a positive integer, got {self.rounds!r}")
         device = self.device
+        models = [self.model] + ([] if self.baseline is None else [self.baseline])
 
-        def at(batch: int) -> T:
-            if _is_cuda(device):
+        def at(batch: int) -> tuple[T, float | None]:
+            cuda = _is_cuda(device)
+            if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             with torch.inference_mode(), amp_autocast(device, self.dtype):
                 x = torch.randn(batch, *self.input_size, device=device)
-                return timer(_warm_step(self.model, x, warmup, self.cuda_graph), batch, iters)
+                steps = [_warm_step(models[0], x, warmup, self.cuda_graph)]
+                peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+                steps += [_warm_step(m, x, warmup, self.cuda_graph) for m in models[1:]]
+                return timer(steps, batch, iters), peak
 
-        return with_oom_backoff(at, self.batch_size)
+        (result, peak), used = with_oom_backoff(at, self.batch_size)
+        return result, used, peak
+
+
+def alternating(rounds: int, n: int) -> list[list[int]]:
+    """The order of ``n`` models in each round: forward, then backward (ABBA...), so that a
+    drift in the machine's speed favours none of them."""
+    forward = list(range(n))
+    return [forward if r % 2 == 0 else forward[::-1] for r in range(rounds)]
 
 
 def measure_throughput(*args: Any, **kwargs: Any) -> Speed:
-    """Images per second of a model on synthetic input, after warm-up.
+    """Images per second of a model on synthetic input, after warm-up, in ``rounds`` timed
+    loops of ``iters`` forwards; with a ``baseline``, its loops alternate with the model's and
+    each round gives one ratio.
 
     Args: those of :class:`Timing`, in its order.
     """
     timing = Timing(*args, **kwargs)
     device = timing.device
-    samples_per_sec, used = timing.run(
-        lambda step, batch, n: batch * n / time_total(step, n, device)
-    )
-    cuda = _is_cuda(device)
+
+    def timer(steps: list[Callable[[], object]], batch: int, iters: int) -> list[np.ndarray]:
+        ips = [[] for _ in steps]
+        for order in alternating(timing.rounds, len(steps)):
+            for i in order:
+                ips[i].append(batch * iters / time_total(steps[i], iters, device))
+        return [np.asarray(x) for x in ips]
+
+    per_round, used, peak = timing.run(timer)
+    paired = len(per_round) == 2
     return Speed(
-        samples_per_sec=samples_per_sec,
+        throughput=stats.median(per_round[0]),
         batch_size=used,
-        peak_mem_mb=torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None,
-        cpu_threads=None if cuda else torch.get_num_threads(),
+        speedup=stats.median(per_round[0] / per_round[1]) if paired else None,
+        baseline_throughput=stats.median(per_round[1]) if paired else None,
+        rounds=timing.rounds,
+        peak_mem_mb=peak,
+        cpu_threads=None if _is_cuda(device) else torch.get_num_threads(),
     )
 
 
 def measure_latency(*args: Any, **kwargs: Any) -> Latency:
-    """Median and 90th percentile wall time of one batch (ms per batch), after warm-up; meant
-    for small batch sizes (1 to 8).
+    """Median and 90th percentile wall time of one batch (ms per batch) over ``rounds`` x
+    ``iters`` timed forwards after warm-up, with their order-statistic intervals; meant for
+    small batch sizes (1 to 8).
 
-    Args: those of :class:`Timing`, in its order.
+    Args: those of :class:`Timing`, in its order (``baseline`` is not timed).
     """
     timing = Timing(*args, **kwargs)
+    timing = dataclasses.replace(timing, baseline=None)
     device = timing.device
-    times_ms, used = timing.run(lambda step, batch, n: np.asarray(time_each(step, n, device)) * 1e3)
-    p50, p90 = np.percentile(times_ms, [50, 90])
-    return Latency(float(p50), float(p90), used)
+
+    def timer(steps: list[Callable[[], object]], batch: int, iters: int) -> np.ndarray:
+        return np.asarray(time_each(steps[0], iters * timing.rounds, device)) * 1e3
+
+    times_ms, used, _ = timing.run(timer)
+    return Latency(stats.quantile(times_ms, 0.5), stats.quantile(times_ms, 0.9), used)

@@ -2,7 +2,8 @@
 summary of a sweep and one run with its failure captured.
 
 A runner only schedules: it maps :func:`~ppt_bench.evaluate.evaluate` over the runs not yet in
-the results file and appends each run's rows as it finishes. A new runner is a class with the
+the results file and appends each run's rows as it finishes, its per-image outcomes first
+(:class:`~ppt_bench.outcomes.RunStore`, beside the results file). A new runner is a class with the
 constructor and ``run`` of :class:`Runner`, listed in :data:`RUNNERS`; the settings only it
 understands are its ``options`` (each becomes a ``--flag`` and a config key).
 """
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ppt_bench.errors import UserError
+from ppt_bench.outcomes import RunStore
 from ppt_bench.records import finished_run_ids, format_params
 from ppt_bench.spec import RunSpec
 
@@ -130,12 +132,20 @@ def pending(specs: Sequence[RunSpec], out_csv: Path) -> tuple[list[RunSpec], int
     return todo, len(specs) - len(todo)
 
 
-def run_one(spec: RunSpec, progress: bool = True) -> list[dict[str, Any]]:
-    """Evaluate one run; any exception becomes a ``status=failed`` row, never a crash."""
+def run_one(
+    spec: RunSpec, progress: bool = True, store: RunStore | None = None
+) -> list[dict[str, Any]]:
+    """Evaluate one run; any exception becomes a ``status=failed`` row, never a crash.
+
+    Args:
+        spec: the run.
+        progress: show progress bars.
+        store: the sweep's per-image outcomes and shared unreduced-model outputs.
+    """
     from ppt_bench.evaluate import evaluate, failed_rows
 
     try:
-        return evaluate(spec, progress=progress)
+        return evaluate(spec, progress=progress, store=store)
     except Exception as exc:  # one bad run must not stop a sweep
         return failed_rows(spec, exc)
 

@@ -1,4 +1,8 @@
-"""``LocalRunner``: the runs of a sweep one after the other in this process; no Ray needed."""
+"""``LocalRunner``: the runs of a sweep one after the other in this process; no Ray needed.
+
+The runs share one :class:`~ppt_bench.outcomes.RunStore`: the unreduced model's outputs on the
+data are computed once (by the baseline's own run when it comes first) and read by the others.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ppt_bench.outcomes import RunStore
 from ppt_bench.records import append_rows
 from ppt_bench.runners.base import SweepSummary, pending, run_one
 from ppt_bench.spec import RunSpec
@@ -29,10 +34,11 @@ class LocalRunner:
         """Run every spec not yet ``ok`` in the results file; a failed run is recorded."""
         todo, skipped = pending(specs, self.out_csv)
         summary = SweepSummary(self.out_csv, total=len(specs), skipped=skipped)
+        store = RunStore.beside(self.out_csv)
         bar = tqdm(todo, desc="runs", unit="run", disable=not self.progress or not todo)
         for spec in bar:
             bar.set_postfix_str(f"{spec.model} {spec.method} bs={spec.batch_size}", refresh=False)
-            rows = run_one(spec, self.progress)
+            rows = run_one(spec, self.progress, store)
             append_rows(self.out_csv, rows)
             summary.add(rows)
         return summary

@@ -17,6 +17,7 @@ authentication, accepts only a token generated for this instance.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import ipaddress
@@ -42,11 +43,13 @@ from tqdm.auto import tqdm
 
 from ppt_bench import metrics
 from ppt_bench.errors import UserError, check_output_path
+from ppt_bench.outcomes import Outcomes, Reference, RunStore, store_folder
 from ppt_bench.records import append_rows, finished_run_ids
 from ppt_bench.runners.base import SweepSummary, environ, pending, run_one
 from ppt_bench.spec import RunSpec
 
 ROWS_KEY = "ppt_bench_rows"
+OUTCOMES_KEY = "ppt_bench_outcomes"  # the run's per-image outcomes, base64 of their .npz
 _DONE_MARKER = ".ppt-bench-complete"
 # HOST:PORT, HOST a name or an IPv4 address, or an IPv6 address in brackets.
 _ADDRESS = re.compile(
@@ -83,13 +86,54 @@ class TrialResources:
         return {"CPU": self.cpus, "GPU": 1.0 if whole else self.gpu_fraction}
 
 
+class TrialStore(RunStore):
+    """A trial's view of the sweep's :class:`~ppt_bench.outcomes.RunStore`.
+
+    The unreduced model's outputs are shared through the folder, which trials on the driver's
+    machine (a private instance, or a cluster with a shared file system) have in common: a
+    trial that finds them reads them, one that does not computes them beside its own model
+    and stores them. Where the folder cannot be written (another node), a trial computes them
+    for itself. The per-image outcomes go back to the driver with the
+    rows, which writes them beside the results file.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        super().__init__(folder)
+        self.outcomes: bytes = b""
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.shared = os.access(self.folder, os.W_OK)
+        except OSError:
+            self.shared = False
+
+    def offer_reference(self, key: str, reference: Reference) -> None:
+        if self.shared:
+            super().offer_reference(key, reference)
+
+    def load_reference(self, key: str) -> Reference | None:
+        return super().load_reference(key) if self.shared else None
+
+    def save_outcomes(self, run_id: str, outcomes: Outcomes) -> None:
+        self.outcomes = outcomes.to_bytes()
+
+
 def _trial(
-    config: dict[str, Any], skip: frozenset[str] = frozenset(), progress: bool = True
+    config: dict[str, Any],
+    skip: frozenset[str] = frozenset(),
+    progress: bool = True,
+    store: str = "",
 ) -> None:
-    """The Tune trainable: evaluate one spec and report its rows."""
+    """The Tune trainable: evaluate one spec and report its rows and per-image outcomes."""
     spec = RunSpec.from_dict(config["run"]["spec"])
-    rows = [] if spec.run_id in skip else run_one(spec, progress)
-    tune.report({ROWS_KEY: json.dumps(rows, default=str)})
+    trial_store = TrialStore(store) if store else None
+    rows = [] if spec.run_id in skip else run_one(spec, progress, trial_store)
+    outcomes = trial_store.outcomes if trial_store else b""
+    tune.report(
+        {
+            ROWS_KEY: json.dumps(rows, default=str),
+            OUTCOMES_KEY: base64.b64encode(outcomes).decode("ascii"),
+        }
+    )
 
 
 def _resources(trial_resources: TrialResources) -> Callable[[dict], tune.PlacementGroupFactory]:
@@ -123,10 +167,15 @@ class RecordRows(tune.Callback):
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_bar": None}
 
-    def record(self, rows: list[dict[str, Any]]) -> None:
-        """Append one run's rows unless that run is already recorded as ``ok``."""
+    def record(self, rows: list[dict[str, Any]], outcomes: bytes = b"") -> None:
+        """Append one run's rows (after its per-image outcomes) unless that run is already
+        recorded as ``ok``."""
         if not rows or rows[0]["run_id"] in self.done:
             return
+        if outcomes:
+            RunStore.beside(self.out_csv).save_outcomes(
+                rows[0]["run_id"], Outcomes.from_bytes(outcomes)
+            )
         append_rows(self.out_csv, rows)
         self.summary.add(rows)
         if rows[0]["status"] == "ok":
@@ -137,7 +186,8 @@ class RecordRows(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if ROWS_KEY in result:
-            self.record(json.loads(result[ROWS_KEY]))
+            outcomes = base64.b64decode(result.get(OUTCOMES_KEY, ""))
+            self.record(json.loads(result[ROWS_KEY]), outcomes)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         from ppt_bench.evaluate import failed_rows
@@ -448,7 +498,8 @@ class RayRunner:
         return tune.Tuner.can_restore(exp_dir) and not (exp_dir / _DONE_MARKER).exists()
 
     def _trainable(self, skip: frozenset[str]):
-        trainable = tune.with_parameters(_trial, skip=skip, progress=self.progress)
+        store = str(store_folder(self.out_csv))
+        trainable = tune.with_parameters(_trial, skip=skip, progress=self.progress, store=store)
         return tune.with_resources(trainable, _resources(self.resources))
 
     def _run_config(self, exp_dir: Path, summary: SweepSummary, total: int) -> tune.RunConfig:

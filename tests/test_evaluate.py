@@ -54,9 +54,10 @@ def test_evaluate_rows_follow_the_schema(synthetic_rows, method, tmp_path):
     metrics = by_metric(rows)
     expected = {"agreement_top1", "kl", "gmacs", "gmacs_fvcore", "gmacs_single_input"}
     expected |= {"param_count", "samples_per_sec", "cpu_threads", "latency_p50_ms"}
-    expected |= {"latency_p90_ms"} | {f"tokens_block_{i}" for i in range(6)}
-    if method == "ppt":
+    expected |= {"latency_p90_ms", "timing_rounds"} | {f"tokens_block_{i}" for i in range(6)}
+    if method == "ppt":  # timed in pairs with the unreduced model
         expected |= {"pooled_frac_block_1", "pooled_frac_block_3"}
+        expected |= {"speedup", "baseline_samples_per_sec"}
     # Synthetic labels mean nothing: no top-1.
     assert set(metrics) == expected
     append_rows(tmp_path / "r.csv", rows)
@@ -96,7 +97,10 @@ def test_evaluate_on_an_image_folder(tmp_path):
     )  # fmt: skip
     rows = evaluate(spec)
     metrics = by_metric(rows)
-    assert set(metrics) == {"top1", "top5", "loss", "agreement_top1", "kl", "unreadable_images"}
+    assert set(metrics) == {
+        *("top1", "top5", "loss", "agreement_top1", "kl", "unreadable_images"),
+        *("delta_top1", "p_value"),  # against the unreduced model on the same images
+    }
     assert metrics["unreadable_images"] == 1
     assert {(r["dataset"], r["n_images"]) for r in rows} == {("imgs", 6)}
     assert 0 <= metrics["top1"] <= metrics["top5"] <= 100

@@ -20,6 +20,7 @@ from ppt_bench.grid import build_config, expand
 from ppt_bench.methods import create_method
 from ppt_bench.records import (
     IDENTITY_COLUMNS,
+    INTERVAL_COLUMNS,
     append_rows,
     finished_run_ids,
     make_rows,
@@ -277,11 +278,13 @@ def test_a_diverging_training_stops_and_keeps_the_last_checkpoint(tmp_path, monk
 def test_a_results_file_from_before_the_identity_columns_reads_reports_and_grows(tmp_path):
     path = tmp_path / "old.csv"
     append_rows(path, _rows("1"))
-    df = read_results(path).drop(columns=list(IDENTITY_COLUMNS))  # the earlier schema
-    df.to_csv(path, index=False)
+    earlier = [*IDENTITY_COLUMNS, *INTERVAL_COLUMNS]  # the earlier schema lacks them
+    read_results(path).drop(columns=earlier).to_csv(path, index=False)
     assert "machine" not in path.read_text().splitlines()[0]
+    assert "ci_low" not in path.read_text().splitlines()[0]
     text = write_report(path, tmp_path / "r.md").markdown.read_text()
     assert "| merge" in text and "## Where it ran" in text
     append_rows(path, _rows("2"))  # the file gains the columns; the old row keeps blanks
     df = read_results(path)
     assert list(df["machine"].fillna("")) == ["", identity.machine()]
+    assert {"ci_low", "ci_high"} <= set(df.columns)

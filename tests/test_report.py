@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 
+from ppt_bench.accuracy import AccuracyResult, TokenStats
+from ppt_bench.outcomes import Outcomes, RunStore
 from ppt_bench.plots import pareto_front
 from ppt_bench.records import append_rows, make_rows
 from ppt_bench.report import format_params, write_report
 from ppt_bench.spec import RunSpec
+from ppt_bench.stats import Estimate
 
 MODEL = "deit_tiny_patch16_224"
 
@@ -202,3 +206,84 @@ def test_mac_counts_add_no_rows_beside_the_timed_runs_of_a_configuration(tmp_pat
         "0.500",
         "0.600",
     ]
+
+
+def planted_run(path, method, r, gmacs, correct, reference_correct):
+    """Rows and per-image outcomes of an accuracy run whose images are right where
+    ``correct`` says (the unreduced model: ``reference_correct``)."""
+    n = correct.size
+    label = np.zeros(n, dtype=np.int64)
+    outcomes = Outcomes(
+        label=label,
+        pred=np.where(correct, 0, 1),
+        top5=np.ones(n, bool),
+        loss=np.zeros(n, np.float32),
+        ref_pred=np.where(reference_correct, 0, 1),
+        kl=np.zeros(n, np.float32),
+    )
+    spec = RunSpec(MODEL, method, {"r": r} if r else {}, batch_size=1, sweep="t")
+    metrics = {**AccuracyResult(outcomes, 0, TokenStats()).metrics(reduced=bool(r))}
+    RunStore.beside(path).save_outcomes(spec.run_id, outcomes)
+    append_rows(path, make_rows(spec, {**metrics, "gmacs": gmacs}, dataset="d", n_images=n))
+
+
+def test_intervals_marks_and_the_significant_best_at_equal_macs(tmp_path):
+    n = 400
+    reference = np.arange(n) < 360  # 90% right
+    path = tmp_path / "t.csv"
+    planted_run(path, "baseline", 0, 1.0, reference, reference)
+    # ppt: 3 images fewer than the baseline (p = 0.25, a tie); prune: 20 fewer (significant).
+    ppt = reference.copy()
+    ppt[:3] = False
+    prune = reference.copy()
+    prune[:20] = False
+    tome = reference.copy()  # as good as the baseline, 17 images better than prune
+    tome[:3] = False
+    planted_run(path, "ppt", 8, 0.8, ppt, reference)
+    planted_run(path, "prune", 8, 0.8, prune, reference)
+    planted_run(path, "tome", 4, 0.8, tome, reference)
+    out = tmp_path / "t.md"
+    text = write_report(path, out).markdown.read_text()
+    assert "95% interval" in text.split("## ")[0]  # how to read them, before the tables
+    cells = dict(zip(header(text), table_row(text, "ppt"), strict=True))
+    assert cells["top-1 (%)"].startswith("89.25 [") and cells["Δ top-1 (pp)"].endswith("°")
+    cells = dict(zip(header(text), table_row(text, "prune"), strict=True))
+    assert cells["Δ top-1 (pp)"].startswith("-5.00 [") and not cells["Δ top-1 (pp)"].endswith("°")
+    lines = text.splitlines()
+    start = lines.index(next(x for x in lines if x.startswith("Top-1 (%) at equal MACs")))
+    table = [table_cells(x) for x in lines[start + 2 : start + 5] if x.startswith("|")]
+    assert table[0] == ["GMACs", "ppt", "prune", "tome"]
+    # ppt and tome tie at 89.25: neither beats the other, so no method is in bold.
+    assert not any(cell.startswith("**") for cell in table[2])
+
+    path2 = tmp_path / "u.csv"
+    planted_run(path2, "baseline", 0, 1.0, reference, reference)
+    planted_run(path2, "ppt", 8, 0.8, ppt, reference)
+    better = reference.copy()
+    better[360:380] = True  # 20 images the baseline missed
+    planted_run(path2, "tome", 4, 0.8, better, reference)  # beats ppt by 23 images
+    text = write_report(path2, tmp_path / "u.md").markdown.read_text()
+    lines = text.splitlines()
+    start = lines.index(next(x for x in lines if x.startswith("Top-1 (%) at equal MACs")))
+    row = [table_cells(x) for x in lines[start + 2 : start + 5] if x.startswith("|")][2]
+    assert row[1].startswith("89.25 [") and row[2].startswith("**95.00 [")
+
+
+def test_speedup_cells_show_the_paired_figure_and_mark_a_tie(tmp_path):
+    path = tmp_path / "t.csv"
+    base = {"samples_per_sec": Estimate(100.0, 95.0, 105.0)}
+    append_rows(path, rows("baseline", {}, 4, base))
+    fast = {"samples_per_sec": Estimate(150.0, 140.0, 160.0), "speedup": Estimate(1.5, 1.4, 1.6)}
+    same = {"samples_per_sec": Estimate(101.0, 90.0, 110.0), "speedup": Estimate(1.01, 0.97, 1.05)}
+    append_rows(path, rows("tome", {"r": 8}, 4, fast))
+    append_rows(path, rows("ppt", {"r": 8}, 4, same))
+    text = write_report(path, tmp_path / "t.md").markdown.read_text()
+    assert dict(zip(header(text), table_row(text, "tome"), strict=True))["speedup @4"] == (
+        "1.50x [1.40, 1.60]"
+    )
+    assert dict(zip(header(text), table_row(text, "ppt"), strict=True))["speedup @4"] == (
+        "1.01x [0.97, 1.05]°"
+    )
+    assert dict(zip(header(text), table_row(text, "baseline"), strict=True))["img/s @4"] == (
+        "100.0 [95.0, 105.0]"
+    )

@@ -14,6 +14,7 @@ import importlib
 import pytest
 import torch
 from conftest import clone, images, logits, make_model
+from test_rope_backbones import REDUCING as BACKBONE_SETTINGS
 
 from ppt_bench.errors import PatchError
 from ppt_bench.methods import create_method, ops
@@ -26,20 +27,10 @@ patch_mod = importlib.import_module("ppt_bench.methods.patch")
 
 MODEL, SIZE = "eva02_tiny_patch14_224", 112  # 8 x 8 patches and a class token
 
-# Settings that reduce the 64 patch tokens, one per method that gives its tokens' origin.
-REDUCING = {
-    "ppt": {"r": 8, "threshold": 1e-4},
-    "prune": {"r": 8},
-    "merge": {"r": 8},
-    "tome": {"r": 4},
-    "topk": {"r": 8},
-    "random": {"r": 8},
-    "evit": {"keep_rate": 0.7},
-    "mctf": {"r": 4},
-    "pitome": {"ratio": 0.9},
-    "tofu": {"ratio": 0.9},
-    "diffrate": {"merge_kept": [60, 55, 50, 45, 40, 35, 30, 25, 20, 15, 12, 10]},
-}
+# Each method's setting that reduces the 64 patch tokens; dct resamples (no origin), and
+# DiffRate's kept counts are those of this model's 65 tokens.
+REDUCING = {name: params for name, params in BACKBONE_SETTINGS.items() if name != "dct"}
+REDUCING["diffrate"] = {"merge_kept": [60, 55, 50, 45, 40, 35, 30, 25, 20, 15, 12, 10]}
 
 
 def rope_model() -> torch.nn.Module:

@@ -10,10 +10,12 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 
 import ppt_bench.evaluate as evaluate_module
 from ppt_bench.cli import main
+from ppt_bench.outcomes import RunStore
 from ppt_bench.records import COLUMNS, make_rows, read_results, unit_of
 from ppt_bench.runners import LocalRunner
 from ppt_bench.spec import RunSpec
@@ -123,11 +125,12 @@ def test_trial_errors_reported_by_tune_become_failed_rows(tmp_path):
 # 2 methods x 2 batch sizes, plus a baseline per batch size: 6 runs.
 GRID = [
     "--model", DEIT, "--method", "ppt", "--method", "merge", "--param", "r=8",
-    "--batch-size", "1", "--batch-size", "2", "--metrics", "macs,tokens,throughput",
+    "--batch-size", "1", "--batch-size", "2", "--metrics", "accuracy,macs,tokens,throughput",
     "--data", "synthetic", "--n-images", "2", "--workers", "0", "--sweep-name", "e2e", "--quiet",
 ]  # fmt: skip
 # Metrics that time the machine, or describe how it was timed: they differ between runs.
 TIMING = {"samples_per_sec", "cpu_threads", "latency_p50_ms", "latency_p90_ms", "peak_mem_mb"}
+TIMING |= {"speedup", "baseline_samples_per_sec"}
 
 
 @pytest.fixture(scope="module")
@@ -196,9 +199,16 @@ def test_cli_sweep_on_ray_gives_the_rows_of_the_local_runner(local_sweep, tmp_pa
             continue
         a, b = both[f"{column}_local"], both[f"{column}_ray"]
         same = (a == b) | (a.isna() & b.isna())
-        if column == "value":
+        if column in ("value", "ci_low", "ci_high"):
             same |= both["metric"].isin(TIMING)
         assert same.all(), f"{column} differs: {both.loc[~same, key].values.tolist()}"
+
+    # The trials' per-image outcomes came back to the driver, beside the results file.
+    store, local_store = RunStore.beside(csv), RunStore.beside(local_csv)
+    for run_id in remote["run_id"].unique():
+        mine, theirs = store.load_outcomes(run_id), local_store.load_outcomes(run_id)
+        assert mine is not None and theirs is not None, run_id
+        assert np.array_equal(mine.pred, theirs.pred) and np.allclose(mine.kl, theirs.kl)
 
     capsys.readouterr()
     assert main(args) == 0

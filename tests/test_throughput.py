@@ -1,7 +1,9 @@
-"""Throughput, latency and memory: timing arithmetic, OOM backoff, CPU and CUDA paths."""
+"""Throughput, latency and memory: timing arithmetic, rounds and paired speedups, OOM backoff,
+CPU and CUDA paths."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -12,8 +14,10 @@ from torch import nn
 
 from ppt_bench.errors import UserError
 from ppt_bench.throughput import (
+    DEFAULT_ROUNDS,
     ITERS_ENV,
     WARMUP_ENV,
+    alternating,
     iterations,
     measure_latency,
     measure_throughput,
@@ -55,10 +59,13 @@ def test_deit_tiny_throughput_on_cpu_returns_in_seconds(one_thread):
     speed = measure_throughput(model, (3, 224, 224), batch_size=2)
     elapsed = time.perf_counter() - start
     warmup, iters = iterations()  # the defaults
-    assert len(calls) == warmup + iters
-    assert speed.batch_size == 2
+    assert len(calls) == warmup + iters * DEFAULT_ROUNDS
+    assert speed.batch_size == 2 and speed.rounds == DEFAULT_ROUNDS
     # The timed iterations took less than the whole call.
-    assert speed.samples_per_sec > 2 * iters / elapsed
+    assert speed.samples_per_sec > 2 * iters * DEFAULT_ROUNDS / elapsed
+    # The median over 7 rounds has an order-statistic interval around it; no baseline, no pair.
+    assert speed.throughput.low <= speed.samples_per_sec <= speed.throughput.high
+    assert speed.speedup is None and speed.baseline_throughput is None
     assert speed.cpu_threads == 1 and speed.peak_mem_mb is None
     assert elapsed < 60, f"CPU throughput of deit_tiny at batch 2 took {elapsed:.1f} s"
 
@@ -66,13 +73,63 @@ def test_deit_tiny_throughput_on_cpu_returns_in_seconds(one_thread):
 def test_throughput_and_latency_arithmetic():
     seconds, batch = 0.01, 4
     model = Sleeper(seconds)
-    speed = measure_throughput(model, (3, 8, 8), batch, warmup=2, iters=5)
-    assert model.calls == 7
+    speed = measure_throughput(model, (3, 8, 8), batch, warmup=2, iters=5, rounds=2)
+    assert model.calls == 2 + 5 * 2
     # Each forward sleeps at least `seconds`, so at most batch / seconds images per second.
     assert batch / seconds / 3 < speed.samples_per_sec <= batch / seconds
-    latency = measure_latency(model, (3, 8, 8), batch, warmup=1, iters=9)
+    # Two rounds are too few for a 95% interval of their median: none is claimed.
+    assert math.isnan(speed.throughput.low) and math.isnan(speed.throughput.high)
+    model.calls = 0
+    latency = measure_latency(model, (3, 8, 8), batch, warmup=1, iters=9, rounds=2)
+    assert model.calls == 1 + 9 * 2  # latency times every forward of every round
     assert seconds * 1e3 <= latency.p50_ms <= latency.p90_ms < seconds * 1e3 * 20
+    assert latency.p50.low <= latency.p50_ms <= latency.p50.high
     assert latency.batch_size == batch
+
+
+class Twice(nn.Module):
+    """The same model, run twice per forward: twice the work of the model alone."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.model(x)
+        return self.model(x)
+
+
+def test_a_model_run_twice_measures_about_half_as_fast_as_itself_in_pairs(one_thread):
+    model = make_model("vit_qknorm", img_size=32, patch_size=8)
+    speed = measure_throughput(
+        Twice(model), (3, 32, 32), 8, warmup=2, iters=4, rounds=7, baseline=model
+    )
+    # About 0.5x: a wide bound, since the machine is shared; the pair is timed side by side.
+    assert 0.3 < speed.speedup.value < 0.75, speed
+    assert speed.speedup.low <= speed.speedup.value <= speed.speedup.high
+    assert speed.baseline_throughput.value > speed.throughput.value
+
+
+def test_rounds_alternate_their_order_and_time_both_models_equally():
+    assert alternating(4, 2) == [[0, 1], [1, 0], [0, 1], [1, 0]]
+    model, base = Sleeper(0.0), Sleeper(0.0)
+    speed = measure_throughput(model, (3, 4, 4), 2, warmup=3, iters=5, rounds=6, baseline=base)
+    assert model.calls == base.calls == 3 + 5 * 6
+    assert speed.rounds == 6
+
+
+def test_a_slower_baseline_gives_a_speedup_above_one_with_an_interval():
+    speed = measure_throughput(
+        Sleeper(0.002), (3, 4, 4), 2, warmup=1, iters=3, rounds=6, baseline=Sleeper(0.006)
+    )
+    assert 1.5 < speed.speedup.value < 3.5, speed  # sleeps of 2 and 6 ms: about 3x
+    assert 1.0 < speed.speedup.low <= speed.speedup.high
+
+
+@pytest.mark.parametrize("rounds", [0, -1, True, 1.5])
+def test_bad_rounds_are_user_errors(rounds):
+    with pytest.raises(UserError, match="rounds must be a positive integer"):
+        measure_throughput(Sleeper(0.0), (3, 4, 4), 2, warmup=0, iters=1, rounds=rounds)
 
 
 def test_iterations_from_arguments_environment_and_defaults(monkeypatch):
@@ -116,9 +173,16 @@ def test_oom_backoff_follows_timm_decay_steps():
 @pytest.mark.parametrize("measure", [measure_throughput, measure_latency])
 def test_both_measures_record_the_batch_size_actually_used(measure):
     model = Sleeper(0.0, max_batch=3)
-    result = measure(model, (3, 4, 4), 8, warmup=1, iters=2)
+    result = measure(model, (3, 4, 4), 8, warmup=1, iters=2, rounds=1)
     assert result.batch_size == 3  # 8 -> 6 -> 4 -> 3
     assert model.calls == 3  # warm-up and timed forwards at the batch that fits, none before
+
+
+def test_a_pair_backs_off_together_when_the_baseline_runs_out_of_memory():
+    model, base = Sleeper(0.0), Sleeper(0.0, max_batch=3)  # the unreduced model needs more
+    speed = measure_throughput(model, (3, 4, 4), 8, warmup=1, iters=2, rounds=1, baseline=base)
+    assert speed.batch_size == 3  # both timed at the batch that fits the baseline
+    assert base.calls == 3
 
 
 @pytest.mark.parametrize("measure", [measure_throughput, measure_latency])
@@ -132,8 +196,12 @@ def test_out_of_memory_at_batch_one_is_a_user_error(measure):
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 def test_cuda_throughput_latency_and_memory(dtype):
     model = make_model("deit_tiny").cuda()
-    speed = measure_throughput(model, (3, 224, 224), 32, "cuda", dtype, warmup=3, iters=10)
+    base = make_model("deit_tiny").cuda()
+    speed = measure_throughput(
+        model, (3, 224, 224), 32, "cuda", dtype, warmup=3, iters=10, baseline=base
+    )
     assert speed.samples_per_sec > 0 and speed.batch_size == 32
+    assert speed.speedup.low <= speed.speedup.value <= speed.speedup.high
     assert speed.cpu_threads is None
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
     assert speed.peak_mem_mb > weights_mb

@@ -1,0 +1,201 @@
+"""What an accuracy run keeps per image, and the unreduced model's outputs, stored beside the CSV.
+
+Per image, an accuracy run keeps its label, its top-1 prediction, whether the label is in its
+top 5, its cross-entropy loss, the unreduced model's top-1 prediction and the KL divergence from
+the unreduced model's distribution (:class:`Outcomes`): enough for the intervals of its own
+figures and for paired tests against the baseline or another method on the same images. The
+unreduced model's log-probabilities on the evaluated images (:class:`Reference`) are computed
+once per :attr:`~ppt_bench.spec.RunSpec.reference_key` (model, weights, data, images, dtype,
+device) and read by every method's run.
+
+Both live in a folder beside the results CSV (:func:`store_folder`: ``results/x.csv`` ->
+``results/x.outcomes/``), as ``<run_id>.npz`` and ``reference-<key>.npz``, each written
+atomically, so a resumed sweep finds them again.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import zipfile
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ppt_bench import stats
+from ppt_bench.atomic import atomic_write
+from ppt_bench.errors import UserError
+
+SUFFIX = ".outcomes"
+# What reading a missing, cut-short or foreign file raises: such a file counts as absent.
+UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+
+
+def store_folder(out_csv: str | os.PathLike) -> Path:
+    """The folder that holds the per-image files of the runs in ``out_csv``."""
+    out_csv = Path(out_csv)
+    return out_csv.with_name(out_csv.stem + SUFFIX)
+
+
+@dataclass
+class Outcomes:
+    """One accuracy run, image by image (``[N]`` arrays, in the loader's order).
+
+    Attributes:
+        label: the true class (meaningless on synthetic data).
+        pred: the run's top-1 class.
+        top5: whether the label is among the run's 5 best classes.
+        loss: cross-entropy against the label (nats).
+        ref_pred: the unreduced model's top-1 class.
+        kl: ``KL(softmax(reference) || softmax(logits))`` (nats).
+    """
+
+    label: np.ndarray
+    pred: np.ndarray
+    top5: np.ndarray
+    loss: np.ndarray
+    ref_pred: np.ndarray
+    kl: np.ndarray
+
+    @property
+    def n_images(self) -> int:
+        return int(self.label.size)
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.pred == self.label
+
+    @property
+    def reference_correct(self) -> np.ndarray:
+        return self.ref_pred == self.label
+
+    def estimates(self, labeled: bool = True) -> dict[str, stats.Estimate]:
+        """The run's accuracy figures with their 95% intervals; without real labels only the
+        label-free ones (agreement, KL)."""
+        out = {
+            "top1": stats.proportion(self.correct),
+            "top5": stats.proportion(self.top5),
+            "loss": stats.mean(self.loss),
+            "agreement_top1": stats.proportion(self.pred == self.ref_pred),
+            "kl": stats.mean(self.kl),
+        }
+        if not labeled:
+            return {k: out[k] for k in ("agreement_top1", "kl")}
+        return out
+
+    def against_reference(self) -> stats.Paired:
+        """This run against the unreduced model on the same images."""
+        return stats.paired(self.correct, self.reference_correct)
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **{f.name: getattr(self, f.name) for f in fields(self)})
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Outcomes:
+        with np.load(io.BytesIO(data)) as npz:
+            return cls(**{f.name: npz[f.name] for f in fields(cls)})
+
+
+@dataclass
+class Reference:
+    """The unreduced model's outputs on the evaluated images.
+
+    Attributes:
+        log_probs: ``[N, K]`` float32 log-softmax of its logits.
+        labels: ``[N]`` the labels the loader gave with them (to check that a stored reference
+            covers the same images, in the same order).
+    """
+
+    log_probs: torch.Tensor
+    labels: torch.Tensor
+    source: str = ""  # the file it was read from, for messages
+
+    def covers(self, labels: torch.Tensor) -> bool:
+        """Whether these are the labels of the reference's images, in its order."""
+        return self.labels.shape == labels.shape and torch.equal(self.labels, labels.cpu())
+
+    def mismatch(self) -> UserError:
+        where = f" in {self.source}" if self.source else ""
+        return UserError(
+            f"the stored unreduced-model outputs{where} do not match the images evaluated now "
+            "(the data changed under the same file names?): delete that file and run again"
+        )
+
+
+class RunStore:
+    """The per-image files of one results CSV (see the module docstring).
+
+    Args:
+        folder: where the files go (created on the first write).
+
+    Attributes:
+        references_computed: unreduced-model passes this store saved (counted for tests).
+        references_read: stored references read back.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.references_computed = 0
+        self.references_read = 0
+
+    @classmethod
+    def beside(cls, out_csv: str | os.PathLike) -> RunStore:
+        return cls(store_folder(out_csv))
+
+    def outcomes_path(self, run_id: str) -> Path:
+        return self.folder / f"{run_id}.npz"
+
+    def reference_path(self, key: str) -> Path:
+        return self.folder / f"reference-{key}.npz"
+
+    def save_outcomes(self, run_id: str, outcomes: Outcomes) -> None:
+        self._write(self.outcomes_path(run_id), outcomes.to_bytes())
+
+    def load_outcomes(self, run_id: str) -> Outcomes | None:
+        """The run's outcomes, or None when it has no (readable) file."""
+        path = self.outcomes_path(run_id)
+        try:
+            return Outcomes.from_bytes(path.read_bytes())
+        except UNREADABLE:
+            return None
+
+    def load_reference(self, key: str) -> Reference | None:
+        path = self.reference_path(key)
+        try:
+            with np.load(path) as npz:
+                arrays = (torch.from_numpy(npz["log_probs"]), torch.from_numpy(npz["labels"]))
+            ref = Reference(*arrays, source=str(path))
+        except UNREADABLE:
+            return None
+        self.references_read += 1
+        return ref
+
+    def save_reference(self, key: str, reference: Reference) -> None:
+        buf = io.BytesIO()
+        np.savez(buf, log_probs=reference.log_probs.numpy(), labels=reference.labels.numpy())
+        self._write(self.reference_path(key), buf.getvalue())
+        self.references_computed += 1
+
+    def offer_reference(self, key: str, reference: Reference) -> None:
+        """Store the unreduced model's outputs under ``key`` unless they are stored already.
+
+        Runs that start at once (Ray trials on one machine) may each compute them; the files
+        they write are the same, each written whole, so whichever lands last does no harm.
+        """
+        if not self.reference_path(key).exists():
+            self.save_reference(key, reference)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda f: f.write(data), binary=True)
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            raise UserError(
+                f"cannot write {path} ({reason}): write the results to a folder you can write "
+                "with --out"
+            ) from None

@@ -1,0 +1,136 @@
+"""Per-image outcomes and the unreduced model's outputs: computed once per sweep, kept beside
+the results file, found again on resume (counted, not timed)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import ppt_bench.evaluate as evaluate_module
+from ppt_bench.methods import get_method_class, is_patched
+from ppt_bench.outcomes import Reference, RunStore, store_folder
+from ppt_bench.records import read_results
+from ppt_bench.runners import LocalRunner
+from ppt_bench.spec import RunSpec
+
+DIGITS = "vit_digits_patch4_32"  # random weights: counting passes needs no trained model
+EIGHT = ("ppt", "merge", "prune", "tome", "evit", "topk", "random", "tofu")
+
+
+def specs(methods=EIGHT, baseline=True, n_images=48, batch_size=16):
+    """An accuracy sweep on the digits test set: the baseline, then each method at the first
+    value of its demo grid."""
+    common = dict(
+        model=DIGITS, data="digits", n_images=n_images, batch_size=batch_size, workers=0,
+        metrics=("accuracy",), sweep="t",
+    )  # fmt: skip
+    runs = [RunSpec(method="baseline", **common)] if baseline else []
+    for name in methods:
+        key, values = get_method_class(name).demo_grid
+        runs.append(RunSpec(method=name, params={key: values[0]}, **common))
+    return runs
+
+
+@pytest.fixture
+def passes(monkeypatch):
+    """Counts the passes over the data, and those of an unreduced model: the baseline's own,
+    and the unreduced model run beside a reduced one (``reference`` given as a model)."""
+    counts = {"runs": 0, "unreduced": 0, "beside": 0}
+    accuracy = evaluate_module.evaluate_accuracy
+
+    def counted(model, loader, reference=None, *args, **kwargs):
+        beside = isinstance(reference, nn.Module)
+        assert not (beside and is_patched(reference))
+        counts["runs"] += 1
+        counts["beside"] += beside
+        counts["unreduced"] += (not is_patched(model)) + beside
+        return accuracy(model, loader, reference, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate_accuracy", counted)
+    return counts
+
+
+def test_an_eight_method_sweep_runs_the_unreduced_model_once(tmp_path, passes):
+    csv = tmp_path / "t.csv"
+    summary = LocalRunner(csv, progress=False).run(specs())
+    assert summary.ok == 9
+    # The baseline's own pass is the reference of the eight methods: no second pass.
+    assert passes == {"runs": 9, "unreduced": 1, "beside": 0}
+    store = RunStore.beside(csv)
+    assert store.folder == store_folder(csv) == tmp_path / "t.outcomes"
+    assert len(list(store.folder.glob("reference-*.npz"))) == 1
+    df = read_results(csv)
+    for run_id in df["run_id"].unique():
+        outcomes = store.load_outcomes(run_id)
+        assert outcomes is not None and outcomes.n_images == 48
+        top1 = df[(df["run_id"] == run_id) & (df["metric"] == "top1")]["value"].item()
+        assert top1 == pytest.approx(100 * outcomes.correct.mean())
+
+
+def test_without_a_baseline_the_first_method_computes_the_reference_for_all(tmp_path, passes):
+    LocalRunner(tmp_path / "t.csv", progress=False).run(specs(baseline=False))
+    assert passes == {"runs": 8, "unreduced": 1, "beside": 1}
+
+
+def test_a_resumed_sweep_reuses_the_stored_outcomes_and_reference(tmp_path, passes):
+    csv = tmp_path / "t.csv"
+    LocalRunner(csv, progress=False).run(specs(methods=EIGHT[:3]))
+    store = RunStore.beside(csv)
+    stamps = {p.name: p.stat().st_mtime_ns for p in store.folder.glob("*.npz")}
+    assert len(stamps) == 4 + 1  # four runs and one reference
+    passes.update(runs=0, unreduced=0, beside=0)
+    summary = LocalRunner(csv, progress=False).run(specs(methods=EIGHT[:5]))
+    assert (summary.skipped, summary.ok) == (4, 2)
+    # Two new runs, no pass of the unreduced model: the stored reference is read.
+    assert passes == {"runs": 2, "unreduced": 0, "beside": 0}
+    after = {p.name: p.stat().st_mtime_ns for p in store.folder.glob("*.npz")}
+    assert {k: after[k] for k in stamps} == stamps  # nothing stored was written again
+    assert len(after) == len(stamps) + 2
+
+
+def test_the_stored_reference_gives_what_a_run_of_its_own_gives(tmp_path):
+    """Agreement, KL and the paired figures are the same whether a run computes the unreduced
+    model itself or reads the sweep's stored outputs."""
+    base, tome = specs(methods=("tome",))
+    store = RunStore(tmp_path / "store")
+    evaluate_module.evaluate(base, progress=False, store=store)
+    shared = evaluate_module.evaluate(tome, progress=False, store=store)
+    alone = evaluate_module.evaluate(tome, progress=False)
+    assert store.references_read == 1 and store.references_computed == 1
+    values = [{r["metric"]: (r["value"], r["ci_low"], r["ci_high"]) for r in rows}
+              for rows in (shared, alone)]  # fmt: skip
+    assert values[0].keys() == values[1].keys()
+    for metric in values[0]:
+        assert values[0][metric] == pytest.approx(values[1][metric], abs=1e-6), metric
+
+
+def test_a_stored_reference_for_other_images_is_refused(tmp_path):
+    from ppt_bench.errors import UserError
+
+    _, tome = specs(methods=("tome",))
+    store = RunStore(tmp_path / "store")
+    wrong = Reference(torch.zeros(48, 10), torch.full((48,), 9, dtype=torch.long))
+    store.save_reference(tome.reference_key, wrong)
+    with pytest.raises(UserError, match="do not match the images evaluated now"):
+        evaluate_module.evaluate(tome, progress=False, store=store)
+
+
+def test_reference_key_follows_what_decides_the_unreduced_outputs():
+    base, ppt = specs(methods=("ppt",))
+    assert base.reference_key == ppt.reference_key == ppt.replace(batch_size=3).reference_key
+    for change in (dict(n_images=12), dict(seed=1), dict(dtype="bf16"), dict(data="synthetic")):
+        assert ppt.replace(**change).reference_key != ppt.reference_key, change
+    assert ppt.replace(rounds=9).run_id == ppt.run_id  # precision, not what is measured
+
+
+def test_an_unreadable_stored_file_counts_as_absent(tmp_path):
+    store = RunStore(tmp_path / "s")
+    assert store.load_outcomes("nope") is None
+    store.folder.mkdir()
+    store.outcomes_path("cut").write_bytes(b"PK\x03\x04 cut short")
+    assert store.load_outcomes("cut") is None
+    store.reference_path("cut").write_bytes(b"")
+    assert store.load_reference("cut") is None
+    store.save_reference("cut", Reference(torch.zeros(2, 3), torch.arange(2)))
+    assert torch.equal(store.load_reference("cut").labels, torch.arange(2))  # replaced
