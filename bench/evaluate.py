@@ -126,13 +126,15 @@ class RunContext:
         )
         self.labeled = self.dataset != SYNTHETIC
         store, key = self.store, spec.reference_key
-        # A reduced run reads the unreduced model's outputs that another run of the sweep
-        # stored, else runs the unreduced model beside its own, batch by batch.
+        # Measuring accuracy, a reduced run reads the unreduced model's outputs that another
+        # run of the sweep stored, else runs the unreduced model beside its own, batch by
+        # batch. (Token statistics alone need no reference.)
+        wants_accuracy = "accuracy" in spec.metrics
         reference: Reference | nn.Module | None = None
-        if self.reduced:
+        if self.reduced and wants_accuracy:
             stored = store.load_reference(key) if store is not None else None
             reference = stored if stored is not None else self.unreduced()
-        keep = not self.reduced and store is not None
+        keep = not self.reduced and store is not None and wants_accuracy
         result = evaluate_accuracy(
             self.model, loader, reference, spec.device, spec.dtype, spec.method, self.progress, keep
         )
@@ -147,7 +149,8 @@ class RunContext:
             store.offer_reference(key, Reference(result.log_probs, labels))
             result.log_probs = None
         result.reference = None
-        self.n_images, self._data, self.outcomes = result.n_images, result, result.outcomes
+        self.n_images, self._data = result.n_images, result
+        self.outcomes = result.outcomes if wants_accuracy else None
         return result
 
     def _timing_args(self) -> tuple[Any, ...]:

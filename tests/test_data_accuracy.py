@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import images, make_model
 from PIL import Image
+from timm.utils import accuracy as timm_accuracy
 from torch import nn
 
 from ppt_bench.accuracy import TokenStats, agreement_and_kl, evaluate_accuracy
@@ -107,6 +108,11 @@ def test_accuracy_on_generated_image_folder(tree, batch_size, workers):
     assert result.n_images == len(IMAGES)
     assert result.unreadable_images == 1
     assert (result.agreement_top1, result.kl) == (100.0, 0.0)
+    # The per-image outcomes give timm's accuracy over the same logits.
+    logits = torch.tensor([logits_with_rank(*im) for im in IMAGES])
+    labels = torch.tensor([label for label, _ in IMAGES])
+    top1, top5 = timm_accuracy(logits, labels, topk=(1, 5))
+    assert (result.top1, result.top5) == pytest.approx((top1.item(), top5.item()))
 
 
 def test_agreement_and_kl_against_a_reference(tree):

@@ -134,3 +134,10 @@ def test_an_unreadable_stored_file_counts_as_absent(tmp_path):
     assert store.load_reference("cut") is None
     store.save_reference("cut", Reference(torch.zeros(2, 3), torch.arange(2)))
     assert torch.equal(store.load_reference("cut").labels, torch.arange(2))  # replaced
+
+
+def test_token_statistics_alone_need_no_unreduced_model_and_keep_no_outcomes(tmp_path, passes):
+    tokens_only = [s.replace(metrics=("tokens",)) for s in specs(methods=("ppt", "tome"))]
+    LocalRunner(tmp_path / "t.csv", progress=False).run(tokens_only)
+    assert passes == {"runs": 3, "unreduced": 1, "beside": 0}  # the baseline's own pass only
+    assert not list(RunStore.beside(tmp_path / "t.csv").folder.glob("*.npz"))
