@@ -57,13 +57,14 @@ class Cells:
 
     @staticmethod
     def estimate(runs: pd.DataFrame, metric: str) -> Estimate | None:
-        """``metric`` with its 95% interval when one run measured it (the interval columns
-        ``low:<metric>``, ``high:<metric>`` of the report's runs frame); the mean without an
-        interval over several runs; None where it was not measured."""
+        """``metric`` with its 95% interval (the interval columns ``low:<metric>``,
+        ``high:<metric>`` of the report's runs frame) when one run measured it, or several
+        that agree (the same images at other batch sizes); otherwise the mean without an
+        interval; None where it was not measured."""
         if metric not in runs or not runs[metric].notna().any():
             return None
         measured = runs[runs[metric].notna()]
-        if len(measured) > 1:
+        if measured[metric].nunique() > 1:
             return Estimate(float(measured[metric].mean()))
         row = measured.iloc[0]
         low, high = (row.get(f"{bound}:{metric}", math.nan) for bound in ("low", "high"))

@@ -169,9 +169,11 @@ class _Cell(NamedTuple):
 
 
 def _cell_at(runs: pd.DataFrame, budget: float) -> _Cell | None:
-    """One method's top-1 at a MAC budget: the run within 1% of the budget (several: their
-    mean, without an interval), else interpolated between the runs around it, else None."""
+    """One method's top-1 at a MAC budget: the run within 1% of the budget (several that
+    differ: their mean, without an interval), else interpolated between the runs around it,
+    else None."""
     near = runs[np.isclose(runs["gmacs"], budget, rtol=0.01)]
+    near = near.drop_duplicates(["params", "top1"])  # the same run at other batch sizes
     if len(near) == 1:
         return _Cell(Cells.estimate(near, "top1"), near["run_id"].iloc[0])
     if len(near) > 1:

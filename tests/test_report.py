@@ -208,7 +208,7 @@ def test_mac_counts_add_no_rows_beside_the_timed_runs_of_a_configuration(tmp_pat
     ]
 
 
-def planted_run(path, method, r, gmacs, correct, reference_correct):
+def planted_run(path, method, r, gmacs, correct, reference_correct, batch_size=1):
     """Rows and per-image outcomes of an accuracy run whose images are right where
     ``correct`` says (the unreduced model: ``reference_correct``)."""
     n = correct.size
@@ -221,7 +221,7 @@ def planted_run(path, method, r, gmacs, correct, reference_correct):
         ref_pred=np.where(reference_correct, 0, 1),
         kl=np.zeros(n, np.float32),
     )
-    spec = RunSpec(MODEL, method, {"r": r} if r else {}, batch_size=1, sweep="t")
+    spec = RunSpec(MODEL, method, {"r": r} if r else {}, batch_size=batch_size, sweep="t")
     metrics = {**AccuracyResult(outcomes, 0, TokenStats()).metrics(reduced=bool(r))}
     RunStore.beside(path).save_outcomes(spec.run_id, outcomes)
     append_rows(path, make_rows(spec, {**metrics, "gmacs": gmacs}, dataset="d", n_images=n))
@@ -287,3 +287,22 @@ def test_speedup_cells_show_the_paired_figure_and_mark_a_tie(tmp_path):
     assert dict(zip(header(text), table_row(text, "baseline"), strict=True))["img/s @4"] == (
         "100.0 [95.0, 105.0]"
     )
+
+
+def test_the_same_images_at_two_batch_sizes_keep_their_interval_and_their_test(tmp_path):
+    n = 400
+    reference = np.arange(n) < 360
+    better = reference.copy()
+    better[360:380] = True
+    path = tmp_path / "t.csv"
+    for bs in (1, 8):  # accuracy measured again at each batch size of the sweep
+        planted_run(path, "baseline", 0, 1.0, reference, reference, batch_size=bs)
+        planted_run(path, "ppt", 8, 0.8, reference, reference, batch_size=bs)
+        planted_run(path, "tome", 4, 0.8, better, reference, batch_size=bs)
+    text = write_report(path, tmp_path / "t.md").markdown.read_text()
+    cells = dict(zip(header(text), table_row(text, "tome"), strict=True))
+    assert cells["top-1 (%)"].startswith("95.00 [")
+    lines = text.splitlines()
+    start = lines.index(next(x for x in lines if x.startswith("Top-1 (%) at equal MACs")))
+    row = [table_cells(x) for x in lines[start + 2 : start + 5] if x.startswith("|")][2]
+    assert row[2].startswith("**95.00 [")
