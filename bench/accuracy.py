@@ -30,7 +30,6 @@ from ppt_bench.methods import is_patched
 from ppt_bench.outcomes import Outcomes, Reference
 
 ACCURACY_METRICS = ("top1", "top5", "loss", "agreement_top1", "kl")
-LABEL_FREE_METRICS = ("agreement_top1", "kl")
 
 
 def unreduced_tokens(model: nn.Module) -> tuple[int, ...] | None:
@@ -234,7 +233,9 @@ def evaluate_accuracy(
             elif isinstance(reference, nn.Module):
                 ref = computed[-1]
                 computed[-1] = ref.cpu()
-            elif reference.log_probs.shape[0] < seen + n:
+            elif reference.log_probs.shape[0] < seen + n or (
+                reference.log_probs.shape[1] != logits.shape[-1]
+            ):
                 raise reference.mismatch()
             else:
                 ref = reference.log_probs[seen : seen + n].to(log_probs.device)

@@ -93,7 +93,8 @@ class RunContext:
         # The unreduced model: the reference of accuracy (unless stored) and the other half
         # of every paired timing round. The baseline run is its own reference.
         self.reduced = not isinstance(method, Baseline)
-        self._unreduced = copy.deepcopy(model) if self.reduced else None
+        wanted = {"accuracy", "throughput"} & set(spec.metrics)
+        self._unreduced = copy.deepcopy(model) if self.reduced and wanted else None
         self.model = method.apply(model).to(spec.device)
         self.dataset = SYNTHETIC
         self.labeled = False
@@ -125,16 +126,40 @@ class RunContext:
             progress=self.progress,
         )
         self.labeled = self.dataset != SYNTHETIC
-        store, key = self.store, spec.reference_key
         # Measuring accuracy, a reduced run reads the unreduced model's outputs that another
         # run of the sweep stored, else runs the unreduced model beside its own, batch by
-        # batch. (Token statistics alone need no reference.)
+        # batch, and stores them; the baseline's own pass stores them too. A run that computes
+        # them holds the store's lock, so that runs in other processes wait and read them.
+        # (Token statistics alone need no reference.)
         wants_accuracy = "accuracy" in spec.metrics
-        reference: Reference | nn.Module | None = None
-        if self.reduced and wants_accuracy:
-            stored = store.load_reference(key) if store is not None else None
-            reference = stored if stored is not None else self.unreduced()
-        keep = not self.reduced and store is not None and wants_accuracy
+        shared = self.store if wants_accuracy else None
+        key = spec.reference_key if shared is not None else ""
+        stored = shared.load_reference(key) if shared is not None and self.reduced else None
+        computing = shared is not None and stored is None
+        with shared.reference_lock(key) if computing else contextlib.nullcontext():
+            if computing and self.reduced:  # another process may have stored them meanwhile
+                stored = shared.load_reference(key)
+            result = self._accuracy_pass(loader, stored, wants_accuracy)
+            if shared is not None and result.reference is not None:
+                shared.offer_reference(key, result.reference)
+            if shared is not None and not self.reduced:  # the baseline's outputs, fresh
+                labels = torch.from_numpy(result.outcomes.label)
+                shared.save_reference(key, Reference(result.log_probs, labels))
+        result.log_probs, result.reference = None, None
+        self.n_images, self._data = result.n_images, result
+        self.outcomes = result.outcomes if wants_accuracy else None
+        return result
+
+    def _accuracy_pass(
+        self, loader: Any, stored: Reference | None, wants_accuracy: bool
+    ) -> AccuracyResult:
+        """One pass of the run's model over the data, against the stored reference, or the
+        unreduced model run beside it (reduced runs measuring accuracy without one)."""
+        spec = self.spec
+        reference: Reference | nn.Module | None = stored
+        if self.reduced and wants_accuracy and stored is None:
+            reference = self.unreduced()
+        keep = not self.reduced and wants_accuracy and self.store is not None
         result = evaluate_accuracy(
             self.model, loader, reference, spec.device, spec.dtype, spec.method, self.progress, keep
         )
@@ -142,15 +167,6 @@ class RunContext:
             raise UserError(
                 f"no readable images in {spec.data}: all {result.unreadable_images} failed"
             )
-        if store is not None and result.reference is not None:
-            store.offer_reference(key, result.reference)
-        if keep:  # the baseline's own outputs are every other run's reference
-            labels = torch.from_numpy(result.outcomes.label)
-            store.offer_reference(key, Reference(result.log_probs, labels))
-            result.log_probs = None
-        result.reference = None
-        self.n_images, self._data = result.n_images, result
-        self.outcomes = result.outcomes if wants_accuracy else None
         return result
 
     def _timing_args(self) -> tuple[Any, ...]:
@@ -196,7 +212,7 @@ def evaluate(
     Every estimate carries its 95% interval (``ci_low``, ``ci_high``). A reduced run also
     compares itself with the unreduced model: on labelled data ``delta_top1`` and ``p_value``
     (paired, on the same images), and with throughput the paired ``speedup`` and
-    ``baseline_samples_per_sec``.
+    ``baseline_samples_per_sec``; throughput also records its ``timing_rounds``.
 
     Args:
         spec: the run.

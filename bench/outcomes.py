@@ -15,9 +15,13 @@ atomically, so a resumed sweep finds them again.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import os
 import zipfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -30,7 +34,7 @@ from ppt_bench.errors import UserError
 
 SUFFIX = ".outcomes"
 # What reading a missing, cut-short or foreign file raises: such a file counts as absent.
-UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
 
 
 def store_folder(out_csv: str | os.PathLike) -> Path:
@@ -181,13 +185,19 @@ class RunStore:
         self.references_computed += 1
 
     def offer_reference(self, key: str, reference: Reference) -> None:
-        """Store the unreduced model's outputs under ``key`` unless they are stored already.
-
-        Runs that start at once (Ray trials on one machine) may each compute them; the files
-        they write are the same, each written whole, so whichever lands last does no harm.
-        """
+        """Store the unreduced model's outputs under ``key`` unless they are stored already."""
         if not self.reference_path(key).exists():
             self.save_reference(key, reference)
+
+    @contextlib.contextmanager
+    def reference_lock(self, key: str) -> Iterator[None]:
+        """Held by a run that computes the outputs under ``key``: runs in other processes that
+        share the folder (Ray trials on one machine) wait for it, then read its file instead of
+        computing them again. An uncontended lock costs nothing; the lock file stays."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f".reference-{key}.lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield  # closing the file releases the lock
 
     def _write(self, path: Path, data: bytes) -> None:
         try:

@@ -279,11 +279,13 @@ HOW_TO_READ = (
     "How to read the figures: `x [a, b]` is a figure with its 95% interval. top-1, top-5 and "
     "agreement: Wilson intervals over the images. Δ top-1: the method against the unreduced "
     "model on the same images, with the exact conditional interval of the exact McNemar test; "
-    "images/s and latency: the median over timed rounds with its order-statistic interval; "
+    "images/s: the median over timed rounds, latency: the median over every timed forward, "
+    "each with its order-statistic interval; "
     "speedup: measured in pairs, each round timing the method and then the unreduced model (or "
     "the other way round) in one process at the same batch size, the median of the per-round "
-    "ratios with its interval (a speedup without one is the ratio of mean images/s of separate "
-    "runs: the baseline's own row, or files written before speedups were paired). "
+    "ratios with its interval (none under 6 rounds; a speedup without one may also be the "
+    "ratio of mean images/s of separate runs: the baseline's own row, or files written before "
+    "speedups were paired). "
     f"`{NOT_SIGNIFICANT}` marks a difference from the baseline that "
     "is not significant at 5% (McNemar p >= 0.05, or a speedup interval that holds 1.00x): "
     "read it as a tie. Two methods' intervals overlapping does not make them equal, nor does "
@@ -329,7 +331,8 @@ def render(
                 "budgets of the ppt runs (`~`: interpolated between its two nearest runs, "
                 "without an interval or a test; blank: outside its range). In bold: the best, "
                 "where it beats the runner-up significantly (both measured on the same images, "
-                "exact McNemar p < 0.05); no bold: no method is ahead at that budget.",
+                "exact McNemar p < 0.05); no bold: no method is ahead at that budget, or the "
+                "best or the runner-up is interpolated, which leaves it untested.",
                 "",
                 equal,
                 "",

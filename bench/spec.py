@@ -141,9 +141,18 @@ class RunSpec:
 
     @property
     def reference_key(self) -> str:
-        """A hash of what decides the unreduced model's outputs on this run's images."""
-        d = self.to_dict()
-        blob = json.dumps({k: d[k] for k in _REFERENCE_FIELDS}, sort_keys=True, default=str)
+        """A hash of what decides the unreduced model's outputs on this run's images: the
+        weights and the data by their content (hashed now where the spec does not carry the
+        hashes, as a spec made outside a sweep does not) and the machine."""
+        from ppt_bench import identity
+
+        d = {k: v for k, v in self.to_dict().items() if k in _REFERENCE_FIELDS}
+        d["checkpoint_sha256"] = self.checkpoint_sha256 or identity.checkpoint_digest(
+            self.checkpoint
+        )
+        d["data_fingerprint"] = self.data_fingerprint or identity.data_fingerprint(self.data)
+        d["machine"] = self.machine or identity.machine()
+        blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     def to_dict(self) -> dict[str, Any]:

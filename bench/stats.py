@@ -36,13 +36,6 @@ class Estimate(NamedTuple):
     low: float = math.nan
     high: float = math.nan
 
-    def scaled(self, factor: float) -> Estimate:
-        return Estimate(self.value * factor, self.low * factor, self.high * factor)
-
-    def overlaps(self, other: Estimate) -> bool:
-        """Whether the two intervals share a point."""
-        return self.low <= other.high and other.low <= self.high
-
 
 def proportion(hits: np.ndarray) -> Estimate:
     """The share of true entries of a bool vector in %, with its Wilson interval."""

@@ -267,12 +267,20 @@ class Timing:
             with torch.inference_mode(), amp_autocast(device, self.dtype):
                 x = torch.randn(batch, *self.input_size, device=device)
                 steps = [_warm_step(models[0], x, warmup, self.cuda_graph)]
-                peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+                # The model's own peak: less the baseline's weights, resident meanwhile.
+                held = sum(map(_cuda_bytes, models[1:]))
+                peak = (torch.cuda.max_memory_allocated(device) - held) / 2**20 if cuda else None
                 steps += [_warm_step(m, x, warmup, self.cuda_graph) for m in models[1:]]
                 return timer(steps, batch, iters), peak
 
         (result, peak), used = with_oom_backoff(at, self.batch_size)
         return result, used, peak
+
+
+def _cuda_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers in CUDA memory."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors if t.is_cuda)
 
 
 def alternating(rounds: int, n: int) -> list[list[int]]:

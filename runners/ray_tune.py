@@ -42,6 +42,7 @@ from ray import tune
 from tqdm.auto import tqdm
 
 from ppt_bench import metrics
+from ppt_bench.atomic import atomic_write
 from ppt_bench.errors import UserError, check_output_path
 from ppt_bench.outcomes import Outcomes, Reference, RunStore, store_folder
 from ppt_bench.records import append_rows, finished_run_ids
@@ -50,6 +51,7 @@ from ppt_bench.spec import RunSpec
 
 ROWS_KEY = "ppt_bench_rows"
 OUTCOMES_KEY = "ppt_bench_outcomes"  # the run's per-image outcomes, base64 of their .npz
+DRIVER_FILE = ".ray-sweep"  # in the outcomes folder: the token of the sweep being run
 _DONE_MARKER = ".ppt-bench-complete"
 # HOST:PORT, HOST a name or an IPv4 address, or an IPv6 address in brackets.
 _ADDRESS = re.compile(
@@ -89,32 +91,37 @@ class TrialResources:
 class TrialStore(RunStore):
     """A trial's view of the sweep's :class:`~ppt_bench.outcomes.RunStore`.
 
-    The unreduced model's outputs are shared through the folder, which trials on the driver's
-    machine (a private instance, or a cluster with a shared file system) have in common: a
-    trial that finds them reads them, one that does not computes them beside its own model
-    and stores them. Where the folder cannot be written (another node), a trial computes them
-    for itself. The per-image outcomes go back to the driver with the
-    rows, which writes them beside the results file.
+    The driver leaves a file holding a token of this sweep in the folder. A trial that finds it
+    there (on the driver's machine, or on a file system shared with it) uses the folder as the
+    local runner does: it reads the unreduced model's outputs, or computes them under the
+    folder's lock while other trials wait, and writes its per-image outcomes before its rows
+    are recorded. A trial that does not find it (another node) keeps the folder untouched,
+    computes the outputs for itself and sends its outcomes back with its rows.
     """
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, token: str) -> None:
         super().__init__(folder)
         self.outcomes: bytes = b""
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self.shared = os.access(self.folder, os.W_OK)
+            self.shared = (self.folder / DRIVER_FILE).read_text() == token
         except OSError:
             self.shared = False
-
-    def offer_reference(self, key: str, reference: Reference) -> None:
-        if self.shared:
-            super().offer_reference(key, reference)
 
     def load_reference(self, key: str) -> Reference | None:
         return super().load_reference(key) if self.shared else None
 
+    def save_reference(self, key: str, reference: Reference) -> None:
+        if self.shared:
+            super().save_reference(key, reference)
+
+    def reference_lock(self, key: str) -> contextlib.AbstractContextManager[None]:
+        return super().reference_lock(key) if self.shared else contextlib.nullcontext()
+
     def save_outcomes(self, run_id: str, outcomes: Outcomes) -> None:
-        self.outcomes = outcomes.to_bytes()
+        if self.shared:
+            super().save_outcomes(run_id, outcomes)
+        else:
+            self.outcomes = outcomes.to_bytes()
 
 
 def _trial(
@@ -122,10 +129,12 @@ def _trial(
     skip: frozenset[str] = frozenset(),
     progress: bool = True,
     store: str = "",
+    token: str = "",
 ) -> None:
-    """The Tune trainable: evaluate one spec and report its rows and per-image outcomes."""
+    """The Tune trainable: evaluate one spec and report its rows (and its per-image outcomes
+    where it cannot write them beside the results file)."""
     spec = RunSpec.from_dict(config["run"]["spec"])
-    trial_store = TrialStore(store) if store else None
+    trial_store = TrialStore(store, token) if store else None
     rows = [] if spec.run_id in skip else run_one(spec, progress, trial_store)
     outcomes = trial_store.outcomes if trial_store else b""
     tune.report(
@@ -414,6 +423,7 @@ class RayRunner:
         self.max_concurrent = max_concurrent
         self.num_cpus = num_cpus
         self.progress = progress
+        self._token = ""  # this sweep's mark in the outcomes folder (``_mark_store``)
 
     def run(self, specs: Sequence[RunSpec]) -> SweepSummary:
         """Run every spec not yet ``ok`` in the results file as one Tune trial each."""
@@ -424,6 +434,7 @@ class RayRunner:
         if not todo:
             return summary
         sweep = specs[0].sweep or "sweep"
+        self._token = self._mark_store()
         # The results file is part of the name: another --out is another experiment.
         exp_dir = self.storage_path / f"{sweep}-{grid_hash(specs)}-{_path_hash(self.out_csv)}"
         # Trials keep the driver's working directory (Tune propagates this variable to them);
@@ -438,6 +449,14 @@ class RayRunner:
                 shutil.rmtree(exp_dir, ignore_errors=True)
                 self._fit(self._tuner(todo, exp_dir, summary), exp_dir)
         return summary
+
+    def _mark_store(self) -> str:
+        """Leave this sweep's token in the outcomes folder, for trials to see if they share it."""
+        token = secrets.token_hex(8)
+        folder = store_folder(self.out_csv)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / DRIVER_FILE, lambda f: f.write(token), binary=False)
+        return token
 
     @contextlib.contextmanager
     def _ray(self) -> Iterator[None]:
@@ -499,7 +518,9 @@ class RayRunner:
 
     def _trainable(self, skip: frozenset[str]):
         store = str(store_folder(self.out_csv))
-        trainable = tune.with_parameters(_trial, skip=skip, progress=self.progress, store=store)
+        trainable = tune.with_parameters(
+            _trial, skip=skip, progress=self.progress, store=store, token=self._token
+        )
         return tune.with_resources(trainable, _resources(self.resources))
 
     def _run_config(self, exp_dir: Path, summary: SweepSummary, total: int) -> tune.RunConfig:

@@ -141,3 +141,44 @@ def test_token_statistics_alone_need_no_unreduced_model_and_keep_no_outcomes(tmp
     LocalRunner(tmp_path / "t.csv", progress=False).run(tokens_only)
     assert passes == {"runs": 3, "unreduced": 1, "beside": 0}  # the baseline's own pass only
     assert not list(RunStore.beside(tmp_path / "t.csv").folder.glob("*.npz"))
+
+
+def test_the_reference_key_hashes_the_weights_by_their_content(tmp_path):
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"one model")
+    (base,) = specs(methods=())
+    first = base.replace(checkpoint=str(weights)).reference_key
+    weights.write_bytes(b"another model, same path")
+    assert base.replace(checkpoint=str(weights)).reference_key != first
+
+
+def test_the_baseline_replaces_a_stored_reference_with_its_own_outputs(tmp_path):
+    base, tome = specs(methods=("tome",))
+    store = RunStore(tmp_path / "store")
+    stale = Reference(torch.zeros(48, 10), torch.zeros(48, dtype=torch.long))
+    store.save_reference(base.reference_key, stale)
+    evaluate_module.evaluate(base, progress=False, store=store)
+    fresh = store.load_reference(base.reference_key)
+    assert not torch.equal(fresh.log_probs, stale.log_probs)
+    shared = evaluate_module.evaluate(tome, progress=False, store=store)
+    alone = evaluate_module.evaluate(tome, progress=False)
+    kl = [next(r["value"] for r in rows if r["metric"] == "kl") for rows in (shared, alone)]
+    assert kl[0] == pytest.approx(kl[1], abs=1e-6)
+
+
+def test_a_run_computing_the_reference_holds_the_lock_others_wait_on(tmp_path):
+    import threading
+
+    store, other = RunStore(tmp_path / "s"), RunStore(tmp_path / "s")  # two processes' views
+    got_it = threading.Event()
+
+    def second() -> None:
+        with other.reference_lock("k"):
+            got_it.set()
+
+    with store.reference_lock("k"):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        assert not got_it.wait(0.5)  # blocked while the first computes
+    assert got_it.wait(10)
+    waiter.join()

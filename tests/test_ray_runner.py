@@ -359,3 +359,25 @@ def test_an_address_where_something_else_listens_fails_within_seconds(tmp_path, 
         "listens there): pass the head node's GCS port (ray start --head --port=PORT)"
     )
     assert time.monotonic() - start < 60
+
+
+def test_a_trial_uses_the_outcomes_folder_only_where_the_driver_marked_it(tmp_path):
+    import numpy as np
+    import torch
+
+    from ppt_bench.outcomes import Outcomes, Reference
+    from ppt_bench.runners.ray_tune import DRIVER_FILE, TrialStore
+
+    folder = tmp_path / "r.outcomes"
+    outcomes = Outcomes(*(np.zeros(3, dtype) for dtype in (int, int, bool, float, int, float)))
+    elsewhere = TrialStore(folder, "token")  # another node: no mark of this sweep there
+    elsewhere.save_outcomes("run", outcomes)
+    elsewhere.save_reference("key", Reference(torch.zeros(3, 2), torch.zeros(3, dtype=int)))
+    assert not folder.exists() and elsewhere.outcomes  # sent back with the rows instead
+    folder.mkdir()
+    (folder / DRIVER_FILE).write_text("an earlier sweep")
+    assert not TrialStore(folder, "token").shared
+    (folder / DRIVER_FILE).write_text("token")
+    here = TrialStore(folder, "token")
+    here.save_outcomes("run", outcomes)
+    assert here.shared and not here.outcomes and here.load_outcomes("run") is not None
