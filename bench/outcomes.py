@@ -5,8 +5,8 @@ top 5, its cross-entropy loss, the unreduced model's top-1 prediction and the KL
 the unreduced model's distribution (:class:`Outcomes`): enough for the intervals of its own
 figures and for paired tests against the baseline or another method on the same images. The
 unreduced model's log-probabilities on the evaluated images (:class:`Reference`) are computed
-once per :attr:`~ppt_bench.spec.RunSpec.reference_key` (model, weights, data, images, dtype,
-device) and read by every method's run.
+once per :attr:`~ppt_bench.spec.RunSpec.reference_key` (model, weights and data by their content,
+images, seed, dtype, device, machine) and read by every method's run.
 
 Both live in a folder beside the results CSV (:func:`store_folder`: ``results/x.csv`` ->
 ``results/x.outcomes/``), as ``<run_id>.npz`` and ``reference-<key>.npz``, each written
@@ -137,7 +137,7 @@ class RunStore:
         folder: where the files go (created on the first write).
 
     Attributes:
-        references_computed: unreduced-model passes this store saved (counted for tests).
+        references_computed: references this store wrote.
         references_read: stored references read back.
     """
 
@@ -194,8 +194,13 @@ class RunStore:
         """Held by a run that computes the outputs under ``key``: runs in other processes that
         share the folder (Ray trials on one machine) wait for it, then read its file instead of
         computing them again. An uncontended lock costs nothing; the lock file stays."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / f".reference-{key}.lock", "a") as f:
+        path = self.folder / f".reference-{key}.lock"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a")  # noqa: SIM115 - held open for the lock
+        except OSError as err:
+            raise self._unwritable(path, err) from None
+        with f:
             fcntl.flock(f, fcntl.LOCK_EX)
             yield  # closing the file releases the lock
 
@@ -204,8 +209,12 @@ class RunStore:
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write(path, lambda f: f.write(data), binary=True)
         except OSError as err:
-            reason = err.strerror or type(err).__name__
-            raise UserError(
-                f"cannot write {path} ({reason}): write the results to a folder you can write "
-                "with --out"
-            ) from None
+            raise self._unwritable(path, err) from None
+
+    @staticmethod
+    def _unwritable(path: Path, err: OSError) -> UserError:
+        reason = err.strerror or type(err).__name__
+        return UserError(
+            f"cannot write {path} ({reason}): write the results to a folder you can write with "
+            "--out"
+        )

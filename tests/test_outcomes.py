@@ -182,3 +182,15 @@ def test_a_run_computing_the_reference_holds_the_lock_others_wait_on(tmp_path):
         assert not got_it.wait(0.5)  # blocked while the first computes
     assert got_it.wait(10)
     waiter.join()
+
+
+def test_a_store_that_cannot_be_written_is_a_one_line_user_error(tmp_path):
+    from ppt_bench.errors import UserError
+
+    (tmp_path / "file").write_text("not a folder")
+    store = RunStore(tmp_path / "file" / "t.outcomes")
+    locked = store.reference_lock("k")
+    with pytest.raises(UserError, match=r"^cannot write .*: write the results to a folder"):
+        locked.__enter__()
+    with pytest.raises(UserError, match=r"^cannot write "):
+        store.save_reference("k", Reference(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)))
