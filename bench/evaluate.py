@@ -136,13 +136,17 @@ class RunContext:
         key = spec.reference_key if shared is not None else ""
         stored = shared.load_reference(key) if shared is not None and self.reduced else None
         computing = shared is not None and stored is None
+        keep = shared is not None and not self.reduced  # the baseline's outputs, fresh
         with shared.reference_lock(key) if computing else contextlib.nullcontext():
             if computing and self.reduced:  # another process may have stored them meanwhile
                 stored = shared.load_reference(key)
-            result = self._accuracy_pass(loader, stored, wants_accuracy)
+            reference: Reference | nn.Module | None = stored
+            if self.reduced and wants_accuracy and stored is None:
+                reference = self.unreduced()  # run beside the model, batch by batch
+            result = self._accuracy_pass(loader, reference, keep)
             if shared is not None and result.reference is not None:
                 shared.offer_reference(key, result.reference)
-            if shared is not None and not self.reduced:  # the baseline's outputs, fresh
+            if keep:
                 labels = torch.from_numpy(result.outcomes.label)
                 shared.save_reference(key, Reference(result.log_probs, labels))
         result.log_probs, result.reference = None, None
@@ -151,15 +155,12 @@ class RunContext:
         return result
 
     def _accuracy_pass(
-        self, loader: Any, stored: Reference | None, wants_accuracy: bool
+        self, loader: Any, reference: Reference | nn.Module | None, keep: bool
     ) -> AccuracyResult:
-        """One pass of the run's model over the data, against the stored reference, or the
-        unreduced model run beside it (reduced runs measuring accuracy without one)."""
+        """One pass of the run's model over the data against ``reference`` (see
+        :func:`~ppt_bench.accuracy.evaluate_accuracy`), keeping its log-probabilities if
+        ``keep``."""
         spec = self.spec
-        reference: Reference | nn.Module | None = stored
-        if self.reduced and wants_accuracy and stored is None:
-            reference = self.unreduced()
-        keep = not self.reduced and wants_accuracy and self.store is not None
         result = evaluate_accuracy(
             self.model, loader, reference, spec.device, spec.dtype, spec.method, self.progress, keep
         )
