@@ -14,17 +14,25 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from ppt_bench import __version__
-from ppt_bench.errors import UserError
-from ppt_bench.spec import COMPILE_MODES
-from ppt_bench.throughput import DEFAULT_ROUNDS
+from ppt_bench.config import all_settings, build_config, example_config, load_config
+from ppt_bench.errors import UserError, check_output_path
+from ppt_bench.identity import VERSION
+from ppt_bench.keyvalue import parse_assignment, parse_sweep
+from ppt_bench.settings import Setting
 
 PROG = "ppt-bench"
-# Subcommands whose module (ppt_bench.<name>) provides add_arguments(parser) and run(args).
+# Subcommands whose module provides add_arguments(parser) and run(args): command -> (module,
+# help). The module is imported only when its command runs (they import torch and timm).
 DELEGATED = {
-    "demo": "every method on the built-in digits dataset: a CSV and a report in minutes",
-    "train": "train a ViT (the digits model by default) and save its weights",
-    "visualize": "draw what each method does to the tokens of an image",
+    "demo": (
+        "ppt_bench.demo",
+        "every method on the built-in digits dataset: a CSV and a report in minutes",
+    ),
+    "train": (
+        "ppt_bench.train_cmd",
+        "train a ViT (the digits model by default) and save its weights",
+    ),
+    "visualize": ("ppt_bench.visualize", "draw what each method does to the tokens of an image"),
 }
 EXAMPLES = f"""examples:
   {PROG} list
@@ -55,12 +63,12 @@ def build_parser() -> Parser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_list_parser(sub)
     add_run_parser(sub)
     add_report_parser(sub)
-    for name, text in DELEGATED.items():
+    for name, (_, text) in DELEGATED.items():
         sub.add_parser(name, help=text, add_help=False)  # parsed by the module itself
     return parser
 
@@ -78,17 +86,12 @@ def add_list_parser(sub: Any) -> None:
 
 
 def add_run_parser(sub: Any) -> None:
-    from ppt_bench.dtypes import DTYPES
-    from ppt_bench.metrics import names as metric_names
-    from ppt_bench.runners.base import RUNNERS, runner_options
-
     p = sub.add_parser(
         "run",
         help="run a sweep: models x methods x parameters x batch sizes (x dtypes x compile modes)",
         description="Run a grid of models x dtypes x compile modes x batch sizes x (methods x "
-        "swept parameters), append "
-        "the rows to a results CSV (skipping runs already there) and write a report. Flags "
-        "override the settings of --config.",
+        "swept parameters), append the rows to a results CSV (skipping runs already there) and "
+        "write a report. Flags override the settings of --config.",
     )
     p.add_argument(
         "--config",
@@ -98,9 +101,8 @@ def add_run_parser(sub: Any) -> None:
     p.add_argument(
         "--print-config",
         action="store_true",
-        help="print the example config file (every key, with its default) and exit",
+        help="print an example config file (every key, with its default) and exit",
     )
-    p.add_argument("--model", action="append", help="timm model name (repeatable)")
     p.add_argument("--method", action="append", help="method name (repeatable)")
     p.add_argument(
         "--param",
@@ -117,62 +119,25 @@ def add_run_parser(sub: Any) -> None:
         metavar="KEY=[V1,V2]",
         help="sweep a parameter over values, for each method that has it (repeatable)",
     )
-    p.add_argument("--batch-size", type=int, action="append", help="batch size (repeatable)")
-    p.add_argument("--metrics", action="append", help=f"comma list of {','.join(metric_names())}")
-    p.add_argument("--data", help="ImageFolder root (ImageNet val layout), digits or synthetic")
-    p.add_argument("--n-images", type=int, help="evaluate at most N images")
-    p.add_argument("--checkpoint", metavar="PATH|URL", help="weights to load into the model")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument(
-        "--dtype", action="append", choices=DTYPES, help="autocast dtype (default fp32; repeatable)"
-    )
-    p.add_argument(
-        "--compile",
-        action="append",
-        nargs="?",
-        const="default",
-        choices=COMPILE_MODES,
-        help="torch.compile mode (bare --compile: default), none (eager), or cudagraph: the "
-        "eager forward captured in a CUDA graph (repeatable: --compile none --compile cudagraph)",
-    )
-    p.add_argument("--seed", type=int, help="seed for synthetic data and random methods")
-    p.add_argument("--workers", type=int, help="DataLoader workers (default 4)")
-    p.add_argument(
-        "--rounds",
-        type=int,
-        help=f"timed rounds of throughput, each a reduced model's loop and the unreduced "
-        f"model's in turn; the speedup is the median of the per-round ratios with its 95%% "
-        f"interval, which needs 6 or more (default {DEFAULT_ROUNDS})",
-    )
-    p.add_argument(
-        "--cache",
-        action=argparse.BooleanOptionalAction,
-        help="decode an ImageFolder once into the preprocessed-image cache and read it from "
-        "there in every run (default on); --no-cache decodes the images in every run",
-    )
-    p.add_argument(
-        "--cache-dir",
-        metavar="DIR",
-        help="folder of the image cache (default $XDG_CACHE_HOME/ppt-bench/images); a shared "
-        "file system shares it between the nodes of a cluster",
-    )
-    p.add_argument(
-        "--baseline",
-        action=argparse.BooleanOptionalAction,
-        help="add an unreduced run per model and batch size (default on)",
-    )
-    p.add_argument("--runner", choices=tuple(RUNNERS), help="local (default) or ray")
-    for option, text in runner_options().items():
-        p.add_argument(f"--{option.replace('_', '-')}", dest=option, help=text)
-    p.add_argument(
-        "--sweep-name",
-        help="name of the sweep (default: the config file's name, else its models, methods "
-        "and data)",
-    )
-    p.add_argument("--out", metavar="CSV", help="results file (default results/<sweep>.csv)")
-    p.add_argument("--report", metavar="MD", help="report file (default reports/<sweep>.md)")
+    for s in all_settings():
+        p.add_argument(s.option, dest=s.dest, **_flag(s))
     p.add_argument("--no-report", action="store_true", help="do not write a report")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _flag(s: Setting) -> dict[str, Any]:
+    """The ``add_argument`` keywords of a declared setting."""
+    missing = s.default in (None, "") or "default" in s.help
+    shown = "" if missing else f" (default {_show(s.default)})"
+    kwargs: dict[str, Any] = {"help": (s.help + shown).replace("%", "%%"), **s.cli}
+    if s.kind is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+        return kwargs
+    kwargs.update(type=s.kind, metavar=s.metavar, choices=s.choices)
+    if s.axis or s.many:
+        kwargs["action"] = "append"
+        kwargs["help"] += "; repeatable" + (", or comma-separated" if s.many else "")
+    return {k: v for k, v in kwargs.items() if v is not None}
 
 
 def add_report_parser(sub: Any) -> None:
@@ -227,19 +192,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     Returns:
         0 when every run finished, 1 when some failed (each recorded as a failed row).
     """
-    from ppt_bench.errors import check_output_path
-    from ppt_bench.grid import (
-        build_config,
-        expand,
-        load_config,
-        parse_assignment,
-        parse_sweep,
-        validate,
-    )
-    from ppt_bench.metrics import timing
+    # Imported here, when the command runs: they import torch and timm.
+    from ppt_bench.api import Sweep
     from ppt_bench.report import check_report_path, write_report
-    from ppt_bench.runners.base import create_runner
-    from ppt_bench.throughput import iterations
 
     if args.print_config:
         print(example_config(), end="")
@@ -255,15 +210,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     out = check_output_path(config.out_path, "--out")
     report = None if args.no_report else check_report_path(config.report_path, [out], "--report")
-    specs = expand(config)
-    validate(specs, check_cuda=config.runner == "local")
-    if any(timing(s.metrics) for s in specs):
-        iterations()  # a bad PPT_BENCH_WARMUP / PPT_BENCH_ITERS would fail every run
-    runner = create_runner(
-        config.runner, config.out_path, progress=not args.quiet, **config.runner_options
-    )
-    print(f"{len(specs)} runs in sweep {config.sweep_name!r} -> {out}", flush=True)
-    summary = runner.run(specs)
+    sweep = Sweep.plan(config)
+    print(f"{len(sweep.specs)} runs -> {out}", flush=True)
+    summary = sweep.run(progress=not args.quiet)
     if summary.skipped:
         print(f"skipped {summary.skipped} runs already in {out}")
     print(f"{summary.ok} runs finished, {len(summary.failed)} failed")
@@ -278,40 +227,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from ppt_bench.runners.base import runner_options
-
-    metrics = None
-    if args.metrics:
-        metrics = [m.strip() for text in args.metrics for m in text.split(",") if m.strip()]
-    return {
-        "models": args.model,
-        "batch_sizes": args.batch_size,
-        "metrics": metrics,
-        "data": args.data,
-        "n_images": args.n_images,
-        "checkpoint": args.checkpoint,
-        "device": args.device,
-        "dtype": args.dtype,
-        "compile": args.compile,
-        "seed": args.seed,
-        "workers": args.workers,
-        "rounds": args.rounds,
-        "cache": args.cache,
-        "cache_dir": args.cache_dir,
-        "baseline": args.baseline,
-        "sweep_name": args.sweep_name,
-        "runner": args.runner,
-        **{option: getattr(args, option) for option in runner_options()},
-        "out": args.out,
-        "report": args.report,
-    }
-
-
-def example_config() -> str:
-    """The example sweep config shipped with the package: every key, documented."""
-    from importlib.resources import files
-
-    return files("ppt_bench").joinpath("configs", "example.toml").read_text()
+    """The settings given on the command line, by config key (None: not given)."""
+    return {s.key: getattr(args, s.dest) for s in all_settings()}
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -330,8 +247,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def run_delegated(name: str, argv: Sequence[str]) -> int:
-    """Import ``ppt_bench.<name>`` only now, let it add its flags, and run it."""
-    module_name = f"ppt_bench.{name}"
+    """Import the command's module only now, let it add its flags, and run it."""
+    module_name, text = DELEGATED[name]
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -340,7 +257,7 @@ def run_delegated(name: str, argv: Sequence[str]) -> int:
         raise UserError(f"the {name!r} command needs {err.name!r}: install it first") from None
     if not (hasattr(module, "add_arguments") and hasattr(module, "run")):
         raise UserError(f"the {name!r} command is not available in this installation")
-    parser = Parser(prog=f"{PROG} {name}", description=DELEGATED[name])
+    parser = Parser(prog=f"{PROG} {name}", description=text)
     module.add_arguments(parser)
     return int(module.run(parser.parse_args(argv)) or 0)
 

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ppt_bench.decode import Batch, load_sample
+from ppt_bench.digits import digits_dataset
 from ppt_bench.errors import UserError
 
 _logger = logging.getLogger(__name__)
@@ -33,27 +34,6 @@ DIGITS = "digits"
 # Images in a synthetic run when the spec does not say: enough for token and path statistics.
 DEFAULT_SYNTHETIC_IMAGES = 64
 _SPLIT_NAMES = ("val", "validation", "test", "train")
-# What PIL raises for a file it cannot decode (truncated, not an image, absurdly large).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-Batch = tuple[torch.Tensor | None, torch.Tensor | None, int]
-
-
-def decode_image(path: str) -> Image.Image:
-    """Decode one image file as RGB: every image the project reads goes through here."""
-    with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
-
-
-def load_sample(path: str, transform: Callable | None = None) -> Any:
-    """The decoded, transformed image at ``path``, or None (with a warning) if it cannot be
-    decoded."""
-    try:
-        image = decode_image(path)
-    except DECODE_ERRORS as err:
-        _logger.warning("skipping unreadable image %s (%s)", path, err)
-        return None
-    return image if transform is None else transform(image)
 
 
 class TolerantImageFolder(ImageFolder):
@@ -163,8 +143,6 @@ def dataset_name(data: str | None) -> str:
 
 
 def _digits(transform: Callable) -> Dataset:
-    from ppt_bench.digits import digits_dataset
-
     return Transformed(digits_dataset(split="test"), transform)
 
 

@@ -1,9 +1,10 @@
 """``ppt-bench demo``: the whole ablation on the built-in digits dataset, in minutes on a CPU.
 
 Trains (or loads from the cache) the small digits ViT, then runs every registered method over a
-small grid of its main parameter with the same code path as any sweep (``RunSpec`` ->
-``LocalRunner`` -> ``evaluate``): accuracy and agreement on the 360 test images, MACs, CPU
-throughput paired with the baseline (short rounds: :data:`TIMING`) and token statistics.
+small grid of its main parameter as a sweep like any other (:func:`demo_config` ->
+:class:`~ppt_bench.api.Sweep` -> ``LocalRunner`` -> ``evaluate``): accuracy and agreement on
+the 360 test images, MACs, CPU throughput paired with the baseline (short rounds:
+:data:`TIMING`) and token statistics.
 Writes ``results/demo-<device>.csv`` and ``reports/demo-<device>.md`` with plots, and prints
 where they are.
 """
@@ -16,10 +17,14 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from ppt_bench import demo_model
+from ppt_bench.api import Sweep
+from ppt_bench.config import SweepConfig, build_config
+from ppt_bench.digits_model import MODEL_NAME
 from ppt_bench.errors import UserError, check_output_path
 from ppt_bench.methods import get_method_class, list_methods
+from ppt_bench.report import write_report
 from ppt_bench.runners.base import environ
-from ppt_bench.spec import RunSpec
 from ppt_bench.throughput import ITERS_ENV, WARMUP_ENV
 
 METRICS = ("accuracy", "macs", "throughput", "tokens")
@@ -34,30 +39,25 @@ def grid() -> dict[str, tuple[str, tuple[Any, ...]] | None]:
     return {name: get_method_class(name).demo_grid for name in list_methods() if name != "baseline"}
 
 
-def demo_specs(checkpoint: str, device: str, batch_size: int, sweep: str) -> list[RunSpec]:
-    """One run per registered method and value of its main parameter (``Method.demo_grid``;
-    methods that remove r tokens at blocks 3, 6 and 9 share r, so they meet at equal MACs),
-    plus the baseline. A method without a demo grid runs once with its defaults."""
-    from ppt_bench.digits import MODEL_NAME
-
-    common = dict(
-        model=MODEL_NAME,
-        data="digits",
-        checkpoint=checkpoint,
-        device=device,
-        batch_size=batch_size,
-        metrics=METRICS,
-        sweep=sweep,
-        workers=0,
-    )
-    specs = [RunSpec(method="baseline", **common)]
-    for name, main_param in grid().items():
-        if main_param is None:
-            specs.append(RunSpec(method=name, **common))
-            continue
-        key, values = main_param
-        specs += [RunSpec(method=name, params={key: v}, **common) for v in values]
-    return specs
+def demo_config(checkpoint: str, device: str, batch_size: int, sweep: str) -> SweepConfig:
+    """The demo as a sweep like any other: every registered method over its demo grid
+    (``Method.demo_grid``; methods that remove r tokens at blocks 3, 6 and 9 share r, so they
+    meet at equal MACs), plus the baseline; a method without a demo grid runs once with its
+    defaults. Its runs are those of ``ppt-bench run`` with the same settings, ids included."""
+    tables = {
+        name: {"sweep": {main[0]: list(main[1])}} if main else {} for name, main in grid().items()
+    }
+    settings = {
+        "models": [MODEL_NAME],
+        "data": "digits",
+        "checkpoint": checkpoint,
+        "device": device,
+        "batch_sizes": [batch_size],
+        "metrics": list(METRICS),
+        "sweep_name": sweep,
+        "workers": 0,
+    }
+    return build_config({"methods": tables}, overrides=settings)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,11 +72,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ppt_bench.digits import load_or_train
-    from ppt_bench.grid import validate
-    from ppt_bench.report import write_report
-    from ppt_bench.runners.local import LocalRunner
-
     name = args.name or f"demo-{args.device.replace(':', '')}"
     if Path(name).name != name or name in (".", ".."):
         raise UserError(f"--name {name!r} must be a file stem, without folders: e.g. demo-laptop")
@@ -85,13 +80,14 @@ def run(args: argparse.Namespace) -> int:
     reports = check_output_path(args.reports_dir, "--reports-dir", directory=True)
     out = check_output_path(results / f"{name}.csv", "--results-dir")
     report = check_output_path(reports / f"{name}.md", "--reports-dir")
-    _, checkpoint, top1 = load_or_train(retrain=args.retrain)
+    _, checkpoint, top1 = demo_model.load_or_train(retrain=args.retrain)
     print(f"digits model: {checkpoint} (test top-1 {top1:.2f}%)", flush=True)
-    specs = demo_specs(str(checkpoint), args.device, args.batch_size, name)
-    validate(specs)
-    print(f"{len(specs)} runs -> {out}", flush=True)
+    config = demo_config(str(checkpoint), args.device, args.batch_size, name)
+    config.values["out"] = str(out)
+    sweep = Sweep.plan(config)
+    print(f"{len(sweep.specs)} runs -> {out}", flush=True)
     with environ(**{k: os.environ.get(k, v) for k, v in TIMING.items()}):
-        summary = LocalRunner(out).run(specs)
+        summary = sweep.run()
     if summary.skipped:
         print(f"skipped {summary.skipped} runs already in {out}")
     print(f"{summary.ok} runs finished, {len(summary.failed)} failed")

@@ -6,7 +6,6 @@ import contextlib
 
 import torch
 
-DTYPES = ("fp32", "fp16", "bf16")
 # Autocast dtypes; fp32 runs without autocast.
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

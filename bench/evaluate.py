@@ -5,7 +5,7 @@ other half of its paired timing), apply the method, let each metric group that `
 names measure the run (:mod:`ppt_bench.metrics`), keep its per-image outcomes in the sweep's
 :class:`~ppt_bench.outcomes.RunStore`, and return tidy rows (:func:`ppt_bench.records.make_rows`).
 Errors a user can cause are raised as :class:`~ppt_bench.errors.UserError`; runners record a
-failed run with :func:`failed_rows` and go on.
+failed run with :func:`ppt_bench.records.failed_rows` and go on.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ class RunContext:
         # The unreduced model: the reference of accuracy (unless stored) and the other half
         # of every paired timing round. The baseline run is its own reference.
         self.reduced = not isinstance(method, Baseline)
-        wanted = {"accuracy", "throughput"} & set(spec.metrics)
+        self.groups = [metrics.get(name) for name in spec.metrics]
+        wanted = any(g.unreduced_outputs or g.paired_timing for g in self.groups)
         self._unreduced = copy.deepcopy(model) if self.reduced and wanted else None
         self.model = method.apply(model).to(spec.device)
         self.dataset = SYNTHETIC
@@ -131,7 +132,7 @@ class RunContext:
         # batch, and stores them; the baseline's own pass stores them too. A run that computes
         # them holds the store's lock, so that runs in other processes wait and read them.
         # (Token statistics alone need no reference.)
-        wants_accuracy = "accuracy" in spec.metrics
+        wants_accuracy = any(g.unreduced_outputs for g in self.groups)
         shared = self.store if wants_accuracy else None
         key = spec.reference_key if shared is not None else ""
         stored = shared.load_reference(key) if shared is not None and self.reduced else None
@@ -228,10 +229,9 @@ def evaluate(
     random_seed(spec.seed)
     run = RunContext(spec, progress, store)
     values: dict[str, float] = {}
-    chosen = [metrics.get(name) for name in spec.metrics]
     # The data pass first (the accuracy, tokens and the MACs of adaptive methods read it).
     with oom_as_user_error(spec):
-        for group in sorted(chosen, key=lambda g: not g.needs_data):
+        for group in sorted(run.groups, key=lambda g: not g.needs_data):
             values.update({group.name: group.measure(run)})
     ordered = {k: v for name in spec.metrics for k, v in values[name].items()}
     if store is not None and run.outcomes is not None:  # before the rows: found with them
@@ -239,23 +239,3 @@ def evaluate(
     return make_rows(
         spec, ordered, dataset=run.dataset, n_images=run.n_images, batch_size=run.batch_size
     )
-
-
-def error_message(exc: BaseException | str) -> str:
-    """One line for the ``error`` column: a user error's own message (or a message given as
-    text), else the exception's type and message."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else ""
-    if isinstance(exc, (UserError, str)):
-        return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def failed_rows(spec: RunSpec, exc: BaseException | str) -> list[dict[str, Any]]:
-    """The single ``status=failed`` row that records a run that raised ``exc``.
-
-    Args:
-        spec: the run.
-        exc: the exception, or its message when only that survived (a crashed worker).
-    """
-    return make_rows(spec, {}, status="failed", error=error_message(exc))

@@ -10,9 +10,14 @@ import hashlib
 import os
 import socket
 from functools import cache
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from urllib.parse import urlparse
 
+try:
+    VERSION = version("ppt-bench")  # of the code that measures, in every row
+except PackageNotFoundError:  # running from a source tree that is not installed
+    VERSION = "0.0.0"
 _CHUNK = 1 << 20
 
 

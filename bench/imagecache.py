@@ -43,6 +43,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
+from ppt_bench.decode import Batch, load_sample
+from ppt_bench.defaults import cache_root
+
 _logger = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the layout of an entry changes: old entries are then never read
@@ -50,13 +53,10 @@ IMAGES, LABELS, READABLE, META = "images.u8", "labels.npy", "readable.npy", "met
 # Headroom left on the disk beyond the entry itself.
 _FREE_MARGIN = 64 << 20
 
-Batch = tuple[torch.Tensor | None, torch.Tensor | None, int]
-
 
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/ppt-bench/images`` (``~/.cache/ppt-bench/images`` when unset)."""
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "ppt-bench" / "images"
+    return cache_root() / "images"
 
 
 class DeviceNormalize:
@@ -221,8 +221,6 @@ class _Decode(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int]:
-        from ppt_bench.data import load_sample
-
         path, label = self.samples[index]
         image = load_sample(path, self.pil_steps)
         if image is not None and not isinstance(image, Image.Image):

@@ -15,100 +15,58 @@ Third-party groups register with :func:`register_metric_group` or through the en
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from importlib.metadata import entry_points
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ppt_bench.errors import UserError
+from ppt_bench.registry import Registry
+from ppt_bench.report_cells import Cells, Columns, fmt, fmt_ci, mean_columns
 from ppt_bench.stats import Estimate
 
 if TYPE_CHECKING:
     import pandas as pd
+    from torch import nn
 
-    from ppt_bench.evaluate import RunContext
+    from ppt_bench.accuracy import AccuracyResult
+    from ppt_bench.spec import RunSpec
+    from ppt_bench.throughput import Latency, Speed
 
 ENTRY_POINT_GROUP = "ppt_bench.metrics"
 
 
-@dataclass(frozen=True)
-class Cells:
-    """What a report column sees: one configuration's runs and the matching baseline's.
+class Run(Protocol):
+    """What a metric group's ``measure`` sees of one run being measured (the evaluation layer
+    builds it): the patched model, and the data pass and timed loops that the groups share,
+    each computed once, when a group first asks for it.
 
     Attributes:
-        runs: the configuration's runs (one row per run, one column per metric).
-        base: the baseline runs of the same model, device, dtype, compile mode and data.
-        batch_sizes: the batch sizes speed was measured at, ascending.
-        gmacs: mean GMACs of this method and parameters, from any run that counted them.
-        base_gmacs: the same for the baseline.
+        spec: the run.
+        model: the patched model on the run's device.
+        input_size: ``(3, H, W)`` of the model's data config.
+        reduced: whether the method reduces tokens (not the baseline).
+        labeled: whether the data pass read labelled images (after it ran).
+        progress: whether to show progress bars.
     """
 
-    runs: pd.DataFrame
-    base: pd.DataFrame
-    batch_sizes: list[int]
-    gmacs: float | None = None
-    base_gmacs: float | None = None
+    spec: RunSpec
+    model: nn.Module
+    input_size: tuple[int, ...]
+    reduced: bool
+    labeled: bool
+    progress: bool
 
-    @staticmethod
-    def mean(runs: pd.DataFrame, metric: str) -> float | None:
-        """The mean of ``metric`` over ``runs``, None where it was not measured."""
-        return runs[metric].mean() if metric in runs and runs[metric].notna().any() else None
+    def data_pass(self) -> AccuracyResult:
+        """Accuracy, agreement and token statistics over the data."""
+        ...
 
-    @staticmethod
-    def estimate(runs: pd.DataFrame, metric: str) -> Estimate | None:
-        """``metric`` with its 95% interval (the interval columns ``low:<metric>``,
-        ``high:<metric>`` of the report's runs frame) when one run measured it, or several
-        that agree (the same images at other batch sizes); otherwise the mean without an
-        interval; None where it was not measured."""
-        if metric not in runs or not runs[metric].notna().any():
-            return None
-        measured = runs[runs[metric].notna()]
-        if measured[metric].nunique() > 1:
-            return Estimate(float(measured[metric].mean()))
-        row = measured.iloc[0]
-        low, high = (row.get(f"{bound}:{metric}", math.nan) for bound in ("low", "high"))
-        return Estimate(float(row[metric]), float(low), float(high))
+    def speed(self) -> Speed:
+        """Throughput and peak memory, paired with the unreduced model's for a reduced run."""
+        ...
 
-    @staticmethod
-    def at(runs: pd.DataFrame, batch_size: int) -> pd.DataFrame:
-        return runs[runs["batch_size"] == batch_size]
-
-    @property
-    def ideal_speedup(self) -> float | None:
-        """Baseline MACs over this configuration's: the speedup if time followed MACs."""
-        if not self.gmacs or self.base_gmacs is None:
-            return None
-        return self.base_gmacs / self.gmacs
-
-
-def fmt(value: float | None, spec: str, suffix: str = "") -> str:
-    """A table cell: ``value`` formatted, '' for None or NaN."""
-    if value is None or value != value:
-        return ""
-    return f"{value:{spec}}{suffix}"
-
-
-NOT_SIGNIFICANT = "°"  # marks a difference from the baseline that is not significant at 5%
-
-
-def fmt_ci(est: Estimate | None, spec: str, suffix: str = "", mark: bool = False) -> str:
-    """A table cell for a figure and its 95% interval: ``96.67 [94.26, 98.08]`` (no brackets
-    without an interval); ``mark`` appends :data:`NOT_SIGNIFICANT`."""
-    if est is None or est.value != est.value:
-        return ""
-    text = f"{est.value:{spec}}{suffix}"
-    if est.low == est.low and est.high == est.high:
-        text += f" [{est.low:{spec}}, {est.high:{spec}}]"
-    return text + (NOT_SIGNIFICANT if mark else "")
-
-
-Columns = Callable[[Cells], dict[str, str]]
-
-
-def mean_columns(*columns: tuple[str, str, str]) -> Columns:
-    """Report columns that show a metric's mean: ``(header, metric, format spec)`` each."""
-    return lambda c: {h: fmt(c.mean(c.runs, m), spec) for h, m, spec in columns}
+    def latency(self) -> Latency:
+        """Latency per batch."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -119,24 +77,29 @@ class MetricGroup:
         name: the choice (``accuracy``).
         units: metric name -> unit of the rows it writes; a name ending in ``_`` is a prefix
             (``tokens_block_`` covers ``tokens_block_0``, ``tokens_block_1``, ...).
-        measure: one run's metrics from its :class:`~ppt_bench.evaluate.RunContext`.
+        measure: one run's metrics from its :class:`Run`.
         report: the report's columns for one configuration (header -> cell), or None.
         needs_data: reads images (a pass over ``--data``), not only synthetic timing input.
         timing: needs the device to itself (Ray gives such a trial a whole GPU).
         cuda_only: has no meaning on a CPU.
         same_everywhere: its values do not depend on device, dtype, compile mode or batch size,
             so the report takes them from any run of the same method and parameters.
+        unreduced_outputs: compares the run's outputs with the unreduced model's on the same
+            images (which a sweep computes once and shares between its runs).
+        paired_timing: times the run against the unreduced model in the same rounds.
         help: one line for ``--help`` (default: the first line of ``measure``'s docstring).
     """
 
     name: str
     units: Mapping[str, str]
-    measure: Callable[[RunContext], dict[str, float]]
+    measure: Callable[[Run], dict[str, float]]
     report: Columns | None = None
     needs_data: bool = False
     timing: bool = False
     cuda_only: bool = False
     same_everywhere: bool = False
+    unreduced_outputs: bool = False
+    paired_timing: bool = False
     help: str = ""
 
     def __post_init__(self) -> None:
@@ -150,39 +113,28 @@ class MetricGroup:
         return next((self.units[p] for p in prefixes), None)
 
 
-_GROUPS: dict[str, MetricGroup] = {}
-_ENTRY_POINTS_LOADED = False
+GROUPS: Registry[MetricGroup] = Registry("metric group", ENTRY_POINT_GROUP)
 
 
 def register_metric_group(group: MetricGroup) -> MetricGroup:
     """Add a metric group; a second, different group under a taken name is an error."""
-    current = _GROUPS.get(group.name)
-    if current is not None and current is not group:
-        raise UserError(f"metric group {group.name!r} is already registered")
-    _GROUPS[group.name] = group
-    return group
+    return GROUPS.register(group.name, group)
 
 
 def groups() -> dict[str, MetricGroup]:
     """Every metric group by name, built-in ones first, in the order the report shows them."""
-    global _ENTRY_POINTS_LOADED
-    if not _ENTRY_POINTS_LOADED:
-        _ENTRY_POINTS_LOADED = True
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            register_metric_group(ep.load())
-    return _GROUPS
+    return {name: GROUPS.get(name) for name in GROUPS.names()}
 
 
 def names() -> tuple[str, ...]:
-    return tuple(groups())
+    return tuple(GROUPS.names())
 
 
 def get(name: str) -> MetricGroup:
     """The group called ``name``; :class:`UserError` naming the valid choices otherwise."""
-    group = groups().get(name)
-    if group is None:
-        raise UserError(f"unknown metrics [{name!r}]: choose from {', '.join(groups())}")
-    return group
+    if name not in GROUPS:
+        raise UserError(f"unknown metrics [{name!r}]: choose from {', '.join(names())}")
+    return GROUPS.get(name)
 
 
 def unit_of(metric: str) -> str:
@@ -213,7 +165,7 @@ def metrics_of(*, timing: bool | None = None, same_everywhere: bool | None = Non
 # -- the built-in groups ----------------------------------------------------------------------
 
 
-def _measure_accuracy(run: RunContext) -> dict[str, Estimate | float]:
+def _measure_accuracy(run: Run) -> dict[str, Estimate | float]:
     """top-1, top-5, loss; agreement and KL against the unreduced model; paired delta top-1"""
     return run.data_pass().metrics(labeled=run.labeled, reduced=run.reduced)
 
@@ -245,13 +197,19 @@ ACCURACY_UNITS = {
     "p_value": "",  # exact McNemar test of that difference
 }
 ACCURACY = MetricGroup(
-    "accuracy", ACCURACY_UNITS, _measure_accuracy, _accuracy_columns, needs_data=True
+    "accuracy",
+    ACCURACY_UNITS,
+    _measure_accuracy,
+    _accuracy_columns,
+    needs_data=True,
+    unreduced_outputs=True,
 )
 register_metric_group(ACCURACY)
 
 
-def _measure_macs(run: RunContext) -> dict[str, float]:
+def _measure_macs(run: Run) -> dict[str, float]:
     """multiply-accumulates (torchprofile, fvcore) and parameters"""
+    # Imported here: the counters (torchprofile, fvcore) are heavy, and most runs count no MACs.
     from ppt_bench.macs import is_adaptive, measure_macs
 
     paths = run.data_pass().tokens.paths if is_adaptive(run.model) else None
@@ -277,7 +235,7 @@ MACS = MetricGroup("macs", MACS_UNITS, _measure_macs, _macs_columns, same_everyw
 register_metric_group(MACS)
 
 
-def _measure_throughput(run: RunContext) -> dict[str, Estimate | float]:
+def _measure_throughput(run: Run) -> dict[str, Estimate | float]:
     """images/s after warm-up; speedup paired with the unreduced model"""
     speed = run.speed()
     out: dict[str, Estimate | float] = {"samples_per_sec": speed.throughput}
@@ -319,12 +277,17 @@ THROUGHPUT_UNITS = {
     "cpu_threads": "",
 }
 THROUGHPUT = MetricGroup(
-    "throughput", THROUGHPUT_UNITS, _measure_throughput, _throughput_columns, timing=True
+    "throughput",
+    THROUGHPUT_UNITS,
+    _measure_throughput,
+    _throughput_columns,
+    timing=True,
+    paired_timing=True,
 )
 register_metric_group(THROUGHPUT)
 
 
-def _measure_latency(run: RunContext) -> dict[str, Estimate]:
+def _measure_latency(run: Run) -> dict[str, Estimate]:
     """p50/p90 ms per batch"""
     latency = run.latency()
     return {"latency_p50_ms": latency.p50, "latency_p90_ms": latency.p90}
@@ -343,14 +306,16 @@ LATENCY = MetricGroup("latency", LATENCY_UNITS, _measure_latency, _latency_colum
 register_metric_group(LATENCY)
 
 
-def _measure_memory(run: RunContext) -> dict[str, float]:
+def _measure_memory(run: Run) -> dict[str, float]:
     """peak CUDA memory"""
     peak = run.speed().peak_mem_mb
     return {} if peak is None else {"peak_mem_mb": peak}
 
 
 MEMORY_UNITS = {"peak_mem_mb": "MiB"}
-MEMORY = MetricGroup("memory", MEMORY_UNITS, _measure_memory, None, timing=True, cuda_only=True)
+MEMORY = MetricGroup(
+    "memory", MEMORY_UNITS, _measure_memory, None, timing=True, cuda_only=True, paired_timing=True
+)
 register_metric_group(MEMORY)
 
 
@@ -358,7 +323,7 @@ TOKENS, POOLED = "tokens_block_", "pooled_frac_block_"
 POOLED_COLUMN = "pooled fraction (block: frac)"
 
 
-def _measure_tokens(run: RunContext) -> dict[str, float]:
+def _measure_tokens(run: Run) -> dict[str, float]:
     """tokens after every block; ppt's pooled fraction per location"""
     return run.data_pass().tokens.metrics()
 
@@ -388,6 +353,7 @@ register_metric_group(TOKENS_GROUP)
 __all__ = [
     "Cells",
     "MetricGroup",
+    "Run",
     "fmt",
     "get",
     "groups",

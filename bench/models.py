@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib
 import logging
 import os
 import warnings
@@ -22,8 +21,9 @@ import torch
 from timm.data import resolve_data_config
 from timm.models import clean_state_dict, get_pretrained_cfg, split_model_name_tag
 
+from ppt_bench import digits_model  # noqa: F401 - registers vit_digits_patch4_32 with timm
 from ppt_bench.errors import PatchError, UserError
-from ppt_bench.methods.base import ViTInfo
+from ppt_bench.methods.interface import ViTInfo
 from ppt_bench.methods.patch import check_patchable, uses_rope, vit_info
 
 if TYPE_CHECKING:
@@ -35,11 +35,6 @@ _logger = logging.getLogger(__name__)
 
 # Where a checkpoint may keep its weights, in order of preference.
 STATE_DICT_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
-
-
-def register_project_models() -> None:
-    """Register the project's own timm models (``vit_digits_patch4_32``)."""
-    importlib.import_module("ppt_bench.digits")
 
 
 def check_model_name(name: str) -> None:
@@ -167,7 +162,6 @@ def build_model(
     name = spec_or_name if isinstance(spec_or_name, str) else spec_or_name.model
     if checkpoint is None and not isinstance(spec_or_name, str):
         checkpoint = spec_or_name.checkpoint
-    register_project_models()
     check_model_name(name)
     state_dict = None if checkpoint is None else read_checkpoint(checkpoint)
     if state_dict is not None and num_classes is None:
@@ -190,7 +184,6 @@ def check_weights(name: str, checkpoint: str | None) -> None:
     Raises:
         UserError: weights that cannot be read or downloaded, or that do not fit the model.
     """
-    register_project_models()
     check_model_name(name)
     if checkpoint is None:
         if split_model_name_tag(name)[1]:
@@ -211,14 +204,13 @@ def check_weights(name: str, checkpoint: str | None) -> None:
 
 def find_model(name: str) -> None:
     """Raise :class:`UserError` unless timm (or ppt-bench's digits model) knows ``name``."""
-    register_project_models()  # vit_digits_patch4_32
     check_model_name(name)
 
 
 # timm modules whose models are VisionTransformer (sub)classes or Eva models (EVA-02, DINOv3,
-# PE, vit_*_rope_*) the patch may accept; "digits" is ppt_bench.digits, which registers
-# vit_digits_patch4_32.
-VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit", "eva", "digits")
+# PE, vit_*_rope_*) the patch may accept; "digits_model" is ppt_bench.digits_model, which
+# registers vit_digits_patch4_32.
+VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "deit", "eva", "digits_model")
 
 
 @cache
@@ -263,7 +255,6 @@ def patchable_models(pattern: str, limit: int) -> tuple[list[ViTInfo], int]:
         ``(models, candidates)``: at most ``limit`` models, and how many names matched in the
         ViT modules (each checked only while fewer than ``limit`` were found).
     """
-    register_project_models()
     names = sorted({n for m in VIT_MODULES for n in timm.list_models(pattern, module=m)})
     found = []
     for name in names:

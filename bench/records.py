@@ -147,10 +147,9 @@ def cpu_name() -> str:
 
 def environment(device: str) -> dict[str, str]:
     """Versions and the device name that every row records."""
+    # Imported here: reading and reporting results needs neither torch nor timm.
     import timm
     import torch
-
-    from ppt_bench import __version__
 
     if device.startswith("cuda") and torch.cuda.is_available():
         device_name = torch.cuda.get_device_name(torch.device(device))
@@ -161,7 +160,7 @@ def environment(device: str) -> dict[str, str]:
         device_name = f"{cpu_name()} ({cpus} CPUs)"
     return {
         "device_name": device_name,
-        "ppt_bench_version": __version__,
+        "ppt_bench_version": identity.VERSION,
         "torch_version": torch.__version__,
         "timm_version": timm.__version__,
         "git_sha": git_sha(),
@@ -212,11 +211,11 @@ def make_rows(
         "batch_size": spec.batch_size if batch_size is None else batch_size,
         "device": spec.device,
         "device_name": env["device_name"],
-        "machine": spec.machine or identity.machine(),
+        "machine": spec.machine,
         "dtype": spec.dtype,
         "compile": spec.compile,
         "checkpoint": spec.checkpoint or "",
-        "checkpoint_sha256": spec.checkpoint_sha256 or identity.checkpoint_digest(spec.checkpoint),
+        "checkpoint_sha256": spec.checkpoint_sha256,
         "dataset": dataset,
         "data_fingerprint": spec.data_fingerprint,
         "n_images": "" if n_images is None else n_images,
@@ -232,6 +231,26 @@ def make_rows(
         {**base, "metric": name, **_value(value), "unit": unit_of(name)}
         for name, value in metrics.items()
     ]
+
+
+def error_message(exc: BaseException | str) -> str:
+    """One line for the ``error`` column: a user error's own message (or a message given as
+    text), else the exception's type and message."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    if isinstance(exc, (UserError, str)):
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def failed_rows(spec: RunSpec, exc: BaseException | str) -> list[dict[str, Any]]:
+    """The single ``status=failed`` row that records a run that raised ``exc``.
+
+    Args:
+        spec: the run.
+        exc: the exception, or its message when only that survived (a crashed worker).
+    """
+    return make_rows(spec, {}, status="failed", error=error_message(exc))
 
 
 def _value(value: float | Estimate) -> dict[str, float | str]:

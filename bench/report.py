@@ -21,9 +21,10 @@ from tabulate import tabulate
 
 from ppt_bench import metrics, stats
 from ppt_bench.errors import UserError, check_output_path
-from ppt_bench.metrics import NOT_SIGNIFICANT, POOLED_COLUMN, Cells, fmt_ci
+from ppt_bench.metrics import POOLED_COLUMN
 from ppt_bench.outcomes import Outcomes, RunStore
 from ppt_bench.records import IDENTITY_COLUMNS, format_params, read_results
+from ppt_bench.report_cells import NOT_SIGNIFICANT, Cells, fmt_ci
 from ppt_bench.stats import Estimate
 
 if TYPE_CHECKING:

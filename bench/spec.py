@@ -1,4 +1,10 @@
-"""``RunSpec``: everything that defines one run, validated on construction."""
+"""``RunSpec``: everything that defines one run, validated on construction.
+
+Its fields are the per-run settings of ``ppt-bench run``, each declared once with
+:func:`~ppt_bench.settings.setting` (its key, flag, help and what it is to the run's identity),
+and the identity of the experiment (the content hashes of the weights and data, the machine),
+which the one factory of specs, :func:`ppt_bench.grid.make_spec`, fills in.
+"""
 
 from __future__ import annotations
 
@@ -9,85 +15,129 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ppt_bench import metrics as metric_groups
-from ppt_bench.dtypes import DTYPES
+from ppt_bench.defaults import COMPILE_MODES, DEFAULT_ROUNDS, DTYPES
 from ppt_bench.errors import UserError
-from ppt_bench.throughput import DEFAULT_ROUNDS
-
-# "default", "reduce-overhead", "max-autotune": torch.compile modes; "cudagraph": the eager
-# forward captured in a CUDA graph (no compilation, no Python launch overhead).
-COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune", "cudagraph")
-# Fields that only say how a run is scheduled or named, not what it measures.
-_NOT_IN_RUN_ID = ("sweep", "workers", "cache", "cache_dir", "rounds")
-# What decides the unreduced model's outputs on the evaluated images: runs that agree on these
-# share one reference (:attr:`RunSpec.reference_key`), whatever their method or batch size.
-_REFERENCE_FIELDS = (
-    "model",
-    "checkpoint",
-    "checkpoint_sha256",
-    "data",
-    "data_fingerprint",
-    "n_images",
-    "seed",
-    "dtype",
-    "device",
-)
+from ppt_bench.settings import REFERENCE, RUN, SCHEDULE, Setting, setting, settings_of
 
 
 @dataclass(frozen=True)
 class RunSpec:
     """One run: a model with one method and its parameters, measured on one configuration.
 
-    Args:
-        model: timm model name (``deit_small_patch16_224``; a ``name.tag`` selects pretrained
-            weights when a hub is reachable).
-        method: registry name of the token reduction method.
-        params: the method's parameters (validated by ``create_method``).
-        data: ImageFolder root (ImageNet val layout), ``"digits"`` for the built-in dataset, or
-            None / ``"synthetic"`` for cost-only runs on generated inputs.
-        checkpoint: weights as a local path or URL (DeiT release files nest them under ``model``).
-        batch_size: images per forward.
-        device: ``cpu``, ``cuda`` or ``cuda:N``.
-        dtype: ``fp32``, or ``fp16`` / ``bf16`` under autocast.
-        compile: how the timed model runs, one of :data:`COMPILE_MODES`; ``True`` means
-            ``"default"`` (``torch.compile``), ``False`` means ``"none"`` (eager).
-        seed: seed for synthetic data and random methods.
-        metrics: metric groups (:mod:`ppt_bench.metrics`); ``memory`` (peak CUDA memory) needs
-            a CUDA device.
-        n_images: evaluate at most this many images (None: all).
-        sweep: name of the sweep this run belongs to (not part of ``run_id``).
-        workers: DataLoader workers (not part of ``run_id``).
-        checkpoint_sha256: content hash of a local checkpoint (:mod:`ppt_bench.identity`).
-        data_fingerprint: hash of the data set's file list (:mod:`ppt_bench.identity`).
-        machine: where the run is measured: this machine's name, or the Ray cluster's address.
-        cache: read ImageFolder images through the preprocessed-image cache
-            (:mod:`ppt_bench.imagecache`; not part of ``run_id``: the images are the same).
-        cache_dir: the cache's folder; None: the user cache directory (not part of ``run_id``).
-        rounds: timed rounds of throughput, alternating with the unreduced model's (not part of
-            ``run_id``: it sets the precision, not what is measured).
+    Each setting's help is in its declaration below (and in ``ppt-bench run --help``). Beside
+    them: ``method`` (the registry name) and ``params`` (its parameters, validated by
+    ``create_method``), and the experiment's identity: ``checkpoint_sha256`` (the content hash
+    of the weights), ``data_fingerprint`` (of the data set's files,
+    :mod:`ppt_bench.identity`) and ``machine`` (this machine's name, or the Ray cluster's
+    address), filled in by :func:`ppt_bench.grid.make_spec`.
     """
 
-    model: str
-    method: str = "baseline"
-    params: dict[str, Any] = field(default_factory=dict)
-    data: str | None = None
-    checkpoint: str | None = None
-    batch_size: int = 64
-    device: str = "cpu"
-    dtype: str = "fp32"
-    compile: bool | str = False
-    seed: int = 0
-    metrics: tuple[str, ...] = ("accuracy", "macs", "tokens")
-    n_images: int | None = None
-    sweep: str = ""
-    workers: int = 4
-    checkpoint_sha256: str = ""
-    data_fingerprint: str = ""
-    machine: str = ""
-    cache: bool = True
-    cache_dir: str | None = None
-    rounds: int = DEFAULT_ROUNDS
+    model: str = setting(
+        None,
+        "timm model name; `ppt-bench list --models 'deit*'` shows the ones the patch supports",
+        kind=str,
+        key="models",
+        flag="--model",
+        metavar="NAME",
+        axis=True,
+        identity=REFERENCE,
+        example=["deit_small_patch16_224"],
+    )
+    # The fields that are no settings say what they are to the run's identity.
+    method: str = field(default="baseline", metadata={"identity": RUN})
+    params: dict[str, Any] = field(default_factory=dict, metadata={"identity": RUN})
+    data: str | None = setting(
+        None,
+        "ImageFolder root (ImageNet val layout), digits (the built-in data set) or synthetic "
+        "(cost-only runs on generated inputs, the default)",
+        kind=str,
+        identity=REFERENCE,
+        example="/data/imagenet/val",
+    )
+    checkpoint: str | None = setting(
+        None,
+        "weights to load into the model: a local path or an http(s) URL",
+        kind=str,
+        identity=REFERENCE,
+        metavar="PATH|URL",
+        example="https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth",
+    )
+    device: str = setting("cpu", "cpu, cuda or cuda:N", identity=REFERENCE, example="cuda")
+    dtype: str = setting(
+        "fp32", "autocast dtype (fp32: none)", axis=True, identity=REFERENCE, choices=DTYPES
+    )
+    compile: bool | str = setting(
+        "none",
+        "torch.compile mode (a bare --compile: default), none (eager), or cudagraph: the eager "
+        "forward captured in a CUDA graph; true means default and false none",
+        kind=str,
+        axis=True,
+        choices=COMPILE_MODES,
+        cli={"nargs": "?", "const": "default"},
+    )
+    batch_size: int = setting(
+        64,
+        "images per forward; each is a separate run (speed depends on it)",
+        key="batch_sizes",
+        flag="--batch-size",
+        metavar="N",
+        axis=True,
+        example=[64, 256],
+    )
+    seed: int = setting(0, "seed for synthetic data and random methods", identity=REFERENCE)
+    metrics: tuple[str, ...] = setting(
+        ("accuracy", "macs", "tokens"),
+        "metric groups: accuracy, macs, throughput, latency, memory, tokens",
+        kind=str,
+        many=True,
+        example=["accuracy", "macs", "tokens", "throughput"],
+    )
+    n_images: int | None = setting(
+        None,
+        "evaluate at most N images (default: all)",
+        kind=int,
+        identity=REFERENCE,
+        metavar="N",
+        example=5000,
+    )
+    sweep: str = setting(
+        "",
+        "name of the sweep, which names its default output files (default: the config file's "
+        "name, else its models, methods and data)",
+        key="sweep_name",
+        identity=SCHEDULE,
+        example="deit-small-ppt",
+    )
+    workers: int = setting(4, "DataLoader workers", identity=SCHEDULE)
+    checkpoint_sha256: str = field(default="", metadata={"identity": REFERENCE})
+    data_fingerprint: str = field(default="", metadata={"identity": REFERENCE})
+    machine: str = field(default="", metadata={"identity": REFERENCE})
+    cache: bool = setting(
+        True,
+        "decode an ImageFolder once into the preprocessed-image cache and read it from there "
+        "in every run; --no-cache decodes the images in every run",
+        identity=SCHEDULE,
+    )
+    cache_dir: str | None = setting(
+        None,
+        "folder of the image cache (default $XDG_CACHE_HOME/ppt-bench/images); a shared file "
+        "system shares it between the nodes of a cluster",
+        kind=str,
+        identity=SCHEDULE,
+        metavar="DIR",
+        example=None,
+    )
+    rounds: int = setting(
+        DEFAULT_ROUNDS,
+        "timed rounds of throughput, each a reduced model's loop and the unreduced model's in "
+        "turn; the speedup is the median of the per-round ratios with its 95% interval, which "
+        "needs 6 or more",
+        identity=SCHEDULE,
+    )
 
     def __post_init__(self) -> None:
+        # Imported here: the methods import torch, and `ppt-bench --help` reads the settings
+        # declared above without it.
         from ppt_bench.methods import create_method
 
         if not isinstance(self.model, str) or not self.model:
@@ -135,23 +185,18 @@ class RunSpec:
     @property
     def run_id(self) -> str:
         """A stable hash of what the run measures: the same spec always gets the same id."""
-        d = {k: v for k, v in self.to_dict().items() if k not in _NOT_IN_RUN_ID}
+        d = {k: v for k, v in self.to_dict().items() if _IDENTITY[k] != SCHEDULE}
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     @property
     def reference_key(self) -> str:
         """A hash of what decides the unreduced model's outputs on this run's images: the
-        weights and the data by their content (hashed now where the spec does not carry the
-        hashes, as a spec made outside a sweep does not) and the machine."""
-        from ppt_bench import identity
-
-        d = {k: v for k, v in self.to_dict().items() if k in _REFERENCE_FIELDS}
-        d["checkpoint_sha256"] = self.checkpoint_sha256 or identity.checkpoint_digest(
-            self.checkpoint
-        )
-        d["data_fingerprint"] = self.data_fingerprint or identity.data_fingerprint(self.data)
-        d["machine"] = self.machine or identity.machine()
+        weights and the data by their content, and the machine; whatever the method or batch
+        size."""
+        if not self.machine:
+            raise ValueError("a RunSpec needs its identity: make it with ppt_bench.grid.make_spec")
+        d = {k: v for k, v in self.to_dict().items() if _IDENTITY[k] == REFERENCE}
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
@@ -166,4 +211,25 @@ class RunSpec:
         return cls(**d)
 
     def replace(self, **changes: Any) -> RunSpec:
+        """The same run with some fields changed. The weights and the data cannot change here:
+        their identity is computed by :func:`ppt_bench.grid.make_spec`, so make a new spec."""
+        moved = sorted({"data", "checkpoint"} & set(changes))
+        if moved:
+            raise ValueError(f"changing {moved} changes the experiment: use make_spec")
         return dataclasses.replace(self, **changes)
+
+
+def _identity_of(f: dataclasses.Field) -> str:
+    if "setting" in f.metadata:
+        return f.metadata["setting"][2].get("identity", RUN)
+    return f.metadata["identity"]
+
+
+# What each field is to a run's identity (:data:`~ppt_bench.settings.RUN`, ``REFERENCE``,
+# ``SCHEDULE``), from its declaration.
+_IDENTITY = {f.name: _identity_of(f) for f in dataclasses.fields(RunSpec)}
+
+
+def run_settings() -> list[Setting]:
+    """The per-run settings of ``ppt-bench run``, in declaration order."""
+    return settings_of(RunSpec)

@@ -20,10 +20,9 @@ Every estimate a run records is an :class:`Estimate`: the value and its 95% inte
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
-from scipy import stats
 
 CONFIDENCE = 0.95
 ALPHA = 1 - CONFIDENCE
@@ -37,12 +36,20 @@ class Estimate(NamedTuple):
     high: float = math.nan
 
 
+def _scipy_stats() -> Any:
+    """``scipy.stats``, imported on first use: it takes seconds to import, and the commands
+    that compute no interval (``--help``, ``list``) should not wait for it."""
+    from scipy import stats
+
+    return stats
+
+
 def proportion(hits: np.ndarray) -> Estimate:
     """The share of true entries of a bool vector in %, with its Wilson interval."""
     n, k = int(hits.size), int(np.count_nonzero(hits))
     if n == 0:
         return Estimate(math.nan)
-    ci = stats.binomtest(k, n).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
+    ci = _scipy_stats().binomtest(k, n).proportion_ci(confidence_level=CONFIDENCE, method="wilson")
     return Estimate(100.0 * k / n, 100.0 * ci.low, 100.0 * ci.high)
 
 
@@ -56,7 +63,7 @@ def mean(values: np.ndarray) -> Estimate:
         return Estimate(m)
     if np.all(values == values[0]):
         return Estimate(m, m, m)
-    ci = stats.ttest_1samp(values, 0.0).confidence_interval(CONFIDENCE)
+    ci = _scipy_stats().ttest_1samp(values, 0.0).confidence_interval(CONFIDENCE)
     return Estimate(m, float(ci.low), float(ci.high))
 
 
@@ -69,7 +76,7 @@ def quantile(values: np.ndarray, q: float = 0.5) -> Estimate:
     value = float(np.quantile(values, q))
     if values.size < 2:
         return Estimate(value)
-    ci = stats.quantile_test(values, q=value, p=q).confidence_interval(CONFIDENCE)
+    ci = _scipy_stats().quantile_test(values, q=value, p=q).confidence_interval(CONFIDENCE)
     low, high = float(ci.low), float(ci.high)
     if not (math.isfinite(low) and math.isfinite(high)):
         return Estimate(value)
@@ -115,7 +122,7 @@ def paired(first: np.ndarray, second: np.ndarray) -> Paired:
     d = 100.0 * (b - c) / n
     if m == 0:
         return Paired(Estimate(d, d, d), 1.0, b, c)
-    test = stats.binomtest(b, m, 0.5)
+    test = _scipy_stats().binomtest(b, m, 0.5)
     share = test.proportion_ci(confidence_level=CONFIDENCE, method="exact")
     # b - c = m (2 pi - 1) for the share pi of the differing images that go the first's way.
     low, high = (100.0 * m * (2 * q - 1) / n for q in (share.low, share.high))

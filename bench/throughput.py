@@ -28,16 +28,15 @@ from timm.utils import decay_batch_step
 from torch import nn
 
 from ppt_bench import stats
+from ppt_bench.defaults import DEFAULT_ITERS, DEFAULT_ROUNDS, DEFAULT_WARMUP
 from ppt_bench.dtypes import amp_autocast
 from ppt_bench.errors import UserError
 from ppt_bench.stats import Estimate
 
 _logger = logging.getLogger(__name__)
 
-# Warm-up forwards per model and timed forwards per round (override with PPT_BENCH_WARMUP /
-# PPT_BENCH_ITERS), and timed rounds per model (``--rounds``): 7 rounds give a median's 95%
-# interval; 7 x 10 forwards are about timm benchmark.py's 40 for each of the two models.
-DEFAULT_WARMUP, DEFAULT_ITERS, DEFAULT_ROUNDS = 10, 10, 7
+# Warm-up and per-round forwards override with PPT_BENCH_WARMUP / PPT_BENCH_ITERS; 7 x 10
+# forwards are about timm benchmark.py's 40 for each of the two models.
 WARMUP_ENV, ITERS_ENV = "PPT_BENCH_WARMUP", "PPT_BENCH_ITERS"
 
 T = TypeVar("T")
@@ -171,7 +170,7 @@ def with_oom_backoff(run: Callable[[int], T], batch_size: int) -> tuple[T, int]:
 
 
 def compile_for_timing(model: nn.Module, mode: str) -> nn.Module:
-    """The model to time under a :data:`~ppt_bench.spec.COMPILE_MODES` mode.
+    """The model to time under a :data:`~ppt_bench.defaults.COMPILE_MODES` mode.
 
     ``none`` and ``cudagraph`` (captured later, by :func:`_warm_step`) time the eager model;
     the others go through ``torch.compile`` with that mode.

@@ -17,23 +17,31 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from timm.data import create_transform, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from tqdm.auto import tqdm
 
 from ppt_bench.accuracy import evaluate_accuracy
 from ppt_bench.atomic import atomic_write
 from ppt_bench.data import TolerantImageFolder, Transformed, batch_loader
-from ppt_bench.dtypes import DTYPES, amp_autocast
-from ppt_bench.errors import UserError, check_output_path
+from ppt_bench.defaults import DTYPES
+from ppt_bench.digits import digits_dataset
+from ppt_bench.dtypes import amp_autocast
+from ppt_bench.errors import UserError
+from ppt_bench.models import build_model
 
 if TYPE_CHECKING:
-    import argparse
-
     from ppt_bench.methods import Method
 
 AUGMENTS = ("affine", "imagenet", "none")
@@ -202,8 +210,6 @@ def build_transforms(model: nn.Module, augment: str = "affine") -> tuple[Any, An
     Returns:
         ``(train_transform, eval_transform)``; the eval transform is timm's, as in evaluation.
     """
-    from timm.data import create_transform, resolve_data_config
-    from torchvision import transforms as T
 
     cfg = resolve_data_config(model=model)
     eval_tf = create_transform(**cfg, is_training=False)
@@ -243,9 +249,6 @@ class _Loop:
 
 
 def _make_loop(model: nn.Module, steps_per_epoch: int, config: TrainConfig, dist: Dist) -> _Loop:
-    from timm.loss import LabelSmoothingCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
 
     optimizer = create_optimizer_v2(
         model, opt="adamw", lr=config.lr, weight_decay=config.weight_decay
@@ -261,8 +264,6 @@ def _make_loop(model: nn.Module, steps_per_epoch: int, config: TrainConfig, dist
         updates_per_epoch=steps_per_epoch,
     )
     if dist.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [dist.device.index] if dist.device.type == "cuda" else None
         model = DistributedDataParallel(model, device_ids=ids)
     criterion = (
@@ -388,7 +389,6 @@ def _loader(
 def _run_epochs(
     loop: _Loop, loader: DataLoader, val_loader: DataLoader | None, progress: bool
 ) -> list[EpochStats]:
-    from tqdm.auto import tqdm
 
     config = loop.config
     history = []
@@ -436,71 +436,6 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return atomic_write(path, lambda f: torch.save(state, f), binary=True)
 
 
-# -- ppt-bench train -------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``ppt-bench train``."""
-    d = TrainConfig()
-    parser.add_argument("--model", default="vit_digits_patch4_32", help="timm model name")
-    parser.add_argument("--method", help="token reduction method to train with (default: none)")
-    parser.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a method parameter, VALUE in TOML (r=16, locations=[3,6,9]); repeatable",
-    )
-    parser.add_argument(
-        "--data", default="digits", help="ImageFolder root with train/ and val/, or digits"
-    )
-    parser.add_argument("--checkpoint", help="initial weights: a local path or an http(s) URL")
-    parser.add_argument("--epochs", type=int, default=d.epochs)
-    parser.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    parser.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
-    parser.add_argument("--smoothing", type=float, default=d.smoothing, help="label smoothing")
-    parser.add_argument(
-        "--batch-size", type=int, default=d.batch_size, help="images per step, all processes"
-    )
-    parser.add_argument("--augment", choices=AUGMENTS, default=d.augment)
-    parser.add_argument("--amp", choices=DTYPES, default=d.amp_dtype)
-    parser.add_argument("--workers", type=int, default=d.workers)
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if any)")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--out", help="checkpoint to write (default: <model>[-<method>].pth)")
-
-
-def parse_params(items: list[str]) -> dict[str, Any]:
-    """Method parameters from ``KEY=VALUE`` items, read as ``ppt-bench run`` reads ``--param``.
-
-    Values are TOML, and a value that is not TOML is a string:
-    ``["r=16", "locations=[3, 6, 9]", "branch=pool"]`` ->
-    ``{"r": 16, "locations": [3, 6, 9], "branch": "pool"}``.
-    """
-    from ppt_bench.grid import parse_assignment
-
-    return dict(parse_assignment(item, "--param") for item in items)
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """A validated :class:`TrainConfig` from the parsed command line."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return TrainConfig(
-        epochs=args.epochs,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        batch_size=args.batch_size,
-        warmup_epochs=args.warmup_epochs,
-        smoothing=args.smoothing,
-        seed=args.seed,
-        workers=args.workers,
-        amp_dtype=args.amp,
-        device=device,
-        augment=args.augment,
-    )
-
-
 def load_datasets(data: str) -> tuple[Dataset, Dataset]:
     """Training and validation sets of ``(PIL image, label)``: the digits (their 360 test
     images validate) or ``root/train`` and ``root/val`` of an ImageFolder tree, where an image
@@ -510,8 +445,6 @@ def load_datasets(data: str) -> tuple[Dataset, Dataset]:
         UserError: a root without ``train/`` and ``val/`` class folders, or different classes.
     """
     if data == "digits":
-        from ppt_bench.digits import digits_dataset
-
         return digits_dataset("train"), digits_dataset("test")
     root = Path(data).expanduser()
     missing = [s for s in ("train", "val") if not (root / s).is_dir()]
@@ -536,66 +469,9 @@ def build_for_training(name: str, checkpoint: str | None, num_classes: int) -> n
     A checkpoint's head is kept when it has ``num_classes`` outputs (training goes on) and
     replaced by a new one otherwise (fine-tuning on other classes).
     """
-    from ppt_bench.models import build_model
-
     model, _ = build_model(
         name, checkpoint=checkpoint, num_classes=None if checkpoint else num_classes
     )
     if model.num_classes != num_classes:
         model.reset_classifier(num_classes)
     return model
-
-
-def run(args: argparse.Namespace) -> int:
-    """``ppt-bench train``: train, print the validation top-1 and write the checkpoint."""
-    from ppt_bench.methods import create_method
-
-    params = parse_params(args.param)
-    if params and not args.method:
-        raise UserError("--param needs --method (e.g. --method ppt --param r=16)")
-    method = create_method(args.method, **params) if args.method else None
-    config = config_from_args(args)
-    out = check_output_path(
-        args.out or f"{args.model}{'-' + args.method if args.method else ''}.pth", "--out"
-    )
-    train_set, val_set = load_datasets(args.data)
-    torch.manual_seed(config.seed)  # the initial weights of a model trained from scratch
-    model = build_for_training(args.model, args.checkpoint, len(train_set.classes))
-    try:
-        result = train(model, train_set, val_set, config, method)
-        if is_main_process():
-            _save_and_report(result, out, args, config, params)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return 0
-
-
-def _save_and_report(
-    result: TrainResult,
-    out: Path,
-    args: argparse.Namespace,
-    config: TrainConfig,
-    params: dict[str, Any],
-) -> None:
-    state = {
-        "model": result.model.state_dict(),
-        "model_name": args.model,
-        "method": args.method,
-        "params": params,
-        "val_top1": result.val_top1,
-        "config": asdict(config),
-    }
-    path = save_checkpoint(state, out)
-    print(
-        f"val top-1 {result.val_top1:.2f}% after {config.epochs} epochs "
-        f"({result.train_time_s:.0f} s); weights in {path}"
-    )
-    # An epoch may drop an unreadable image with its last incomplete batch: the most in any epoch.
-    skipped_train = max(s.train_unreadable for s in result.history)
-    skipped_val = result.history[-1].val_unreadable
-    if skipped_train or skipped_val:
-        print(
-            f"skipped unreadable images: {skipped_train} in train/, {skipped_val} in val/ "
-            "(they are named in the warnings above)"
-        )

@@ -253,7 +253,7 @@ def method_label(name: str, params: dict[str, Any]) -> str:
 
 def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     """Read ``NAME`` or ``NAME:KEY=VALUE,KEY=VALUE`` (values as TOML: ``[3,6,9]``, ``true``)."""
-    from ppt_bench.grid import parse_assignment
+    from ppt_bench.keyvalue import parse_assignment
 
     name, _, rest = text.partition(":")
     name = name.strip()
@@ -325,7 +325,7 @@ def _read_images(
     skipping the files that cannot be decoded."""
     from PIL import Image
 
-    from ppt_bench.data import DECODE_ERRORS
+    from ppt_bench.decode import DECODE_ERRORS
 
     out: list[tuple[str, Any]] = []
     unreadable: list[tuple[Path, Exception]] = []

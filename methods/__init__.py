@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from ppt_bench.methods.base import Features, Method, Reduced
+from ppt_bench.methods.base import Method
+from ppt_bench.methods.ops import Features, Reduced
 from ppt_bench.methods.patch import ReductionInfo, is_patched, patch
 from ppt_bench.methods.registry import (
     create_method,

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import CLS_ATTN, ScorePrune, check_int
+from ppt_bench.methods.base import ScorePrune, check_int
+from ppt_bench.methods.interface import CLS_ATTN
 
 # Keeps the (seed, block) pairs of any realistic depth apart when mixed into one seed.
 _SEED_STRIDE = 10_000

@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ppt_bench.methods.base import AFTER_MLP, Reduced
+from ppt_bench.methods.interface import AFTER_MLP
+from ppt_bench.methods.ops import Reduced
 from ppt_bench.methods.schedule import Scheduled
 
 if TYPE_CHECKING:

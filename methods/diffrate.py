@@ -31,7 +31,9 @@ import torch
 
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import CLS_ATTN, Method, Reduced, ViTInfo, check_int, set_field
+from ppt_bench.methods.base import Method, check_int, set_field
+from ppt_bench.methods.interface import CLS_ATTN, ViTInfo
+from ppt_bench.methods.ops import Reduced
 
 if TYPE_CHECKING:
     pass

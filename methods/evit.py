@@ -17,14 +17,14 @@ import torch
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import (
-    CLS_ATTN,
     DEFAULT_LOCATIONS,
     Method,
-    Reduced,
     check_float,
     check_locations,
     set_field,
 )
+from ppt_bench.methods.interface import CLS_ATTN
+from ppt_bench.methods.ops import Reduced
 
 
 def num_kept(keep_rate: float, num_tokens: int, num_prefix: int) -> int:

@@ -24,17 +24,9 @@ import torch
 
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import (
-    AFTER_MLP,
-    ATTN,
-    IN_ATTN,
-    Method,
-    Reduced,
-    check_float,
-    check_int,
-    check_locations,
-    set_field,
-)
+from ppt_bench.methods.base import Method, check_float, check_int, check_locations, set_field
+from ppt_bench.methods.interface import AFTER_MLP, ATTN, IN_ATTN
+from ppt_bench.methods.ops import Reduced
 
 # The authors' code never reduces a block below this many tokens (``if t - r < 10``).
 MIN_TOKENS = 10

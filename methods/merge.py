@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import KEY_MEAN, FixedBudget, Reduced
+from ppt_bench.methods.base import FixedBudget
+from ppt_bench.methods.interface import KEY_MEAN
+from ppt_bench.methods.ops import Reduced
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ After each forward the model exposes :class:`ReductionInfo` as ``model.reduction
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ from torch import nn
 
 from ppt_bench.errors import PatchError
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import (
+from ppt_bench.methods.interface import (
     AFTER_ATTN,
     AFTER_MLP,
     ATTN,
@@ -53,11 +53,12 @@ from ppt_bench.methods.base import (
     KEY_MEAN,
     REDUCE_POINTS,
     VALUE_NORM,
-    Features,
-    Method,
-    Reduced,
     ViTInfo,
 )
+from ppt_bench.methods.ops import Features, Reduced
+
+if TYPE_CHECKING:
+    from ppt_bench.methods.base import Method
 
 # "fast": fused SDPA, the proportional-attention bias as an additive mask; "fold": fused SDPA
 # with the bias carried in an extra query/key channel, so that no mask is needed (blocks with

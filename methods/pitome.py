@@ -26,7 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import KEY_MEAN, KeepRatio, Reduced
+from ppt_bench.methods.base import KeepRatio
+from ppt_bench.methods.interface import KEY_MEAN
+from ppt_bench.methods.ops import Reduced
 
 if TYPE_CHECKING:
     pass

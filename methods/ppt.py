@@ -20,16 +20,9 @@ import torch
 
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import (
-    CLS_ATTN,
-    KEY_MEAN,
-    VALUE_NORM,
-    FixedBudget,
-    Method,
-    Reduced,
-    check_float,
-    set_field,
-)
+from ppt_bench.methods.base import FixedBudget, Method, check_float, set_field
+from ppt_bench.methods.interface import CLS_ATTN, KEY_MEAN, VALUE_NORM
+from ppt_bench.methods.ops import Reduced
 from ppt_bench.methods.prune import ats_scores
 
 if TYPE_CHECKING:

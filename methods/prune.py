@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import CLS_ATTN, VALUE_NORM, Features, ScorePrune
+from ppt_bench.methods.base import ScorePrune
+from ppt_bench.methods.interface import CLS_ATTN, VALUE_NORM
+from ppt_bench.methods.ops import Features
 
 
 def ats_scores(feats: Features, num_prefix: int) -> torch.Tensor:

@@ -8,14 +8,11 @@ imports nothing heavy; third-party methods register through the entry-point grou
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import fnmatch
-import importlib
 from collections.abc import Callable
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ppt_bench.errors import MethodError
+from ppt_bench.registry import Registry
 
 if TYPE_CHECKING:
     from ppt_bench.methods.base import Method
@@ -38,8 +35,15 @@ _BUILTIN: dict[str, str] = {
     "tofu": "ppt_bench.methods.tofu:ToFu",
     "diffrate": "ppt_bench.methods.diffrate:DiffRate",
 }
-_REGISTRY: dict[str, str | type[Method]] = dict(_BUILTIN)
-_ENTRY_POINTS_LOADED = False
+
+
+def _name_class(name: str, cls: type[Method]) -> None:
+    cls.name = name
+
+
+METHODS: Registry[type[Method]] = Registry(
+    "method", ENTRY_POINT_GROUP, _BUILTIN, error=MethodError, on_load=_name_class
+)
 
 M = TypeVar("M", bound="type[Method]")
 
@@ -51,59 +55,21 @@ def register_method(name: str) -> Callable[[M], M]:
     """
 
     def decorator(cls: M) -> M:
-        current = _REGISTRY.get(name)
-        lazy_self = isinstance(current, str) and current == f"{cls.__module__}:{cls.__qualname__}"
-        if current is not None and current is not cls and not lazy_self:
-            raise MethodError(f"method {name!r} is already registered ({_describe(current)})")
+        METHODS.register(name, cls)
         cls.name = name
-        _REGISTRY[name] = cls
         return cls
 
     return decorator
 
 
-def _describe(entry: str | type) -> str:
-    return entry if isinstance(entry, str) else f"{entry.__module__}:{entry.__qualname__}"
-
-
-def _load_entry_points() -> None:
-    global _ENTRY_POINTS_LOADED
-    if _ENTRY_POINTS_LOADED:
-        return
-    _ENTRY_POINTS_LOADED = True
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _REGISTRY and _describe(_REGISTRY[ep.name]) != ep.value:
-            raise MethodError(
-                f"entry point {ep.value!r} wants method name {ep.name!r}, "
-                f"already registered by {_describe(_REGISTRY[ep.name])}"
-            )
-        _REGISTRY.setdefault(ep.name, ep.value)
-
-
 def list_methods(pattern: str = "*") -> list[str]:
     """Registered method names matching a shell-style ``pattern``, sorted."""
-    _load_entry_points()
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    return sorted(METHODS.names(pattern))
 
 
 def get_method_class(name: str) -> type[Method]:
     """The class registered under ``name``, importing it on first use."""
-    _load_entry_points()
-    entry = _REGISTRY.get(name)
-    if entry is None:
-        close = difflib.get_close_matches(name, _REGISTRY, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise MethodError(
-            f"unknown method {name!r}.{hint} Valid methods: {', '.join(list_methods())}"
-        )
-    if isinstance(entry, str):
-        module, _, qualname = entry.partition(":")
-        cls = getattr(importlib.import_module(module), qualname)
-        if _REGISTRY[name] is not cls:  # the module did not register itself under this name
-            cls.name = name
-            _REGISTRY[name] = cls
-        return cls
-    return entry
+    return METHODS.get(name)
 
 
 def method_params(name: str) -> dict[str, Any]:

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import Method, ViTInfo, check_int, check_r_budget, set_field
+from ppt_bench.methods.base import Method, check_int, check_r_budget, set_field
+from ppt_bench.methods.interface import ViTInfo
 
 if TYPE_CHECKING:
     pass

@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import KEY_MEAN, KeepRatio, Reduced
+from ppt_bench.methods.base import KeepRatio
+from ppt_bench.methods.interface import KEY_MEAN
+from ppt_bench.methods.ops import Reduced
 from ppt_bench.methods.pitome import ratio_reduction
 
 if TYPE_CHECKING:

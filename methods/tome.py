@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import KEY_MEAN, Reduced
+from ppt_bench.methods.interface import KEY_MEAN
+from ppt_bench.methods.ops import Reduced
 from ppt_bench.methods.schedule import Scheduled, per_block_r
 
 __all__ = ["ToMe", "per_block_r"]

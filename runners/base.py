@@ -1,60 +1,26 @@
-"""What every runner shares: the :class:`Runner` protocol, the table of runners by name, the
-summary of a sweep and one run with its failure captured.
+"""What every runner shares: the :class:`Runner` protocol, the summary of a sweep and one run
+with its failure captured.
 
 A runner only schedules: it maps :func:`~ppt_bench.evaluate.evaluate` over the runs not yet in
 the results file and appends each run's rows as it finishes, its per-image outcomes first
 (:class:`~ppt_bench.outcomes.RunStore`, beside the results file). A new runner is a class with the
-constructor and ``run`` of :class:`Runner`, listed in :data:`RUNNERS`; the settings only it
-understands are its ``options`` (each becomes a ``--flag`` and a config key).
+constructor and ``run`` of :class:`Runner`, listed in :data:`~ppt_bench.runners.RUNNERS`; the
+settings only it understands are its ``options`` (each becomes a ``--flag`` and a config key).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
+import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ppt_bench.errors import UserError
 from ppt_bench.outcomes import RunStore
-from ppt_bench.records import finished_run_ids, format_params
+from ppt_bench.records import failed_rows, finished_run_ids, format_params
 from ppt_bench.spec import RunSpec
-
-
-@dataclass(frozen=True)
-class RunnerEntry:
-    """A runner in the table: where its class is, and the settings only it takes.
-
-    Args:
-        target: ``"module:Class"``, imported only when the runner is chosen.
-        options: config key -> (constructor keyword, help); each key is also a ``--flag`` of
-            ``ppt-bench run`` (``ray_address`` -> ``--ray-address``).
-        install: what to install when the module's dependencies are missing.
-    """
-
-    target: str
-    options: dict[str, tuple[str, str]] = field(default_factory=dict)
-    install: str = "reinstall ppt-bench"
-
-
-RUNNERS = {
-    "local": RunnerEntry("ppt_bench.runners.local:LocalRunner"),
-    "ray": RunnerEntry(
-        "ppt_bench.runners.ray_tune:RayRunner",
-        {
-            "ray_address": (
-                "address",
-                "Ray cluster address, HEAD_IP:6379 (default RAY_ADDRESS, else a private local "
-                "instance)",
-            ),
-            "ray_storage": ("storage_path", "Ray Tune experiment folder (default ~/ray_results)"),
-        },
-        install="pip install 'ppt-bench[ray]'",
-    ),
-}
 
 
 class Runner(Protocol):
@@ -64,33 +30,6 @@ class Runner(Protocol):
     def run(self, specs: Sequence[RunSpec]) -> SweepSummary:
         """Run every spec not yet ``ok`` in the results file; record failures as rows."""
         ...
-
-
-def runner_options() -> dict[str, str]:
-    """Every runner's own options, config key -> help."""
-    return {k: text for entry in RUNNERS.values() for k, (_, text) in entry.options.items()}
-
-
-def create_runner(
-    name: str, out_csv: str | os.PathLike, *, progress: bool = True, **options: Any
-) -> Runner:
-    """Build the runner ``name`` with the options that are its own (others are ignored).
-
-    Raises:
-        UserError: an unknown name, or a runner whose optional dependencies are missing.
-    """
-    if name not in RUNNERS:
-        raise UserError(f"runner must be one of {', '.join(RUNNERS)}, got {name!r}")
-    entry = RUNNERS[name]
-    module, _, cls = entry.target.partition(":")
-    try:
-        runner = getattr(importlib.import_module(module), cls)
-    except ImportError as err:
-        raise UserError(f"--runner {name} needs {err.name or err}: {entry.install}") from None
-    own = {
-        entry.options[k][0]: v for k, v in options.items() if k in entry.options and v is not None
-    }
-    return runner(out_csv, progress=progress, **own)
 
 
 @dataclass
@@ -142,12 +81,20 @@ def run_one(
         progress: show progress bars.
         store: the sweep's per-image outcomes and shared unreduced-model outputs.
     """
-    from ppt_bench.evaluate import evaluate, failed_rows
+    # Imported here: evaluation imports torch and timm, which a Ray driver that only schedules
+    # trials need not load (its trials import it).
+    from ppt_bench.evaluate import evaluate
 
     try:
         return evaluate(spec, progress=progress, store=store)
     except Exception as exc:  # one bad run must not stop a sweep
         return failed_rows(spec, exc)
+
+
+def grid_hash(specs: Iterable[RunSpec]) -> str:
+    """A short hash of the runs in a grid (order-free), to name its Ray Tune experiment."""
+    blob = ",".join(sorted(s.run_id for s in specs))
+    return hashlib.sha1(blob.encode()).hexdigest()[:8]
 
 
 @contextlib.contextmanager

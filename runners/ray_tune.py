@@ -45,8 +45,8 @@ from ppt_bench import metrics
 from ppt_bench.atomic import atomic_write
 from ppt_bench.errors import UserError, check_output_path
 from ppt_bench.outcomes import Outcomes, Reference, RunStore, store_folder
-from ppt_bench.records import append_rows, finished_run_ids
-from ppt_bench.runners.base import SweepSummary, environ, pending, run_one
+from ppt_bench.records import append_rows, failed_rows, finished_run_ids
+from ppt_bench.runners.base import SweepSummary, environ, grid_hash, pending, run_one
 from ppt_bench.spec import RunSpec
 
 ROWS_KEY = "ppt_bench_rows"
@@ -199,8 +199,6 @@ class RecordRows(tune.Callback):
             self.record(json.loads(result[ROWS_KEY]), outcomes)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        from ppt_bench.evaluate import failed_rows
-
         spec = RunSpec.from_dict(trial.config["run"]["spec"])
         error = trial.get_error() or RuntimeError("the Ray Tune trial failed")
         self.record(failed_rows(spec, _last_line(error)))
@@ -427,7 +425,6 @@ class RayRunner:
 
     def run(self, specs: Sequence[RunSpec]) -> SweepSummary:
         """Run every spec not yet ``ok`` in the results file as one Tune trial each."""
-        from ppt_bench.grid import grid_hash
 
         todo, skipped = pending(specs, self.out_csv)
         summary = SweepSummary(self.out_csv, total=len(specs), skipped=skipped)

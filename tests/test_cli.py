@@ -234,8 +234,8 @@ def test_delegated_commands_run_their_module(monkeypatch, capsys):
 
     module.add_arguments, module.run = add_arguments, run
     monkeypatch.setitem(sys.modules, "ppt_bench.fakecmd", module)
-    monkeypatch.setitem(cli.DELEGATED, "fakecmd", "a test command")
-    monkeypatch.setitem(cli.DELEGATED, "nosuchcmd", "a command that is not installed")
+    monkeypatch.setitem(cli.DELEGATED, "fakecmd", ("ppt_bench.fakecmd", "a test command"))
+    monkeypatch.setitem(cli.DELEGATED, "nosuchcmd", ("ppt_bench.nosuchcmd", "not installed"))
     assert main(["fakecmd", "--code", "3"]) == 3
     assert main(["fakecmd", "--code", "-1"]) == 2
     assert main(["fakecmd", "--bogus"]) == 2
@@ -248,14 +248,15 @@ def test_delegated_commands_run_their_module(monkeypatch, capsys):
     )
 
 
-def test_help_imports_no_subcommand_module_and_no_ray():
+def test_help_imports_no_subcommand_module_no_torch_and_no_ray():
     code = (
         "import sys\n"
         "from ppt_bench.cli import main\n"
         "assert main(['--help']) == 0\n"
         "assert main(['run', '--help']) == 0\n"
-        "heavy = [m for m in ('ppt_bench.train', 'ppt_bench.visualize', 'ppt_bench.demo',"
-        " 'ray', 'ppt_bench.runners.ray_tune') if m in sys.modules]\n"
+        "heavy = [m for m in ('ppt_bench.train', 'ppt_bench.train_cmd', 'ppt_bench.visualize',"
+        " 'ppt_bench.demo', 'torch', 'timm', 'ray', 'ppt_bench.runners.ray_tune')"
+        " if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -251,7 +251,7 @@ def test_token_stats_of_an_unreduced_vit():
 
 
 def test_digits_loader_uses_the_model_transform():
-    digits = pytest.importorskip("ppt_bench.digits")
+    digits = pytest.importorskip("ppt_bench.digits_model")
     from ppt_bench.models import build_model
 
     _, config = build_model(digits.MODEL_NAME)

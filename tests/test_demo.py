@@ -46,7 +46,7 @@ def test_an_output_folder_that_is_a_file_is_a_user_error_before_training(
     tmp_path, monkeypatch, capsys, flag
 ):
     (tmp_path / "file").write_text("keep me")
-    monkeypatch.setattr("ppt_bench.digits.load_or_train", lambda **k: pytest.fail("trained"))
+    monkeypatch.setattr("ppt_bench.demo_model.load_or_train", lambda **k: pytest.fail("trained"))
     assert main(["demo", flag, str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err
     assert f"{flag} {tmp_path / 'file'} is a file, not a folder" in err and err.count("\n") == 1

@@ -12,8 +12,11 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
+import ppt_bench.demo_model as demo_model
 import ppt_bench.digits as digits
-from ppt_bench.digits import MODEL_NAME, digits_dataset, load_or_train
+from ppt_bench.demo_model import load_or_train
+from ppt_bench.digits import digits_dataset
+from ppt_bench.digits_model import MODEL_NAME
 from ppt_bench.errors import UserError
 
 TEST_DIGEST = "39b19f18c3f0"
@@ -81,18 +84,20 @@ def test_registered_model_and_its_data_config():
 
 def test_cache_path_follows_xdg_and_the_recipe(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    path = digits.default_checkpoint_path()
+    path = demo_model.default_checkpoint_path()
     assert path.parent == tmp_path / "ppt-bench"
-    assert path.name == f"{MODEL_NAME}-{digits.config_hash()}.pth"
-    changed = digits.train_config().__class__(**{**vars(digits.train_config()), "epochs": 1})
-    assert digits.config_hash(changed) != digits.config_hash()
+    assert path.name == f"{MODEL_NAME}-{demo_model.config_hash()}.pth"
+    changed = demo_model.train_config().__class__(
+        **{**vars(demo_model.train_config()), "epochs": 1}
+    )
+    assert demo_model.config_hash(changed) != demo_model.config_hash()
 
 
 def test_unreadable_cached_checkpoint_is_ignored(tmp_path):
     bad = tmp_path / "w.pth"
     bad.write_bytes(b"not a checkpoint")
-    assert digits._load(bad) is None
-    assert digits._load(tmp_path / "missing.pth") is None
+    assert demo_model._load(bad) is None
+    assert demo_model._load(tmp_path / "missing.pth") is None
 
 
 def top1(model: torch.nn.Module) -> float:

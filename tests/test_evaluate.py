@@ -13,9 +13,17 @@ from PIL import Image
 
 import ppt_bench.models
 from ppt_bench.errors import UserError
-from ppt_bench.evaluate import error_message, evaluate, failed_rows
+from ppt_bench.evaluate import evaluate
+from ppt_bench.grid import make_spec
 from ppt_bench.models import build_model
-from ppt_bench.records import COLUMNS, append_rows, read_results, unit_of
+from ppt_bench.records import (
+    COLUMNS,
+    append_rows,
+    error_message,
+    failed_rows,
+    read_results,
+    unit_of,
+)
 from ppt_bench.spec import RunSpec
 
 TINY = "test_vit"  # timm's 6-block test ViT, 160 px
@@ -107,9 +115,9 @@ def test_evaluate_on_an_image_folder(tmp_path):
 
 
 def test_failed_rows_record_the_error():
-    spec = RunSpec(model=TINY)
+    spec = make_spec(TINY, data="/no/such/folder")
     with pytest.raises(UserError) as info:
-        evaluate(spec.replace(data="/no/such/folder"))
+        evaluate(spec)
     rows = failed_rows(spec, info.value)
     assert len(rows) == 1 and set(rows[0]) == set(COLUMNS)
     assert rows[0]["status"] == "failed" and rows[0]["metric"] == ""

@@ -71,10 +71,8 @@ def plugin(tmp_path, monkeypatch):
     (dist / "entry_points.txt").write_text(ENTRY_POINTS)
     monkeypatch.syspath_prepend(str(site))
     # Fresh registries that load entry points again, put back as they were afterwards.
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._BUILTIN))
-    monkeypatch.setattr(registry, "_ENTRY_POINTS_LOADED", False)
-    monkeypatch.setattr(metrics, "_GROUPS", dict(metrics._GROUPS))
-    monkeypatch.setattr(metrics, "_ENTRY_POINTS_LOADED", False)
+    monkeypatch.setattr(registry, "METHODS", registry.METHODS.fresh())
+    monkeypatch.setattr(metrics, "GROUPS", metrics.GROUPS.fresh())
     yield
     sys.modules.pop("ppt_bench_plugin", None)
 

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-from importlib.resources import files
 from pathlib import Path
 
 import pytest
 
+from ppt_bench.config import build_config, example_config, load_config
 from ppt_bench.errors import UserError
-from ppt_bench.grid import (
-    build_config,
-    expand,
-    grid_hash,
-    load_config,
-    parse_assignment,
-    parse_sweep,
-    parse_value,
-    validate,
-)
+from ppt_bench.grid import expand, validate
+from ppt_bench.keyvalue import parse_assignment, parse_sweep, parse_value
+from ppt_bench.runners.base import grid_hash
 
 DEIT = "deit_tiny_patch16_224"
-EXAMPLE = Path(str(files("ppt_bench") / "configs" / "example.toml"))
 
 
 def grid(**kwargs):
@@ -142,8 +134,10 @@ def test_no_baseline_and_duplicates():
         grid(overrides={}, methods=["ppt"])
 
 
-def test_example_config_documents_a_valid_sweep():
-    config = build_config(load_config(EXAMPLE))
+def test_example_config_documents_a_valid_sweep(tmp_path):
+    example = tmp_path / "deit-small-ppt.toml"
+    example.write_text(example_config())
+    config = build_config(load_config(example))
     specs = expand(config)
     # 2 batch sizes x (baseline + ppt 3 r x 3 thresholds + merge 3 r + prune 3 r)
     assert len(specs) == 2 * (1 + 9 + 3 + 3)

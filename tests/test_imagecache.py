@@ -22,11 +22,13 @@ from PIL import Image
 from timm.data import create_transform
 
 import ppt_bench.data
+import ppt_bench.decode
 from ppt_bench import imagecache
 from ppt_bench.accuracy import evaluate_accuracy
 from ppt_bench.cli import _overrides, build_parser
+from ppt_bench.config import build_config
 from ppt_bench.data import device_transform, make_loader
-from ppt_bench.grid import build_config, expand
+from ppt_bench.grid import expand
 from ppt_bench.imagecache import cached_images, split_transform, to_uint8
 from ppt_bench.methods import create_method
 from ppt_bench.runners.local import LocalRunner
@@ -76,13 +78,13 @@ def tree(tmp_path: Path) -> Path:
 def decodes(monkeypatch) -> Counter[str]:
     """Counts every image decode (in this process) by path."""
     counts: Counter[str] = Counter()
-    decode = ppt_bench.data.decode_image
+    decode = ppt_bench.decode.decode_image
 
     def counting(path: str) -> Image.Image:
         counts[path] += 1
         return decode(path)
 
-    monkeypatch.setattr(ppt_bench.data, "decode_image", counting)
+    monkeypatch.setattr(ppt_bench.decode, "decode_image", counting)
     return counts
 
 
@@ -223,15 +225,16 @@ SCRIPT = """
 import hashlib, json, sys
 from collections import Counter
 import ppt_bench.data
+import ppt_bench.decode
 from ppt_bench.data import device_transform, make_loader
 
 config = json.loads(sys.argv[3])
 count = Counter()
-decode = ppt_bench.data.decode_image
+decode = ppt_bench.decode.decode_image
 def counting(path):
     count[path] += 1
     return decode(path)
-ppt_bench.data.decode_image = counting
+ppt_bench.decode.decode_image = counting
 loader, _ = make_loader(sys.argv[1], config, 16, workers=0, cache_dir=sys.argv[2], progress=False)
 normalize = device_transform(loader)
 h = hashlib.sha256()

@@ -15,8 +15,9 @@ import torch
 
 from ppt_bench import identity, models
 from ppt_bench.cli import main
+from ppt_bench.config import build_config
 from ppt_bench.errors import MethodError, UserError
-from ppt_bench.grid import build_config, expand
+from ppt_bench.grid import expand, make_spec
 from ppt_bench.methods import create_method
 from ppt_bench.records import (
     IDENTITY_COLUMNS,
@@ -87,7 +88,7 @@ def test_an_unnamed_sweep_is_named_after_what_it_runs():
 
 
 def _rows(run: str, status: str = "ok") -> list[dict]:
-    spec = RunSpec(DIGITS, params={"r": int(run)}, method="merge")
+    spec = make_spec(DIGITS, params={"r": int(run)}, method="merge")
     return make_rows(spec, {"gmacs": 1.0}, status=status)
 
 
@@ -233,7 +234,7 @@ def test_report_does_not_overwrite_a_file_it_did_not_write(tmp_path, capsys):
 
 
 def test_demo_name_cannot_leave_the_results_folder(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("ppt_bench.digits.load_or_train", lambda **k: pytest.fail("trained"))
+    monkeypatch.setattr("ppt_bench.demo_model.load_or_train", lambda **k: pytest.fail("trained"))
     code = main(["demo", "--results-dir", str(tmp_path), "--name", "../../x"])
     one_line(code, capsys.readouterr().err, "--name '../../x' must be a file stem")
     assert not (tmp_path.parent.parent / "x.csv").exists()

@@ -12,8 +12,8 @@ from conftest import ARCHS, clone, images, logits, make_model
 from ppt_bench.errors import MethodError, PatchError
 from ppt_bench.macs import measure_macs, uncounted_macs
 from ppt_bench.methods import Method, create_method, list_methods
-from ppt_bench.methods.base import IN_ATTN, VALUE_NORM
 from ppt_bench.methods.dct import dct_ortho, dct_reduce, idct_ortho, transform_matrix
+from ppt_bench.methods.interface import IN_ATTN, VALUE_NORM
 from ppt_bench.methods.mctf import bidirectional_matching, fuse, tokens_to_fuse
 
 DEIT_S = "deit_small_patch16_224"

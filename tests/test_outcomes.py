@@ -8,27 +8,28 @@ import torch
 from torch import nn
 
 import ppt_bench.evaluate as evaluate_module
+from ppt_bench.grid import make_spec
 from ppt_bench.methods import get_method_class, is_patched
 from ppt_bench.outcomes import Reference, RunStore, store_folder
 from ppt_bench.records import read_results
-from ppt_bench.runners import LocalRunner
-from ppt_bench.spec import RunSpec
+from ppt_bench.runners.local import LocalRunner
 
 DIGITS = "vit_digits_patch4_32"  # random weights: counting passes needs no trained model
 EIGHT = ("ppt", "merge", "prune", "tome", "evit", "topk", "random", "tofu")
 
 
-def specs(methods=EIGHT, baseline=True, n_images=48, batch_size=16):
+def specs(methods=EIGHT, baseline=True, n_images=48, batch_size=16, **more):
     """An accuracy sweep on the digits test set: the baseline, then each method at the first
     value of its demo grid."""
-    common = dict(
-        model=DIGITS, data="digits", n_images=n_images, batch_size=batch_size, workers=0,
-        metrics=("accuracy",), sweep="t",
-    )  # fmt: skip
-    runs = [RunSpec(method="baseline", **common)] if baseline else []
+    common = {
+        **dict(model=DIGITS, data="digits", n_images=n_images, batch_size=batch_size, workers=0),
+        **dict(metrics=("accuracy",), sweep="t"),
+        **more,
+    }
+    runs = [make_spec(method="baseline", **common)] if baseline else []
     for name in methods:
         key, values = get_method_class(name).demo_grid
-        runs.append(RunSpec(method=name, params={key: values[0]}, **common))
+        runs.append(make_spec(method=name, params={key: values[0]}, **common))
     return runs
 
 
@@ -119,8 +120,10 @@ def test_a_stored_reference_for_other_images_is_refused(tmp_path):
 def test_reference_key_follows_what_decides_the_unreduced_outputs():
     base, ppt = specs(methods=("ppt",))
     assert base.reference_key == ppt.reference_key == ppt.replace(batch_size=3).reference_key
-    for change in (dict(n_images=12), dict(seed=1), dict(dtype="bf16"), dict(data="synthetic")):
+    for change in (dict(n_images=12), dict(seed=1), dict(dtype="bf16")):
         assert ppt.replace(**change).reference_key != ppt.reference_key, change
+    (synthetic,) = specs(methods=(), data="synthetic")
+    assert synthetic.reference_key != base.reference_key
     assert ppt.replace(rounds=9).run_id == ppt.run_id  # precision, not what is measured
 
 
@@ -146,10 +149,12 @@ def test_token_statistics_alone_need_no_unreduced_model_and_keep_no_outcomes(tmp
 def test_the_reference_key_hashes_the_weights_by_their_content(tmp_path):
     weights = tmp_path / "w.pth"
     weights.write_bytes(b"one model")
-    (base,) = specs(methods=())
-    first = base.replace(checkpoint=str(weights)).reference_key
+    (first,) = specs(methods=(), checkpoint=str(weights))
     weights.write_bytes(b"another model, same path")
-    assert base.replace(checkpoint=str(weights)).reference_key != first
+    (second,) = specs(methods=(), checkpoint=str(weights))
+    assert second.reference_key != first.reference_key
+    with pytest.raises(ValueError, match="make_spec"):  # a spec cannot keep stale hashes
+        first.replace(checkpoint=str(tmp_path / "other.pth"))
 
 
 def test_the_baseline_replaces_a_stored_reference_with_its_own_outputs(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import make_model
 
+from ppt_bench import registry as plugin_registry
 from ppt_bench.errors import MethodError, PatchError
 from ppt_bench.methods import Method, create_method, list_methods, method_params, register_method
 from ppt_bench.methods import registry as registry_module
@@ -97,9 +98,8 @@ def test_third_party_methods_load_from_entry_points(monkeypatch):
 
     module.Plugin = Plugin
     monkeypatch.setitem(sys.modules, "tests_plugin_module", module)
-    monkeypatch.setattr(registry_module, "_REGISTRY", dict(registry_module._REGISTRY))
-    monkeypatch.setattr(registry_module, "_ENTRY_POINTS_LOADED", False)
-    monkeypatch.setattr(registry_module, "entry_points", lambda group: [EP] if group else [])
+    monkeypatch.setattr(registry_module, "METHODS", registry_module.METHODS.fresh())
+    monkeypatch.setattr(plugin_registry, "entry_points", lambda group: [EP] if group else [])
     assert "shuffle_free" in list_methods()
     method = create_method("shuffle_free")
     assert isinstance(method, Plugin) and Plugin.name == "shuffle_free"

@@ -17,7 +17,7 @@ import ppt_bench.evaluate as evaluate_module
 from ppt_bench.cli import main
 from ppt_bench.outcomes import RunStore
 from ppt_bench.records import COLUMNS, make_rows, read_results, unit_of
-from ppt_bench.runners import LocalRunner
+from ppt_bench.runners.local import LocalRunner
 from ppt_bench.spec import RunSpec
 
 DIGITS = "vit_digits_patch4_32"  # 32x32 input, 12 blocks: a run takes well under a second

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from ppt_bench.defaults import COMPILE_MODES
 from ppt_bench.errors import MethodError, UserError
-from ppt_bench.spec import COMPILE_MODES, RunSpec
+from ppt_bench.spec import RunSpec
 
 TINY = "deit_tiny_patch16_224"
 

@@ -1,0 +1,124 @@
+"""The library API: run a sweep, read its results, write its report. The ``ppt-bench`` commands
+are thin layers over it.
+
+>>> import ppt_bench
+>>> results = ppt_bench.sweep(
+...     models=["deit_tiny_patch16_224"], methods=["ppt", "tome"], sweep={"r": [8, 16]},
+...     metrics=["macs", "tokens"], batch_sizes=[8], sweep_name="notebook")
+>>> results.pivot_table(index=["method", "r"], columns="metric", values="value")
+>>> ppt_bench.write_report("results/notebook.csv", "reports/notebook.md")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ppt_bench import metrics
+from ppt_bench.config import SweepConfig, build_config, load_config
+from ppt_bench.errors import check_output_path
+from ppt_bench.grid import expand, validate
+from ppt_bench.records import COLUMNS, read_results
+from ppt_bench.report import write_report
+from ppt_bench.runners import create_runner
+from ppt_bench.runners.base import SweepSummary
+from ppt_bench.spec import RunSpec
+from ppt_bench.throughput import iterations
+
+
+@dataclass
+class Sweep:
+    """A sweep ready to run: its configuration and its runs, each checked.
+
+    Attributes:
+        config: the merged settings (:class:`~ppt_bench.config.SweepConfig`).
+        specs: the runs, in the order they run.
+    """
+
+    config: SweepConfig
+    specs: list[RunSpec]
+
+    @classmethod
+    def plan(cls, config: SweepConfig) -> Sweep:
+        """Expand ``config`` into its runs and check them all before any runs: names,
+        parameters, models, paths, the device and the timing settings.
+
+        Raises:
+            UserError: the first problem, in one line.
+        """
+        check_output_path(config.out_path, "--out")
+        specs = expand(config)
+        validate(specs, check_cuda=config.runner == "local")
+        if any(metrics.timing(s.metrics) for s in specs):
+            iterations()  # a bad PPT_BENCH_WARMUP / PPT_BENCH_ITERS would fail every run
+        return cls(config, specs)
+
+    def run(self, *, progress: bool = True) -> SweepSummary:
+        """Run what the results file does not hold yet with the configured runner, appending
+        each run's rows as it finishes; a failed run is a recorded row, not an exception."""
+        runner = create_runner(
+            self.config.runner,
+            self.config.out_path,
+            progress=progress,
+            **self.config.runner_options,
+        )
+        return runner.run(self.specs)
+
+    def results(self) -> pd.DataFrame:
+        """The rows of this sweep's runs in its results file, one per (run, metric)."""
+        path = self.config.out_path
+        if not path.exists():  # every run failed before writing, or there was none
+            return pd.DataFrame(columns=list(COLUMNS))
+        df = read_results(path)
+        return df[df["run_id"].isin({s.run_id for s in self.specs})].reset_index(drop=True)
+
+
+def sweep(
+    models: Sequence[str] | None = None,
+    methods: Sequence[str] | None = None,
+    *,
+    config: str | Path | None = None,
+    params: Mapping[str, Any] | None = None,
+    sweep: Mapping[str, Sequence[Any]] | None = None,
+    progress: bool = False,
+    **settings: Any,
+) -> pd.DataFrame:
+    """Run a grid of models x methods x parameters x batch sizes and return its results.
+
+    Args:
+        models: timm model names.
+        methods: method names (the unreduced baseline runs too, unless ``baseline=False``).
+        config: a sweep config file (``ppt-bench run --print-config``); the arguments here win.
+        params: fixed method parameters, each for every method that has it (``--param``).
+        sweep: swept method parameters, each for every method that has it (``--sweep``).
+        progress: show progress bars.
+        settings: any other setting of ``ppt-bench run`` by its config key (``batch_sizes``,
+            ``metrics``, ``data``, ``device``, ``runner``, ``out``, ...).
+
+    Returns:
+        The tidy rows of the sweep's runs (one per run and metric, the results file's columns);
+        ``.attrs["summary"]`` holds the :class:`~ppt_bench.runners.base.SweepSummary` (runs
+        skipped as done, finished, failed with their errors).
+
+    Raises:
+        UserError: a mistake in the settings, found before anything runs.
+    """
+    built = build_config(
+        load_config(config) if config is not None else None,
+        overrides={"models": list(models) if models else None, **settings},
+        methods=list(methods or ()),
+        params=list((params or {}).items()),
+        sweeps=[(k, list(v)) for k, v in (sweep or {}).items()],
+    )
+    planned = Sweep.plan(built)
+    summary = planned.run(progress=progress)
+    results = planned.results()
+    results.attrs["summary"] = summary
+    return results
+
+
+__all__ = ["Sweep", "read_results", "sweep", "write_report"]
