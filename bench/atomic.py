@@ -1,15 +1,20 @@
-"""One atomic file writer for results, reports' inputs and checkpoints.
+"""One atomic file writer for results, reports' inputs and checkpoints, and one file lock.
 
 A reader never sees a half-written file, and an interrupted write leaves the old one: the data
-goes to a temporary file beside the target, is flushed to disk, then renamed over it.
+goes to a temporary file beside the target, is flushed to disk, then renamed over it. Processes
+that must not do the same work at once (append to one results file, build one cache entry,
+compute one reference, train the demo model) hold :func:`locked` on it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,3 +51,34 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], object], bi
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# What flock raises on a file system without locks (some network mounts): the work goes on
+# unlocked there, and the atomic renames still keep every file whole.
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL)
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` for the duration of a block; another process that
+    asks for the same lock waits until it is released.
+
+    ``path`` is a folder (locked as it is, leaving nothing behind: the lock of a file that is
+    replaced by renames must be on its folder) or a lock file, created if missing and left in
+    place. The lock goes with the process: a killed holder releases it.
+
+    Raises:
+        OSError: the lock file or folder cannot be opened (a missing folder, no permission);
+            the callers turn it into advice for the user.
+    """
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:
+            if err.errno not in _NO_LOCKS:
+                raise
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -16,6 +16,7 @@ import timm
 import torch
 from torch import nn
 
+from ppt_bench.atomic import locked
 from ppt_bench.defaults import cache_root
 from ppt_bench.digits import MEAN, SPLIT_SEED, STD, TEST_SIZE, UPSCALE, digits_dataset
 from ppt_bench.digits_model import ARCH, MODEL_NAME, POS_EMBED_STD
@@ -122,10 +123,13 @@ def load_or_train(retrain: bool = False, progress: bool = True) -> tuple[nn.Modu
         file (also loadable with ``--checkpoint``), and its top-1 [%] on the 360 test images.
     """
     path = default_checkpoint_path()
-    loaded = None if retrain else _load(path)
-    if loaded is not None:
-        model, top1 = loaded
-        return model, path, top1
-    model, top1, meta = _train_fresh(progress)
-    save_checkpoint({"model": model.state_dict(), "test_top1": top1, **meta}, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A second process that wants the model while one trains it waits, then reads it.
+    with locked(path.with_name(path.name + ".lock")):
+        loaded = None if retrain else _load(path)
+        if loaded is not None:
+            model, top1 = loaded
+            return model, path, top1
+        model, top1, meta = _train_fresh(progress)
+        save_checkpoint({"model": model.state_dict(), "test_top1": top1, **meta}, path)
     return model, path, top1

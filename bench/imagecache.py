@@ -21,9 +21,7 @@ the run decodes directly.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -32,7 +30,7 @@ import os
 import secrets
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
+from ppt_bench.atomic import locked
 from ppt_bench.decode import Batch, load_sample
 from ppt_bench.defaults import cache_root
 
@@ -262,19 +261,6 @@ def _valid(entry: Path, n: int, shape: tuple[int, ...]) -> bool:
     )
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if missing); a file system without
-    ``flock`` just goes on (the rename still keeps entries whole)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        with contextlib.suppress(OSError):
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def _write(f: Any, data: bytes) -> None:
     """Append ``data`` to the entry's image file (an ``OSError`` here means a full disk)."""
     f.write(data)
@@ -379,7 +365,7 @@ def cached_images(
         entry = root / key
         if not _valid(entry, len(samples), shape):
             root.mkdir(parents=True, exist_ok=True)
-            with _locked(root / f"{key}.lock"):
+            with locked(root / f"{key}.lock"):
                 if not _valid(entry, len(samples), shape):  # not built while we waited
                     _remove_leftovers(root, key)
                     _build(entry, samples, pil_steps, shape, workers, progress)

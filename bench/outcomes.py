@@ -16,7 +16,6 @@ atomically, so a resumed sweep finds them again.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import os
 import zipfile
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from ppt_bench import stats
-from ppt_bench.atomic import atomic_write
+from ppt_bench.atomic import atomic_write, locked
 from ppt_bench.errors import UserError
 
 SUFFIX = ".outcomes"
@@ -195,14 +194,13 @@ class RunStore:
         share the folder (Ray trials on one machine) wait for it, then read its file instead of
         computing them again. An uncontended lock costs nothing; the lock file stays."""
         path = self.folder / f".reference-{key}.lock"
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            f = open(path, "a")  # noqa: SIM115 - held open for the lock
-        except OSError as err:
-            raise self._unwritable(path, err) from None
-        with f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            yield  # closing the file releases the lock
+        with contextlib.ExitStack() as held:
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                held.enter_context(locked(path))
+            except OSError as err:
+                raise self._unwritable(path, err) from None
+            yield
 
     def _write(self, path: Path, data: bytes) -> None:
         try:

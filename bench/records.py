@@ -10,23 +10,21 @@ sweep killed between runs leaves a readable CSV with every finished row.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import fcntl
 import io
 import json
 import math
 import os
 import platform
 import subprocess
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ppt_bench import identity
-from ppt_bench.atomic import atomic_write
+from ppt_bench.atomic import atomic_write, locked
 from ppt_bench.errors import UserError
 from ppt_bench.metrics import unit_of
 from ppt_bench.stats import Estimate
@@ -292,23 +290,6 @@ OUT_ADVICE = "write to a new file with --out"
 REPORT_ADVICE = "pass a CSV written by ppt-bench run"
 
 
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock for a read and rewrite of a results file: another process
-    appending to a file in the same folder waits for it.
-
-    The lock is on the folder, not the file, since each write replaces the file (a lock on the
-    old file would not hold the new one), and it leaves no lock file behind.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def append_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> bool:
     """Add one run's rows to a results CSV, atomically and under the file's lock.
 
@@ -325,7 +306,10 @@ def append_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> bool
     """
     path = Path(path)
     try:
-        with locked(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # On the folder: each write replaces the file, and a lock on the old file would not
+        # hold the new one.
+        with locked(path.parent):
             old = checked_text(path, OUT_ADVICE) if path.exists() else ""
             if old and rows and rows[0]["run_id"] in _ok_ids(old):
                 return False

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from ppt_bench import demo
+from ppt_bench import cli, demo
 from ppt_bench.cli import main
+from ppt_bench.config import build_config
+from ppt_bench.digits_model import MODEL_NAME
+from ppt_bench.grid import expand
 from ppt_bench.methods import list_methods
 from ppt_bench.records import read_results
 
@@ -51,3 +54,18 @@ def test_an_output_folder_that_is_a_file_is_a_user_error_before_training(
     err = capsys.readouterr().err
     assert f"{flag} {tmp_path / 'file'} is a file, not a folder" in err and err.count("\n") == 1
     assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_a_demo_run_is_the_run_of_ppt_bench_run_with_the_same_settings(tmp_path):
+    checkpoint = tmp_path / "digits.pth"
+    checkpoint.write_bytes(b"weights")  # hashed by content, never loaded here
+    specs = expand(demo.demo_config(str(checkpoint), "cpu", 64, "demo-cpu"))
+    assert all(s.data_fingerprint and s.checkpoint_sha256 and s.machine for s in specs)
+    argv = ["run", "--model", MODEL_NAME, "--data", "digits", "--checkpoint", str(checkpoint)]
+    argv += ["--metrics", ",".join(demo.METRICS), "--method", "ppt", "--param", "r=8"]
+    args = cli.build_parser().parse_args(argv)
+    (base, ppt) = expand(build_config(overrides=cli._overrides(args), methods=args.method,
+                                      params=[("r", 8)]))  # fmt: skip
+    by_id = {s.run_id: s for s in specs}
+    assert by_id[ppt.run_id].method == "ppt" and by_id[ppt.run_id].params == {"r": 8}
+    assert by_id[base.run_id].method == "baseline"

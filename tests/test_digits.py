@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from collections import Counter
 
 import numpy as np
@@ -100,6 +102,27 @@ def test_unreadable_cached_checkpoint_is_ignored(tmp_path):
     assert demo_model._load(tmp_path / "missing.pth") is None
 
 
+def test_a_second_process_waits_for_the_training_and_reads_its_checkpoint(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    trainings = []
+
+    def slow_training(progress):
+        trainings.append(threading.get_ident())
+        time.sleep(0.5)  # the other caller asks meanwhile
+        return demo_model.create_model(), 12.5, {}
+
+    monkeypatch.setattr(demo_model, "_train_fresh", slow_training)
+    results = []
+    callers = [threading.Thread(target=lambda: results.append(load_or_train())) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert len(trainings) == 1  # flock holds between two open files, threads as processes
+    assert [top1 for _, _, top1 in results] == [12.5, 12.5]
+    assert results[0][1] == results[1][1] == demo_model.default_checkpoint_path()
+
+
 def top1(model: torch.nn.Module) -> float:
     """Top-1 [%] on the 360 test images through the model's own timm eval transform."""
     transform = create_transform(**resolve_data_config(model=model))
@@ -124,7 +147,7 @@ def test_trained_model_reaches_95_percent_and_is_cached(monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("a cached checkpoint should be loaded, not trained again")
 
-    monkeypatch.setattr(digits, "_train_fresh", no_training)
+    monkeypatch.setattr(demo_model, "_train_fresh", no_training)
     again, again_path, _ = load_or_train(progress=False)
     assert again_path == path
     cached = again.state_dict()
