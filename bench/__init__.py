@@ -20,7 +20,7 @@ def __getattr__(name: str) -> Any:
     """The library API, imported on first use: it imports torch and timm, which ``ppt-bench
     --help`` and the other light commands should not wait for."""
     if name in _API:
-        from ppt_bench import api
+        from ppt_bench import api  # imported here: it imports torch and timm (see above)
 
         return getattr(api, name)
     raise AttributeError(f"module 'ppt_bench' has no attribute {name!r}")

@@ -12,7 +12,10 @@ import importlib
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+from tabulate import tabulate
 
 from ppt_bench.config import all_settings, build_config, example_config, load_config
 from ppt_bench.errors import UserError, check_output_path
@@ -149,12 +152,10 @@ def add_report_parser(sub: Any) -> None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     """``ppt-bench list``: the methods, or with ``--models`` the timm ViTs the patch supports."""
-    from tabulate import tabulate
-
     if args.limit < 1:
         raise UserError(f"--limit must be a positive integer, got {args.limit}")
     if args.models is not None:
-        from ppt_bench.models import has_rope, patchable_models
+        from ppt_bench.models import has_rope, patchable_models  # imported here: torch, timm
 
         models, candidates = patchable_models(args.models, args.limit)
         if not models:
@@ -168,7 +169,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         if len(models) == args.limit and candidates > args.limit:
             print(f"(first {args.limit} of up to {candidates} matches: narrow the pattern)")
         return 0
-    from ppt_bench.methods import get_method_class, list_methods, method_params
+    from ppt_bench.methods import get_method_class, list_methods, method_params  # torch
 
     rows = []
     for name in list_methods():
@@ -233,8 +234,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """``ppt-bench report``: one report from one or several results CSVs."""
-    from pathlib import Path
-
+    # Imported here, when the command runs: pandas and matplotlib take seconds to import.
     from ppt_bench.report import check_report_path, write_report
 
     out = Path(args.out or f"reports/{Path(args.csv[0]).stem}.md")

@@ -20,12 +20,14 @@ from typing import Any
 import torch
 from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
+from torch.utils.data.distributed import DistributedSampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ppt_bench.decode import Batch, load_sample
 from ppt_bench.digits import digits_dataset
 from ppt_bench.errors import UserError
+from ppt_bench.imagecache import CachedImages, cached_images, pass_batch
 
 _logger = logging.getLogger(__name__)
 
@@ -181,8 +183,6 @@ def make_dataset(
     dataset = _digits(transform) if data == DIGITS else image_folder(data, transform)
     keep = _subset_indices(len(dataset), n_images, seed)
     if cache_dir is not None and isinstance(dataset, TolerantImageFolder):
-        from ppt_bench.imagecache import cached_images
-
         samples = dataset.samples if keep is None else [dataset.samples[i] for i in keep]
         cached = cached_images(
             samples,
@@ -243,14 +243,10 @@ def batch_loader(
         world_size: processes of a torchrun job.
         persistent: keep the workers between passes (a loader read once per epoch).
     """
-    from ppt_bench.imagecache import CachedImages, pass_batch
-
     cached = isinstance(dataset, CachedImages)
     workers = 0 if cached else workers
     sampler = None
     if world_size > 1 and train:
-        from torch.utils.data.distributed import DistributedSampler
-
         sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
     return DataLoader(
         dataset,

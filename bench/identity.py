@@ -42,7 +42,7 @@ def checkpoint_digest(checkpoint: str | None) -> str:
     if checkpoint is None:
         return ""
     if "://" in checkpoint:
-        import torch
+        import torch  # imported here: the CLI reads identities without torch until it runs
 
         name = os.path.basename(urlparse(checkpoint).path)
         checkpoint = os.path.join(torch.hub.get_dir(), "checkpoints", name)
@@ -57,7 +57,7 @@ def data_fingerprint(data: str | None) -> str:
         return ""
     digest = hashlib.sha1()
     if data == "digits":
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # imported here: seconds, for the digits only
 
         digits = load_digits()
         digest.update(digits.data.tobytes() + digits.target.tobytes())

@@ -25,10 +25,17 @@ from collections.abc import Hashable, Iterator
 from typing import Any
 
 import torch
+from fvcore.nn.jit_handles import get_shape
 from torch import nn
+from torchprofile import profile_macs
 from tqdm import tqdm
 
 from ppt_bench.methods import is_patched
+from ppt_bench.methods.base import Method
+
+with warnings.catch_warnings():  # fvcore.nn's focal loss uses the deprecated torch.jit.script
+    warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning)
+    from fvcore.nn import FlopCountAnalysis
 
 Path = Hashable  # the path one image took through an adaptive method (``Method.paths``)
 
@@ -44,16 +51,12 @@ def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
     Shapes: ``q [B, H, Nq, d]``, ``k [B, H, Nk, d]``, ``v [B, H, Nk, dv]``; the count is
     ``B * H * Nq * Nk * (d + dv)``. Softmax and mask are not counted, as for other fvcore ops.
     """
-    from fvcore.nn.jit_handles import get_shape
-
     q, k, v = (get_shape(t) for t in inputs[:3])
     return math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
 def macs_torchprofile(model: nn.Module, x: torch.Tensor) -> int:
     """MACs of ``model(x)`` by ``torchprofile.profile_macs``."""
-    from torchprofile import profile_macs
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # trace warnings and ops it does not count
         return int(profile_macs(model, x))
@@ -61,10 +64,6 @@ def macs_torchprofile(model: nn.Module, x: torch.Tensor) -> int:
 
 def macs_fvcore(model: nn.Module, x: torch.Tensor) -> int:
     """MACs of ``model(x)`` by fvcore's ``FlopCountAnalysis`` with :func:`sdpa_flop_jit`."""
-    with warnings.catch_warnings():  # fvcore.nn's focal loss uses the deprecated torch.jit.script
-        warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning)
-        from fvcore.nn import FlopCountAnalysis
-
     analysis = (
         FlopCountAnalysis(model, x)
         .set_op_handle("aten::scaled_dot_product_attention", sdpa_flop_jit)
@@ -82,8 +81,6 @@ def uncounted_macs(model: nn.Module, x: torch.Tensor) -> int:
     0 for an unpatched model and for every method that does not override
     :meth:`~ppt_bench.methods.base.Method.uncounted_macs`.
     """
-    from ppt_bench.methods.base import Method
-
     if not is_patched(model):
         return 0
     method = model.reduction_plan.method

@@ -395,7 +395,7 @@ def read_results(
         paths: the CSVs.
         advice: what the user should do about a file that is not a results CSV.
     """
-    import pandas as pd
+    import pandas as pd  # imported here: a second or more, and runs that only write need none
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]

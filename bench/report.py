@@ -65,7 +65,7 @@ def tidy_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     or the same run in two CSVs) keeps its last value of each metric; a failed run that later
     succeeded is not listed as failed.
     """
-    import pandas as pd
+    import pandas as pd  # imported here: a second or more; `ppt-bench --help` waits for none
 
     df = df.fillna(
         {"params": "{}", "error": "", "dataset": "", **dict.fromkeys(IDENTITY_COLUMNS, "")}
@@ -422,7 +422,7 @@ def write_report(
         notes: a markdown file whose text the report carries under "Notes": what the numbers
             alone do not say (why a method falls short of its ideal speedup, say).
     """
-    from ppt_bench.plots import write_plots
+    from ppt_bench.plots import write_plots  # imported here: matplotlib takes seconds
 
     csvs = [csvs] if isinstance(csvs, (str, os.PathLike)) else list(csvs)
     out = check_report_path(out, csvs)

@@ -39,7 +39,7 @@ class Estimate(NamedTuple):
 def _scipy_stats() -> Any:
     """``scipy.stats``, imported on first use: it takes seconds to import, and the commands
     that compute no interval (``--help``, ``list``) should not wait for it."""
-    from scipy import stats
+    from scipy import stats  # imported here (see above)
 
     return stats
 

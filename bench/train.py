@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from timm.data import create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -173,8 +174,6 @@ def setup_distributed(device: str) -> Dist:
         raise UserError(f"device {device!r} asked for but CUDA is not available: use --device cpu")
     if world_size <= 1:
         return Dist(device=torch.device(device))
-    import torch.distributed as dist
-
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:

@@ -29,11 +29,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+from PIL import Image
+from timm.data import create_transform
 
+from ppt_bench.decode import DECODE_ERRORS
+from ppt_bench.digits import digits_dataset
 from ppt_bench.errors import UserError, check_output_path
+from ppt_bench.keyvalue import parse_assignment
+from ppt_bench.methods import Method, create_method
+from ppt_bench.models import build_model
 
 if TYPE_CHECKING:
-    from PIL import Image
     from torch import nn
 
     from ppt_bench.methods import Method
@@ -170,8 +177,6 @@ def save_grid(
     Returns:
         The layout used, whose :meth:`Layout.panel_box` locates each panel in the PNG.
     """
-    from matplotlib.figure import Figure
-
     cols = 1 + max((len(panels) for _, panels in rows), default=0)
     layout = Layout(rows=len(rows), cols=cols)
     width, height = layout.size
@@ -253,8 +258,6 @@ def method_label(name: str, params: dict[str, Any]) -> str:
 
 def parse_method(text: str) -> tuple[str, dict[str, Any]]:
     """Read ``NAME`` or ``NAME:KEY=VALUE,KEY=VALUE`` (values as TOML: ``[3,6,9]``, ``true``)."""
-    from ppt_bench.keyvalue import parse_assignment
-
     name, _, rest = text.partition(":")
     name = name.strip()
     params: dict[str, Any] = {}
@@ -282,8 +285,6 @@ def load_model(
     Returns:
         ``(model, data_config)`` as :func:`ppt_bench.models.build_model` returns them.
     """
-    from ppt_bench.models import build_model
-
     torch.manual_seed(seed)
     return build_model(name, checkpoint=None if checkpoint is None else str(checkpoint))
 
@@ -302,8 +303,6 @@ def load_images(images: str | Path | Sequence[Any], n_images: int = 2) -> list[t
     """
     if isinstance(images, (str, Path)):
         if str(images) == "digits":
-            from ppt_bench.digits import digits_dataset
-
             data = digits_dataset(split="test")
             return [(f"digits-{i}", data[i][0]) for i in range(min(n_images, len(data)))]
         path = Path(images)
@@ -323,10 +322,6 @@ def _read_images(
 ) -> list[tuple[str, Any]]:
     """Read files, folders (``n_images`` each) and PIL images, up to ``limit`` (all when None),
     skipping the files that cannot be decoded."""
-    from PIL import Image
-
-    from ppt_bench.decode import DECODE_ERRORS
-
     out: list[tuple[str, Any]] = []
     unreadable: list[tuple[Path, Exception]] = []
     for item in items:
@@ -370,8 +365,6 @@ def preprocess(
         The normalised batch and, per image, the resized and cropped image ``[H, W, 3]`` in
         [0, 1] that the model sees.
     """
-    from timm.data import create_transform
-
     transform = create_transform(**data_config)
     x = torch.stack([transform(im) for im in images])
     mean = torch.tensor(data_config["mean"]).view(1, 3, 1, 1)
@@ -442,8 +435,6 @@ def visualize(
     Returns:
         The PNGs written.
     """
-    from ppt_bench.methods import create_method
-
     if not methods:
         raise UserError("visualize needs at least one method, e.g. --method ppt")
     check_out(Path(out))

@@ -40,6 +40,10 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
+from timm.layers.attention import AttentionRope
+from timm.models.eva import Eva, EvaAttention, EvaBlock
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ppt_bench.errors import PatchError
@@ -124,9 +128,6 @@ def fold_width(head_dim: int) -> int:
 def is_eva(module: nn.Module) -> bool:
     """Whether ``module`` is an ``Eva`` model, block or attention (``EvaAttention`` or
     ``AttentionRope``), rather than timm's ViT."""
-    from timm.layers.attention import AttentionRope
-    from timm.models.eva import Eva, EvaAttention, EvaBlock
-
     return isinstance(module, (Eva, EvaBlock, EvaAttention, AttentionRope))
 
 
@@ -205,8 +206,6 @@ def rotate(attn: nn.Module, t: torch.Tensor, rope: torch.Tensor | None, like: to
     """
     if rope is None:
         return t
-    from timm.layers import apply_rot_embed_cat
-
     P = attn.num_prefix_tokens
     rotated = apply_rot_embed_cat(t[:, :, P:, :], rope, half=attn.rotate_half)
     return torch.cat([t[:, :, :P, :], rotated], dim=2).type_as(like)
@@ -647,8 +646,6 @@ def _reducing_class(cls: type) -> type:
 
 def check_patchable(model: nn.Module) -> None:
     """Raise :class:`PatchError` saying why ``model`` cannot be patched, if it cannot."""
-    from timm.models.vision_transformer import VisionTransformer
-
     if is_eva(model):
         _check_eva(model)
         return
@@ -671,9 +668,6 @@ def check_patchable(model: nn.Module) -> None:
 def _check_eva(model: nn.Module) -> None:
     """The ``Eva`` models the patch runs: pre-norm ``EvaBlock`` with ``EvaAttention``, no patch
     dropout, rope (if any) skipping exactly the model's prefix tokens."""
-    from timm.layers.attention import AttentionRope
-    from timm.models.eva import EvaAttention, EvaBlock
-
     name = type(model).__name__
     if getattr(model, "patch_drop", None) is not None:
         raise PatchError(f"{name} uses patch dropout: build it with patch_drop_rate=0 to patch it")

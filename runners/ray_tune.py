@@ -39,6 +39,8 @@ from typing import Any
 
 import ray
 from ray import tune
+from ray._private import ray_constants
+from ray._raylet import GcsClient
 from tqdm.auto import tqdm
 
 from ppt_bench import metrics
@@ -264,8 +266,6 @@ def check_token(address: str, source: str = "--ray-address") -> None:
         UserError: the cluster refuses this process's token (none, or another cluster's), or
             no Ray GCS answers at the address.
     """
-    from ray._raylet import GcsClient
-
     standalone = getattr(getattr(ray._raylet, "InnerGcsClient", None), "standalone", None)
     try:
         with _stderr_to_devnull():  # Ray's C++ log lines about it; ours says it all
@@ -334,9 +334,9 @@ def _path_hash(path: Path) -> str:
 
 def _reload_auth_config() -> None:
     """Make this process's Ray read RAY_AUTH_MODE and the token again (Ray caches both)."""
-    try:
+    try:  # imported here, to tell a Ray without token authentication (before 2.52)
         from ray._raylet import AuthenticationTokenLoader, Config
-    except ImportError:  # a Ray without token authentication (before 2.52)
+    except ImportError:
         return
     Config.initialize("")  # before the token cache, as Ray's own tests do
     AuthenticationTokenLoader.instance().reset_cache()
@@ -350,8 +350,6 @@ def _loopback_only() -> Iterator[None]:
     off; the switch is read once, when Ray is imported, so this process's copy is set here and
     the Ray processes started meanwhile see the environment variable.
     """
-    from ray._private import ray_constants
-
     old = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
