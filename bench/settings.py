@@ -81,17 +81,27 @@ class Setting:
         return self.start if self.example is _DEFAULT else self.example
 
 
-def setting(default: Any, help: str, *, kind: type | None = None, **declared: Any) -> Any:
+def setting(default: Any, help: str, **declared: Any) -> Any:
     """A :class:`~ppt_bench.spec.RunSpec` field that is a setting of ``ppt-bench run``.
+
+    The type of one value is the field's annotation, less ``None`` and the sequence around it
+    (``int | None`` -> ``int``, ``tuple[str, ...]`` -> ``str``).
 
     Args:
         default: the field's default (a list default is given as a tuple).
         help: one line for ``--help`` and ``--print-config``.
-        kind: the type of one value (default: the type of ``default``).
         declared: the other :class:`Setting` arguments; ``key`` defaults to the field's name.
     """
-    kind = kind or type(default)
-    return field(default=default, metadata={"setting": (kind, help, declared)})
+    return field(default=default, metadata={"setting": (help, declared)})
+
+
+_KINDS = {"str": str, "int": int, "bool": bool, "float": float}
+
+
+def _kind(annotation: Any) -> type:
+    """``int`` for ``int | None``, ``str`` for ``tuple[str, ...]`` (annotations are text here)."""
+    text = str(annotation).removeprefix("tuple[")
+    return _KINDS[text.replace(" ", "").split("|")[0].split(",")[0].rstrip("]")]
 
 
 def settings_of(cls: type) -> list[Setting]:
@@ -100,7 +110,8 @@ def settings_of(cls: type) -> list[Setting]:
     for f in dataclasses.fields(cls):
         if "setting" not in f.metadata:
             continue
-        kind, help, declared = f.metadata["setting"]
+        help, declared = f.metadata["setting"]
+        kind = _kind(f.type)
         default = None if f.default is dataclasses.MISSING else f.default
         default = list(default) if isinstance(default, tuple) else default
         declared = {"key": f.name, **declared}

@@ -35,7 +35,6 @@ class RunSpec:
     model: str = setting(
         None,
         "timm model name; `ppt-bench list --models 'deit*'` shows the ones the patch supports",
-        kind=str,
         key="models",
         flag="--model",
         metavar="NAME",
@@ -50,14 +49,12 @@ class RunSpec:
         None,
         "ImageFolder root (ImageNet val layout), digits (the built-in data set) or synthetic "
         "(cost-only runs on generated inputs, the default)",
-        kind=str,
         identity=REFERENCE,
         example="/data/imagenet/val",
     )
     checkpoint: str | None = setting(
         None,
         "weights to load into the model: a local path or an http(s) URL",
-        kind=str,
         identity=REFERENCE,
         metavar="PATH|URL",
         example="https://dl.fbaipublicfiles.com/deit/deit_small_patch16_224-cd65a155.pth",
@@ -66,11 +63,10 @@ class RunSpec:
     dtype: str = setting(
         "fp32", "autocast dtype (fp32: none)", axis=True, identity=REFERENCE, choices=DTYPES
     )
-    compile: bool | str = setting(
+    compile: str = setting(
         "none",
         "torch.compile mode (a bare --compile: default), none (eager), or cudagraph: the eager "
         "forward captured in a CUDA graph; true means default and false none",
-        kind=str,
         axis=True,
         choices=COMPILE_MODES,
         cli={"nargs": "?", "const": "default"},
@@ -88,17 +84,14 @@ class RunSpec:
     metrics: tuple[str, ...] = setting(
         ("accuracy", "macs", "tokens"),
         "metric groups: accuracy, macs, throughput, latency, memory, tokens",
-        kind=str,
         many=True,
         example=["accuracy", "macs", "tokens", "throughput"],
     )
     n_images: int | None = setting(
         None,
         "evaluate at most N images (default: all)",
-        kind=int,
         identity=REFERENCE,
         metavar="N",
-        example=5000,
     )
     sweep: str = setting(
         "",
@@ -122,7 +115,6 @@ class RunSpec:
         None,
         "folder of the image cache (default $XDG_CACHE_HOME/ppt-bench/images); a shared file "
         "system shares it between the nodes of a cluster",
-        kind=str,
         identity=SCHEDULE,
         metavar="DIR",
         example=None,
@@ -221,7 +213,7 @@ class RunSpec:
 
 def _identity_of(f: dataclasses.Field) -> str:
     if "setting" in f.metadata:
-        return f.metadata["setting"][2].get("identity", RUN)
+        return f.metadata["setting"][1].get("identity", RUN)
     return f.metadata["identity"]
 
 

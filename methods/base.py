@@ -18,11 +18,7 @@ import torch
 
 from ppt_bench.errors import MethodError, PatchError
 from ppt_bench.methods import ops
-from ppt_bench.methods.interface import (
-    AFTER_ATTN,
-    CLS_ATTN,
-    ViTInfo,
-)
+from ppt_bench.methods.interface import AFTER_ATTN, CLS_ATTN, KEY_MEAN, ViTInfo
 from ppt_bench.methods.ops import Features, Reduced
 from ppt_bench.methods.patch import ReductionInfo, patch
 
@@ -226,6 +222,25 @@ class ScorePrune(FixedBudget):
         r = ops.max_reduction(x.shape[1], num_prefix, self.r)
         scores = self.scores(x, feats, block=block, num_prefix=num_prefix)
         return ops.prune_step(x, size, source, scores, r, num_prefix)
+
+
+@dataclass(frozen=True)
+class BipartiteMerging(Method):
+    """Shared by the methods that merge tokens by ToMe's bipartite soft matching on the keys
+    (:func:`~ppt_bench.methods.ops.merge_step`; merge and tome): they read the head-averaged
+    keys, say where each output token comes from, and use proportional attention by default.
+
+    Args:
+        prop_attn: proportional attention (``+ log(size)``) after the first merge.
+    """
+
+    needs = frozenset({KEY_MEAN})
+    gives_origin = True
+    prop_attn: bool = True
+
+    def merge(self, x, size, source, feats: Features, r: int, num_prefix: int) -> Reduced:
+        """``r`` tokens merged away by bipartite soft matching."""
+        return ops.merge_step(x, size, source, feats.key_mean, r, num_prefix)
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ppt_bench.methods import ops
-from ppt_bench.methods.interface import KEY_MEAN
+from ppt_bench.methods.base import BipartiteMerging
 from ppt_bench.methods.ops import Reduced
 from ppt_bench.methods.schedule import Scheduled, per_block_r
 
@@ -18,7 +17,7 @@ __all__ = ["ToMe", "per_block_r"]
 
 
 @dataclass(frozen=True)
-class ToMe(Scheduled):
+class ToMe(BipartiteMerging, Scheduled):
     """Token Merging in every block, with ToMe's schedules.
 
     Args:
@@ -28,12 +27,9 @@ class ToMe(Scheduled):
     """
 
     description = "ToMe: bipartite merging of similar tokens in every block (r schedule)"
-    needs = frozenset({KEY_MEAN})
-    gives_origin = True
-    prop_attn: bool = True
 
     def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
         r = self.block_r(block, x.shape[1], num_prefix)
         if r == 0:  # too few tokens left to match (ToMe's early return)
             return Reduced(x, size, source)
-        return ops.merge_step(x, size, source, feats.key_mean, r, num_prefix)
+        return self.merge(x, size, source, feats, r, num_prefix)
