@@ -89,6 +89,7 @@ def agglomerative_tree(
     D = dist.masked_fill(eye, inf).contiguous()  # [B, T, T], a cluster lives at its lowest leaf
     b_all = torch.arange(B, device=dev)
     cols = torch.arange(T, device=dev)
+    rows = D.view(B * T, T)
     rowmin, rowarg = D.min(dim=-1)  # [B, T] nearest neighbour of each cluster (first on ties)
     node = cols.expand(B, T).clone()  # node id of the cluster held at each index
     count = D.new_ones(B, T)  # leaves per cluster (average linkage)
@@ -105,7 +106,8 @@ def agglomerative_tree(
         na, nb = node.gather(1, a[:, None]), node.gather(1, b[:, None])  # [B, 1]
         children[:, s] = torch.cat([torch.minimum(na, nb), torch.maximum(na, nb)], dim=1)
         node.scatter_(1, a[:, None], T + s)
-        da, db = D[b_all, a], D[b_all, b]  # [B, T] rows of the two clusters
+        ra, rb = b_all * T + a, b_all * T + b  # rows of D viewed as [B * T, T]
+        da, db = rows.index_select(0, ra), rows.index_select(0, rb)  # [B, T]
         if linkage == "complete":
             new = torch.maximum(da, db)
         elif linkage == "single":
@@ -133,7 +135,7 @@ def agglomerative_tree(
         rowarg = torch.where(closer, a[:, None], rowarg)
         if sparse:
             bi, ki = stale.nonzero(as_tuple=True)
-            m, mi = D[bi, ki].min(dim=-1)
+            m, mi = rows.index_select(0, bi * T + ki).min(dim=-1)
             rowmin[bi, ki], rowarg[bi, ki] = m, mi
         else:
             m, mi = D.min(dim=-1)
@@ -262,9 +264,14 @@ def heap_labels(children: torch.Tensor, leaf_node: torch.Tensor, k: int) -> torc
     return label_of.gather(1, leaf_node)
 
 
+@torch.library.custom_op("ppt_bench::atc_labels", mutates_args=())
 def cluster_labels(metric: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
     """scikit-learn's ``AgglomerativeClustering(k, metric="precomputed", linkage=linkage)``
-    labels of ``1 - cos`` of ``metric [B, T, d]``, for every image at once: ``[B, T]`` int64."""
+    labels of ``1 - cos`` of ``metric [B, T, d]``, for every image at once: ``[B, T]`` int64.
+
+    A custom operator, so that ``torch.compile`` takes the ``T - 1`` joins as one opaque step
+    (its output shape depends only on the input's) instead of unrolling them.
+    """
     T = metric.shape[1]
     dist = cosine_distance(metric)
     if linkage == "single":
@@ -272,6 +279,11 @@ def cluster_labels(metric: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
     else:
         children, leaf_node = agglomerative_tree(dist, linkage, T - k)
     return heap_labels(children, leaf_node, k)
+
+
+@cluster_labels.register_fake
+def _(metric: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
+    return metric.new_empty(metric.shape[:2], dtype=torch.long)
 
 
 def atc_step(
