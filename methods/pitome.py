@@ -9,6 +9,8 @@ residual (hchautran/PiToMe @ 550b5dee, ``algo/pitome/merge.py`` and ``patch/timm
 - Blocks ``l < ceil(L / 2)`` (bipartite half): all patch tokens alternate, in energy order,
   into A and B; the ``r`` A tokens with the best B match merge into it. Output: prefix, the
   unmerged A tokens (in the order of their best match, as the authors leave them), then B.
+- Ties (equal energies, equal best matches) are ordered by torch's default ``argsort``, as in
+  the authors' code: see :func:`energy_order`.
 - Later blocks: only the ``2r`` highest-energy tokens take part; they alternate into A and B,
   every A token merges into its most similar B token, the others are protected. Output:
   prefix, protected tokens in energy order, then B.
@@ -53,13 +55,18 @@ def energy_order(metric: torch.Tensor, margin: float) -> tuple[torch.Tensor, tor
         margin: the block's margin.
 
     Returns:
-        ``order [B, T]`` (highest energy first; a stable sort, so ties keep their position and
-        each image is ordered on its own) and ``sim [B, T, T]``.
+        ``order [B, T]`` (highest energy first) and ``sim [B, T, T]``.
+
+    Equal energies (identical tokens, or float32 sums that round alike, which random-weight
+    models produce often) are ordered as the authors order them: by torch's default
+    (unstable) ``argsort``, a comparison sort of each image's row on its own, so the order
+    depends only on that image's energies. Which tie comes first decides which tokens
+    alternate into A and B, so a stable sort here merges other tokens than the authors' code.
     """
     m = F.normalize(metric, p=2, dim=-1)
     sim = m @ m.transpose(-1, -2)  # [B, T, T]
     energy = F.elu(sim - margin).mean(dim=-1)  # [B, T]
-    return energy.sort(dim=-1, descending=True, stable=True).indices, sim
+    return torch.argsort(energy, dim=-1, descending=True), sim
 
 
 def _scores(sim: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor) -> torch.Tensor:
@@ -81,7 +88,7 @@ def bsm_slots(sim: torch.Tensor, order: torch.Tensor, r: int) -> tuple[torch.Ten
     B, n_a = a_idx.shape
     n_unm = n_a - r
     node_max, node_idx = _scores(sim, a_idx, b_idx).max(dim=-1)  # [B, n_a]
-    edge_idx = node_max.sort(dim=-1, descending=True, stable=True).indices  # [B, n_a]
+    edge_idx = torch.argsort(node_max, dim=-1, descending=True)  # [B, n_a], ties as the authors
     arange = torch.arange(max(n_a, b_idx.shape[1]), device=sim.device)
     a_slot = torch.empty_like(a_idx)
     a_slot.scatter_(1, edge_idx[:, r:], arange[:n_unm].expand(B, -1))
