@@ -76,9 +76,12 @@ def _scores(sim: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor) -> torc
     return s.gather(1, a_idx[..., None].expand(-1, -1, b_idx.shape[1]))  # [B, n_a, n_b]
 
 
-def bsm_slots(sim: torch.Tensor, order: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output slot of each patch token in a bipartite block, ``[B, T]``, and the patch token
-    behind each slot, ``[B, T - r]``.
+def bsm_slots(
+    sim: torch.Tensor, order: torch.Tensor, r: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output slot of each patch token in a bipartite block, ``[B, T]``, the patch token
+    behind each slot, ``[B, T - r]``, and the merged tokens in the order the authors add them
+    to their destinations, ``[B, r]`` (by decreasing best similarity).
 
     A and B alternate over the energy order; the ``r`` A tokens with the most similar B partner
     merge into it. Slots: unmerged A ``0 .. n_a - r - 1`` (by decreasing best similarity), then
@@ -96,14 +99,16 @@ def bsm_slots(sim: torch.Tensor, order: torch.Tensor, r: int) -> tuple[torch.Ten
     slots = torch.empty_like(order)
     slots.scatter_(1, a_idx, a_slot)
     slots.scatter_(1, b_idx, (n_unm + arange[: b_idx.shape[1]]).expand(B, -1))
-    return slots, torch.cat([a_idx.gather(1, edge_idx[:, r:]), b_idx], dim=1)
+    kept = torch.cat([a_idx.gather(1, edge_idx[:, r:]), b_idx], dim=1)
+    return slots, kept, a_idx.gather(1, edge_idx[:, :r])
 
 
 def protected_slots(
     sim: torch.Tensor, order: torch.Tensor, r: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Output slot of each patch token in a block that protects low-energy tokens, ``[B, T]``,
-    and the patch token behind each slot, ``[B, T - r]``.
+    the patch token behind each slot, ``[B, T - r]``, and the merged tokens in the order the
+    authors add them to their destinations, ``[B, r]`` (energy order).
 
     The ``2r`` highest-energy tokens alternate into A and B and every A token merges into its
     most similar B token. Slots: protected tokens ``0 .. T - 2r - 1`` in energy order, then B
@@ -118,7 +123,7 @@ def protected_slots(
     slots.scatter_(1, order[:, 2 * r :], arange[:n_prot].expand(B, -1))
     slots.scatter_(1, b_idx, (n_prot + arange[:r]).expand(B, -1))
     slots.scatter_(1, a_idx, n_prot + dst)
-    return slots, torch.cat([order[:, 2 * r :], b_idx], dim=1)
+    return slots, torch.cat([order[:, 2 * r :], b_idx], dim=1), a_idx
 
 
 def pitome_step(
@@ -140,12 +145,19 @@ def pitome_step(
     B, N, _ = x.shape
     P = num_prefix
     order, sim = energy_order(key_mean[:, P:], margin)
-    # Slots of the patch tokens [B, N - P] and the patch token behind each slot [B, N - P - r].
-    patch, kept = (bsm_slots if bsm else protected_slots)(sim, order, r)
+    # Slots of the patch tokens [B, N - P], the patch token behind each slot [B, N - P - r]
+    # and the merged tokens [B, r].
+    patch, kept, merged = (bsm_slots if bsm else protected_slots)(sim, order, r)
     prefix = torch.arange(P, device=x.device).expand(B, P)
     slots = torch.cat([prefix, P + patch], dim=1)  # [B, N]
     origin = torch.cat([prefix, P + kept], dim=1)  # [B, N - r]
-    return ops.pool_step(x, size, source, slots, N - r, origin)
+    # Sum as the authors' scatter_reduce does: each destination first, then the tokens merged
+    # into it in their order, so that float32 sums round alike and near-equal energies in
+    # later blocks stay ordered alike (on a GPU the scatter's order is not fixed).
+    add_order = torch.cat([origin, P + merged], dim=1)  # [B, N], a permutation
+    x, size = ops.gather_tokens(x, add_order), ops.gather_tokens(size, add_order)
+    source = None if source is None else ops.gather_tokens(source, add_order)
+    return ops.pool_step(x, size, source, slots.gather(1, add_order), N - r, origin)
 
 
 @dataclass(frozen=True)
