@@ -9,6 +9,8 @@ residual (hchautran/PiToMe @ 550b5dee, ``algo/pitome/merge.py`` and ``patch/timm
 - Blocks ``l < ceil(L / 2)`` (bipartite half): all patch tokens alternate, in energy order,
   into A and B; the ``r`` A tokens with the best B match merge into it. Output: prefix, the
   unmerged A tokens (in the order of their best match, as the authors leave them), then B.
+- Ties (equal energies, equal best matches) are ordered by torch's default ``argsort``, as in
+  the authors' code: see :func:`energy_order`.
 - Later blocks: only the ``2r`` highest-energy tokens take part; they alternate into A and B,
   every A token merges into its most similar B token, the others are protected. Output:
   prefix, protected tokens in energy order, then B.
@@ -55,13 +57,18 @@ def energy_order(metric: torch.Tensor, margin: float) -> tuple[torch.Tensor, tor
         margin: the block's margin.
 
     Returns:
-        ``order [B, T]`` (highest energy first; a stable sort, so ties keep their position and
-        each image is ordered on its own) and ``sim [B, T, T]``.
+        ``order [B, T]`` (highest energy first) and ``sim [B, T, T]``.
+
+    Equal energies (identical tokens, or float32 sums that round alike, which random-weight
+    models produce often) are ordered as the authors order them: by torch's default
+    (unstable) ``argsort``, a comparison sort of each image's row on its own, so the order
+    depends only on that image's energies. Which tie comes first decides which tokens
+    alternate into A and B, so a stable sort here merges other tokens than the authors' code.
     """
     m = F.normalize(metric, p=2, dim=-1)
     sim = m @ m.transpose(-1, -2)  # [B, T, T]
     energy = F.elu(sim - margin).mean(dim=-1)  # [B, T]
-    return energy.sort(dim=-1, descending=True, stable=True).indices, sim
+    return torch.argsort(energy, dim=-1, descending=True), sim
 
 
 def _scores(sim: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor) -> torch.Tensor:
@@ -71,9 +78,12 @@ def _scores(sim: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor) -> torc
     return s.gather(1, a_idx[..., None].expand(-1, -1, b_idx.shape[1]))  # [B, n_a, n_b]
 
 
-def bsm_slots(sim: torch.Tensor, order: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output slot of each patch token in a bipartite block, ``[B, T]``, and the patch token
-    behind each slot, ``[B, T - r]``.
+def bsm_slots(
+    sim: torch.Tensor, order: torch.Tensor, r: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Output slot of each patch token in a bipartite block, ``[B, T]``, the patch token
+    behind each slot, ``[B, T - r]``, and the merged tokens in the order the authors add them
+    to their destinations, ``[B, r]`` (by decreasing best similarity).
 
     A and B alternate over the energy order; the ``r`` A tokens with the most similar B partner
     merge into it. Slots: unmerged A ``0 .. n_a - r - 1`` (by decreasing best similarity), then
@@ -83,7 +93,7 @@ def bsm_slots(sim: torch.Tensor, order: torch.Tensor, r: int) -> tuple[torch.Ten
     B, n_a = a_idx.shape
     n_unm = n_a - r
     node_max, node_idx = _scores(sim, a_idx, b_idx).max(dim=-1)  # [B, n_a]
-    edge_idx = node_max.sort(dim=-1, descending=True, stable=True).indices  # [B, n_a]
+    edge_idx = torch.argsort(node_max, dim=-1, descending=True)  # [B, n_a], ties as the authors
     arange = torch.arange(max(n_a, b_idx.shape[1]), device=sim.device)
     a_slot = torch.empty_like(a_idx)
     a_slot.scatter_(1, edge_idx[:, r:], arange[:n_unm].expand(B, -1))
@@ -91,14 +101,16 @@ def bsm_slots(sim: torch.Tensor, order: torch.Tensor, r: int) -> tuple[torch.Ten
     slots = torch.empty_like(order)
     slots.scatter_(1, a_idx, a_slot)
     slots.scatter_(1, b_idx, (n_unm + arange[: b_idx.shape[1]]).expand(B, -1))
-    return slots, torch.cat([a_idx.gather(1, edge_idx[:, r:]), b_idx], dim=1)
+    kept = torch.cat([a_idx.gather(1, edge_idx[:, r:]), b_idx], dim=1)
+    return slots, kept, a_idx.gather(1, edge_idx[:, :r])
 
 
 def protected_slots(
     sim: torch.Tensor, order: torch.Tensor, r: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Output slot of each patch token in a block that protects low-energy tokens, ``[B, T]``,
-    and the patch token behind each slot, ``[B, T - r]``.
+    the patch token behind each slot, ``[B, T - r]``, and the merged tokens in the order the
+    authors add them to their destinations, ``[B, r]`` (energy order).
 
     The ``2r`` highest-energy tokens alternate into A and B and every A token merges into its
     most similar B token. Slots: protected tokens ``0 .. T - 2r - 1`` in energy order, then B
@@ -113,7 +125,7 @@ def protected_slots(
     slots.scatter_(1, order[:, 2 * r :], arange[:n_prot].expand(B, -1))
     slots.scatter_(1, b_idx, (n_prot + arange[:r]).expand(B, -1))
     slots.scatter_(1, a_idx, n_prot + dst)
-    return slots, torch.cat([order[:, 2 * r :], b_idx], dim=1)
+    return slots, torch.cat([order[:, 2 * r :], b_idx], dim=1), a_idx
 
 
 def pitome_step(
@@ -135,12 +147,19 @@ def pitome_step(
     B, N, _ = x.shape
     P = num_prefix
     order, sim = energy_order(key_mean[:, P:], margin)
-    # Slots of the patch tokens [B, N - P] and the patch token behind each slot [B, N - P - r].
-    patch, kept = (bsm_slots if bsm else protected_slots)(sim, order, r)
+    # Slots of the patch tokens [B, N - P], the patch token behind each slot [B, N - P - r]
+    # and the merged tokens [B, r].
+    patch, kept, merged = (bsm_slots if bsm else protected_slots)(sim, order, r)
     prefix = torch.arange(P, device=x.device).expand(B, P)
     slots = torch.cat([prefix, P + patch], dim=1)  # [B, N]
     origin = torch.cat([prefix, P + kept], dim=1)  # [B, N - r]
-    return ops.pool_step(x, size, source, slots, N - r, origin)
+    # Sum as the authors' scatter_reduce does: each destination first, then the tokens merged
+    # into it in their order, so that float32 sums round alike and near-equal energies in
+    # later blocks stay ordered alike (on a GPU the scatter's order is not fixed).
+    add_order = torch.cat([origin, P + merged], dim=1)  # [B, N], a permutation
+    x, size = ops.gather_tokens(x, add_order), ops.gather_tokens(size, add_order)
+    source = None if source is None else ops.gather_tokens(source, add_order)
+    return ops.pool_step(x, size, source, slots.gather(1, add_order), N - r, origin)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ _BUILTIN: dict[str, str] = {
     "pitome": "ppt_bench.methods.pitome:PiToMe",
     "tofu": "ppt_bench.methods.tofu:ToFu",
     "diffrate": "ppt_bench.methods.diffrate:DiffRate",
+    "atc": "ppt_bench.methods.atc:ATC",
 }
 
 

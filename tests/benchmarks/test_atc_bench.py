@@ -1,0 +1,69 @@
+"""ATC's batched clustering against the authors' scikit-learn path, side by side.
+
+The authors (JoakimHaurum/ATC @ 227c94b5) copy each location's distances to the host and run
+scikit-learn's ``AgglomerativeClustering`` image by image; :func:`ppt_bench.methods.atc.
+cluster_labels` builds the same labels for the batch on the tokens' device. Both are timed on
+a batch of 64 DeiT-S images at 224 px: the clustering of one location alone (196 tokens into
+176), and the whole patched model (keep 0.9, complete linkage). Run with
+``pytest tests/benchmarks/test_atc_bench.py --benchmark-only --benchmark-enable``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from ppt_bench.methods import atc, create_method
+
+B, T, D, K = 64, 196, 64, 176
+
+
+def sklearn_labels(metric: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
+    """The authors' path: ``1 - cos`` to the host, scikit-learn per image, labels back."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    dist = atc.cosine_distance(metric).float().cpu().numpy()
+    clustering = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage=linkage)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        labels = np.stack([clustering.fit(d).labels_ for d in dist])
+    return torch.from_numpy(labels).to(metric.device)
+
+
+@pytest.fixture(scope="module")
+def metric() -> torch.Tensor:
+    return torch.randn(B, T, D, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.benchmark(group="atc-clustering")
+@pytest.mark.parametrize("path", ["torch", "sklearn"])
+def test_clustering_one_location(benchmark, metric, path):
+    fn = atc.cluster_labels if path == "torch" else sklearn_labels
+    labels = benchmark.pedantic(fn, args=(metric, K, "complete"), rounds=3, warmup_rounds=1)
+    assert labels.shape == (B, T) and int(labels.max()) == K - 1
+
+
+@pytest.fixture(scope="module")
+def deit_small() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+
+
+@pytest.mark.benchmark(group="atc-deit-s")
+@pytest.mark.parametrize("path", ["torch", "sklearn"])
+def test_deit_s_batch_of_64(benchmark, deit_small, monkeypatch, path):
+    if path == "sklearn":
+        monkeypatch.setattr(atc, "cluster_labels", sklearn_labels)
+    model = create_method("atc", keep_rate=0.9, linkage="complete").apply(deit_small)
+    x = torch.randn(B, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+    def forward() -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x)
+
+    out = benchmark.pedantic(forward, rounds=2, warmup_rounds=1)
+    assert model.reduction_info.tokens[-1] == 143 and out.shape == (B, 1000)

@@ -1,0 +1,200 @@
+"""atc against ALGORITHMS.md, scikit-learn's clustering and the authors' token counts."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from conftest import clone, images, logits, make_model
+
+from ppt_bench.errors import MethodError
+from ppt_bench.macs import measure_macs, uncounted_macs
+from ppt_bench.methods import create_method
+from ppt_bench.methods.atc import LINKAGES, atc_step, cluster_labels, cosine_distance, num_clusters
+from ppt_bench.methods.base import Reduced
+
+DEIT_S = "deit_small_patch16_224"
+
+# Tokens after each block of DeiT-S at 224 px in the authors' code, JoakimHaurum/ATC @ 227c94b5
+# (ATC_setup/models/atc.py): K = int(196 * keep_rate**k) clusters plus the class token at
+# blocks 3, 6, 9; keep 0.9 gives K = 176, 158, 142 and keep 0.7 gives K = 137, 96, 67.
+AUTHORS_TOKENS = [
+    ({"keep_rate": 0.9}, (197, 197, 197, 177, 177, 177, 159, 159, 159, 143, 143, 143)),
+    ({"keep_rate": 0.7}, (197, 197, 197, 138, 138, 138, 97, 97, 97, 68, 68, 68)),
+]
+# GMACs of DeiT-S at 224 px from the authors' code (ALGORITHMS.md, "atc").
+AUTHORS_GMACS = [
+    ({"keep_rate": 0.9, "linkage": "complete"}, 3.964),
+    ({"keep_rate": 0.7, "linkage": "average"}, 2.983),
+]
+
+
+def img_size(model) -> int:
+    return model.patch_embed.img_size[0]
+
+
+def sklearn_labels(metric: torch.Tensor, k: int, linkage: str) -> np.ndarray:
+    """The authors' clustering: scikit-learn on ``1 - cos``, one image at a time."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    dist = cosine_distance(metric).numpy()
+    clustering = AgglomerativeClustering(n_clusters=k, metric="precomputed", linkage=linkage)
+    return np.stack([clustering.fit(d).labels_ for d in dist])
+
+
+def random_metrics(seeds: range, tokens: int = 196, dim: int = 16) -> torch.Tensor:
+    """One random metric ``[T, d]`` per seed, stacked into a batch."""
+    return torch.stack(
+        [torch.randn(tokens, dim, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    )
+
+
+# -- parameters -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"keep_rate": 0.0}, r"keep_rate must be in \(0, 1\]"),
+        ({"keep_rate": 1.5}, r"keep_rate must be in \(0, 1\]"),
+        ({"linkage": "ward"}, "linkage must be one of complete, average, single"),
+        ({"prop_attn": "yes"}, "prop_attn must be true or false"),
+    ],
+)
+def test_invalid_parameters_are_rejected(params, match):
+    with pytest.raises(MethodError, match=match):
+        create_method("atc", **params)
+
+
+def test_a_keep_rate_that_leaves_no_cluster_is_refused():
+    with pytest.raises(MethodError, match="leaves no cluster"):
+        create_method("atc", keep_rate=0.05).apply(make_model("deit_tiny", img_size=64))
+
+
+# -- the clustering ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("linkage", LINKAGES)
+def test_partitions_and_labels_equal_scikit_learn(linkage):
+    metric = random_metrics(range(24))  # 24 seeds, one image each
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-learn's note that it builds the full tree
+        for k in (176, 137, 40, 1):
+            ours = cluster_labels(metric, k, linkage).numpy()
+            theirs = sklearn_labels(metric, k, linkage)
+            assert ours.min() == 0 and ours.max() == k - 1
+            np.testing.assert_array_equal(ours, theirs, err_msg=f"{linkage}, {k} clusters")
+
+
+def test_clusters_join_the_closest_pairs_first():
+    # Four points on a line: 0 and 1 are closest, then 2 and 3; complete linkage then joins
+    # the two pairs, single linkage joins 1 and 2 first.
+    angles = torch.tensor([0.0, 0.1, 0.35, 0.5])
+    metric = torch.stack([angles.cos(), angles.sin()], dim=-1)[None]  # [1, 4, 2]
+    two = cluster_labels(metric, 2, "complete")[0]
+    assert two[0] == two[1] and two[2] == two[3] and two[0] != two[2]
+    three = cluster_labels(metric, 3, "single")[0]
+    assert three[0] == three[1] and len(set(three.tolist())) == 3
+
+
+def test_step_is_the_size_weighted_mean_of_each_cluster():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 1 + 30, 8, generator=g)
+    size = torch.randint(1, 4, (2, 31, 1), generator=g).float()
+    key_mean = torch.randn(2, 31, 4, generator=g)
+    out = atc_step(Reduced(x, size, None), key_mean, 10, 1, "average")
+    labels = cluster_labels(key_mean[:, 1:], 10, "average")
+    for b in range(2):
+        torch.testing.assert_close(out.x[b, 0], x[b, 0])
+        assert out.size[b, 0] == size[b, 0]
+        for c in range(10):
+            members = 1 + (labels[b] == c).nonzero()[:, 0]
+            w = size[b, members]
+            torch.testing.assert_close(out.x[b, 1 + c], (x[b, members] * w).sum(0) / w.sum())
+            assert out.size[b, 1 + c] == w.sum()
+            # origin: the member standing for the most patches, the first among equals
+            best = members[w[:, 0] == w.max()][0]
+            assert out.origin[b, 1 + c] == best
+
+
+# -- the method in a model --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["deit_tiny", "deit3_small", "vit_reg", "deit_distilled"])
+def test_no_reduction_gives_unpatched_logits(arch):
+    ref = make_model(arch)
+    x = images(2, img_size(ref))
+    model = create_method("atc", keep_rate=1.0).apply(clone(ref))
+    assert (logits(model, x) - logits(ref, x)).abs().max() < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("params", "tokens"), AUTHORS_TOKENS)
+def test_token_counts_equal_the_authors_code_on_deit_s(params, tokens):
+    model = create_method("atc", **params).apply(make_model(DEIT_S))
+    logits(model, images(1, 224))
+    assert model.reduction_info.tokens == tokens
+
+
+def test_cluster_counts_follow_the_initial_token_count():
+    assert [num_clusters(196, 0.9, k) for k in (1, 2, 3)] == [176, 158, 142]
+    assert [num_clusters(196, 0.7, k) for k in (1, 2, 3)] == [137, 96, 67]
+    model = create_method("atc", keep_rate=0.8).apply(make_model("deit_tiny", img_size=128))
+    logits(model, images(1, 128))  # 64 patches: 51, 40, 32 clusters
+    assert model.reduction_info.tokens == (65,) * 3 + (52,) * 3 + (41,) * 3 + (33,) * 3
+
+
+@pytest.mark.parametrize("arch", ["deit_distilled", "vit_reg"])
+def test_prefix_tokens_are_protected_and_every_patch_is_in_one_cluster(arch):
+    ref = make_model(arch)
+    P = ref.num_prefix_tokens
+    N0 = ref.patch_embed.num_patches + P
+    model = create_method("atc", keep_rate=0.8).apply(clone(ref), trace_source=True)
+    logits(model, images(2, img_size(ref)))
+    source = model.reduction_info.source
+    assert torch.equal(source[:, :P], torch.eye(N0)[:P].expand(2, -1, -1))
+    assert torch.equal(source[:, P:, P:].sum(dim=1), torch.ones(2, N0 - P))
+
+
+@pytest.mark.parametrize("linkage", LINKAGES)
+def test_a_batch_equals_its_images_one_at_a_time(linkage):
+    ref = make_model("deit_distilled")
+    x = images(3, img_size(ref))
+    model = create_method("atc", keep_rate=0.8, linkage=linkage).apply(clone(ref))
+    batch = logits(model, x)
+    single = torch.cat([logits(model, x[i : i + 1]) for i in range(3)])
+    assert (batch - single).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_runs_and_keeps_the_dtype(dtype):
+    ref = make_model("deit_tiny", img_size=64)
+    model = create_method("atc", keep_rate=0.8).apply(ref, trace_source=True).to(dtype)
+    out = logits(model, images(2, 64).to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert model.reduction_info.source.dtype == dtype
+
+
+def test_traces_without_graph_breaks():
+    model = create_method("atc", keep_rate=0.8).apply(make_model("deit_tiny", img_size=64))
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explain = torch._dynamo.explain(model)(images(2, 64))
+    assert explain.graph_break_count == 0, explain.break_reasons
+    assert explain.graph_count == 1
+
+
+@pytest.mark.slow
+def test_gmacs_on_deit_s_match_the_authors():
+    deit_small = make_model(DEIT_S)
+    x = torch.randn(1, 3, 224, 224)
+    for params, expected in AUTHORS_GMACS:
+        model = create_method("atc", **params).apply(clone(deit_small))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            figures = measure_macs(model, (3, 224, 224), progress=False)
+        assert uncounted_macs(model, x) == 0
+        assert figures["gmacs"] == pytest.approx(expected, rel=5e-3), params
+        assert figures["gmacs_fvcore"] == pytest.approx(expected, rel=5e-3), params
