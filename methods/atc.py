@@ -44,14 +44,13 @@ from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import (
     DEFAULT_LOCATIONS,
-    KEY_MEAN,
     Method,
-    Reduced,
-    ViTInfo,
     check_float,
     check_locations,
     set_field,
 )
+from ppt_bench.methods.interface import KEY_MEAN, ViTInfo
+from ppt_bench.methods.ops import Reduced
 
 LINKAGES = ("complete", "average", "single")
 

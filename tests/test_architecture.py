@@ -10,6 +10,7 @@ imports only from its own layer or those below.
 from __future__ import annotations
 
 import ast
+import re
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "methods.patch",
             "methods.base",
             "methods.schedule",
+            "methods.atc",
             "methods.baseline",
             "methods.controls",
             "methods.dct",
@@ -118,9 +120,9 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
                 sub = f"{base}.{alias.name}"
                 found.add(sub if sub in known else base)
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            target, colon, _ = node.value.partition(":")
-            if colon and target in known:  # a lazy "module:attr" entry
-                found.add(target)
+            lazy = re.fullmatch(r"([\w.]+):[A-Za-z_]\w*", node.value)  # a "module:attr" entry
+            if lazy and lazy.group(1) in known:
+                found.add(lazy.group(1))
         elif isinstance(node, ast.Call) and _name(node.func) in ("import_module", "__import__"):
             args = [a.value for a in node.args if isinstance(a, ast.Constant)]
             found.update(a for a in args if isinstance(a, str))

@@ -13,7 +13,7 @@ from ppt_bench.errors import MethodError
 from ppt_bench.macs import measure_macs, uncounted_macs
 from ppt_bench.methods import create_method
 from ppt_bench.methods.atc import LINKAGES, atc_step, cluster_labels, cosine_distance, num_clusters
-from ppt_bench.methods.base import Reduced
+from ppt_bench.methods.ops import Reduced
 
 DEIT_S = "deit_small_patch16_224"
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ppt_bench.methods.base import Reduced
+from ppt_bench.methods.ops import Reduced
 from ppt_bench.methods.pitome import margin, pitome_step
 
 
