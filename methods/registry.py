@@ -37,6 +37,7 @@ _BUILTIN: dict[str, str] = {
     "pitome": "ppt_bench.methods.pitome:PiToMe",
     "tofu": "ppt_bench.methods.tofu:ToFu",
     "diffrate": "ppt_bench.methods.diffrate:DiffRate",
+    "gtp": "ppt_bench.methods.gtp:GTP",
 }
 _REGISTRY: dict[str, str | type[Method]] = dict(_BUILTIN)
 _ENTRY_POINTS_LOADED = False
