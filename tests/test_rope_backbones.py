@@ -42,6 +42,7 @@ ZERO = {
     "pitome": {"ratio": 1.0},
     "tofu": {"ratio": 1.0},
     "diffrate": {"prune_kept": [1 << 20] * 12},
+    "gtp": {"num_prop": 0},
 }
 
 # Each method's setting that reduces the 64 patch tokens of the test inputs.
@@ -58,6 +59,7 @@ REDUCING = {
     "pitome": {"ratio": 0.9},
     "tofu": {"ratio": 0.9},
     "diffrate": {"merge_kept": [80, 70, 60, 50, 45, 40, 35, 30, 25, 20, 15, 10]},
+    "gtp": {"num_prop": 3, "sparsity": 0.8},
 }
 
 
