@@ -30,6 +30,12 @@ token order among equals (:func:`follow_positions`): a gathered token keeps its 
 resampled one takes the input token that weighs most in it. Batches stay rectangular and
 shapes static.
 
+A method may carry state of its own through a forward with its tokens (GTP-ViT's token graph):
+``Method.initial_state`` builds it once, from the tokens entering the first block and the patch
+grid of the input, each reduction reads it as ``Features.state`` and returns the next one as
+``Reduced.state``. A method that reads the attention map may also change the map its reduction
+blocks apply to the values (``Method.edit_attention``: GTP-ViT's sparse attention).
+
 After each forward the model exposes :class:`ReductionInfo` as ``model.reduction_info``.
 """
 

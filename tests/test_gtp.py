@@ -128,7 +128,8 @@ def test_step_propagates_the_lowest_scores_into_their_neighbours():
     size = torch.rand(B, P + T, 1, generator=g) + 0.5
     graph = normalise(spatial_graph(3, 3, torch.device("cpu")).expand(B, T, T), torch.float32)
     scores = torch.rand(B, T, generator=g)
-    out = gtp_step(Reduced(x, size), graph, scores, num_prop, alpha, P, scale_sizes=True)
+    source = torch.eye(P + T).expand(B, -1, -1)
+    out = gtp_step(Reduced(x, size, source), graph, scores, num_prop, alpha, P, scale_sizes=True)
     for b in range(B):
         order = sorted(range(T), key=lambda i: -float(scores[b, i]))
         kept, prop = order[: T - num_prop], order[T - num_prop :]
@@ -138,6 +139,11 @@ def test_step_propagates_the_lowest_scores_into_their_neighbours():
             assert torch.allclose(out.x[b, P + slot], x[b, P + i] + alpha * gained, atol=1e-6)
             s_gained = sum(graph[b, i, j] * size[b, P + j] for j in prop)
             assert torch.allclose(out.size[b, P + slot], size[b, P + i] + alpha * s_gained)
+            # The source row: its own patch, and alpha times its share of each propagated one.
+            expected = source[b, P + i] + alpha * sum(
+                graph[b, i, j] * source[b, P + j] for j in prop
+            )
+            assert torch.allclose(out.source[b, P + slot], expected)
         assert torch.equal(out.state[b], graph[b][kept][:, kept])  # not renormalised
         assert out.origin[b].tolist() == [0] + [P + i for i in kept]
     plain = gtp_step(Reduced(x, size), graph, scores, num_prop, alpha, P, scale_sizes=False)
