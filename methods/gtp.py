@@ -23,13 +23,22 @@ each patch token ``max_h A[h, i, i] * max_h sum_q A[h, q, i]``; the ``num_prop``
 each kept token gaining ``alpha`` times its graph-weighted share of them,
 ``x_kept += alpha Â[kept, prop] @ x_prop`` (and the same for the scales); the graph keeps the rows
 and columns of the kept tokens, unrenormalised. Output: the prefix tokens, then the kept tokens
-in descending score (a stable sort: equal scores keep token order).
+in descending score. Ties: equal scores keep token order (a stable sort). They occur with
+sparse attention, where a token whose self-attention is zeroed in every head scores 0; the
+official code's ``argsort`` is not stable, so where such ties fall across the cut its choice
+is the sort kernel's.
 
 Unlike the official code, every prefix token (distillation, registers) is carried as the class
 token is, a model without a class token or with rotary embeddings is reduced as well, and no file
 ``missing`` is written. With source tracking, a kept token's source row gains ``alpha Â`` times
 those of the tokens it receives, so that ``visualize`` tints each propagated patch with the token
-that received most of it (real weights, as for DCT); a patch no kept token received is blank.
+that received most of it (real weights, as for DCT; a token that received a share is tinted even
+where it received no patch most); a patch no kept token received is blank.
+
+Costs: both counters count every multiply-accumulate that runs (the semantic graph's cosines,
+the explicit attention, the propagation products); the thresholds (``topk``, ``kthvalue``) and
+the sort are comparisons, not MACs. The official figures are ``2 T^3`` higher: their
+normalisation products.
 """
 
 from __future__ import annotations

@@ -150,6 +150,84 @@ def test_step_propagates_the_lowest_scores_into_their_neighbours():
     assert torch.equal(plain.size, size.gather(1, out.origin[..., None]))
 
 
+def reference_forward(model, x: torch.Tensor, method) -> torch.Tensor:
+    """Logits of a timm ViT with GTP-ViT written out from ALGORITHMS.md, block by block: the
+    graph as a matrix product ``D^-1/2 A D^-1/2``, explicit attention, per-head thresholds by
+    sorting, an argsort of the scores and the propagation as a matrix product."""
+    P = model.num_prefix_tokens
+    tokens = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    B, N, C = tokens.shape
+    T = N - P
+    cols = model.patch_embed.grid_size[1]
+    idx = torch.arange(T)
+    r, c = idx // cols, idx % cols
+    spatial = ((r[:, None] - r).abs() <= 1) & ((c[:, None] - c).abs() <= 1) & (idx[:, None] != idx)
+    m = torch.nn.functional.normalize(tokens[:, P:], dim=-1)
+    cos = m @ m.transpose(1, 2)
+    kth = cos.sort(dim=-1, descending=True).values[
+        ..., method.num_neighbours : method.num_neighbours + 1
+    ]
+    semantic = (cos >= kth) & (idx[:, None] != idx)
+    adj = {"spatial": spatial.expand(B, T, T), "semantic": semantic}.get(method.graph)
+    adj = (spatial | semantic if adj is None else adj).float()
+    d = torch.diag_embed(adj.sum(-1) ** -0.5)
+    graph = d @ adj @ d
+    scales = torch.ones(B, N)
+    for block in model.blocks:
+        attn = block.attn
+        H = attn.num_heads
+        q, k, v = attn.qkv(block.norm1(tokens)).reshape(B, N, 3, H, -1).permute(2, 0, 3, 1, 4)
+        logit = (q * attn.scale) @ k.transpose(-2, -1)
+        if method.token_scale:
+            logit = logit + scales.log()[:, None, None, :]
+        a = logit.softmax(-1)
+        kk = int(N * N * (1 - method.sparsity))
+        if kk:
+            tau = a.reshape(B, H, -1).sort(dim=-1).values[..., kk - 1, None, None]
+            a = torch.where(a < tau, 0.0, a)
+        out = attn.proj((a @ v).transpose(1, 2).reshape(B, N, C))
+        tokens = tokens + block.ls1(out)
+        score = a.diagonal(dim1=-2, dim2=-1)[:, :, P:].amax(1) * a[..., P:].sum(-2).amax(1)
+        order = score.argsort(dim=-1, descending=True, stable=True)  # ties: token order
+        kept, prop = order[:, : T - method.num_prop], order[:, T - method.num_prop :]
+        new_tokens, new_scales, new_graph = [], [], []
+        for b in range(B):
+            w = graph[b][kept[b]]
+            patches, s = tokens[b, P:], scales[b, P:]
+            gained = w[:, prop[b]] @ patches[prop[b]]
+            new_tokens.append(torch.cat([tokens[b, :P], patches[kept[b]] + method.alpha * gained]))
+            s_gained = w[:, prop[b]] @ s[prop[b]]
+            new_scales.append(torch.cat([scales[b, :P], s[kept[b]] + method.alpha * s_gained]))
+            new_graph.append(w[:, kept[b]])
+        tokens, scales, graph = (
+            torch.stack(new_tokens),
+            torch.stack(new_scales),
+            torch.stack(new_graph),
+        )
+        N, T = tokens.shape[1], T - method.num_prop
+        tokens = tokens + block.ls2(block.mlp(block.norm2(tokens)))
+    return model.forward_head(model.norm(tokens))
+
+
+@pytest.mark.parametrize("arch", ["deit_tiny", "deit_distilled", "deit3_small"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"num_prop": 2, "graph": "spatial", "alpha": 0.1, "token_scale": False},
+        {"num_prop": 2, "sparsity": 0.6, "alpha": 0.1},
+        {"num_prop": 1, "graph": "semantic", "num_neighbours": 3, "sparsity": 0.8, "alpha": 0.3},
+    ],
+)
+def test_patched_model_equals_the_definition_written_out(arch, params):
+    ref = make_model(arch, img_size=96)
+    x = images(2, img_size(ref), seed=5)
+    method = create_method("gtp", **params)
+    with torch.inference_mode():
+        expected = reference_forward(ref, x, method)
+    got = logits(method.apply(clone(ref)), x)
+    assert (got - expected).abs().max() < 1e-4
+
+
 # -- token counts and costs on DeiT-S 224 ------------------------------------------------------
 
 
