@@ -140,6 +140,29 @@ class Method:
         """Reduce tokens ``x [B, N, C]`` (prefix first) at ``block``; see :class:`Reduced`."""
         return Reduced(x, size, source)
 
+    def initial_state(self, x: torch.Tensor, *, num_prefix: int, grid: tuple[int, int]) -> Any:
+        """State that this method carries through one forward along with the tokens, or None.
+
+        Called once per forward, on the tokens entering the first block, when the method reduces
+        somewhere. The state reaches each reduction as ``feats.state`` and the method returns
+        the next one as ``Reduced.state`` (GTP-ViT carries its token graph this way).
+
+        Args:
+            x: tokens ``[B, N, C]`` after the position embedding (prefix first).
+            num_prefix: ``P``.
+            grid: ``(rows, cols)`` of the patch grid, ``rows * cols = N - P``.
+        """
+        return None
+
+    def edit_attention(self, attn: torch.Tensor, *, block: int) -> torch.Tensor:
+        """The attention map ``[B, H, N, N]`` that a reduction block applies to its values.
+
+        Called in the reduction blocks of a method that reads ``attn``, on the post-softmax map;
+        the edited map is also the one the method reads. Default: unchanged (GTP-ViT zeroes
+        the smallest entries).
+        """
+        return attn
+
     def uncounted_macs(self, tokens: tuple[int, ...], num_prefix: int, dim: int) -> int:
         """Multiply-accumulates of one image that torchprofile and fvcore do not count.
 

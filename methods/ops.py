@@ -8,7 +8,7 @@ no host synchronisation, so that ``torch.compile`` and CUDA graphs apply.
 from __future__ import annotations
 
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -20,6 +20,8 @@ class Features(NamedTuple):
     key_mean: torch.Tensor | None = None  # keys averaged over heads, [B, N, d]
     value_norm: torch.Tensor | None = None  # value norm of each token, [B, N]
     attn: torch.Tensor | None = None  # the full post-softmax attention map, [B, H, N, N]
+    # The method's per-forward state (Method.initial_state), as its last reduction left it.
+    state: Any = None
 
 
 class Reduced(NamedTuple):
@@ -35,6 +37,10 @@ class Reduced(NamedTuple):
     kept token its own index, a merged token its destination's (the token the matching merged
     the others into), so that a token's rotary position follows it. None where a step leaves
     the tokens as they are, or where output tokens are mixtures with no single ancestor.
+
+    ``state`` is the method's per-forward state after this step (a method with
+    :meth:`~ppt_bench.methods.base.Method.initial_state` returns it at every step; for the others
+    it stays None).
     """
 
     x: torch.Tensor  # [B, N', C]
@@ -44,6 +50,7 @@ class Reduced(NamedTuple):
     score_var: torch.Tensor | None = None
     attn: torch.Tensor | None = None
     origin: torch.Tensor | None = None  # [B, N'] int64, index of each token's input token
+    state: Any = None  # the method's per-forward state, carried to its next reduction
 
 
 def max_reduction(num_tokens: int, num_prefix: int, r: int) -> int:

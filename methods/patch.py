@@ -30,13 +30,22 @@ token order among equals (:func:`follow_positions`): a gathered token keeps its 
 resampled one takes the input token that weighs most in it. Batches stay rectangular and
 shapes static.
 
+A method may carry state of its own through a forward with its tokens (GTP-ViT's token graph):
+``Method.initial_state`` builds it once, from the tokens entering the first block and the patch
+grid of the input, each reduction reads it as ``Features.state`` and returns the next one as
+``Reduced.state``. A method that reads the attention map may also change the map its reduction
+blocks apply to the values (``Method.edit_attention``: GTP-ViT's sparse attention).
+
 After each forward the model exposes :class:`ReductionInfo` as ``model.reduction_info``.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from functools import partial
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -304,6 +313,7 @@ def attention(
     needs: frozenset[str],
     impl: str = "fast",
     rope: torch.Tensor | None = None,
+    edit: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, Features]:
     """timm ``Attention.forward`` (or ``EvaAttention.forward``) that also returns the features a
     method needs.
@@ -317,6 +327,8 @@ def attention(
             makes this block compute its attention explicitly.
         impl: one of :data:`ATTN_IMPLS`.
         rope: the rotary embedding of the current patch tokens (:func:`rotate`), or None.
+        edit: where the method reads ``"attn"``, its :meth:`~Method.edit_attention` of this
+            block: the map it returns is applied to the values and handed to the method.
 
     Returns:
         The attention output ``[B, N, C]`` (after ``proj``) and the requested features.
@@ -334,6 +346,8 @@ def attention(
     cls_attn = full = None
     if impl == "explicit" or ATTN in needs:
         a = _softmax_attention(attn, q, k, mask)  # [B, H, N, N]
+        if edit is not None and ATTN in needs:
+            a = edit(a)
         if CLS_ATTN in needs:
             cls_attn = a[:, :, 0]
         if ATTN in needs:
@@ -368,6 +382,7 @@ def attention_map(
     size: torch.Tensor | None,
     needs: frozenset[str],
     rope: torch.Tensor | None = None,
+    edit: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Features:
     """The attention map of a block whose method reduces inside the attention.
 
@@ -380,6 +395,7 @@ def attention_map(
         size: ``[B, N, 1]`` for proportional attention, or None.
         needs: the method's features; ``value_norm`` is not available here.
         rope: the rotary embedding of the current patch tokens, or None.
+        edit: the method's :meth:`~Method.edit_attention` of this block, or None.
 
     Returns:
         Features with ``attn`` ``[B, H, N, N]`` (post-softmax), and ``cls_attn`` / ``key_mean``
@@ -388,6 +404,8 @@ def attention_map(
     q, k = _qk(attn, x, rope)
     mask = None if size is None else ops.prop_attn_bias(size).to(q.dtype)
     a = _softmax_attention(attn, q, k, mask)
+    if edit is not None:
+        a = edit(a)
     return Features(
         cls_attn=a[:, :, 0] if CLS_ATTN in needs else None,
         key_mean=k.mean(dim=1) if KEY_MEAN in needs else None,
@@ -407,6 +425,8 @@ class _State(NamedTuple):
     # Index into the rope table of the embedding each token uses, [B, N] (prefix entries unused);
     # None while the tokens are still the model's own (no reduction yet) or without rope.
     pos: torch.Tensor | None = None
+    # The method's per-forward state (Method.initial_state), None for most methods.
+    carried: Any = None
 
 
 def layer_scale(block: nn.Module, branch: int, t: torch.Tensor) -> torch.Tensor:
@@ -510,7 +530,7 @@ def reducing_block(
     Returns:
         The new state, and the per-image ``pooled`` / ``score_var`` of the reduction, if any.
     """
-    x, size, source, pos = state
+    x, size, source, pos, carried = state
     method = plan.method
     at = method.reduce_at if index in plan.locations else None
     prop_size = size if index >= plan.bias_from else None
@@ -518,8 +538,12 @@ def reducing_block(
     red = None
     P = plan.num_prefix
     track = plan.track_rope and rope is not None
+    edit = None
+    if at is not None and ATTN in needs:
+        edit = partial(method.edit_attention, block=index)
 
     def reduce(x: torch.Tensor, feats: Features) -> tuple[Reduced, torch.Tensor | None]:
+        feats = feats._replace(state=carried)
         if not track or method.gives_origin:
             red = method.reduce(x, size, feats, block=index, num_prefix=P, source=source)
             if not track or (red.origin is None and red.x.shape[1] == x.shape[1]):
@@ -550,26 +574,32 @@ def reducing_block(
 
     if at == IN_ATTN:
         feats = attention_map(
-            block.attn, block.norm1(x), prop_size, needs, block_rope(rope, pos, P)
+            block.attn, block.norm1(x), prop_size, needs, block_rope(rope, pos, P), edit
         )
         red, pos = reduce(x, feats)
-        x, size, source = red.x, red.size, red.source
+        x, size, source, carried = red.x, red.size, red.source, red.state
         out = apply_attention_map(block.attn, block.norm1(x), red.attn)
     else:
         out, feats = attention(
-            block.attn, block.norm1(x), prop_size, needs, plan.attn_impl, block_rope(rope, pos, P)
+            block.attn,
+            block.norm1(x),
+            prop_size,
+            needs,
+            plan.attn_impl,
+            block_rope(rope, pos, P),
+            edit,
         )
     x = x + block.drop_path1(layer_scale(block, 1, out))
     if at == AFTER_ATTN:
         red, pos = reduce(x, feats)
-        x, size, source = red.x, red.size, red.source
+        x, size, source, carried = red.x, red.size, red.source, red.state
     x = x + block.drop_path2(layer_scale(block, 2, block.mlp(block.norm2(x))))
     if at == AFTER_MLP:
         red, pos = reduce(x, feats)
-        x, size, source = red.x, red.size, red.source
+        x, size, source, carried = red.x, red.size, red.source, red.state
     if red is None:
-        return _State(x, size, source, pos), None, None
-    return _State(x, size, source, pos), red.pooled, red.score_var
+        return _State(x, size, source, pos, carried), None, None
+    return _State(x, size, source, pos, carried), red.pooled, red.score_var
 
 
 def run_blocks(
@@ -577,6 +607,7 @@ def run_blocks(
     x: torch.Tensor,
     plan: ReductionPlan,
     rope: torch.Tensor | None = None,
+    grid: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, ReductionInfo]:
     """Run all blocks on tokens ``x [B, N, C]`` with the plan's reductions.
 
@@ -584,13 +615,22 @@ def run_blocks(
         rope: an ``Eva`` model's rotary embedding table for its patch grid, ``[N0, D]``, or
             ``[depth, H, N0, D]`` with one table per block (``plan.rope_per_block``); None
             without rope.
+        grid: ``(rows, cols)`` of the patch grid, for the method's
+            :meth:`~Method.initial_state`; None: a square grid of the patch tokens.
     """
     B, N, _ = x.shape
     size = torch.ones_like(x[..., :1])
     source = None
     if plan.trace_source:
         source = torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N)
-    state = _State(x, size, source)
+    carried = None
+    if plan.locations:
+        P = plan.num_prefix
+        if grid is None:
+            side = math.isqrt(N - P)
+            grid = (side, (N - P) // side)
+        carried = plan.method.initial_state(x, num_prefix=P, grid=grid)
+    state = _State(x, size, source, None, carried)
     tokens: list[int] = []
     pooled: list[torch.Tensor] = []
     score_var: list[torch.Tensor] = []
@@ -622,6 +662,8 @@ class ReducingMixin:
         if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
             raise PatchError("a token-reducing model does not take attn_mask or is_causal")
         x = self.patch_embed(x)
+        # The patch grid of this input: [B, rows, cols, C] with dynamic image sizes.
+        grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(self.patch_embed.grid_size)
         if is_eva(self):
             # Eva's own: absolute position embedding (if any) and the rope table for this input's
             # grid (computed per forward for dynamic sizes); patch dropout is refused at patch time.
@@ -629,7 +671,7 @@ class ReducingMixin:
         else:
             x, rope = self.patch_drop(self._pos_embed(x)), None
         x = self.norm_pre(x)
-        x, self.reduction_info = run_blocks(self.blocks, x, self.reduction_plan, rope)
+        x, self.reduction_info = run_blocks(self.blocks, x, self.reduction_plan, rope, grid)
         return self.norm(x)
 
 

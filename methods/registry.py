@@ -35,6 +35,7 @@ _BUILTIN: dict[str, str] = {
     "tofu": "ppt_bench.methods.tofu:ToFu",
     "diffrate": "ppt_bench.methods.diffrate:DiffRate",
     "atc": "ppt_bench.methods.atc:ATC",
+    "gtp": "ppt_bench.methods.gtp:GTP",
 }
 
 

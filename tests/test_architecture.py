@@ -50,6 +50,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "methods.dct",
             "methods.diffrate",
             "methods.evit",
+            "methods.gtp",
             "methods.mctf",
             "methods.merge",
             "methods.pitome",

@@ -43,6 +43,7 @@ ZERO = {
     "tofu": {"ratio": 1.0},
     "diffrate": {"prune_kept": [1 << 20] * 12},
     "atc": {"keep_rate": 1.0},
+    "gtp": {"num_prop": 0},
 }
 
 # Each method's setting that reduces the 64 patch tokens of the test inputs.
@@ -60,6 +61,7 @@ REDUCING = {
     "tofu": {"ratio": 0.9},
     "diffrate": {"merge_kept": [80, 70, 60, 50, 45, 40, 35, 30, 25, 20, 15, 10]},
     "atc": {"keep_rate": 0.8},
+    "gtp": {"num_prop": 3, "sparsity": 0.8},
 }
 
 
