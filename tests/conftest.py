@@ -1,8 +1,15 @@
-"""Shared fixtures: small, randomly initialised timm ViTs that run in well under a second."""
+"""Shared fixtures: small, randomly initialised timm ViTs that run in well under a second, the
+helpers that run them, and the factories that several test files use.
+
+Each helper is a fixture that returns a function, so that a test asks for what it uses:
+``def test_x(make_model, images, logits): ...``.
+"""
 
 from __future__ import annotations
 
+import copy
 import os
+from pathlib import Path
 
 # Ray swaps 127.0.0.1 for this machine's own address unless its multi-node support is off:
 # keep the Ray instances that tests start (and their subprocesses) on loopback only.
@@ -11,6 +18,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import pytest
 import timm
 import torch
+
+from ppt_bench.spec import RunSpec
 
 # Named timm architectures covering each structural feature the patch must keep.
 ARCHS = {
@@ -21,66 +30,212 @@ ARCHS = {
     "deit_distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 96}),
 }
 
+# timm ``Eva`` backbones with rotary position embeddings, and an input size of 8 x 8 patches,
+# which keeps each forward well under a second.
+ROPE_MODELS = {
+    "eva02": ("eva02_tiny_patch14_224", 112),  # RotaryEmbeddingCat, SwiGLU, EvaAttention
+    "dinov3": ("vit_small_patch16_dinov3", 128),  # DINOv3 rope, 4 registers, LayerScale
+    "rope_vit": ("vit_small_patch16_rope_224", 128),  # AttentionRope, LayerScale
+    "rope_mixed": ("vit_small_patch16_rope_mixed_224", 128),  # one rope table per block
+}
 
-def make_model(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
-    """A randomly initialised model in eval mode with non-trivial LayerScale and norm weights.
+
+# -- models and inputs ------------------------------------------------------------------------
+
+
+@pytest.fixture(params=list(ARCHS))
+def arch(request) -> str:
+    """Each name of ``ARCHS`` in turn; a test that parametrizes ``arch`` itself picks its own."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def make_model():
+    """``make_model(arch, seed=0, **kwargs)``: a randomly initialised model in eval mode with
+    non-trivial LayerScale and norm weights; ``arch`` is a key of ``ARCHS`` or a timm name.
 
     timm initialises LayerScale at 1e-5 or so, which would make every block almost the identity
     and hide mistakes; the weights are spread out instead.
     """
-    name, defaults = ARCHS.get(arch, (arch, {}))
-    torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, **{**defaults, **kwargs}).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "gamma") and isinstance(module.gamma, torch.Tensor):
-                module.gamma.uniform_(0.5, 1.5)
-            if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
-                module.weight.uniform_(0.8, 1.2)
-                module.bias.uniform_(-0.1, 0.1)
-    return model
+
+    def make(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
+        name, defaults = ARCHS.get(arch, (arch, {}))
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=False, **{**defaults, **kwargs}).eval()
+        with torch.no_grad():
+            for module in model.modules():
+                if hasattr(module, "gamma") and isinstance(module.gamma, torch.Tensor):
+                    module.gamma.uniform_(0.5, 1.5)
+                if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
+                    module.weight.uniform_(0.8, 1.2)
+                    module.bias.uniform_(-0.1, 0.1)
+        return model
+
+    return make
 
 
-def clone(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
-    return copy.deepcopy(model)
-
-
-def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(x)
+@pytest.fixture(scope="module")
+def deit_small(make_model) -> torch.nn.Module:
+    """DeiT-S at 224 px, made once per module: tests apply their methods to a ``clone`` of it."""
+    return make_model("deit_small_patch16_224")
 
 
-def images(n: int, size: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, size, size, generator=g)
+@pytest.fixture(scope="session")
+def rope_model(make_model):
+    """``rope_model(key, size=None, spread_head=True, **kwargs)``: the ``ROPE_MODELS`` backbone
+    ``key`` with a 10-class head, at ``size`` px (None: its own 8 x 8 patches), and that size.
+
+    ``spread_head`` draws the head's weights from a standard normal instead of timm's init.
+    """
+
+    def make(
+        key: str, size: int | None = None, *, spread_head: bool = True, **kwargs
+    ) -> tuple[torch.nn.Module, int]:
+        name, default = ROPE_MODELS[key]
+        size = size or default
+        model = make_model(name, img_size=size, num_classes=10, **kwargs)
+        if spread_head:
+            with torch.no_grad():
+                torch.nn.init.normal_(model.head.weight)
+        return model, size
+
+    return make
 
 
-def cuda_graph_replay(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``model(x)`` eagerly and replayed from a CUDA graph capture, in bf16 autocast.
+@pytest.fixture(scope="session")
+def rope_models() -> dict[str, tuple[str, int]]:
+    """``ROPE_MODELS``: key -> (timm name, input size)."""
+    return dict(ROPE_MODELS)
+
+
+@pytest.fixture(scope="session")
+def img_size():
+    """``img_size(model)``: the input size a model was made for."""
+
+    def size(model: torch.nn.Module) -> int:
+        return model.patch_embed.img_size[0]
+
+    return size
+
+
+@pytest.fixture(scope="session")
+def images():
+    """``images(n, size, seed=1)``: ``n`` seeded random images ``[n, 3, size, size]``."""
+
+    def make(n: int, size: int, seed: int = 1) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(n, 3, size, size, generator=g)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def clone():
+    """``clone(model)``: a deep copy, to patch without touching the original."""
+    return copy.deepcopy
+
+
+@pytest.fixture(scope="session")
+def logits():
+    """``logits(model, x)``: the model's output under ``torch.inference_mode``."""
+
+    def run(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def cuda_graph_replay():
+    """``cuda_graph_replay(model, x)``: ``model(x)`` eagerly and replayed from a CUDA graph
+    capture, in bf16 autocast.
 
     Capture fails on any host synchronisation or CPU-GPU copy inside the forward.
     """
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-        eager = model(x)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                model(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = model(x)
-        graph.replay()
-        torch.cuda.synchronize()
-    return eager, out
+
+    def replay(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            eager = model(x)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    model(x)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = model(x)
+            graph.replay()
+            torch.cuda.synchronize()
+        return eager, out
+
+    return replay
+
+
+@pytest.fixture(scope="session")
+def assert_one_graph():
+    """``assert_one_graph(model, x, reset=True, grad_mode=torch.inference_mode)``: dynamo traces
+    ``model(x)`` under ``grad_mode`` as one graph without a break, so that torch.compile and CUDA
+    graphs take the whole forward; ``reset`` clears dynamo's caches first."""
+
+    def check(model, x, *, reset: bool = True, grad_mode=torch.inference_mode) -> None:
+        if reset:
+            torch._dynamo.reset()
+        with grad_mode():
+            explain = torch._dynamo.explain(model)(x)
+        assert explain.graph_break_count == 0, explain.break_reasons
+        assert explain.graph_count == 1
+
+    return check
+
+
+# -- runs and files ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def spec():
+    """``spec(method="baseline", params=None, model="deit_tiny_patch16_224", **fields)``: a
+    ``RunSpec`` of these fields, the others at their defaults."""
+
+    def make(
+        method: str = "baseline",
+        params: dict | None = None,
+        model: str = "deit_tiny_patch16_224",
+        **fields,
+    ) -> RunSpec:
+        return RunSpec(model=model, method=method, params=dict(params or {}), **fields)
+
+    return make
 
 
 @pytest.fixture
-def make():
-    return make_model
+def image_tree(tmp_path):
+    """``image_tree(write)``: the folder ``toy`` in the test's temporary folder, filled by
+    ``write(root)``: each test module writes the image folder it needs."""
+
+    def make(write) -> Path:
+        root = tmp_path / "toy"
+        write(root)
+        return root
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def assert_one_line_error():
+    """``assert_one_line_error(code, err, message)``: a command refused with exit status 2 and one
+    line on stderr, ``ppt-bench: error: ...``, that holds ``message``."""
+
+    def check(code: int, err: str, message: str) -> None:
+        assert code == 2, err
+        assert err.startswith("ppt-bench: error: ") and err.count("\n") == 1, err
+        assert message in err, err
+
+    return check
+
+
+# -- the image cache --------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")

@@ -41,15 +41,14 @@ BAD_INPUT = {
 
 
 @pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, capsys):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    assert_one_line_error, case, tmp_path, capsys
+):
     flags, message = BAD_INPUT[case]
     base = ["--model", DEIT] if "--model" not in flags else []
     out = tmp_path / "r.csv"
     code = main(["run", *base, *flags, "--out", str(out), "--report", str(tmp_path / "r.md")])
-    err = capsys.readouterr().err
-    assert code == 2
-    assert err.startswith("ppt-bench: error: ") and err.count("\n") == 1, err
-    assert message in err
+    assert_one_line_error(code, capsys.readouterr().err, message)
     assert not out.exists() and not (tmp_path / "r.md").exists()
 
 
@@ -87,12 +86,6 @@ def results_csv(path: Path) -> Path:
     return path
 
 
-def assert_one_line_error(code: int, err: str, message: str) -> None:
-    assert code == 2
-    assert err.startswith("ppt-bench: error: ") and err.count("\n") == 1, err
-    assert message in err, err
-
-
 RUN_OUTPUTS = {
     "report overwrites the results": (["--out", "r.csv", "--report", "r.csv"], "is the results"),
     "out under a file": (["--out", "file.csv/r.csv"], "file.csv is a file, not a folder"),
@@ -103,7 +96,9 @@ RUN_OUTPUTS = {
 
 
 @pytest.mark.parametrize("case", RUN_OUTPUTS, ids=list(RUN_OUTPUTS))
-def test_run_checks_its_outputs_before_any_run(case, tmp_path, monkeypatch, capsys):
+def test_run_checks_its_outputs_before_any_run(
+    assert_one_line_error, case, tmp_path, monkeypatch, capsys
+):
     flags, message = RUN_OUTPUTS[case]
     monkeypatch.chdir(tmp_path)
     csv = results_csv(tmp_path / "r.csv")
@@ -129,7 +124,9 @@ REPORT_INPUTS_AND_OUTPUTS = {
 
 
 @pytest.mark.parametrize("case", REPORT_INPUTS_AND_OUTPUTS, ids=list(REPORT_INPUTS_AND_OUTPUTS))
-def test_report_refuses_bad_inputs_and_outputs_in_one_line(case, tmp_path, monkeypatch, capsys):
+def test_report_refuses_bad_inputs_and_outputs_in_one_line(
+    assert_one_line_error, case, tmp_path, monkeypatch, capsys
+):
     args, message = REPORT_INPUTS_AND_OUTPUTS[case]
     monkeypatch.chdir(tmp_path)
     csvs = [results_csv(tmp_path / "r.csv"), results_csv(tmp_path / "s.csv")]
@@ -143,7 +140,9 @@ def test_report_refuses_bad_inputs_and_outputs_in_one_line(case, tmp_path, monke
     assert not (tmp_path / "reports").exists() and not list((tmp_path / "folder").iterdir())
 
 
-def test_bad_timing_variable_stops_the_sweep_before_it_starts(tmp_path, monkeypatch, capsys):
+def test_bad_timing_variable_stops_the_sweep_before_it_starts(
+    assert_one_line_error, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("PPT_BENCH_ITERS", "abc")
     out = tmp_path / "r.csv"
     code = main(["run", "--model", DEIT, "--metrics", "throughput", "--out", str(out)])
@@ -161,7 +160,7 @@ def test_quiet_hides_every_progress_bar(tmp_path, monkeypatch, capfd):
     assert "PPT_BENCH_QUIET" not in os.environ  # set for the run only
 
 
-def test_list_limit_must_be_positive(capsys):
+def test_list_limit_must_be_positive(assert_one_line_error, capsys):
     for limit in ("0", "-2"):
         code = main(["list", "--models", "deit*", "--limit", limit])
         assert_one_line_error(code, capsys.readouterr().err, "--limit must be a positive integer")

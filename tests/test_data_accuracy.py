@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import images, make_model
 from PIL import Image
 from timm.utils import accuracy as timm_accuracy
 from torch import nn
@@ -73,12 +72,6 @@ def write_tree(root: Path) -> None:
     (root / "a" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
 
 
-@pytest.fixture
-def tree(tmp_path: Path) -> Path:
-    write_tree(tmp_path / "toy")
-    return tmp_path / "toy"
-
-
 def hand_answer() -> dict[str, float]:
     """top-1 / top-5 in % and cross entropy, straight from IMAGES."""
     n = len(IMAGES)
@@ -94,7 +87,8 @@ def hand_answer() -> dict[str, float]:
 
 
 @pytest.mark.parametrize(("batch_size", "workers"), [(3, 0), (4, 2)])
-def test_accuracy_on_generated_image_folder(tree, batch_size, workers):
+def test_accuracy_on_generated_image_folder(image_tree, batch_size, workers):
+    tree = image_tree(write_tree)
     model = LookupModel([logits_with_rank(*im) for im in IMAGES])
     loader, name = make_loader(str(tree), DATA_CONFIG, batch_size, workers=workers)
     assert name == "toy"
@@ -115,7 +109,8 @@ def test_accuracy_on_generated_image_folder(tree, batch_size, workers):
     assert (result.top1, result.top5) == pytest.approx((top1.item(), top5.item()))
 
 
-def test_agreement_and_kl_against_a_reference(tree):
+def test_agreement_and_kl_against_a_reference(image_tree):
+    tree = image_tree(write_tree)
     ranks = [rank for _, rank in IMAGES]
     model = LookupModel([logits_with_rank(label, 0) for label, _ in IMAGES])
     reference = LookupModel([logits_with_rank(*im) for im in IMAGES])
@@ -158,16 +153,18 @@ def test_a_batch_of_only_unreadable_images_is_skipped(tmp_path):
     assert batches[0][0] is None and batches[1][0].shape == (1, 3, 32, 32)
 
 
-@pytest.mark.parametrize(
-    ("layout", "message"),
-    [
-        ("missing", "does not exist"),
-        ("empty", "is empty"),
-        ("flat", "no class folders"),
-        ("empty_classes", "no images found"),
-    ],
-)
-def test_bad_layouts_are_user_errors(tmp_path, layout, message):
+# Each bad layout of a data folder and the error it gives.
+BAD_LAYOUTS = {
+    "missing": "does not exist",
+    "empty": "is empty",
+    "flat": "no class folders",
+    "empty_classes": "no images found",
+}
+
+
+@pytest.mark.parametrize("layout", BAD_LAYOUTS)
+def test_bad_layouts_are_user_errors(tmp_path, layout):
+    message = BAD_LAYOUTS[layout]
     root = tmp_path / "data"
     if layout != "missing":
         root.mkdir()
@@ -196,7 +193,9 @@ def test_transformed_passes_an_unreadable_image_through(tmp_path):
     assert dataset[0] == (None, 0)
 
 
-def test_subset_is_seeded_and_random(tree):
+def test_subset_is_seeded_and_random(image_tree):
+    tree = image_tree(write_tree)
+
     def labels(seed):
         loader, _ = make_loader(str(tree), DATA_CONFIG, 8, n_images=4, workers=0, seed=seed)
         return loader.dataset.indices
@@ -220,7 +219,7 @@ def test_synthetic_data_is_seeded():
 
 
 @pytest.mark.parametrize("threshold", [0.0, float("inf"), 1e-4])
-def test_token_stats_follow_ppt_branches(threshold):
+def test_token_stats_follow_ppt_branches(make_model, images, threshold):
     model = create_method("ppt", r=8, threshold=threshold).apply(
         make_model("deit_tiny", img_size=96)
     )
@@ -243,7 +242,7 @@ def test_token_stats_follow_ppt_branches(threshold):
         assert fracs == [1.0] * 3
 
 
-def test_token_stats_of_an_unreduced_vit():
+def test_token_stats_of_an_unreduced_vit(make_model):
     model = make_model("deit_tiny")
     stats = TokenStats()
     stats.update(model, 3)
@@ -261,7 +260,8 @@ def test_digits_loader_uses_the_model_transform():
     assert batch.shape == (64, *config["input_size"]) and labels.max() < 10
 
 
-def test_more_classes_than_the_model_predicts_is_a_user_error(tree):
+def test_more_classes_than_the_model_predicts_is_a_user_error(image_tree):
+    tree = image_tree(write_tree)
     model = LookupModel([logits_with_rank(0, 0, num_classes=3) for _ in IMAGES])
     loader, _ = make_loader(str(tree), DATA_CONFIG, 8, workers=0)
     with pytest.raises(UserError, match="predicts 3 classes"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import clone, cuda_graph_replay, images, logits, make_model
 
 from ppt_bench.methods import create_method, list_methods
 
@@ -23,7 +22,7 @@ def exact_matmuls():
 
 
 @pytest.mark.parametrize("arch", ["deit_tiny", "deit3_small", "vit_reg", "deit_distilled"])
-def test_zero_reduction_gives_unpatched_logits_on_cuda(arch):
+def test_zero_reduction_gives_unpatched_logits_on_cuda(make_model, images, logits, clone, arch):
     ref = make_model(arch).cuda()
     x = images(4, ref.patch_embed.img_size[0]).cuda()
     expected = logits(ref, x)
@@ -34,7 +33,7 @@ def test_zero_reduction_gives_unpatched_logits_on_cuda(arch):
         assert (logits(model, x) - expected).abs().max() < 1e-4, name
 
 
-def test_fast_path_matches_explicit_attention_on_cuda():
+def test_fast_path_matches_explicit_attention_on_cuda(make_model, images, logits, clone):
     ref = make_model("deit_small_patch16_224").cuda()
     x = images(4, 224).cuda()
     for name in ("ppt", "prune", "merge"):
@@ -44,7 +43,9 @@ def test_fast_path_matches_explicit_attention_on_cuda():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_folded_bias_runs_on_the_flash_kernel_and_equals_the_mask(dtype):
+def test_folded_bias_runs_on_the_flash_kernel_and_equals_the_mask(
+    make_model, images, logits, clone, dtype
+):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     ref = make_model("deit_small_patch16_224").cuda()
@@ -60,7 +61,7 @@ def test_folded_bias_runs_on_the_flash_kernel_and_equals_the_mask(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_mixed_batch_under_autocast_is_batch_independent(dtype):
+def test_mixed_batch_under_autocast_is_batch_independent(make_model, images, logits, clone, dtype):
     ref = make_model("deit_small_patch16_224").cuda()
     x = images(8, 224, seed=3).cuda()
     x[:4] *= 4
@@ -85,7 +86,7 @@ def test_mixed_batch_under_autocast_is_batch_independent(dtype):
     [(m, "fast") for m in ("ppt", "prune", "merge", "tome", "evit", "topk", "random")]
     + [("ppt", "fold"), ("tome", "fold")],
 )
-def test_methods_capture_in_a_cuda_graph(name, attn_impl):
+def test_methods_capture_in_a_cuda_graph(make_model, images, cuda_graph_replay, name, attn_impl):
     """Capture fails on any host synchronisation or CPU-GPU copy inside the forward."""
     if name not in list_methods():
         pytest.skip(f"{name} is not registered")
@@ -97,7 +98,7 @@ def test_methods_capture_in_a_cuda_graph(name, attn_impl):
     assert (out.float() - eager.float()).abs().max() < 5e-2
 
 
-def test_compiled_ppt_on_cuda_matches_eager():
+def test_compiled_ppt_on_cuda_matches_eager(make_model, images, logits):
     model = create_method("ppt", threshold=1e-4).apply(make_model("deit_small_patch16_224").cuda())
     x = images(8, 224).cuda()
     eager = logits(model, x)

@@ -17,9 +17,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import make_model
 from PIL import Image
-from timm.data import create_transform
+from timm import get_pretrained_cfg
+from timm.data import create_transform, resolve_data_config
 
 import ppt_bench.data
 import ppt_bench.decode
@@ -36,12 +36,8 @@ from ppt_bench.spec import RunSpec
 
 # DeiT's eval transform scaled down: resize to 36 (bicubic, crop_pct 0.9), crop 32, normalise.
 DATA_CONFIG = {
+    **resolve_data_config(pretrained_cfg=get_pretrained_cfg("deit_small_patch16_224").to_dict()),
     "input_size": (3, 32, 32),
-    "interpolation": "bicubic",
-    "mean": (0.485, 0.456, 0.406),
-    "std": (0.229, 0.224, 0.225),
-    "crop_pct": 0.9,
-    "crop_mode": "center",
 }
 CLASSES = ("ant", "bee", "cat")
 PER_CLASS = 4
@@ -70,11 +66,6 @@ def write_tree(root: Path, per_class: int = PER_CLASS) -> Path:
 
 
 @pytest.fixture
-def tree(tmp_path: Path) -> Path:
-    return write_tree(tmp_path / "toy")
-
-
-@pytest.fixture
 def decodes(monkeypatch) -> Counter[str]:
     """Counts every image decode (in this process) by path."""
     counts: Counter[str] = Counter()
@@ -99,7 +90,8 @@ def batches(loader) -> list[tuple[torch.Tensor | None, torch.Tensor | None, int]
     return out
 
 
-def test_the_cached_pixels_normalise_to_the_decoded_tensor_bit_for_bit(tree):
+def test_the_cached_pixels_normalise_to_the_decoded_tensor_bit_for_bit(image_tree):
+    tree = image_tree(write_tree)
     transform = create_transform(**DATA_CONFIG, is_training=False)
     pil_steps, normalize = split_transform(transform)
     for path in sorted(tree.glob("*/*.*g")):
@@ -112,7 +104,8 @@ def test_the_cached_pixels_normalise_to_the_decoded_tensor_bit_for_bit(tree):
 
 
 @pytest.mark.parametrize(("batch_size", "n_images", "workers"), [(5, None, 0), (4, 7, 2)])
-def test_cached_batches_equal_decoded_batches(tree, tmp_path, batch_size, n_images, workers):
+def test_cached_batches_equal_decoded_batches(image_tree, tmp_path, batch_size, n_images, workers):
+    tree = image_tree(write_tree)
     args = (str(tree), DATA_CONFIG, batch_size, n_images, workers)
     direct, _ = make_loader(*args)
     cached, name = make_loader(*args, cache_dir=tmp_path / "cache", progress=False)
@@ -129,7 +122,8 @@ def test_cached_batches_equal_decoded_batches(tree, tmp_path, batch_size, n_imag
     )
 
 
-def test_same_top1_agreement_and_predictions_from_the_cache(tree, tmp_path):
+def test_same_top1_agreement_and_predictions_from_the_cache(make_model, image_tree, tmp_path):
+    tree = image_tree(write_tree)
     model = make_model("deit_tiny", img_size=32, patch_size=8, num_classes=len(CLASSES))
     reduced = create_method("tome", r=4).apply(make_model("deit_tiny", img_size=32, patch_size=8,
                                                           num_classes=len(CLASSES)))  # fmt: skip
@@ -163,7 +157,8 @@ def _specs(data: Path, cache_dir: Path | None, sweep: str) -> list[RunSpec]:
     return specs
 
 
-def test_a_sweep_of_eight_runs_decodes_each_image_once(tree, tmp_path, decodes):
+def test_a_sweep_of_eight_runs_decodes_each_image_once(image_tree, tmp_path, decodes):
+    tree = image_tree(write_tree)
     runner = LocalRunner(tmp_path / "cached.csv", progress=False)
     summary = runner.run(_specs(tree, tmp_path / "cache", "cached"))
     assert summary.ok == 8 and not summary.failed
@@ -191,7 +186,8 @@ def _entries(cache_dir: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("change", ["touched", "replaced", "added", "removed"])
-def test_a_changed_file_rebuilds_the_cache(tree, tmp_path, decodes, change):
+def test_a_changed_file_rebuilds_the_cache(image_tree, tmp_path, decodes, change):
+    tree = image_tree(write_tree)
     cache_dir = tmp_path / "cache"
 
     def load() -> list:
@@ -274,7 +270,8 @@ def test_two_processes_building_the_same_cache_at_once(tmp_path):
     assert not list(cache_dir.glob("*.tmp-*"))  # no half-built entry left behind
 
 
-def test_a_build_killed_halfway_leaves_nothing_that_is_read(tree, tmp_path, decodes):
+def test_a_build_killed_halfway_leaves_nothing_that_is_read(image_tree, tmp_path, decodes):
+    tree = image_tree(write_tree)
     cache_dir = tmp_path / "cache"
     make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
     (entry,) = _entries(cache_dir)
@@ -289,9 +286,10 @@ def test_a_build_killed_halfway_leaves_nothing_that_is_read(tree, tmp_path, deco
     assert _entries(cache_dir) == [entry] and not leftover.exists()
 
 
-def test_an_entry_renamed_into_place_by_another_process_is_read(tree, tmp_path, monkeypatch):
+def test_an_entry_renamed_into_place_by_another_process_is_read(image_tree, tmp_path, monkeypatch):
     """Without a working lock both processes build; the one that renames second keeps the
     first one's entry and reads it."""
+    tree = image_tree(write_tree)
     cache_dir = tmp_path / "cache"
     make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
     (entry,) = _entries(cache_dir)
@@ -309,8 +307,9 @@ def test_an_entry_renamed_into_place_by_another_process_is_read(tree, tmp_path, 
 
 
 @pytest.mark.parametrize("problem", ["not a folder", "disk full", "write fails"])
-def test_an_unusable_cache_warns_once_and_the_run_decodes(tree, tmp_path, caplog, monkeypatch,
+def test_an_unusable_cache_warns_once_and_the_run_decodes(image_tree, tmp_path, caplog, monkeypatch,
                                                           problem):  # fmt: skip
+    tree = image_tree(write_tree)
     cache_dir = tmp_path / "cache"
     if problem == "not a folder":
         cache_dir.write_text("a file where the cache folder should be")
@@ -338,7 +337,8 @@ def test_an_unusable_cache_warns_once_and_the_run_decodes(tree, tmp_path, caplog
     assert not list(tmp_path.glob("cache/*.tmp-*"))
 
 
-def test_a_run_with_an_unwritable_cache_dir_succeeds(tree, tmp_path):
+def test_a_run_with_an_unwritable_cache_dir_succeeds(image_tree, tmp_path):
+    tree = image_tree(write_tree)
     from ppt_bench.evaluate import evaluate
 
     blocker = tmp_path / "file"
@@ -386,7 +386,8 @@ def test_synthetic_and_digits_data_do_not_use_the_cache(tmp_path):
     assert device_transform(loader) is None and not any(tmp_path.iterdir())
 
 
-def test_cached_images_needs_a_tensor_tail_to_split(tree, tmp_path):
+def test_cached_images_needs_a_tensor_tail_to_split(image_tree, tmp_path):
+    tree = image_tree(write_tree)
     transform = create_transform(**DATA_CONFIG, is_training=False)
     samples = [(str(p), 0) for p in sorted(tree.glob("ant/*"))]
     no_tail = type(transform)(transform.transforms[:-1])  # no Normalize: not cached

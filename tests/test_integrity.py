@@ -33,12 +33,6 @@ from ppt_bench.spec import RunSpec
 DIGITS = "vit_digits_patch4_32"
 
 
-def one_line(code: int, err: str, message: str) -> None:
-    assert code == 2, err
-    assert err.startswith("ppt-bench: error: ") and err.count("\n") == 1, err
-    assert message in err, err
-
-
 def test_runs_on_other_weights_are_other_runs_and_never_averaged(tmp_path):
     """Runs that were averaged into one baseline before: one run with trained
     weights, one without, in the same file."""
@@ -107,17 +101,19 @@ def test_a_last_line_without_newline_is_completed_and_a_cut_one_refused(tmp_path
         read_results(path)
 
 
-def test_a_malformed_results_file_is_one_line_in_report_and_run(tmp_path, capsys):
+def test_a_malformed_results_file_is_one_line_in_report_and_run(
+    assert_one_line_error, tmp_path, capsys
+):
     path = tmp_path / "r.csv"
     append_rows(path, _rows("1"))
     append_rows(path, _rows("2"))
     lines = path.read_text().splitlines(keepends=True)
     lines[1] = lines[1].replace(",", ",,", 1)
     path.write_text("".join(lines))
-    one_line(main(["report", str(path), "--out", str(tmp_path / "r.md")]), capsys.readouterr().err,
-             "line 2, has")  # fmt: skip
+    code = main(["report", str(path), "--out", str(tmp_path / "r.md")])
+    assert_one_line_error(code, capsys.readouterr().err, "line 2, has")
     code = main(["run", "--model", DIGITS, "--metrics", "macs", "--out", str(path), "--no-report"])
-    one_line(code, capsys.readouterr().err, "line 2, has")
+    assert_one_line_error(code, capsys.readouterr().err, "line 2, has")
 
 
 WRITER = """
@@ -185,16 +181,18 @@ BAD_RUNS = {
 
 
 @pytest.mark.parametrize("case", BAD_RUNS, ids=list(BAD_RUNS))
-def test_bad_runs_are_refused_before_any_work(case, tmp_path, capsys):
+def test_bad_runs_are_refused_before_any_work(assert_one_line_error, case, tmp_path, capsys):
     flags, message = BAD_RUNS[case]
     args = ["run", "--model", DIGITS, "--metrics", "macs", "--data", "synthetic"]
     if "--out" not in flags:
         args += ["--out", str(tmp_path / "r.csv")]
-    one_line(main([*args, *flags]), capsys.readouterr().err, message)
+    assert_one_line_error(main([*args, *flags]), capsys.readouterr().err, message)
     assert not (tmp_path / "r.csv").exists()
 
 
-def test_weights_are_checked_once_before_the_sweep(tmp_path, monkeypatch, capsys):
+def test_weights_are_checked_once_before_the_sweep(
+    assert_one_line_error, tmp_path, monkeypatch, capsys
+):
     ckpt = tmp_path / "w.pth"
     torch.save({"head.weight": torch.zeros(3, 7)}, ckpt)  # fits no digits model
     reads = []
@@ -202,11 +200,13 @@ def test_weights_are_checked_once_before_the_sweep(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(models, "read_checkpoint", lambda c: reads.append(c) or real(c))
     args = ["run", "--model", DIGITS, "--method", "ppt", "--sweep", "r=[2,4,8]", "--metrics"]
     args += ["macs", "--checkpoint", str(ckpt), "--out", str(tmp_path / "r.csv")]
-    one_line(main(args), capsys.readouterr().err, "does not fit")
+    assert_one_line_error(main(args), capsys.readouterr().err, "does not fit")
     assert reads == [str(ckpt)] and not (tmp_path / "r.csv").exists()
 
 
-def test_a_pretrained_tag_without_a_hub_fails_once_before_the_sweep(tmp_path, monkeypatch, capsys):
+def test_a_pretrained_tag_without_a_hub_fails_once_before_the_sweep(
+    assert_one_line_error, tmp_path, monkeypatch, capsys
+):
     tries = []
 
     def offline(name, pretrained, num_classes):
@@ -216,27 +216,31 @@ def test_a_pretrained_tag_without_a_hub_fails_once_before_the_sweep(tmp_path, mo
     monkeypatch.setattr(models, "_create", offline)
     args = ["run", "--model", "deit_tiny_patch16_224.fb_in1k", "--method", "ppt", "--sweep"]
     args += ["r=[2,4]", "--metrics", "macs", "--out", str(tmp_path / "r.csv")]
-    one_line(main(args), capsys.readouterr().err, "could not download pretrained weights")
+    assert_one_line_error(
+        main(args), capsys.readouterr().err, "could not download pretrained weights"
+    )
     assert tries == ["deit_tiny_patch16_224.fb_in1k"]
 
 
-def test_report_does_not_overwrite_a_file_it_did_not_write(tmp_path, capsys):
+def test_report_does_not_overwrite_a_file_it_did_not_write(assert_one_line_error, tmp_path, capsys):
     path = tmp_path / "r.csv"
     append_rows(path, _rows("1"))
     notes = tmp_path / "notes.md"
     notes.write_text("# my notes\n")
-    one_line(main(["report", str(path), "--out", str(notes)]), capsys.readouterr().err,
-             "exists and is not a ppt-bench report")  # fmt: skip
+    code = main(["report", str(path), "--out", str(notes)])
+    assert_one_line_error(code, capsys.readouterr().err, "exists and is not a ppt-bench report")
     assert notes.read_text() == "# my notes\n"
     report = tmp_path / "r.md"
     assert main(["report", str(path), "--out", str(report)]) == 0
     assert main(["report", str(path), "--out", str(report)]) == 0  # its own report: rewritten
 
 
-def test_demo_name_cannot_leave_the_results_folder(tmp_path, monkeypatch, capsys):
+def test_demo_name_cannot_leave_the_results_folder(
+    assert_one_line_error, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr("ppt_bench.demo_model.load_or_train", lambda **k: pytest.fail("trained"))
     code = main(["demo", "--results-dir", str(tmp_path), "--name", "../../x"])
-    one_line(code, capsys.readouterr().err, "--name '../../x' must be a file stem")
+    assert_one_line_error(code, capsys.readouterr().err, "--name '../../x' must be a file stem")
     assert not (tmp_path.parent.parent / "x.csv").exists()
 
 
@@ -248,14 +252,18 @@ def test_demo_name_cannot_leave_the_results_folder(tmp_path, monkeypatch, capsys
         ("--weight-decay", "nan", "weight_decay must be a finite number"),
     ],
 )
-def test_non_finite_training_settings_are_refused(flag, value, message, tmp_path, capsys):
+def test_non_finite_training_settings_are_refused(
+    assert_one_line_error, flag, value, message, tmp_path, capsys
+):
     out = tmp_path / "w.pth"
     code = main(["train", flag, value, "--epochs", "1", "--device", "cpu", "--out", str(out)])
-    one_line(code, capsys.readouterr().err, message)
+    assert_one_line_error(code, capsys.readouterr().err, message)
     assert not out.exists()
 
 
-def test_a_diverging_training_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+def test_a_diverging_training_stops_and_keeps_the_last_checkpoint(
+    logits, tmp_path, monkeypatch, capsys
+):
     from ppt_bench import train
 
     out = tmp_path / "w.pth"

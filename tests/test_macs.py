@@ -9,7 +9,6 @@ from collections import Counter
 import pytest
 import timm
 import torch
-from conftest import make_model
 from torchprofile import profile_macs
 
 from ppt_bench import macs
@@ -34,7 +33,7 @@ def analytic_macs(tokens_in: list[int], tokens_out: list[int], dim: int, classes
 
 
 @pytest.fixture(scope="module")
-def deit_s_figures() -> dict[str, dict]:
+def deit_s_figures(make_model) -> dict[str, dict]:
     """measure_macs of DeiT-S (baseline, ppt forced to prune / pool at every location) and the
     tokens entering and leaving each block."""
     figures = {"baseline": measure_macs(make_model(DEIT_S), (3, 224, 224))}
@@ -49,8 +48,9 @@ def deit_s_figures() -> dict[str, dict]:
     return figures
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:No handlers found")
-def test_baseline_gmacs_match_torchprofile_on_the_unpatched_model(deit_s_figures):
+def test_baseline_gmacs_match_torchprofile_on_the_unpatched_model(make_model, deit_s_figures):
     model = timm.create_model(DEIT_S).eval()
     direct = profile_macs(model, torch.randn(1, 3, 224, 224)) / 1e9
     assert deit_s_figures["baseline"]["gmacs"] == pytest.approx(direct, rel=1e-3)
@@ -64,6 +64,7 @@ def test_baseline_gmacs_match_torchprofile_on_the_unpatched_model(deit_s_figures
     assert patched_gmacs == pytest.approx(direct, rel=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["baseline", "prune", "pool"])
 def test_fvcore_within_one_percent_of_torchprofile(deit_s_figures, name):
     fig = deit_s_figures[name]
@@ -91,7 +92,7 @@ def test_print_deit_small_figures(deit_s_figures):
     assert deit_s_figures["prune"]["gmacs"] < deit_s_figures["baseline"]["gmacs"]
 
 
-def test_adaptive_gmacs_is_the_path_weighted_mean():
+def test_adaptive_gmacs_is_the_path_weighted_mean(make_model):
     model = create_method("ppt", r=20, locations=(1, 3), threshold=1e-4).apply(
         make_model("test_vit")
     )
@@ -113,13 +114,13 @@ def test_adaptive_gmacs_is_the_path_weighted_mean():
     assert fig["gmacs_fvcore"] == pytest.approx(fig["gmacs"], rel=2e-2)
 
 
-def test_forced_branch_is_not_adaptive():
+def test_forced_branch_is_not_adaptive(make_model):
     model = create_method("ppt", locations=(1, 3), branch="prune").apply(make_model("test_vit"))
     assert not is_adaptive(model)
     assert not is_adaptive(make_model("test_vit"))
 
 
-def test_the_path_bar_shows_only_with_progress(capsys, monkeypatch):
+def test_the_path_bar_shows_only_with_progress(make_model, capsys, monkeypatch):
     monkeypatch.setattr(macs, "macs_torchprofile", lambda model, x: 1)
     monkeypatch.setattr(macs, "macs_fvcore", lambda model, x: 1)
     model = create_method("ppt", r=20, locations=(1, 3), threshold=1e-4).apply(

@@ -23,7 +23,6 @@ from ppt_bench.records import (
     read_results,
     unit_of,
 )
-from ppt_bench.spec import RunSpec
 
 METRICS_PER_RUN = 150
 
@@ -42,10 +41,6 @@ WRITER = textwrap.dedent(
         time.sleep(pause)
     """
 )
-
-
-def spec(**kw) -> RunSpec:
-    return RunSpec(model="deit_tiny_patch16_224", **kw)
 
 
 @pytest.mark.parametrize(("pause", "finished_before_kill"), [(0.05, 3), (0.0, 12)])
@@ -77,7 +72,7 @@ def test_killed_writer_leaves_every_finished_run(tmp_path, pause, finished_befor
     assert set(finished) <= finished_run_ids(path)
 
 
-def test_rows_follow_the_schema():
+def test_rows_follow_the_schema(spec):
     s = spec(method="ppt", params={"r": 8, "locations": [3, 6, 9]}, sweep="demo")
     rows = make_rows(s, {"top1": 71.5, "gmacs": 0.9, "tokens_block_3": 189.0}, dataset="x")
     assert all(set(row) == set(COLUMNS) for row in rows)
@@ -91,7 +86,7 @@ def test_rows_follow_the_schema():
         unit_of("nonsense")
 
 
-def test_read_back_keeps_ids_and_versions_as_text(tmp_path):
+def test_read_back_keeps_ids_and_versions_as_text(spec, tmp_path):
     path = tmp_path / "r.csv"
     rows = make_rows(spec(), {"gmacs": 1.25})
     rows[0].update(run_id="012345678901", git_sha="000000000123", timm_version="1.10")
@@ -104,7 +99,7 @@ def test_read_back_keeps_ids_and_versions_as_text(tmp_path):
     assert finished_run_ids(path) == {"012345678901"}
 
 
-def test_failed_runs_are_not_finished(tmp_path):
+def test_failed_runs_are_not_finished(spec, tmp_path):
     path = tmp_path / "r.csv"
     ok, failed = spec(seed=1), spec(seed=2)
     append_rows(path, make_rows(ok, {"gmacs": 1.0}))
@@ -114,7 +109,7 @@ def test_failed_runs_are_not_finished(tmp_path):
     assert finished_run_ids(path) == {ok.run_id}
 
 
-def test_appending_to_a_foreign_csv_is_a_user_error(tmp_path):
+def test_appending_to_a_foreign_csv_is_a_user_error(spec, tmp_path):
     path = tmp_path / "other.csv"
     path.write_text("a,b\n1,2\n")
     with pytest.raises(UserError, match=r"not a ppt-bench results CSV.*new file with --out"):
@@ -125,7 +120,7 @@ def test_appending_to_a_foreign_csv_is_a_user_error(tmp_path):
         read_results(tmp_path / "missing.csv")
 
 
-def test_binary_files_and_folders_are_user_errors(tmp_path):
+def test_binary_files_and_folders_are_user_errors(spec, tmp_path):
     binary = tmp_path / "bin.csv"
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(UserError, match=r"bin\.csv is not a ppt-bench results CSV \(not UTF-8"):
@@ -139,7 +134,7 @@ def test_binary_files_and_folders_are_user_errors(tmp_path):
     assert binary.read_bytes() == b"\xff\xfe\x00garbage"
 
 
-def test_a_failed_write_names_the_results_file(tmp_path, monkeypatch):
+def test_a_failed_write_names_the_results_file(spec, tmp_path, monkeypatch):
     path = tmp_path / "r.csv"
     append_rows(path, make_rows(spec(), {"gmacs": 1.0}))
     before = path.read_text()
@@ -154,7 +149,7 @@ def test_a_failed_write_names_the_results_file(tmp_path, monkeypatch):
     assert ".tmp" not in str(err.value) and path.read_text() == before
 
 
-def test_results_file_keeps_its_mode_or_follows_the_umask(tmp_path):
+def test_results_file_keeps_its_mode_or_follows_the_umask(spec, tmp_path):
     path = tmp_path / "r.csv"
     umask = os.umask(0o027)
     try:

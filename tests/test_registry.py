@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import make_model
 
 from ppt_bench import registry as plugin_registry
 from ppt_bench.errors import MethodError, PatchError
@@ -57,14 +56,14 @@ def test_invalid_parameters_name_the_valid_range(name, params, match):
         create_method(name, **params)
 
 
-def test_location_outside_the_model_is_rejected_at_apply():
+def test_location_outside_the_model_is_rejected_at_apply(make_model):
     with pytest.raises(
         MethodError, match=r"outside the model's blocks: valid locations are 0 to 11"
     ):
         create_method("ppt", locations=(3, 12)).apply(make_model("deit_tiny"))
 
 
-def test_unpatchable_models_say_why():
+def test_unpatchable_models_say_why(make_model):
     with pytest.raises(PatchError, match="not a timm VisionTransformer"):
         create_method("ppt").apply(torch.nn.Linear(3, 3))
     model = make_model("deit_tiny")

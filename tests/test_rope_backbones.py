@@ -9,20 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import clone, images, logits, make_model
 
 from ppt_bench.cli import main
 from ppt_bench.errors import PatchError
 from ppt_bench.methods import create_method, list_methods
 from ppt_bench.methods.patch import check_patchable, uses_rope
 
-# (timm name, small input size): 8 x 8 patches keep each forward well under a second.
-ROPE_MODELS = {
-    "eva02": ("eva02_tiny_patch14_224", 112),  # RotaryEmbeddingCat, SwiGLU, EvaAttention
-    "dinov3": ("vit_small_patch16_dinov3", 128),  # DINOv3 rope, 4 registers, LayerScale
-    "rope_vit": ("vit_small_patch16_rope_224", 128),  # AttentionRope, LayerScale
-    "rope_mixed": ("vit_small_patch16_rope_mixed_224", 128),  # one rope table per block
-}
 # Inputs of 4 x 4 patches where nothing is reduced.
 TINY = {"eva02": 56, "dinov3": 64, "rope_vit": 64, "rope_mixed": 64}
 SLOW = pytest.mark.slow
@@ -65,18 +57,10 @@ REDUCING = {
 }
 
 
-def rope_model(key: str, size: int | None = None, **kwargs) -> tuple[torch.nn.Module, int]:
-    """A random-weight model with a 10-class head of non-trivial weights, and its input size."""
-    name, default = ROPE_MODELS[key]
-    size = size or default
-    model = make_model(name, img_size=size, num_classes=10, **kwargs)
-    with torch.no_grad():
-        torch.nn.init.normal_(model.head.weight)
-    return model, size
-
-
 @pytest.mark.parametrize("key", ["eva02", "dinov3", "rope_vit", "rope_mixed"])
-def test_every_method_at_zero_reduction_equals_the_unpatched_model(key):
+def test_every_method_at_zero_reduction_equals_the_unpatched_model(
+    rope_model, images, logits, clone, key
+):
     ref, size = rope_model(key, TINY[key])
     assert uses_rope(ref)
     x = images(2, size)
@@ -92,7 +76,9 @@ def test_every_method_at_zero_reduction_equals_the_unpatched_model(key):
 @pytest.mark.parametrize(
     "key", ["eva02", pytest.param("dinov3", marks=SLOW), pytest.param("rope_vit", marks=SLOW)]
 )
-def test_reduced_mixed_batch_equals_its_images_one_at_a_time(key):
+def test_reduced_mixed_batch_equals_its_images_one_at_a_time(
+    rope_model, images, logits, clone, key
+):
     ref, size = rope_model(key)
     x = images(3, size, seed=4)
     x[0] *= 3  # images that differ in scale choose different tokens
@@ -108,7 +94,7 @@ def test_reduced_mixed_batch_equals_its_images_one_at_a_time(key):
 
 
 @pytest.mark.parametrize("key", ["eva02", pytest.param("rope_mixed", marks=SLOW)])
-def test_bf16_runs_every_method_and_keeps_the_dtype(key):
+def test_bf16_runs_every_method_and_keeps_the_dtype(rope_model, images, logits, clone, key):
     ref, size = rope_model(key)
     ref = ref.to(torch.bfloat16)
     x = images(2, size).to(torch.bfloat16)
@@ -134,7 +120,7 @@ def masked_reference(
 
 @pytest.mark.parametrize("key", ["eva02", "dinov3", "rope_vit", "rope_mixed"])
 @pytest.mark.parametrize("name", ["prune", "topk", "random"])
-def test_pruning_equals_masking_the_dropped_tokens(key, name):
+def test_pruning_equals_masking_the_dropped_tokens(rope_model, images, logits, clone, key, name):
     ref, size = rope_model(key, global_pool="token")
     x = images(2, size, seed=5)
     block = 4
@@ -185,7 +171,7 @@ def test_list_models_shows_rope(capsys):
     assert row.split()[1:] == ["12", "192", "256", "1", "yes"]
 
 
-def test_macs_count_the_reduced_rope_models():
+def test_macs_count_the_reduced_rope_models(rope_model, clone):
     from ppt_bench.macs import measure_macs
 
     ref, size = rope_model("rope_vit")
@@ -196,13 +182,13 @@ def test_macs_count_the_reduced_rope_models():
 
 
 @pytest.mark.slow
-def test_sweep_over_the_rope_models_writes_rows_and_a_report(tmp_path, monkeypatch):
+def test_sweep_over_the_rope_models_writes_rows_and_a_report(rope_models, tmp_path, monkeypatch):
     import pandas as pd
 
     monkeypatch.setenv("PPT_BENCH_WARMUP", "1")
     monkeypatch.setenv("PPT_BENCH_ITERS", "1")
     out, report = tmp_path / "r.csv", tmp_path / "r.md"
-    models = [name for name, _ in (ROPE_MODELS[k] for k in ("eva02", "dinov3", "rope_vit"))]
+    models = [name for name, _ in (rope_models[k] for k in ("eva02", "dinov3", "rope_vit"))]
     flags = [arg for m in models for arg in ("--model", m)]
     flags += ["--method", "baseline", "--method", "tome", "--method", "prune"]
     flags += ["--metrics", "accuracy,macs,throughput", "--data", "synthetic"]
@@ -225,11 +211,7 @@ def test_sweep_over_the_rope_models_writes_rows_and_a_report(tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_rope_tracking_compiles_without_graph_breaks():
+def test_rope_tracking_compiles_without_graph_breaks(assert_one_graph, rope_model, images, clone):
     ref, size = rope_model("eva02")
     model = create_method("ppt", r=8).apply(clone(ref))
-    torch._dynamo.reset()
-    with torch.no_grad():
-        explain = torch._dynamo.explain(model)(images(2, size))
-    assert explain.graph_break_count == 0, explain.break_reasons
-    assert explain.graph_count == 1
+    assert_one_graph(model, images(2, size), grad_mode=torch.no_grad)

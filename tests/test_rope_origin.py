@@ -13,7 +13,6 @@ import importlib
 
 import pytest
 import torch
-from conftest import clone, images, logits, make_model
 from test_rope_backbones import REDUCING as BACKBONE_SETTINGS
 
 from ppt_bench.errors import PatchError
@@ -25,16 +24,10 @@ from ppt_bench.methods.pitome import bsm_slots, energy_order, protected_slots
 # The module (``ppt_bench.methods.patch`` is also the name of its function).
 patch_mod = importlib.import_module("ppt_bench.methods.patch")
 
-MODEL, SIZE = "eva02_tiny_patch14_224", 112  # 8 x 8 patches and a class token
-
 # Each method's setting that reduces the 64 patch tokens; dct resamples (no origin), and
 # DiffRate's kept counts are those of this model's 65 tokens.
 REDUCING = {name: params for name, params in BACKBONE_SETTINGS.items() if name != "dct"}
 REDUCING["diffrate"] = {"merge_kept": [60, 55, 50, 45, 40, 35, 30, 25, 20, 15, 12, 10]}
-
-
-def rope_model() -> torch.nn.Module:
-    return make_model(MODEL, img_size=SIZE, num_classes=10)
 
 
 def record_positions(monkeypatch) -> list[torch.Tensor | None]:
@@ -114,7 +107,9 @@ def test_pitome_origin_is_a_member_and_a_destination(bsm):
 # -- on a rope model --------------------------------------------------------------------------
 
 
-def test_merged_token_keeps_its_destinations_rope_when_a_source_is_larger(monkeypatch):
+def test_merged_token_keeps_its_destinations_rope_when_a_source_is_larger(
+    rope_model, images, logits, monkeypatch
+):
     """merge at three blocks: from the second on, sources of two or more patches merge into
     destinations of fewer; every token's position must be its destination's."""
     matchings: list[ops.Matching] = []
@@ -127,8 +122,9 @@ def test_merged_token_keeps_its_destinations_rope_when_a_source_is_larger(monkey
 
     monkeypatch.setattr(ops, "bipartite_soft_matching", spy)
     positions = record_positions(monkeypatch)
-    model = create_method("merge", r=16, locations=(2, 5, 8)).apply(rope_model())
-    logits(model, images(2, SIZE, seed=3))
+    ref, size = rope_model("eva02", spread_head=False)  # 8 x 8 patches and a class token
+    model = create_method("merge", r=16, locations=(2, 5, 8)).apply(ref)
+    logits(model, images(2, size, seed=3))
     assert len(matchings) == 3
     P, B = 1, 2
     pa, pb = 1, 0
@@ -148,11 +144,13 @@ def test_merged_token_keeps_its_destinations_rope_when_a_source_is_larger(monkey
     assert larger_sources > 0  # the case where the largest member is not the destination
 
 
-def test_every_method_gives_each_token_a_distinct_position_of_its_own_patches(monkeypatch):
+def test_every_method_gives_each_token_a_distinct_position_of_its_own_patches(
+    rope_model, images, logits, clone, monkeypatch
+):
     """A token's position is one of the patches it stands for, no two tokens share one, and no
     method that gives its origin reduces a membership map for it."""
-    ref = rope_model()
-    x = images(2, SIZE, seed=4)
+    ref, size = rope_model("eva02", spread_head=False)  # 8 x 8 patches and a class token
+    x = images(2, size, seed=4)
 
     def no_probe(*args, **kwargs):
         raise AssertionError("the one-hot probe ran for a method that gives its origin")
@@ -173,13 +171,14 @@ def test_every_method_gives_each_token_a_distinct_position_of_its_own_patches(mo
             assert pos[b, 1:].unique().numel() == pos.shape[1] - 1, name
 
 
-def test_a_method_that_claims_origins_must_give_them():
+def test_a_method_that_claims_origins_must_give_them(rope_model, images, logits):
     @dataclasses.dataclass(frozen=True)
     class Forgetful(Merge):
         def reduce(self, x, size, feats, *, block, num_prefix, source=None):
             red = super().reduce(x, size, feats, block=block, num_prefix=num_prefix, source=source)
             return red._replace(origin=None)
 
-    model = Forgetful(r=4, locations=(1,)).apply(rope_model())
+    ref, size = rope_model("eva02", spread_head=False)  # 8 x 8 patches and a class token
+    model = Forgetful(r=4, locations=(1,)).apply(ref)
     with pytest.raises(PatchError, match=r"without Reduced\.origin"):
-        logits(model, images(1, SIZE))
+        logits(model, images(1, size))

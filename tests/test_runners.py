@@ -18,17 +18,21 @@ from ppt_bench.cli import main
 from ppt_bench.outcomes import RunStore
 from ppt_bench.records import COLUMNS, make_rows, read_results, unit_of
 from ppt_bench.runners.local import LocalRunner
-from ppt_bench.spec import RunSpec
 
 DIGITS = "vit_digits_patch4_32"  # 32x32 input, 12 blocks: a run takes well under a second
 DEIT = "deit_tiny_patch16_224"
 
 
-def spec(method="baseline", **params):
-    return RunSpec(
-        DIGITS, method, params, data="synthetic", batch_size=2, n_images=2, workers=0,
-        metrics=("tokens",), sweep="t",
-    )  # fmt: skip
+# The fields of the runs here: two synthetic images through the digits model, tokens only.
+FAST = {
+    "model": DIGITS,
+    "data": "synthetic",
+    "batch_size": 2,
+    "n_images": 2,
+    "workers": 0,
+    "metrics": ("tokens",),
+    "sweep": "t",
+}
 
 
 @pytest.fixture
@@ -47,10 +51,10 @@ def fake_evaluate(monkeypatch):
 
 
 def test_local_runner_appends_each_run_and_goes_on_after_a_failure(
-    fake_evaluate, tmp_path, monkeypatch
+    spec, fake_evaluate, tmp_path, monkeypatch
 ):
     out = tmp_path / "r.csv"
-    specs = [spec(), spec("merge", r=98), spec("merge", r=4)]
+    specs = [spec(**FAST), spec("merge", {"r": 98}, **FAST), spec("merge", {"r": 4}, **FAST)]
     rows_seen_before_last = []
     fake = evaluate_module.evaluate
 
@@ -82,9 +86,9 @@ def test_cli_prints_each_failed_run_with_its_error(fake_evaluate, tmp_path, caps
     ]
 
 
-def test_local_runner_skips_finished_runs_and_retries_failed_ones(fake_evaluate, tmp_path):
+def test_local_runner_skips_finished_runs_and_retries_failed_ones(spec, fake_evaluate, tmp_path):
     out = tmp_path / "r.csv"
-    specs = [spec(), spec("merge", r=98), spec("merge", r=4)]
+    specs = [spec(**FAST), spec("merge", {"r": 98}, **FAST), spec("merge", {"r": 4}, **FAST)]
     LocalRunner(out, progress=False).run(specs)
     fake_evaluate.clear()
     summary = LocalRunner(out, progress=False).run(specs)
@@ -102,12 +106,12 @@ def test_local_runner_imports_no_ray():
     assert proc.returncode == 0, proc.stderr
 
 
-def test_trial_errors_reported_by_tune_become_failed_rows(tmp_path):
+def test_trial_errors_reported_by_tune_become_failed_rows(spec, tmp_path):
     pytest.importorskip("ray.tune")
     from ppt_bench.runners.base import SweepSummary
     from ppt_bench.runners.ray_tune import RecordRows
 
-    s = spec("merge", r=4)
+    s = spec("merge", {"r": 4}, **FAST)
 
     trial = types.SimpleNamespace(
         config={"run": {"run_id": s.run_id, "spec": s.to_dict()}},
@@ -232,7 +236,7 @@ def ray_instance():
 
 
 @pytest.mark.slow
-def test_ray_runner_records_failed_trials_and_resumes(ray_instance, tmp_path, monkeypatch):
+def test_ray_runner_records_failed_trials_and_resumes(spec, ray_instance, tmp_path, monkeypatch):
     from ray import tune
 
     from ppt_bench.runners.ray_tune import RayRunner
@@ -248,7 +252,11 @@ def test_ray_runner_records_failed_trials_and_resumes(ray_instance, tmp_path, mo
     out, storage = tmp_path / "r.csv", tmp_path / "tune"
     # RunSpec accepts locations past the model's 12 blocks (the CLI's grid check would not), so
     # this run fails only when the method is applied, inside the trial.
-    specs = [spec(), spec("merge", r=4), spec("merge", r=4, locations=[30])]
+    specs = [
+        spec(**FAST),
+        spec("merge", {"r": 4}, **FAST),
+        spec("merge", {"r": 4, "locations": [30]}, **FAST),
+    ]
     runner = RayRunner(out, storage_path=storage, num_cpus=2, progress=False)
     summary = runner.run(specs)
     assert (summary.ok, summary.failed) == (2, [specs[2].run_id])

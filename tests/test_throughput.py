@@ -8,7 +8,6 @@ import time
 
 import pytest
 import torch
-from conftest import make_model
 from timm.utils import decay_batch_step
 from torch import nn
 
@@ -51,7 +50,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_deit_tiny_throughput_on_cpu_returns_in_seconds(one_thread):
+def test_deit_tiny_throughput_on_cpu_returns_in_seconds(make_model, one_thread):
     model = make_model("deit_tiny")
     calls = []
     model.register_forward_hook(lambda *args: calls.append(1))
@@ -99,7 +98,7 @@ class Twice(nn.Module):
         return self.model(x)
 
 
-def test_a_model_run_twice_measures_about_half_as_fast_as_itself_in_pairs(one_thread):
+def test_a_model_run_twice_measures_about_half_as_fast_as_itself_in_pairs(make_model, one_thread):
     model = make_model("vit_qknorm", img_size=32, patch_size=8)
     speed = measure_throughput(
         Twice(model), (3, 32, 32), 8, warmup=2, iters=4, rounds=7, baseline=model
@@ -194,7 +193,7 @@ def test_out_of_memory_at_batch_one_is_a_user_error(measure):
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
-def test_cuda_throughput_latency_and_memory(dtype):
+def test_cuda_throughput_latency_and_memory(make_model, dtype):
     model = make_model("deit_tiny").cuda()
     base = make_model("deit_tiny").cuda()
     speed = measure_throughput(
@@ -211,7 +210,7 @@ def test_cuda_throughput_latency_and_memory(dtype):
 
 @needs_cuda
 @pytest.mark.gpu
-def test_cuda_out_of_memory_backs_off():
+def test_cuda_out_of_memory_backs_off(make_model):
     model = make_model("deit_tiny").cuda()
     free, _ = torch.cuda.mem_get_info()
     # A batch whose input alone needs more than the free memory.

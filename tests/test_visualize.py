@@ -7,7 +7,6 @@ import argparse
 import numpy as np
 import pytest
 import torch
-from conftest import make_model
 from PIL import Image
 from timm.data import resolve_data_config
 
@@ -33,7 +32,7 @@ def _panel(png: Image.Image, layout: vis.Layout, row: int, col: int) -> np.ndarr
     return np.asarray(png.crop((left + 3, top + 3, right - 3, bottom - 3)), dtype=np.int16)
 
 
-def test_visualize_writes_one_grid_per_image(tmp_path):
+def test_visualize_writes_one_grid_per_image(make_model, tmp_path):
     model = make_model("deit_tiny", img_size=64)  # 4x4 patches, 12 blocks
     config = {**resolve_data_config({}, model=model), "input_size": (3, 64, 64)}
     files = _image_files(tmp_path / "images", 2)
@@ -91,7 +90,7 @@ def test_token_owner_reads_a_source_matrix():
     assert sizes.tolist() == [2, 1]
 
 
-def test_sources_per_location_are_the_states_after_each_block():
+def test_sources_per_location_are_the_states_after_each_block(make_model):
     model = make_model("deit_tiny", img_size=64)
     from ppt_bench.methods import create_method
 

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from timm import get_pretrained_cfg
+from timm.data import resolve_data_config
 
 from ppt_bench.data import device_transform, make_loader
 
@@ -26,15 +28,8 @@ N_IMAGES = int(os.environ.get("PPT_BENCH_LOADER_IMAGES", "1000"))
 CLASSES = 10
 BATCH = 64
 WORKERS = os.cpu_count() or 1
-# DeiT-S (deit_small_patch16_224) eval data config.
-DEIT_S = {
-    "input_size": (3, 224, 224),
-    "interpolation": "bicubic",
-    "mean": (0.485, 0.456, 0.406),
-    "std": (0.229, 0.224, 0.225),
-    "crop_pct": 0.9,
-    "crop_mode": "center",
-}
+# DeiT-S (deit_small_patch16_224) eval data config: bicubic, crop_pct 0.9, ImageNet mean and std.
+DEIT_S = resolve_data_config(pretrained_cfg=get_pretrained_cfg("deit_small_patch16_224").to_dict())
 
 
 def photo_like(rng: np.random.Generator, w: int = 500, h: int = 375) -> Image.Image:

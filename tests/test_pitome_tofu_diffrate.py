@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCHS, clone, cuda_graph_replay, images, logits, make_model
 
 from ppt_bench import demo
 from ppt_bench.errors import MethodError, PatchError
@@ -19,10 +18,6 @@ from ppt_bench.methods.pitome import margin, pitome_step
 from ppt_bench.methods.tofu import mlerp
 
 FIELD = ("pitome", "tofu", "diffrate")
-
-
-def img_size(model) -> int:
-    return model.patch_embed.img_size[0]
 
 
 def shrinking(model, start: float, step: float) -> list[int]:
@@ -94,7 +89,7 @@ def ratio_counts(ratio: float, depth: int, tokens: int, prefix: int, with_prefix
 
 
 @pytest.mark.parametrize(("name", "setting"), list(AUTHORS_TOKENS))
-def test_token_counts_equal_the_authors_code(name, setting):
+def test_token_counts_equal_the_authors_code(make_model, images, logits, name, setting):
     model = method_for(name, setting).apply(make_model("deit_tiny_patch16_224"))
     logits(model, images(1, 224))
     assert list(model.reduction_info.tokens) == AUTHORS_TOKENS[name, setting]
@@ -105,7 +100,9 @@ def test_token_counts_equal_the_authors_code(name, setting):
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize(("name", "setting"), list(ALGORITHMS_GMACS))
-def test_deit_s_gmacs_within_half_a_percent_of_algorithms_md(name, setting):
+def test_deit_s_gmacs_within_half_a_percent_of_algorithms_md(
+    make_model, images, logits, name, setting
+):
     model = method_for(name, setting).apply(make_model("deit_small_patch16_224"))
     gmacs = measure_macs(model, (3, 224, 224), progress=False)["gmacs"]  # counts on a copy
     logits(model, images(1, 224))
@@ -128,8 +125,7 @@ def test_methods_are_registered_with_descriptions_and_demo_grids():
             create_method(name, **{key: value})
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_zero_reduction_gives_unpatched_logits(arch):
+def test_zero_reduction_gives_unpatched_logits(make_model, images, logits, clone, img_size, arch):
     ref = make_model(arch)
     x = images(1, img_size(ref))
     expected = logits(ref, x)
@@ -152,7 +148,9 @@ def test_zero_reduction_gives_unpatched_logits(arch):
 
 @pytest.mark.parametrize("arch", ["deit_distilled", "vit_reg", "deit3_small", "vit_qknorm"])
 @pytest.mark.parametrize("name", FIELD)
-def test_mixed_batch_equals_images_one_at_a_time(arch, name):
+def test_mixed_batch_equals_images_one_at_a_time(
+    make_model, images, logits, clone, img_size, arch, name
+):
     ref = make_model(arch)
     x = images(3, img_size(ref))
     model = create_method(name, **reducing(name, ref)).apply(clone(ref))
@@ -165,7 +163,9 @@ def test_mixed_batch_equals_images_one_at_a_time(arch, name):
 
 @pytest.mark.parametrize("arch", ["deit_distilled", "vit_reg"])
 @pytest.mark.parametrize("name", FIELD)
-def test_prefix_tokens_are_kept_and_sources_tracked(arch, name):
+def test_prefix_tokens_are_kept_and_sources_tracked(
+    make_model, images, logits, clone, img_size, arch, name
+):
     ref = make_model(arch)
     P = ref.num_prefix_tokens
     N0 = ref.patch_embed.num_patches + P
@@ -182,7 +182,7 @@ def test_prefix_tokens_are_kept_and_sources_tracked(arch, name):
 
 
 @pytest.mark.parametrize("name", FIELD)
-def test_bf16_runs_and_keeps_dtype(name):
+def test_bf16_runs_and_keeps_dtype(make_model, images, logits, clone, img_size, name):
     ref = make_model("deit_distilled")
     model = create_method(name, **reducing(name, ref)).apply(clone(ref)).to(torch.bfloat16)
     out = logits(model, images(2, img_size(ref)).to(torch.bfloat16))
@@ -191,14 +191,10 @@ def test_bf16_runs_and_keeps_dtype(name):
 
 
 @pytest.mark.parametrize("name", FIELD)
-def test_compiles_without_graph_breaks(name):
+def test_compiles_without_graph_breaks(assert_one_graph, make_model, images, name):
     ref = make_model("deit_tiny", img_size=64)
     model = create_method(name, **reducing(name, ref)).apply(ref)
-    torch._dynamo.reset()
-    with torch.inference_mode():
-        explain = torch._dynamo.explain(model)(images(2, 64))
-    assert explain.graph_break_count == 0, explain.break_reasons
-    assert explain.graph_count == 1
+    assert_one_graph(model, images(2, 64))
 
 
 # -- parameters ---------------------------------------------------------------------------------
@@ -236,7 +232,7 @@ def test_diffrate_schedules_by_name():
     assert create_method("diffrate", **method.params()) == method  # records round-trip
 
 
-def test_diffrate_schedule_that_does_not_fit_is_an_error_at_patch_time():
+def test_diffrate_schedule_that_does_not_fit_is_an_error_at_patch_time(make_model, clone):
     short = make_model("deit_tiny", img_size=64, depth=6)
     with pytest.raises(MethodError, match=r"has 12 blocks and the model 6"):
         create_method("diffrate", schedule="2.9").apply(short)
@@ -338,7 +334,7 @@ def test_diffrate_uses_proportional_attention_from_its_first_merge():
     assert merge_only.locations_for(6) == (0, 2, 5)
 
 
-def test_models_without_a_class_token():
+def test_models_without_a_class_token(make_model, images, logits, clone):
     ref = make_model("vit_tiny_patch16_224", img_size=96, class_token=False, global_pool="avg")
     assert ref.num_prefix_tokens == 0
     x = images(2, 96)
@@ -353,7 +349,7 @@ def test_models_without_a_class_token():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", FIELD)
-def test_capture_in_a_cuda_graph(name):
+def test_capture_in_a_cuda_graph(make_model, images, cuda_graph_replay, name):
     """Capture fails on any host synchronisation or CPU-GPU copy inside the forward."""
     model = create_method(name).apply(make_model("deit_small_patch16_224").cuda())
     x = images(8, 224).cuda()

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from conftest import ARCHS, clone, images, logits, make_model
 
 from ppt_bench.errors import PatchError
 from ppt_bench.methods import create_method, ops
@@ -14,12 +13,7 @@ from ppt_bench.methods import create_method, ops
 CORE = ("baseline", "ppt", "prune", "merge")
 
 
-def img_size(model) -> int:
-    return model.patch_embed.img_size[0]
-
-
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_zero_reduction_gives_unpatched_logits(arch):
+def test_zero_reduction_gives_unpatched_logits(make_model, images, logits, clone, img_size, arch):
     ref = make_model(arch)
     x = images(2, img_size(ref))
     expected = logits(ref, x)
@@ -31,7 +25,7 @@ def test_zero_reduction_gives_unpatched_logits(arch):
             assert diff < 1e-5, f"{name} ({impl}) r=0 on {arch}: max abs diff {diff}"
 
 
-def test_apply_keeps_weights_and_state_dict_keys():
+def test_apply_keeps_weights_and_state_dict_keys(make_model, clone):
     ref = make_model("deit_tiny")
     model = create_method("ppt").apply(clone(ref))
     assert model.state_dict().keys() == ref.state_dict().keys()
@@ -39,7 +33,7 @@ def test_apply_keeps_weights_and_state_dict_keys():
         assert torch.equal(model.state_dict()[k], v)
 
 
-def test_deit_small_token_counts_and_prefix_kept():
+def test_deit_small_token_counts_and_prefix_kept(make_model, images, logits):
     model = create_method("ppt", r=50, locations=(3, 6, 9)).apply(
         make_model("deit_small_patch16_224"), trace_source=True
     )
@@ -52,7 +46,7 @@ def test_deit_small_token_counts_and_prefix_kept():
 
 @pytest.mark.parametrize("name", ["ppt", "prune", "merge"])
 @pytest.mark.parametrize("arch", ["deit_distilled", "vit_reg"])
-def test_prefix_tokens_are_never_removed(name, arch):
+def test_prefix_tokens_are_never_removed(make_model, images, logits, clone, img_size, name, arch):
     ref = make_model(arch)
     P = ref.num_prefix_tokens
     model = create_method(name, r=20, locations=(0, 1, 2)).apply(clone(ref), trace_source=True)
@@ -77,7 +71,7 @@ def _removed(n_patch: int, r: int, steps: int) -> list[int]:
     return out
 
 
-def test_ppt_threshold_zero_is_prune_and_inf_is_merge():
+def test_ppt_threshold_zero_is_prune_and_inf_is_merge(make_model, images, logits, clone):
     ref = make_model("deit_tiny", img_size=96)
     x = images(3, 96)
     common = {"r": 8, "locations": (2, 5, 8)}
@@ -99,21 +93,27 @@ def test_ppt_threshold_zero_is_prune_and_inf_is_merge():
     assert torch.equal(logits(huge, x), merge) and huge.reduction_info.pooled.all()
 
 
-def _mixing_threshold(ref, x, common) -> float:
-    """A threshold between the images' score variances at the first location."""
-    probe = create_method("ppt", threshold=0, **common).apply(clone(ref))
-    logits(probe, x)
-    var = probe.reduction_info.score_var[:, 0].sort().values
-    mid = len(var) // 2
-    return float((var[mid - 1] + var[mid]) / 2)
+@pytest.fixture
+def mixing_threshold(logits, clone):
+    """``mixing_threshold(ref, x, common)``: a threshold between the images' score variances at
+    the first location."""
+
+    def threshold(ref, x, common) -> float:
+        probe = create_method("ppt", threshold=0, **common).apply(clone(ref))
+        logits(probe, x)
+        var = probe.reduction_info.score_var[:, 0].sort().values
+        mid = len(var) // 2
+        return float((var[mid - 1] + var[mid]) / 2)
+
+    return threshold
 
 
-def test_ppt_mixed_batch_is_batch_independent():
+def test_ppt_mixed_batch_is_batch_independent(mixing_threshold, make_model, images, logits, clone):
     ref = make_model("deit_tiny", img_size=96)
     x = images(4, 96, seed=3)
     x[:2] *= 4  # spread the inputs so that images fall on both sides of the threshold
     common = {"r": 8, "locations": (2, 5, 8)}
-    threshold = _mixing_threshold(ref, x, common)
+    threshold = mixing_threshold(ref, x, common)
     model = create_method("ppt", threshold=threshold, **common).apply(clone(ref))
     batch = logits(model, x)
     pooled = model.reduction_info.pooled
@@ -124,7 +124,7 @@ def test_ppt_mixed_batch_is_batch_independent():
         assert (alone[0] - batch[i]).abs().max() < 1e-5
 
 
-def test_explicit_and_fast_attention_agree_under_reduction():
+def test_explicit_and_fast_attention_agree_under_reduction(make_model, images, logits, clone):
     ref = make_model("deit3_small")
     x = images(2, 96)
     for name in ("ppt", "prune", "merge"):
@@ -134,7 +134,7 @@ def test_explicit_and_fast_attention_agree_under_reduction():
 
 
 @pytest.mark.parametrize("arch", ["deit3_small", "vit_reg", "vit_qknorm"])
-def test_folded_bias_equals_the_mask(arch):
+def test_folded_bias_equals_the_mask(make_model, images, logits, clone, img_size, arch):
     # The bias in an extra q/k channel gives the logits and the branch choices of the mask;
     # with qk-norm the patch keeps the mask, so the two are equal there too.
     ref = make_model(arch)
@@ -149,7 +149,7 @@ def test_folded_bias_equals_the_mask(arch):
             assert torch.equal(folded.reduction_info.pooled, fast.reduction_info.pooled)
 
 
-def test_folded_qkv_carries_the_bias_in_one_channel():
+def test_folded_qkv_carries_the_bias_in_one_channel(make_model):
     from ppt_bench.methods.patch import fold_width, folded_qkv
 
     attn = make_model("deit_tiny", img_size=32).blocks[0].attn
@@ -167,12 +167,12 @@ def test_folded_qkv_carries_the_bias_in_one_channel():
     assert not folded_qkv(no_bias, x, torch.ones(2, 5, 1))[1][..., 64:].any()
 
 
-def test_bf16_mixed_batch_runs_and_keeps_dtype():
+def test_bf16_mixed_batch_runs_and_keeps_dtype(mixing_threshold, make_model, images, logits, clone):
     ref = make_model("deit_tiny", img_size=96)
     x = images(4, 96, seed=3)
     x[:2] *= 4
     common = {"r": 8, "locations": (2, 5, 8)}
-    threshold = _mixing_threshold(ref, x, common)
+    threshold = mixing_threshold(ref, x, common)
     model = create_method("ppt", threshold=threshold, **common).apply(clone(ref)).to(torch.bfloat16)
     out = logits(model, x.to(torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
@@ -187,15 +187,12 @@ def test_bf16_mixed_batch_runs_and_keeps_dtype():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("attn_impl", ["fast", "fold"])
-def test_ppt_compiles_without_graph_breaks(attn_impl):
+def test_ppt_compiles_without_graph_breaks(assert_one_graph, make_model, images, logits, attn_impl):
     model = create_method("ppt", r=4, threshold=1e-3).apply(
         make_model("deit_tiny", img_size=64), attn_impl=attn_impl
     )
     x = images(2, 64)
-    with torch.inference_mode():
-        explain = torch._dynamo.explain(model)(x)
-    assert explain.graph_break_count == 0, explain.break_reasons
-    assert explain.graph_count == 1
+    assert_one_graph(model, x, reset=False)
     eager = logits(model, x)
     torch._dynamo.reset()
     compiled = logits(torch.compile(model), x)
@@ -273,7 +270,7 @@ def test_merge_gives_tome_tokens_in_tome_order(r):
     assert torch.allclose(out_x, expected_x, atol=1e-6)
 
 
-def test_models_without_a_class_token():
+def test_models_without_a_class_token(make_model, images, logits, clone):
     ref = make_model("vit_tiny_patch16_224", img_size=64, class_token=False, global_pool="avg")
     assert ref.num_prefix_tokens == 0
     x = images(2, 64)
@@ -290,7 +287,7 @@ def test_models_without_a_class_token():
             create_method(name).apply(clone(ref))
 
 
-def test_zero_reduction_keeps_training_mode_outputs():
+def test_zero_reduction_keeps_training_mode_outputs(make_model, images, clone):
     # With nothing removed the tokens keep their order, so dropout draws the same masks.
     ref = make_model("deit_tiny", img_size=64, proj_drop_rate=0.2, attn_drop_rate=0.2)
     ref.train()

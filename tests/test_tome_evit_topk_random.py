@@ -8,7 +8,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import ARCHS, clone, images, logits, make_model
 
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import create_method, list_methods, ops
@@ -16,10 +15,6 @@ from ppt_bench.methods.evit import evit_step
 from ppt_bench.methods.tome import per_block_r
 
 EXTRA = ("tome", "evit", "topk", "random")
-
-
-def img_size(model) -> int:
-    return model.patch_embed.img_size[0]
 
 
 # -- published costs --------------------------------------------------------------------------
@@ -38,13 +33,9 @@ PUBLISHED_GMACS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def deit_small():
-    return make_model("deit_small_patch16_224")
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "params", "published"), PUBLISHED_GMACS)
-def test_macs_match_the_published_figures(deit_small, name, params, published):
+def test_macs_match_the_published_figures(clone, deit_small, name, params, published):
     from torchprofile import profile_macs
 
     model = create_method(name, **params).apply(clone(deit_small))
@@ -60,8 +51,7 @@ def test_macs_match_the_published_figures(deit_small, name, params, published):
 # -- zero reduction and registry --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_no_reduction_gives_unpatched_logits(arch):
+def test_no_reduction_gives_unpatched_logits(make_model, images, logits, clone, img_size, arch):
     ref = make_model(arch)
     x = images(2, img_size(ref))
     expected = logits(ref, x)
@@ -136,7 +126,7 @@ def test_tome_schedule_from_toml_lists():
 
 
 @pytest.mark.parametrize("r", [5, (5, -1.0), [6, 0, 4, 12]])
-def test_tome_token_counts_follow_the_schedule(r):
+def test_tome_token_counts_follow_the_schedule(make_model, images, logits, clone, img_size, r):
     ref = make_model("deit_distilled")  # 2 prefix tokens, 36 patches, 12 blocks
     P = ref.num_prefix_tokens
     method = create_method("tome", r=r)
@@ -155,7 +145,7 @@ def test_tome_token_counts_follow_the_schedule(r):
     assert torch.equal(source[:, P:, P:].sum(dim=1), torch.ones(2, 36))
 
 
-def test_tome_is_merge_in_every_block():
+def test_tome_is_merge_in_every_block(make_model, images, logits, clone):
     ref = make_model("deit_tiny", img_size=96)
     x = images(2, 96)
     tome = logits(create_method("tome", r=3).apply(clone(ref)), x)
@@ -163,7 +153,7 @@ def test_tome_is_merge_in_every_block():
     assert torch.equal(tome, merge)
 
 
-def test_tome_list_longer_than_the_model_is_rejected_at_apply():
+def test_tome_list_longer_than_the_model_is_rejected_at_apply(make_model):
     method = create_method("tome", r=[1] * 13)
     with pytest.raises(MethodError, match="r lists 13 blocks but the model has 12"):
         method.apply(make_model("deit_tiny", img_size=64))
@@ -184,7 +174,9 @@ def _evit_counts(n_patch: int, keep_rate: float, steps: int, fuse: bool) -> list
 
 @pytest.mark.parametrize("arch", ["deit_tiny", "deit_distilled", "vit_reg"])
 @pytest.mark.parametrize(("keep_rate", "fuse"), [(0.7, True), (0.5, False), (0.9, True)])
-def test_evit_token_counts_and_sources(arch, keep_rate, fuse):
+def test_evit_token_counts_and_sources(
+    make_model, images, logits, clone, img_size, arch, keep_rate, fuse
+):
     ref = make_model(arch, **({"img_size": 64} if arch == "deit_tiny" else {}))
     P = ref.num_prefix_tokens
     N0 = ref.patch_embed.num_patches + P
@@ -250,7 +242,7 @@ def _evit_reference(model, x, keep_rate: float, locations, fuse: bool) -> torch.
 
 
 @pytest.mark.parametrize("fuse", [True, False])
-def test_evit_matches_the_official_block(fuse):
+def test_evit_matches_the_official_block(make_model, images, logits, clone, fuse):
     ref = make_model("deit_tiny", img_size=96)
     x = images(3, 96)
     with torch.inference_mode():
@@ -259,7 +251,7 @@ def test_evit_matches_the_official_block(fuse):
     assert (logits(model, x) - expected).abs().max() < 1e-5
 
 
-def test_evit_keeps_the_dtype():
+def test_evit_keeps_the_dtype(make_model, images, logits, clone):
     ref = make_model("deit_tiny", img_size=64)
     model = create_method("evit", keep_rate=0.5).apply(clone(ref)).to(torch.bfloat16)
     out = logits(model, images(2, 64).to(torch.bfloat16))
@@ -269,7 +261,7 @@ def test_evit_keeps_the_dtype():
 # -- controls ---------------------------------------------------------------------------------
 
 
-def test_topk_keeps_the_highest_class_attention():
+def test_topk_keeps_the_highest_class_attention(make_model, images, logits, clone, img_size):
     ref = make_model("deit_distilled")
     P = ref.num_prefix_tokens
     x = images(2, img_size(ref))
@@ -288,7 +280,7 @@ def test_topk_keeps_the_highest_class_attention():
         assert set(kept[i].tolist()) == set(expected[i].tolist())
 
 
-def test_random_is_reproducible_per_seed():
+def test_random_is_reproducible_per_seed(make_model, images, logits, clone):
     ref = make_model("deit_tiny", img_size=96)
     x = images(3, 96)
 
@@ -325,13 +317,9 @@ def test_fused_token_helpers_keep_dtype_and_shape():
 
 
 @pytest.mark.parametrize("name", ["prune", "merge", *EXTRA])
-def test_methods_trace_without_graph_breaks(name):
+def test_methods_trace_without_graph_breaks(assert_one_graph, make_model, images, name):
     # One graph, no break: torch.compile and CUDA graphs take the whole forward (ppt's own test
-    # in test_methods_core.py also compares the compiled logits).
+    # in test_ppt_prune_merge.py also compares the compiled logits).
     params = {"r": 4} if name != "evit" else {"keep_rate": 0.7}
     model = create_method(name, **params).apply(make_model("deit_tiny", img_size=64))
-    torch._dynamo.reset()
-    with torch.inference_mode():
-        explain = torch._dynamo.explain(model)(images(2, 64))
-    assert explain.graph_break_count == 0, explain.break_reasons
-    assert explain.graph_count == 1
+    assert_one_graph(model, images(2, 64))

@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import ARCHS, clone, images, logits, make_model
 
 from ppt_bench.errors import MethodError, PatchError
 from ppt_bench.macs import measure_macs, uncounted_macs
@@ -16,7 +15,6 @@ from ppt_bench.methods.dct import dct_ortho, dct_reduce, idct_ortho, transform_m
 from ppt_bench.methods.interface import IN_ATTN, VALUE_NORM
 from ppt_bench.methods.mctf import bidirectional_matching, fuse, tokens_to_fuse
 
-DEIT_S = "deit_small_patch16_224"
 MCTF_FAST = {"r": 0.35, "locations": (3, 6, 9)}
 
 # Tokens after each block of DeiT-S at 224 px, read from the authors' code on a random-weight
@@ -31,15 +29,6 @@ AUTHORS_TOKENS = [
     ("dct", {"r": 13}, (184, 171, 158, 145, 132, 119, 106, 93, 80, 67, 54, 41)),
     ("dct", {"r": (16, -1.0)}, (165, 136, 110, 87, 67, 50, 36, 25, 17, 12, 10, 10)),
 ]
-
-
-def img_size(model) -> int:
-    return model.patch_embed.img_size[0]
-
-
-@pytest.fixture(scope="module")
-def deit_small():
-    return make_model(DEIT_S)
 
 
 # -- registry and parameters ------------------------------------------------------------------
@@ -75,7 +64,7 @@ def test_invalid_parameters_are_rejected(name, params, match):
         create_method(name, **params)
 
 
-def test_model_limits_are_rejected_at_apply():
+def test_model_limits_are_rejected_at_apply(make_model):
     model = make_model("deit_tiny", img_size=64)
     with pytest.raises(MethodError, match="locations \\[12\\] are outside the model's blocks"):
         create_method("mctf", locations=[3, 12]).apply(model)
@@ -83,7 +72,7 @@ def test_model_limits_are_rejected_at_apply():
         create_method("dct", r=[1] * 13).apply(make_model("deit_tiny", img_size=64))
 
 
-def test_reducing_inside_the_attention_cannot_read_value_norms():
+def test_reducing_inside_the_attention_cannot_read_value_norms(make_model):
     class Bad(Method):
         reduce_at = IN_ATTN
         needs = frozenset({VALUE_NORM})
@@ -95,8 +84,7 @@ def test_reducing_inside_the_attention_cannot_read_value_norms():
 # -- zero reduction ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_no_reduction_gives_unpatched_logits(arch):
+def test_no_reduction_gives_unpatched_logits(make_model, images, logits, clone, img_size, arch):
     ref = make_model(arch)
     x = images(2, img_size(ref))
     expected = logits(ref, x)
@@ -115,7 +103,9 @@ def test_no_reduction_gives_unpatched_logits(arch):
 
 
 @pytest.mark.parametrize(("name", "params", "tokens"), AUTHORS_TOKENS)
-def test_token_counts_equal_the_authors_code_on_deit_s(deit_small, name, params, tokens):
+def test_token_counts_equal_the_authors_code_on_deit_s(
+    images, logits, clone, deit_small, name, params, tokens
+):
     model = create_method(name, **params).apply(clone(deit_small))
     logits(model, images(1, 224))
     assert model.reduction_info.tokens == tokens
@@ -131,7 +121,9 @@ def test_mctf_keeps_at_least_ten_tokens_as_the_authors_code():
 
 @pytest.mark.parametrize("arch", ["deit_distilled", "vit_reg", "deit3_small", "vit_qknorm"])
 @pytest.mark.parametrize("name", ["mctf", "dct"])
-def test_prefix_tokens_are_protected_and_traced(arch, name):
+def test_prefix_tokens_are_protected_and_traced(
+    make_model, images, logits, clone, img_size, arch, name
+):
     ref = make_model(arch)
     P = ref.num_prefix_tokens
     N0 = ref.patch_embed.num_patches + P
@@ -150,7 +142,7 @@ def test_prefix_tokens_are_protected_and_traced(arch, name):
         assert torch.equal(source[:, P:, P:].sum(dim=1), torch.ones(2, N0 - P))
 
 
-def test_models_without_a_class_token_are_reduced():
+def test_models_without_a_class_token_are_reduced(make_model, images, logits, clone):
     ref = make_model("deit_tiny", img_size=64, class_token=False, global_pool="avg")
     for name in ("mctf", "dct"):
         model = create_method(name, r=3).apply(clone(ref))
@@ -218,7 +210,7 @@ def test_dct_reduce_keeps_low_frequencies_and_the_dtype():
     assert owner == sorted(owner) and set(owner) == set(range(8))
 
 
-def test_dct_source_is_the_composed_token_mixing():
+def test_dct_source_is_the_composed_token_mixing(make_model, images, logits, clone, img_size):
     ref = make_model("deit_distilled")  # 2 prefix tokens, 36 patches
     model = create_method("dct", r=[4, 6]).apply(clone(ref), trace_source=True)
     logits(model, images(2, img_size(ref)))
@@ -237,7 +229,9 @@ def test_dct_source_is_the_composed_token_mixing():
     ("name", "params"),
     [("mctf", {"r": 5}), ("mctf", {"r": 5, "one_step_ahead": False}), ("dct", {"r": 5})],
 )
-def test_a_mixed_batch_equals_its_images_one_at_a_time(name, params):
+def test_a_mixed_batch_equals_its_images_one_at_a_time(
+    make_model, images, logits, clone, img_size, name, params
+):
     ref = make_model("deit_distilled")
     x = images(3, img_size(ref))
     model = create_method(name, **params).apply(clone(ref))
@@ -248,7 +242,7 @@ def test_a_mixed_batch_equals_its_images_one_at_a_time(name, params):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["mctf", "dct"])
-def test_low_precision_runs_and_keeps_the_dtype(name, dtype):
+def test_low_precision_runs_and_keeps_the_dtype(make_model, images, logits, clone, name, dtype):
     ref = make_model("deit_tiny", img_size=64)
     model = create_method(name, r=4).apply(clone(ref), trace_source=True).to(dtype)
     out = logits(model, images(2, 64).to(dtype))
@@ -260,13 +254,9 @@ def test_low_precision_runs_and_keeps_the_dtype(name, dtype):
     ("name", "params"),
     [("mctf", {"r": 4}), ("mctf", {"r": 4, "one_step_ahead": False}), ("dct", {"r": 4})],
 )
-def test_methods_trace_without_graph_breaks(name, params):
+def test_methods_trace_without_graph_breaks(assert_one_graph, make_model, images, name, params):
     model = create_method(name, **params).apply(make_model("deit_tiny", img_size=64))
-    torch._dynamo.reset()
-    with torch.inference_mode():
-        explain = torch._dynamo.explain(model)(images(2, 64))
-    assert explain.graph_break_count == 0, explain.break_reasons
-    assert explain.graph_count == 1
+    assert_one_graph(model, images(2, 64))
 
 
 # -- costs ------------------------------------------------------------------------------------
@@ -284,7 +274,7 @@ MCTF_GMACS = [({"r": 16}, 2.600), ({"r": 8}, 3.602), (MCTF_FAST, 2.754)]
 
 
 @pytest.mark.slow
-def test_gmacs_on_deit_s_match_the_authors(deit_small):
+def test_gmacs_on_deit_s_match_the_authors(clone, deit_small):
     x = torch.randn(1, 3, 224, 224)
     for params, expected in MCTF_GMACS:
         model = create_method("mctf", **params).apply(clone(deit_small))
