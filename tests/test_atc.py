@@ -7,7 +7,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import clone, images, logits, make_model
 
 from ppt_bench.errors import MethodError
 from ppt_bench.macs import measure_macs, uncounted_macs
@@ -68,7 +67,7 @@ def test_invalid_parameters_are_rejected(params, match):
         create_method("atc", **params)
 
 
-def test_a_keep_rate_that_leaves_no_cluster_is_refused():
+def test_a_keep_rate_that_leaves_no_cluster_is_refused(make_model):
     with pytest.raises(MethodError, match="leaves no cluster"):
         create_method("atc", keep_rate=0.05).apply(make_model("deit_tiny", img_size=64))
 
@@ -123,7 +122,7 @@ def test_step_is_the_size_weighted_mean_of_each_cluster():
 
 
 @pytest.mark.parametrize("arch", ["deit_tiny", "deit3_small", "vit_reg", "deit_distilled"])
-def test_no_reduction_gives_unpatched_logits(arch):
+def test_no_reduction_gives_unpatched_logits(make_model, images, logits, clone, img_size, arch):
     ref = make_model(arch)
     x = images(2, img_size(ref))
     model = create_method("atc", keep_rate=1.0).apply(clone(ref))
@@ -132,13 +131,13 @@ def test_no_reduction_gives_unpatched_logits(arch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("params", "tokens"), AUTHORS_TOKENS)
-def test_token_counts_equal_the_authors_code_on_deit_s(params, tokens):
+def test_token_counts_equal_the_authors_code_on_deit_s(make_model, images, logits, params, tokens):
     model = create_method("atc", **params).apply(make_model(DEIT_S))
     logits(model, images(1, 224))
     assert model.reduction_info.tokens == tokens
 
 
-def test_cluster_counts_follow_the_initial_token_count():
+def test_cluster_counts_follow_the_initial_token_count(make_model, images, logits):
     assert [num_clusters(196, 0.9, k) for k in (1, 2, 3)] == [176, 158, 142]
     assert [num_clusters(196, 0.7, k) for k in (1, 2, 3)] == [137, 96, 67]
     model = create_method("atc", keep_rate=0.8).apply(make_model("deit_tiny", img_size=128))
@@ -147,7 +146,9 @@ def test_cluster_counts_follow_the_initial_token_count():
 
 
 @pytest.mark.parametrize("arch", ["deit_distilled", "vit_reg"])
-def test_prefix_tokens_are_protected_and_every_patch_is_in_one_cluster(arch):
+def test_prefix_tokens_are_protected_and_every_patch_is_in_one_cluster(
+    make_model, images, logits, clone, img_size, arch
+):
     ref = make_model(arch)
     P = ref.num_prefix_tokens
     N0 = ref.patch_embed.num_patches + P
@@ -159,7 +160,9 @@ def test_prefix_tokens_are_protected_and_every_patch_is_in_one_cluster(arch):
 
 
 @pytest.mark.parametrize("linkage", LINKAGES)
-def test_a_batch_equals_its_images_one_at_a_time(linkage):
+def test_a_batch_equals_its_images_one_at_a_time(
+    make_model, images, logits, clone, img_size, linkage
+):
     ref = make_model("deit_distilled")
     x = images(3, img_size(ref))
     model = create_method("atc", keep_rate=0.8, linkage=linkage).apply(clone(ref))
@@ -169,7 +172,7 @@ def test_a_batch_equals_its_images_one_at_a_time(linkage):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_runs_and_keeps_the_dtype(dtype):
+def test_low_precision_runs_and_keeps_the_dtype(make_model, images, logits, dtype):
     ref = make_model("deit_tiny", img_size=64)
     model = create_method("atc", keep_rate=0.8).apply(ref, trace_source=True).to(dtype)
     out = logits(model, images(2, 64).to(dtype))
@@ -177,17 +180,13 @@ def test_low_precision_runs_and_keeps_the_dtype(dtype):
     assert model.reduction_info.source.dtype == dtype
 
 
-def test_traces_without_graph_breaks():
+def test_traces_without_graph_breaks(make_model, images, assert_one_graph):
     model = create_method("atc", keep_rate=0.8).apply(make_model("deit_tiny", img_size=64))
-    torch._dynamo.reset()
-    with torch.inference_mode():
-        explain = torch._dynamo.explain(model)(images(2, 64))
-    assert explain.graph_break_count == 0, explain.break_reasons
-    assert explain.graph_count == 1
+    assert_one_graph(model, images(2, 64))
 
 
 @pytest.mark.slow
-def test_gmacs_on_deit_s_match_the_authors():
+def test_gmacs_on_deit_s_match_the_authors(make_model, clone):
     deit_small = make_model(DEIT_S)
     x = torch.randn(1, 3, 224, 224)
     for params, expected in AUTHORS_GMACS:

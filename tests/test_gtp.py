@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from conftest import ARCHS, clone, cuda_graph_replay, images, logits, make_model
 
 from ppt_bench import demo
 from ppt_bench.errors import MethodError
@@ -51,10 +50,6 @@ ALGORITHMS_GMACS = {
     "P8 mixed 0.6": 3.454,
     "P14 mixed 0.8": 2.601,
 }
-
-
-def img_size(model) -> int:
-    return model.patch_embed.img_size[0]
 
 
 # -- the definitions, against direct constructions -------------------------------------------
@@ -218,7 +213,9 @@ def reference_forward(model, x: torch.Tensor, method) -> torch.Tensor:
         {"num_prop": 1, "graph": "semantic", "num_neighbours": 3, "sparsity": 0.8, "alpha": 0.3},
     ],
 )
-def test_patched_model_equals_the_definition_written_out(arch, params):
+def test_patched_model_equals_the_definition_written_out(
+    make_model, images, logits, clone, img_size, arch, params
+):
     ref = make_model(arch, img_size=96)
     x = images(2, img_size(ref), seed=5)
     method = create_method("gtp", **params)
@@ -232,7 +229,7 @@ def test_patched_model_equals_the_definition_written_out(arch, params):
 
 
 @pytest.mark.parametrize("num_prop", list(AUTHORS_TOKENS))
-def test_token_counts_equal_the_authors_code(num_prop):
+def test_token_counts_equal_the_authors_code(make_model, images, logits, num_prop):
     model = create_method("gtp", num_prop=num_prop).apply(make_model("deit_tiny_patch16_224"))
     logits(model, images(1, 224))
     assert list(model.reduction_info.tokens) == AUTHORS_TOKENS[num_prop]
@@ -247,7 +244,7 @@ def official_normalisation_macs(patch_tokens: int) -> int:
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("setting", list(ALGORITHMS_GMACS))
-def test_deit_s_gmacs_within_half_a_percent_of_algorithms_md(setting):
+def test_deit_s_gmacs_within_half_a_percent_of_algorithms_md(make_model, images, logits, setting):
     """The counted graph normalisation is the elementwise one that runs (``2 T^2``
     multiplications); with the official code's ``2 T^3`` for its two matrix products in its
     place, the figures are the authors'."""
@@ -267,7 +264,7 @@ def test_deit_s_gmacs_within_half_a_percent_of_algorithms_md(setting):
 # -- the generic patch's guarantees ------------------------------------------------------------
 
 
-def test_registered_with_a_description_and_a_demo_grid():
+def test_registered_with_a_description_and_a_demo_grid(make_model, clone):
     assert "gtp" in list_methods()
     method = create_method("gtp")
     assert method.description and method.needs == {"attn"} and method.prop_attn
@@ -278,8 +275,7 @@ def test_registered_with_a_description_and_a_demo_grid():
         create_method("gtp", **{key: value}).apply(clone(digits_like))
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_zero_reduction_gives_unpatched_logits(arch):
+def test_zero_reduction_gives_unpatched_logits(make_model, images, logits, clone, img_size, arch):
     ref = make_model(arch)
     x = images(1, img_size(ref))
     expected = logits(ref, x)
@@ -293,7 +289,9 @@ def test_zero_reduction_gives_unpatched_logits(arch):
 
 @pytest.mark.parametrize("arch", ["deit_distilled", "vit_reg", "deit3_small", "vit_qknorm"])
 @pytest.mark.parametrize("graph", list(REDUCING))
-def test_mixed_batch_equals_images_one_at_a_time(arch, graph):
+def test_mixed_batch_equals_images_one_at_a_time(
+    make_model, images, logits, clone, img_size, arch, graph
+):
     ref = make_model(arch)
     x = images(3, img_size(ref))
     x[0] *= 3
@@ -307,7 +305,9 @@ def test_mixed_batch_equals_images_one_at_a_time(arch, graph):
 
 
 @pytest.mark.parametrize("arch", ["deit_distilled", "vit_reg"])
-def test_prefix_tokens_are_carried_and_propagated_patches_traced(arch):
+def test_prefix_tokens_are_carried_and_propagated_patches_traced(
+    make_model, images, logits, clone, img_size, arch
+):
     ref = make_model(arch)
     P = ref.num_prefix_tokens
     N0 = ref.patch_embed.num_patches + P
@@ -323,7 +323,7 @@ def test_prefix_tokens_are_carried_and_propagated_patches_traced(arch):
     assert (received > 1).any() and (patches <= 1 + 1e-6).all()
 
 
-def test_models_without_a_class_token():
+def test_models_without_a_class_token(make_model, images, logits, clone):
     ref = make_model("vit_tiny_patch16_224", img_size=96, class_token=False, global_pool="avg")
     assert ref.num_prefix_tokens == 0
     model = create_method("gtp", num_prop=2, sparsity=0.8).apply(clone(ref))
@@ -331,7 +331,7 @@ def test_models_without_a_class_token():
     assert list(model.reduction_info.tokens) == [36 - 2 * (block + 1) for block in range(12)]
 
 
-def test_non_square_grid_uses_its_rows_and_columns(monkeypatch):
+def test_non_square_grid_uses_its_rows_and_columns(make_model, logits, clone, monkeypatch):
     import ppt_bench.methods.gtp as gtp
 
     seen = []
@@ -344,7 +344,7 @@ def test_non_square_grid_uses_its_rows_and_columns(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_runs_and_keeps_dtype(dtype):
+def test_half_precision_runs_and_keeps_dtype(make_model, images, logits, clone, img_size, dtype):
     ref = make_model("deit_distilled")
     x = images(2, img_size(ref))
     full = logits(create_method("gtp", **REDUCING["mixed"]).apply(clone(ref)), x)
@@ -355,14 +355,10 @@ def test_half_precision_runs_and_keeps_dtype(dtype):
     assert (out.float() - full).abs().max() < 0.5 * full.abs().max()
 
 
-def test_compiles_without_graph_breaks():
+def test_compiles_without_graph_breaks(make_model, images, assert_one_graph):
     ref = make_model("deit_tiny", img_size=64)
     model = create_method("gtp", num_prop=1, sparsity=0.8).apply(ref)
-    torch._dynamo.reset()
-    with torch.inference_mode():
-        explain = torch._dynamo.explain(model)(images(2, 64))
-    assert explain.graph_break_count == 0, explain.break_reasons
-    assert explain.graph_count == 1
+    assert_one_graph(model, images(2, 64))
 
 
 # -- parameters ---------------------------------------------------------------------------------
@@ -387,7 +383,7 @@ def test_invalid_parameters_are_rejected(params, match):
         create_method("gtp", **params)
 
 
-def test_settings_that_do_not_fit_the_model_are_errors_at_patch_time():
+def test_settings_that_do_not_fit_the_model_are_errors_at_patch_time(make_model, clone):
     small = make_model("deit_tiny", img_size=64)  # 16 patch tokens, 12 blocks
     with pytest.raises(MethodError, match=r"num_prop=2 in each of 12 blocks .* use num_prop <= 1"):
         create_method("gtp", num_prop=2).apply(clone(small))
@@ -398,7 +394,7 @@ def test_settings_that_do_not_fit_the_model_are_errors_at_patch_time():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_capture_in_a_cuda_graph():
+def test_capture_in_a_cuda_graph(make_model, images, cuda_graph_replay):
     """Capture fails on any host synchronisation or CPU-GPU copy inside the forward."""
     model = create_method("gtp", num_prop=8, sparsity=0.6, alpha=0.1)
     model = model.apply(make_model("deit_small_patch16_224").cuda())
