@@ -190,6 +190,22 @@ def assert_one_graph():
     return check
 
 
+@pytest.fixture(scope="session")
+def traced_source(make_model, images, logits, clone, img_size):
+    """``traced_source(arch, method)``: ``(source [2, N, N0], P, N0)`` after a forward of two
+    images through ``arch`` patched by ``method`` with source tracing: which of the ``N0``
+    input tokens (``P`` prefix tokens first) each of the ``N`` output tokens stands for."""
+
+    def trace(arch: str, method) -> tuple[torch.Tensor, int, int]:
+        ref = make_model(arch)
+        P = ref.num_prefix_tokens
+        model = method.apply(clone(ref), trace_source=True)
+        logits(model, images(2, img_size(ref)))
+        return model.reduction_info.source, P, ref.patch_embed.num_patches + P
+
+    return trace
+
+
 # -- runs and files ---------------------------------------------------------------------------
 
 

@@ -30,10 +30,6 @@ AUTHORS_GMACS = [
 ]
 
 
-def img_size(model) -> int:
-    return model.patch_embed.img_size[0]
-
-
 def sklearn_labels(metric: torch.Tensor, k: int, linkage: str) -> np.ndarray:
     """The authors' clustering: scikit-learn on ``1 - cos``, one image at a time."""
     from sklearn.cluster import AgglomerativeClustering
@@ -146,15 +142,8 @@ def test_cluster_counts_follow_the_initial_token_count(make_model, images, logit
 
 
 @pytest.mark.parametrize("arch", ["deit_distilled", "vit_reg"])
-def test_prefix_tokens_are_protected_and_every_patch_is_in_one_cluster(
-    make_model, images, logits, clone, img_size, arch
-):
-    ref = make_model(arch)
-    P = ref.num_prefix_tokens
-    N0 = ref.patch_embed.num_patches + P
-    model = create_method("atc", keep_rate=0.8).apply(clone(ref), trace_source=True)
-    logits(model, images(2, img_size(ref)))
-    source = model.reduction_info.source
+def test_prefix_tokens_are_protected_and_every_patch_is_in_one_cluster(traced_source, arch):
+    source, P, N0 = traced_source(arch, create_method("atc", keep_rate=0.8))
     assert torch.equal(source[:, :P], torch.eye(N0)[:P].expand(2, -1, -1))
     assert torch.equal(source[:, P:, P:].sum(dim=1), torch.ones(2, N0 - P))
 

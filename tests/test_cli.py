@@ -18,6 +18,7 @@ from ppt_bench.records import append_rows, make_rows
 from ppt_bench.spec import RunSpec
 
 DEIT = "deit_tiny_patch16_224"
+DIGITS = "vit_digits_patch4_32"
 
 BAD_INPUT = {
     "unknown method": (["--method", "pptx"], "unknown method 'pptx'. Did you mean 'ppt'?"),
@@ -37,6 +38,20 @@ BAD_INPUT = {
     "negative workers": (["--workers", "-1"], "workers must be an integer >= 0, got -1"),
     "memory on a CPU": (["--metrics", "macs,memory"], "drop memory from --metrics or use"),
     "report and no report": (["--no-report"], "--report and --no-report contradict each other"),
+    "prop_attn as a string": (
+        ["--method", "merge", "--param", 'prop_attn="false"'],
+        "prop_attn must be true or false, got 'false'",
+    ),
+    "r beyond the model": (
+        ["--model", DIGITS, "--method", "ppt", "--param", "r=1000"],
+        "r=1000 is more than one step can remove from the 64 patch tokens",
+    ),
+    "tome r beyond the model": (
+        ["--model", DIGITS, "--method", "tome", "--param", "r=40"],
+        "use r <= 32",
+    ),
+    "output under /proc": (["--out", "/proc/r.csv"], "folder /proc is not writable"),
+    "report under /proc": (["--report", "/proc/r.md"], "folder /proc is not writable"),
 }
 
 
@@ -45,11 +60,12 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     assert_one_line_error, case, tmp_path, capsys
 ):
     flags, message = BAD_INPUT[case]
-    base = ["--model", DEIT] if "--model" not in flags else []
-    out = tmp_path / "r.csv"
-    code = main(["run", *base, *flags, "--out", str(out), "--report", str(tmp_path / "r.md")])
-    assert_one_line_error(code, capsys.readouterr().err, message)
-    assert not out.exists() and not (tmp_path / "r.md").exists()
+    out, report = tmp_path / "r.csv", tmp_path / "r.md"
+    args = ["run", *flags]
+    for flag, default in (("--model", DEIT), ("--out", out), ("--report", report)):
+        args += [] if flag in flags else [flag, str(default)]
+    assert_one_line_error(main(args), capsys.readouterr().err, message)
+    assert not out.exists() and not report.exists()
 
 
 @pytest.mark.parametrize(

@@ -305,15 +305,8 @@ def test_mixed_batch_equals_images_one_at_a_time(
 
 
 @pytest.mark.parametrize("arch", ["deit_distilled", "vit_reg"])
-def test_prefix_tokens_are_carried_and_propagated_patches_traced(
-    make_model, images, logits, clone, img_size, arch
-):
-    ref = make_model(arch)
-    P = ref.num_prefix_tokens
-    N0 = ref.patch_embed.num_patches + P
-    model = create_method("gtp", **REDUCING["mixed"]).apply(clone(ref), trace_source=True)
-    logits(model, images(2, img_size(ref)))
-    source = model.reduction_info.source
+def test_prefix_tokens_are_carried_and_propagated_patches_traced(traced_source, arch):
+    source, P, N0 = traced_source(arch, create_method("gtp", **REDUCING["mixed"]))
     assert source.shape == (2, N0 - 24, N0)
     assert torch.equal(source[:, :P], torch.eye(N0)[:P].expand(2, -1, -1))
     patches = source[:, P:, P:]

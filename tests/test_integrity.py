@@ -165,31 +165,6 @@ def test_a_switch_given_as_text_is_refused():
         create_method("evit", fuse=1)
 
 
-BAD_RUNS = {
-    "prop_attn as a string": (
-        ["--method", "merge", "--param", 'prop_attn="false"'],
-        "prop_attn must be true or false, got 'false'",
-    ),
-    "r beyond the model": (
-        ["--method", "ppt", "--param", "r=1000"],
-        "r=1000 is more than one step can remove from the 64 patch tokens",
-    ),
-    "tome r beyond the model": (["--method", "tome", "--param", "r=40"], "use r <= 32"),
-    "output under /proc": (["--out", "/proc/r.csv"], "folder /proc is not writable"),
-    "report under /proc": (["--report", "/proc/r.md"], "folder /proc is not writable"),
-}
-
-
-@pytest.mark.parametrize("case", BAD_RUNS, ids=list(BAD_RUNS))
-def test_bad_runs_are_refused_before_any_work(assert_one_line_error, case, tmp_path, capsys):
-    flags, message = BAD_RUNS[case]
-    args = ["run", "--model", DIGITS, "--metrics", "macs", "--data", "synthetic"]
-    if "--out" not in flags:
-        args += ["--out", str(tmp_path / "r.csv")]
-    assert_one_line_error(main([*args, *flags]), capsys.readouterr().err, message)
-    assert not (tmp_path / "r.csv").exists()
-
-
 def test_weights_are_checked_once_before_the_sweep(
     assert_one_line_error, tmp_path, monkeypatch, capsys
 ):
