@@ -29,16 +29,18 @@ official code's ``argsort`` is not stable, so where such ties fall across the cu
 is the sort kernel's.
 
 Unlike the official code, every prefix token (distillation, registers) is carried as the class
-token is, a model without a class token or with rotary embeddings is reduced as well, and no file
-``missing`` is written. With source tracking, a kept token's source row gains ``alpha Â`` times
-those of the tokens it receives, so that ``visualize`` tints each propagated patch with the token
-that received most of it (real weights, as for DCT; a token that received a share is tinted even
-where it received no patch most); a patch no kept token received is blank.
+token is, models with rotary embeddings are reduced as well (kept tokens keep their positions),
+and no file ``missing`` is written.
+
+With source tracking, a kept token's source row gains ``alpha Â`` times those of the tokens it
+receives, so that ``visualize`` tints each propagated patch with the token that received most of
+it (real weights, as for DCT; a token that received a share is tinted even where it received no
+patch most); a patch no kept token received is blank.
 
 Costs: both counters count every multiply-accumulate that runs (the semantic graph's cosines,
 the explicit attention, the propagation products); the thresholds (``topk``, ``kthvalue``) and
-the sort are comparisons, not MACs. The official figures are ``2 T^3`` higher: their
-normalisation products.
+the sort are comparisons, not MACs. The official figures are ``2 T^3 - 2 T^2`` higher: their
+normalisation products in place of the elementwise scaling.
 """
 
 from __future__ import annotations

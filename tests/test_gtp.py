@@ -324,9 +324,9 @@ def test_models_without_a_class_token(make_model, images, logits, clone):
     assert list(model.reduction_info.tokens) == [36 - 2 * (block + 1) for block in range(12)]
 
 
-def test_non_square_grid_uses_its_rows_and_columns(make_model, logits, clone, monkeypatch):
-    import ppt_bench.methods.gtp as gtp
-
+def test_non_square_and_dynamic_grids_use_their_rows_and_columns(
+    make_model, logits, clone, monkeypatch
+):
     seen = []
     real = gtp.spatial_graph
     monkeypatch.setattr(gtp, "spatial_graph", lambda r, c, d: seen.append((r, c)) or real(r, c, d))
@@ -334,6 +334,10 @@ def test_non_square_grid_uses_its_rows_and_columns(make_model, logits, clone, mo
     model = create_method("gtp", num_prop=1, graph="spatial").apply(clone(ref))
     assert torch.isfinite(logits(model, torch.randn(1, 3, 64, 96))).all()
     assert seen == [(4, 6)]
+    dynamic = make_model("deit_tiny", img_size=64, dynamic_img_size=True)
+    model = create_method("gtp", num_prop=1, graph="spatial").apply(dynamic)
+    assert torch.isfinite(logits(model, torch.randn(1, 3, 80, 112))).all()
+    assert seen[-1] == (5, 7) and model.reduction_info.tokens[-1] == 1 + 35 - 12
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
