@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import ppt_bench.methods.gtp as gtp
 from ppt_bench import demo
 from ppt_bench.errors import MethodError
 from ppt_bench.macs import measure_macs
