@@ -43,6 +43,53 @@ REDUCE_POINTS = (AFTER_ATTN, IN_ATTN, AFTER_MLP)
 
 
 @dataclass(frozen=True)
+class Knob:
+    """The parameter a method's budget resolves (:meth:`Method.budget_knob`).
+
+    A sweep at a budget (``--budget macs=0.7``) sets this one parameter to the value that meets
+    the budget and keeps every other parameter as given.
+
+    Args:
+        param: the parameter's name.
+        kind: ``"int"`` (every integer from ``low`` to ``high``), ``"float"`` (any value in
+            ``[low, high]``) or ``"choice"`` (one of ``choices``).
+        low: the smallest allowed value (``int`` and ``float``).
+        high: the largest allowed value (``int`` and ``float``).
+        more_at_high: whether a higher value removes more tokens (``r``) rather than fewer
+            (``keep_rate``, ``ratio``). Over its range the cost must not rise in that direction.
+        choices: the allowed values of a ``"choice"`` knob, in any order.
+        digits: decimals a resolved ``float`` value keeps.
+    """
+
+    param: str
+    kind: str = "int"
+    low: float = 0
+    high: float = 0
+    more_at_high: bool = True
+    choices: tuple[Any, ...] = ()
+    digits: int = 4
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("int", "float", "choice"):
+            raise MethodError(f"a knob's kind is int, float or choice, got {self.kind!r}")
+        if self.kind == "choice" and not self.choices:
+            raise MethodError(f"knob {self.param!r} of kind choice lists no choices")
+        if self.kind != "choice" and not self.low <= self.high:
+            raise MethodError(f"knob {self.param!r}: low {self.low} is above high {self.high}")
+
+    def values(self) -> tuple[Any, ...]:
+        """Every allowed value of an ``int`` or ``choice`` knob (a ``float`` knob has none)."""
+        if self.kind == "int":
+            return tuple(range(int(self.low), int(self.high) + 1))
+        return self.choices
+
+
+def r_knob(info: ViTInfo) -> Knob:
+    """``r`` from 0 to the most one step can remove (:func:`check_r_budget`)."""
+    return Knob("r", "int", 0, info.patch_tokens // 2)
+
+
+@dataclass(frozen=True)
 class ViTInfo:
     """The shape of a patchable ViT: what a method needs to know to check that it fits.
 
@@ -148,6 +195,16 @@ class Method:
         clamp as ToMe does.
         """
 
+    def budget_knob(self, info: ViTInfo) -> Knob | str | None:
+        """The parameter a budget resolves on ``info``'s model.
+
+        Returns:
+            A :class:`Knob`; a one-line reason where this method has a knob but none that
+            applies to this model (such a run is recorded as skipped); or None (the default)
+            where the method has no knob at all, which a sweep at budgets refuses.
+        """
+        return None
+
     @property
     def adaptive(self) -> bool:
         """Whether the path through the model depends on the image (then MACs are counted per
@@ -239,6 +296,9 @@ class FixedBudget(Method):
         if "r" in given:
             check_r_budget(self.r, info)
 
+    def budget_knob(self, info: ViTInfo) -> Knob:
+        return r_knob(info)
+
 
 @dataclass(frozen=True)
 class ScorePrune(FixedBudget):
@@ -278,6 +338,10 @@ class KeepRatio(Method):
 
     def locations_for(self, depth: int) -> tuple[int, ...]:
         return tuple(range(depth)) if self.ratio < 1.0 else ()
+
+    def budget_knob(self, info: ViTInfo) -> Knob:
+        """``ratio`` from 0.5 (a block removes at most half its tokens) to 1."""
+        return Knob("ratio", "float", 0.5, 1.0, more_at_high=False)
 
     def bind(self, info: ViTInfo) -> Method:
         bound = copy.copy(self)

@@ -31,7 +31,15 @@ import torch
 
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import CLS_ATTN, Method, Reduced, ViTInfo, check_int, set_field
+from ppt_bench.methods.base import (
+    CLS_ATTN,
+    Knob,
+    Method,
+    Reduced,
+    ViTInfo,
+    check_int,
+    set_field,
+)
 
 if TYPE_CHECKING:
     pass
@@ -45,6 +53,21 @@ def schedules() -> dict[str, dict[str, dict[str, list[int]]]]:
     """The authors' searched schedules: ``{model: {name: {"prune_kept": [...], ...}}}``."""
     text = resources.files("ppt_bench.methods").joinpath("data/diffrate_schedules.json")
     return json.loads(text.read_text(encoding="utf-8"))["schedules"]
+
+
+def model_schedules(model: str) -> tuple[str, ...]:
+    """The searched schedules (``"ViT-S-DeiT/2.9"``) of a timm model, by the model names of
+    the authors' ``main.py`` (``vit_deit_small_patch16_224`` is timm's
+    ``deit_small_patch16_224``); none for any other model."""
+    text = resources.files("ppt_bench.methods").joinpath("data/diffrate_schedules.json")
+    names = json.loads(text.read_text(encoding="utf-8"))["models"]
+    base = model.split(".")[0]
+    return tuple(
+        f"{key}/{name}"
+        for key, theirs in names.items()
+        if base in (theirs, theirs.removeprefix("vit_"))
+        for name in schedules().get(key, {})
+    )
 
 
 def schedule_names() -> str:
@@ -216,6 +239,16 @@ class DiffRate(Method):
                 f"diffrate {what}: every count must exceed the model's {info.prefix_tokens} "
                 f"prefix tokens, got {min(prune + merge)}"
             )
+
+    def budget_knob(self, info: ViTInfo) -> Knob | str:
+        """The searched ``schedule``: the model's own (DeiT-T, -S, -B, MAE ViTs), else a reason."""
+        found = model_schedules(info.name)
+        if not found:
+            return (
+                f"diffrate has searched schedules for DeiT and MAE ViTs only, none for "
+                f"{info.name}: give prune_kept and merge_kept instead of a budget"
+            )
+        return Knob("schedule", "choice", choices=found)
 
     def locations_for(self, depth: int) -> tuple[int, ...]:
         """Block 0 (its count may be below the model's tokens) and every block whose count

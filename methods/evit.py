@@ -19,8 +19,10 @@ from ppt_bench.methods import ops
 from ppt_bench.methods.base import (
     CLS_ATTN,
     DEFAULT_LOCATIONS,
+    Knob,
     Method,
     Reduced,
+    ViTInfo,
     check_float,
     check_locations,
     set_field,
@@ -105,6 +107,10 @@ class EViT(Method):
 
     def locations_for(self, depth: int) -> tuple[int, ...]:
         return self.locations
+
+    def budget_knob(self, info: ViTInfo) -> Knob:
+        """``keep_rate`` from keeping one patch token to keeping all."""
+        return Knob("keep_rate", "float", 1.0 / info.patch_tokens, 1.0, more_at_high=False)
 
     def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
         num_keep = num_kept(self.keep_rate, x.shape[1], num_prefix)

@@ -28,8 +28,10 @@ from ppt_bench.methods.base import (
     AFTER_MLP,
     ATTN,
     IN_ATTN,
+    Knob,
     Method,
     Reduced,
+    ViTInfo,
     check_float,
     check_int,
     check_locations,
@@ -288,6 +290,10 @@ class MCTF(Method):
 
     def locations_for(self, depth: int) -> tuple[int, ...]:
         return tuple(range(1, depth)) if self.locations is None else self.locations
+
+    def budget_knob(self, info: ViTInfo) -> Knob:
+        """``r`` as a count, 0 to half the patch tokens."""
+        return Knob("r", "int", 0, info.patch_tokens // 2)
 
     def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
         N = x.shape[1]

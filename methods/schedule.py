@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import Method, ViTInfo, check_int, check_r_budget, set_field
+from ppt_bench.methods.base import (
+    Knob,
+    Method,
+    ViTInfo,
+    check_int,
+    check_r_budget,
+    r_knob,
+    set_field,
+)
 
 if TYPE_CHECKING:
     pass
@@ -129,6 +137,10 @@ class Scheduled(Method):
     def check_budget(self, info: ViTInfo, given: Collection[str] = ()) -> None:
         if "r" in given:
             check_r_budget(max(self.schedule(info.depth), default=0), info)
+
+    def budget_knob(self, info: ViTInfo) -> Knob:
+        """A constant ``r`` in every block."""
+        return r_knob(info)
 
     def bind(self, info: ViTInfo) -> Method:
         """The schedule resolved for the model's depth: the patched model's
