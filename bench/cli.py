@@ -117,6 +117,19 @@ def add_run_parser(sub: Any) -> None:
         metavar="KEY=[V1,V2]",
         help="sweep a parameter over values, for each method that has it (repeatable)",
     )
+    p.add_argument(
+        "--budget",
+        action="append",
+        metavar="KIND=VALUE",
+        help="compare every method at a budget instead of at its own settings: gmacs=2.9, "
+        "macs=0.65 (share of the unreduced MACs) or speedup=1.4 (measured); each method's knob "
+        "(r, keep_rate, ratio, schedule) is set to meet it (repeatable)",
+    )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print each method's setting at each --budget (knob value, GMACs, share) and exit",
+    )
     p.add_argument("--batch-size", type=int, action="append", help="batch size (repeatable)")
     p.add_argument("--metrics", action="append", help=f"comma list of {','.join(metric_names())}")
     p.add_argument("--data", help="ImageFolder root (ImageNet val layout), digits or synthetic")
@@ -256,6 +269,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = check_output_path(config.out_path, "--out")
     report = None if args.no_report else check_report_path(config.report_path, [out], "--report")
     specs = expand(config)
+    skipped: list = []
+    if config.budget or args.plan:  # the knobs are set first: the defaults need not fit
+        from ppt_bench.budget import plan_sweep
+
+        specs, skipped = plan_sweep(specs, config.budget, print_only=args.plan)
+        if args.plan:
+            return 0
     validate(specs, check_cuda=config.runner == "local")
     if any(timing(s.metrics) for s in specs):
         iterations()  # a bad PPT_BENCH_WARMUP / PPT_BENCH_ITERS would fail every run
@@ -263,6 +283,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         config.runner, config.out_path, progress=not args.quiet, **config.runner_options
     )
     print(f"{len(specs)} runs in sweep {config.sweep_name!r} -> {out}", flush=True)
+    if skipped:
+        from ppt_bench.budget import record_skipped
+
+        print(
+            f"{record_skipped(skipped, out)} runs out of their budget's reach: recorded as skipped"
+        )
     summary = runner.run(specs)
     if summary.skipped:
         print(f"skipped {summary.skipped} runs already in {out}")
@@ -304,6 +330,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         **{option: getattr(args, option) for option in runner_options()},
         "out": args.out,
         "report": args.report,
+        "budget": args.budget,
     }
 
 

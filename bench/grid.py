@@ -81,6 +81,7 @@ class SweepConfig:
     runner_options: dict[str, Any] = field(default_factory=dict)
     out: str | None = None
     report: str | None = None
+    budget: list[str] = field(default_factory=list)
 
     @property
     def out_path(self) -> Path:
@@ -234,7 +235,7 @@ def build_config(
         plans = [by_name.get(name, MethodPlan(name, {}, dict(global_sweep))) for name in methods]
     plans = list({p.name: p for p in plans}.values())  # one plan per method name
     settings = {**file, **{k: v for k, v in (overrides or {}).items() if v is not None}}
-    for key in ("models", "batch_sizes", "metrics", "dtype", "compile"):
+    for key in ("models", "batch_sizes", "metrics", "dtype", "compile", "budget"):
         if key in settings:
             settings[key] = _as_list(settings[key])
     _check_types(settings)

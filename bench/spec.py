@@ -64,6 +64,8 @@ class RunSpec:
         cache_dir: the cache's folder; None: the user cache directory (not part of ``run_id``).
         rounds: timed rounds of throughput, alternating with the unreduced model's (not part of
             ``run_id``: it sets the precision, not what is measured).
+        budget: the budget this run's parameters were resolved for (:mod:`ppt_bench.budget`):
+            ``{"budget": "macs=0.7", "target_gmacs": ..., "share": ...}``; empty otherwise.
     """
 
     model: str
@@ -86,6 +88,7 @@ class RunSpec:
     cache: bool = True
     cache_dir: str | None = None
     rounds: int = DEFAULT_ROUNDS
+    budget: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from ppt_bench.methods import create_method
