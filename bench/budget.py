@@ -199,6 +199,10 @@ class ModelCost:
         self._patched: nn.Module | None = None
         self.offsets: dict[Any, float] = {}  # (method, fixed params) -> counted less estimated
 
+    def _fresh(self) -> nn.Module:
+        """A copy of the unreduced model."""
+        return copy.deepcopy(self.model)
+
     def _twin(self, model: nn.Module) -> nn.Module:
         """The model with 32 channels (same tokens per block), or a copy where timm cannot
         build one."""
@@ -261,7 +265,7 @@ class ModelCost:
         from ppt_bench.methods.patch import patch
 
         if self._patched is None:
-            self._patched = copy.deepcopy(self.model)
+            self._patched = self._fresh()
         methods = [method]
         if method.adaptive:
             n = len(method.locations_for(self.info.depth))
