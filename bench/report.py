@@ -217,7 +217,8 @@ def _without_cost_only(runs: pd.DataFrame) -> pd.DataFrame:
     GMACs reach the other rows through :func:`_gmacs_by_config`. A configuration whose only
     runs counted MACs keeps them.
     """
-    info = {"run_id", *RUN_COLUMNS, *CONTEXT, "n_images", *metrics.metrics_of(same_everywhere=True)}
+    info = {"run_id", *RUN_COLUMNS, *CONTEXT, "n_images", *BUDGET_COLUMNS}
+    info |= set(metrics.metrics_of(same_everywhere=True))
     measured = runs[[c for c in runs if c not in info]].notna().any(axis=1)
     measured_elsewhere = measured.groupby([runs["method"], runs["params"]]).transform("any")
     return runs[measured | ~measured_elsewhere]
