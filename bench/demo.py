@@ -1,9 +1,11 @@
 """``ppt-bench demo``: the whole ablation on the built-in digits dataset, in minutes on a CPU.
 
-Trains (or loads from the cache) the small digits ViT, then runs every registered method over a
-small grid of its main parameter with the same code path as any sweep (``RunSpec`` ->
-``LocalRunner`` -> ``evaluate``): accuracy and agreement on the 360 test images, MACs, CPU
-throughput paired with the baseline (short rounds: :data:`TIMING`) and token statistics.
+Trains (or loads from the cache) the small digits ViT, then runs every registered method at
+three MAC budgets (:data:`BUDGETS`: 85%, 70% and 55% of the unreduced model's MACs, each
+method's knob resolved by :mod:`ppt_bench.budget`) with the same code path as any sweep
+(``RunSpec`` -> ``LocalRunner`` -> ``evaluate``): accuracy and agreement on the 360 test images,
+MACs, CPU throughput paired with the baseline (short rounds: :data:`TIMING`) and token
+statistics. A budget out of a method's reach is recorded as a skipped run.
 Writes ``results/demo-<device>.csv`` and ``reports/demo-<device>.md`` with plots, and prints
 where they are.
 """
@@ -27,6 +29,8 @@ METRICS = ("accuracy", "macs", "throughput", "tokens")
 # one of the baseline (a batch of 64 takes about 0.1 s on 2 CPU cores), so that the whole demo
 # stays within minutes; PPT_BENCH_WARMUP / PPT_BENCH_ITERS override these.
 TIMING = {WARMUP_ENV: "2", ITERS_ENV: "1"}
+# Every method at the same costs: shares of the unreduced model's MACs.
+BUDGETS = ("macs=0.85", "macs=0.7", "macs=0.55")
 
 
 def grid() -> dict[str, tuple[str, tuple[Any, ...]] | None]:
@@ -34,10 +38,12 @@ def grid() -> dict[str, tuple[str, tuple[Any, ...]] | None]:
     return {name: get_method_class(name).demo_grid for name in list_methods() if name != "baseline"}
 
 
-def demo_specs(checkpoint: str, device: str, batch_size: int, sweep: str) -> list[RunSpec]:
-    """One run per registered method and value of its main parameter (``Method.demo_grid``;
-    methods that remove r tokens at blocks 3, 6 and 9 share r, so they meet at equal MACs),
-    plus the baseline. A method without a demo grid runs once with its defaults."""
+def demo_specs(
+    checkpoint: str, device: str, batch_size: int, sweep: str
+) -> tuple[list[RunSpec], list[tuple[RunSpec, str]]]:
+    """The baseline, and every registered method at each of :data:`BUDGETS` (its knob set to
+    meet it); returns the runs and the skipped ones with their reasons."""
+    from ppt_bench.budget import resolve_sweep
     from ppt_bench.digits import MODEL_NAME
 
     common = dict(
@@ -51,13 +57,9 @@ def demo_specs(checkpoint: str, device: str, batch_size: int, sweep: str) -> lis
         workers=0,
     )
     specs = [RunSpec(method="baseline", **common)]
-    for name, main_param in grid().items():
-        if main_param is None:
-            specs.append(RunSpec(method=name, **common))
-            continue
-        key, values = main_param
-        specs += [RunSpec(method=name, params={key: v}, **common) for v in values]
-    return specs
+    specs += [RunSpec(method=name, **common) for name in grid()]
+    plan = resolve_sweep(specs, BUDGETS)
+    return plan.specs, plan.skipped
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -87,9 +89,15 @@ def run(args: argparse.Namespace) -> int:
     report = check_output_path(reports / f"{name}.md", "--reports-dir")
     _, checkpoint, top1 = load_or_train(retrain=args.retrain)
     print(f"digits model: {checkpoint} (test top-1 {top1:.2f}%)", flush=True)
-    specs = demo_specs(str(checkpoint), args.device, args.batch_size, name)
+    specs, skipped = demo_specs(str(checkpoint), args.device, args.batch_size, name)
     validate(specs)
-    print(f"{len(specs)} runs -> {out}", flush=True)
+    print(f"{len(specs)} runs at {', '.join(BUDGETS)} -> {out}", flush=True)
+    if skipped:
+        from ppt_bench.budget import record_skipped
+
+        print(
+            f"{record_skipped(skipped, out)} runs out of their budget's reach: recorded as skipped"
+        )
     with environ(**{k: os.environ.get(k, v) for k, v in TIMING.items()}):
         summary = LocalRunner(out).run(specs)
     if summary.skipped:

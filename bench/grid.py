@@ -239,6 +239,10 @@ def build_config(
         if key in settings:
             settings[key] = _as_list(settings[key])
     _check_types(settings)
+    if settings.get("budget"):
+        from ppt_bench.budget import parse_budget
+
+        settings["budget"] = [parse_budget(b).label for b in settings["budget"]]
     from ppt_bench.runners.base import RUNNERS, runner_options
 
     options = {k: settings.pop(k) for k in runner_options() if k in settings}

@@ -241,8 +241,13 @@ class DiffRate(Method):
             )
 
     def budget_knob(self, info: ViTInfo) -> Knob | str:
-        """The searched ``schedule``: the model's own (DeiT-T, -S, -B, MAE ViTs), else a reason."""
+        """The searched ``schedule``: the model's own (DeiT-T, -S, -B, MAE ViTs); on a 12-block
+        model of 65 tokens (the demo's) the ``merge_kept`` lists of :attr:`demo_grid`; else a
+        reason."""
         found = model_schedules(info.name)
+        if not found and (info.depth, info.prefix_tokens + info.patch_tokens) == (12, 65):
+            # The demo's digits model: DeiT-S's 3.1, 2.9 and 2.3 merge counts scaled to it.
+            return Knob("merge_kept", "choice", choices=self.demo_grid[1])
         if not found:
             return (
                 f"diffrate has searched schedules for DeiT and MAE ViTs only, none for "
