@@ -143,8 +143,16 @@ class Resolution:
         return bool(self.reason)
 
     def record(self) -> dict[str, Any]:
-        """What a run's row records of its budget (``RunSpec.budget``)."""
-        return {"budget": self.budget, "target_gmacs": self.target_gmacs, "share": self.share}
+        """What a run's row records of its budget (``RunSpec.budget``): the label, the budget
+        in GMACs (a MAC budget), the achieved share and, for a speed budget, the measured
+        speedup of the setting with its interval (``1.42 [1.38, 1.47]``)."""
+        out = {"budget": self.budget, "share": None if self.skipped else self.share}
+        if self.budget.startswith("speedup"):
+            s = self.speedup
+            out["speedup"] = "" if s is None else f"{s.value:.3f} [{s.low:.3f}, {s.high:.3f}]"
+        else:
+            out["target_gmacs"] = self.target_gmacs
+        return out
 
 
 class _Part(nn.Module):
@@ -504,8 +512,8 @@ def resolve_speed(
         return start
     knob, _ = _knob_of(name, params, cost.info)
     if knob.kind == "float":
-        n = round((knob.high - knob.low) / float_step)
-        values = [round(knob.low + i * float_step, 6) for i in range(n + 1)]
+        first, last = math.ceil(knob.low / float_step), math.floor(knob.high / float_step)
+        values = [round(k * float_step, 6) for k in range(first, last + 1)]
         values = values if knob.more_at_high else values[::-1]
     elif knob.kind == "int":
         values = _ordered(knob)
@@ -608,10 +616,17 @@ def resolve_sweep(
     budgets = [parse_budget(b) for b in budgets]
     plan = Plan()
     done: dict[Any, Resolution] = {}
+    from ppt_bench.models import describe_vit, unpatchable_reason
+
     for spec in specs:
         if spec.method == "baseline":
             plan.specs.append(spec)
             continue
+        if describe_vit(spec.model) is None:
+            raise UserError(
+                f"{spec.method!r} cannot reduce the tokens of {spec.model!r}: "
+                f"{unpatchable_reason(spec.model)}"
+            )
         for budget in budgets:
             cost = model_cost(spec.model)
             if budget.kind == "speedup" and measure:

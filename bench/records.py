@@ -60,6 +60,7 @@ COLUMNS = (
     "budget",
     "budget_gmacs",
     "budget_share",
+    "budget_speedup",
     "metric",
     "value",
     "ci_low",
@@ -80,8 +81,9 @@ IDENTITY_COLUMNS = ("machine", "checkpoint", "checkpoint_sha256", "data_fingerpr
 # The 95% interval of ``value`` (same unit; empty where none applies), also added later.
 INTERVAL_COLUMNS = ("ci_low", "ci_high")
 # The budget a run was resolved for (``RunSpec.budget``: its label, its GMACs, the achieved
-# share of the unreduced MACs by the counter), added later; empty for a run without one.
-BUDGET_COLUMNS = ("budget", "budget_gmacs", "budget_share")
+# share of the unreduced MACs by the counter, and a speed budget's measured speedup of the
+# setting as ``value [low, high]``), added later; empty for a run without one.
+BUDGET_COLUMNS = ("budget", "budget_gmacs", "budget_share", "budget_speedup")
 REQUIRED_COLUMNS = tuple(
     c for c in COLUMNS if c not in (*IDENTITY_COLUMNS, *INTERVAL_COLUMNS, *BUDGET_COLUMNS)
 )
@@ -102,6 +104,7 @@ TEXT_COLUMNS = (
     "git_sha",
     "error",
     "budget",
+    "budget_speedup",
 )
 
 
@@ -233,6 +236,7 @@ def make_rows(
         "budget": spec.budget.get("budget", ""),
         "budget_gmacs": _cell(spec.budget.get("target_gmacs")),
         "budget_share": _cell(spec.budget.get("share")),
+        "budget_speedup": spec.budget.get("speedup", ""),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **{k: env[k] for k in ("ppt_bench_version", "torch_version", "timm_version", "git_sha")},
         "status": status,
@@ -417,7 +421,8 @@ def read_results(
     # Files written before the identity and interval columns existed lack them.
     later = (*IDENTITY_COLUMNS, *INTERVAL_COLUMNS, *BUDGET_COLUMNS)
     df = df.reindex(columns=[*df.columns, *(c for c in later if c not in df)])
-    df["budget"] = df["budget"].fillna("").astype(str)
+    for column in ("budget", "budget_speedup"):
+        df[column] = df[column].fillna("").astype(str)
     for column in ("value", *INTERVAL_COLUMNS, "budget_gmacs", "budget_share"):
         df[column] = pd.to_numeric(df[column], errors="coerce")
     return df
