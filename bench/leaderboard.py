@@ -174,14 +174,15 @@ def sentence(
 def leaderboard_table(entries: list[Entry], batch_sizes: list[int]) -> str:
     """The ranked markdown table of one budget."""
     speed_first = {bs: fastest(entries, bs) for bs in batch_sizes}
+    shared = sum(e.tied for e in entries) > 1  # first place is shared
     rows = []
-    for e in entries:
+    for i, e in enumerate(entries):
         delta = Cells.estimate(e.runs, "delta_top1")
         p = Cells.mean(e.runs, "p_value")
-        rank = "" if not e.rank else f"{e.rank}" + ("=" if e.tied else "")
+        rank = "" if not e.rank else f"{e.rank}" + ("=" if e.tied and shared else "")
         row = {
             "rank": rank,
-            "method": e.method + (f" ({TIED})" if e.tied and e.rank == 1 else ""),
+            "method": e.method + (f" ({TIED})" if e.tied and i > 0 else ""),
             "setting": format_params(e.params),
             "GMACs": "" if e.gmacs is None else f"{e.gmacs:.3f}",
             "share": "" if e.share is None else f"{e.share:.1%}",
