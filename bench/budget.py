@@ -358,7 +358,10 @@ def resolve_macs(
     for _ in range(8):
         value = _search(knob, cost_of, target)
         if value is None:  # even the most reduction is above the budget by the estimate
-            most = _ordered(knob)[-1] if knob.kind == "int" else _extreme(knob)
+            if knob.kind == "choice":  # the cheapest choice by the estimate
+                most = min(knob.choices, key=cost_of)
+            else:
+                most = _ordered(knob)[-1] if knob.kind == "int" else _extreme(knob)
             if most not in counted:
                 cost_of(most)  # its estimate
                 counted[most] = cost.count(method(most))

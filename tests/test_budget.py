@@ -147,6 +147,8 @@ def test_a_budget_out_of_reach_is_a_reason_not_an_error(one_thread):
     assert res.skipped and "cannot reach macs=0.5" in res.reason and res.params is None
     res = resolve_macs(cost, "prune", {"locations": [9]}, "macs=0.97")
     assert not res.skipped and res.gmacs <= 0.97 * cost.base_gmacs
+    res = resolve_macs(cost, "diffrate", {}, "macs=0.3")  # below its cheapest schedule
+    assert res.skipped and "at schedule=ViT-T-DeiT/0.6 it still costs" in res.reason
 
 
 # -- speed budgets ------------------------------------------------------------------------------
@@ -228,3 +230,18 @@ def test_run_budget_plan_prints_the_table_without_data_or_timing(monkeypatch, ca
 def test_plan_without_budget_is_a_user_error(capsys):
     code = main(["run", "--model", "deit_tiny_patch16_224", "--method", "prune", "--plan"])
     assert code == 2 and "add --budget" in capsys.readouterr().err
+
+
+def test_the_uncounted_fft_term_is_counted_on_a_rope_model(one_thread):
+    """dct's FFTs on an Eva (whose ``_pos_embed`` also returns its rope table)."""
+    import timm
+
+    from ppt_bench.macs import uncounted_macs
+
+    model = create_method("dct", r=8).apply(timm.create_model("eva02_tiny_patch14_224").eval())
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        model(x)
+    tokens = (257, *model.reduction_info.tokens)
+    assert uncounted_macs(model, x) == model.reduction_plan.method.uncounted_macs(tokens, 1, 192)
+    assert uncounted_macs(model, x) > 0
