@@ -122,3 +122,28 @@ def test_planted_leaderboard_ranks_and_marks_the_ties(tmp_path):
     assert "Fastest at batch size 64: evit (1.52x), with tome and random within its interval" in (
         sentence
     )
+
+
+def test_a_clear_winner_is_alone_in_first_place():
+    import pandas as pd
+
+    from ppt_bench.leaderboard import Entry, leaderboard_table, rank_accuracy
+
+    best = np.arange(N) < 800
+    worse = _correct(best, 100, 0)
+
+    def of(correct: np.ndarray) -> Outcomes:
+        zeros = np.zeros(N, dtype=np.int64)
+        return Outcomes(zeros, np.where(correct, 0, 1), correct, np.ones(N), zeros, np.zeros(N))
+
+    outcomes = {"a": of(best), "b": of(worse)}
+    runs = pd.DataFrame({"top1": [80.0], "batch_size": [1]})
+    entries = [
+        Entry("merge", "{}", Estimate(70.0), 1.0, 0.7, runs, "b"),
+        Entry("tome", "{}", Estimate(80.0), 1.0, 0.7, runs, "a"),
+    ]
+    ranked = rank_accuracy(entries, outcomes)
+    assert [(e.method, e.rank, e.tied) for e in ranked] == [("tome", 1, True), ("merge", 2, False)]
+    lines = leaderboard_table(ranked, []).splitlines()
+    assert lines[2].startswith("| 1 ") and "| tome " in lines[2]
+    assert lines[3].startswith("| 2 ") and "| merge " in lines[3]
