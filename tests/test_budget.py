@@ -245,3 +245,28 @@ def test_the_uncounted_fft_term_is_counted_on_a_rope_model(one_thread):
     tokens = (257, *model.reduction_info.tokens)
     assert uncounted_macs(model, x) == model.reduction_plan.method.uncounted_macs(tokens, 1, 192)
     assert uncounted_macs(model, x) > 0
+
+
+@pytest.mark.slow
+def test_run_at_budgets_records_budget_columns_and_skipped_runs_once(tmp_path, capsys):
+    from ppt_bench.records import read_results
+
+    out = tmp_path / "r.csv"
+    args = ["run", "--model", "deit_tiny_patch16_224", "--method", "prune", "--metrics", "macs"]
+    args += ["--budget", "macs=0.7", "--budget", "macs=0.3", "--workers", "0", "--out", str(out)]
+    args += ["--report", str(tmp_path / "r.md")]
+    assert main(args) == 0
+    assert "1 runs out of their budget's reach: recorded as skipped" in capsys.readouterr().out
+    assert main(args) == 0  # again: the skipped run is not recorded twice
+    df = read_results(out)
+    skipped = df[df["status"] == "skipped"]
+    assert len(skipped) == 1 and skipped["budget"].iloc[0] == "macs=0.3"
+    assert "prune cannot reach macs=0.3" in skipped["error"].iloc[0]
+    ok = df[(df["status"] == "ok") & (df["metric"] == "gmacs")].set_index("method")
+    prune = ok.loc["prune"]
+    assert prune["budget"] == "macs=0.7" and '"r": ' in prune["params"]
+    assert prune["budget_gmacs"] == pytest.approx(0.7 * ok.loc["baseline", "value"])
+    assert prune["value"] <= prune["budget_gmacs"]
+    assert prune["budget_share"] == pytest.approx(prune["value"] / ok.loc["baseline", "value"])
+    report = (tmp_path / "r.md").read_text()
+    assert "### At macs=0.7" in report and "## Skipped at their budget" in report
