@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from ppt_bench.methods.base import Features, Method, Reduced
+from ppt_bench.methods.base import Features, Knob, Method, Reduced
 from ppt_bench.methods.patch import ReductionInfo, is_patched, patch
 from ppt_bench.methods.registry import (
     create_method,
@@ -20,6 +20,7 @@ from ppt_bench.methods.registry import (
 
 __all__ = [
     "Features",
+    "Knob",
     "Method",
     "Reduced",
     "ReductionInfo",
