@@ -12,13 +12,14 @@ are thin layers over it.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from ppt_bench import metrics
+from ppt_bench.budget import Plan, record_skipped, resolve_sweep
 from ppt_bench.config import SweepConfig, build_config, load_config
 from ppt_bench.errors import check_output_path
 from ppt_bench.grid import expand, validate
@@ -37,29 +38,49 @@ class Sweep:
     Attributes:
         config: the merged settings (:class:`~ppt_bench.config.SweepConfig`).
         specs: the runs, in the order they run.
+        skipped: at budgets, the runs out of their budget's reach, with the reason.
+        budgets: at budgets, how each method's knob was resolved (:class:`~ppt_bench.budget.Plan`).
     """
 
     config: SweepConfig
     specs: list[RunSpec]
+    skipped: list[tuple[RunSpec, str]] = field(default_factory=list)
+    budgets: Plan | None = None
 
     @classmethod
-    def plan(cls, config: SweepConfig) -> Sweep:
-        """Expand ``config`` into its runs and check them all before any runs: names,
-        parameters, models, paths, the device and the timing settings.
+    def plan(cls, config: SweepConfig, *, measure: bool = True) -> Sweep:
+        """Expand ``config`` into its runs, set each method's knob at each budget, and check
+        every run before any runs: names, parameters, models, paths, the device and the timing
+        settings.
+
+        Args:
+            config: the sweep.
+            measure: resolve speed budgets by timing; without, they stay at their MAC starting
+                point and nothing is timed (``--plan``).
 
         Raises:
             UserError: the first problem, in one line.
         """
         check_output_path(config.out_path, "--out")
         specs = expand(config)
+        budgets = None
+        if config.budget:  # the knobs are set first: the defaults need not fit the model
+            budgets = resolve_sweep(specs, config.budget, measure=measure)
+            specs = budgets.specs
         validate(specs, check_cuda=config.runner == "local")
         if any(metrics.timing(s.metrics) for s in specs):
             iterations()  # a bad PPT_BENCH_WARMUP / PPT_BENCH_ITERS would fail every run
-        return cls(config, specs)
+        return cls(config, specs, budgets.skipped if budgets else [], budgets)
+
+    def budget_table(self) -> str:
+        """Each method's setting at each budget: knob value, achieved GMACs and share."""
+        return self.budgets.table() if self.budgets else ""
 
     def run(self, *, progress: bool = True) -> SweepSummary:
         """Run what the results file does not hold yet with the configured runner, appending
-        each run's rows as it finishes; a failed run is a recorded row, not an exception."""
+        each run's rows as it finishes; a failed run is a recorded row, not an exception, and a
+        run out of its budget's reach is recorded as skipped first."""
+        record_skipped(self.skipped, self.config.out_path)
         runner = create_runner(
             self.config.runner,
             self.config.out_path,

@@ -122,6 +122,11 @@ def add_run_parser(sub: Any) -> None:
         metavar="KEY=[V1,V2]",
         help="sweep a parameter over values, for each method that has it (repeatable)",
     )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="print each method's setting at each --budget (knob value, GMACs, share) and exit",
+    )
     for s in all_settings():
         p.add_argument(s.option, dest=s.dest, **_flag(s))
     p.add_argument("--no-report", action="store_true", help="do not write a report")
@@ -211,8 +216,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     out = check_output_path(config.out_path, "--out")
     report = None if args.no_report else check_report_path(config.report_path, [out], "--report")
+    if args.plan:  # the table of the budgets' settings; nothing runs
+        if not config.budget:
+            raise UserError(
+                "--plan prints the settings a sweep resolves at its budgets: add --budget"
+            )
+        print(Sweep.plan(config, measure=False).budget_table())
+        return 0
     sweep = Sweep.plan(config)
-    print(f"{len(sweep.specs)} runs -> {out}", flush=True)
+    print(f"{len(sweep.specs)} runs in sweep {config.sweep_name!r} -> {out}", flush=True)
+    if sweep.skipped:
+        print(f"{len(sweep.skipped)} runs out of their budget's reach: recorded as skipped")
     summary = sweep.run(progress=not args.quiet)
     if summary.skipped:
         print(f"skipped {summary.skipped} runs already in {out}")

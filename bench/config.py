@@ -39,6 +39,18 @@ SWEEP_SETTINGS = (
         identity=SCHEDULE,
     ),
     Setting(
+        "budget",
+        str,
+        (),
+        "compare every method at a budget instead of at its own settings: gmacs=2.9, "
+        "macs=0.65 (share of the unreduced MACs) or speedup=1.4 (measured); each method's knob "
+        "(r, keep_rate, ratio, schedule) is set to meet it (default: none)",
+        many=True,
+        identity=SCHEDULE,
+        metavar="KIND=VALUE",
+        example=["macs=0.85", "macs=0.7", "macs=0.55"],
+    ),
+    Setting(
         "runner",
         str,
         "local",
@@ -227,6 +239,10 @@ def build_config(
     _check_types(given, declared)
     values = {key: s.start for key, s in declared.items()} | given
     values["sweep_name"] = values["sweep_name"] or _describe_sweep(values, plans)
+    # Imported here: budgets price models with torch, which `ppt-bench --help` does without.
+    from ppt_bench.budget import parse_budget
+
+    values["budget"] = [parse_budget(b).label for b in values["budget"]]
     config = SweepConfig(values, plans)
     if config.runner not in RUNNERS:
         raise UserError(f"runner must be one of {', '.join(RUNNERS)}, got {config.runner!r}")

@@ -1,10 +1,12 @@
 """``ppt-bench demo``: the whole ablation on the built-in digits dataset, in minutes on a CPU.
 
-Trains (or loads from the cache) the small digits ViT, then runs every registered method over a
-small grid of its main parameter as a sweep like any other (:func:`demo_config` ->
-:class:`~ppt_bench.api.Sweep` -> ``LocalRunner`` -> ``evaluate``): accuracy and agreement on
+Trains (or loads from the cache) the small digits ViT, then runs every registered method at
+three MAC budgets (:data:`BUDGETS`: 85%, 70% and 55% of the unreduced model's MACs, each
+method's knob resolved by :mod:`ppt_bench.budget`) as a sweep like any other (:func:`demo_config`
+-> :class:`~ppt_bench.api.Sweep` -> ``LocalRunner`` -> ``evaluate``): accuracy and agreement on
 the 360 test images, MACs, CPU throughput paired with the baseline (short rounds:
-:data:`TIMING`) and token statistics.
+:data:`TIMING`) and token statistics. A budget out of a method's reach is recorded as a skipped
+run.
 Writes ``results/demo-<device>.csv`` and ``reports/demo-<device>.md`` with plots, and prints
 where they are.
 """
@@ -32,6 +34,8 @@ METRICS = ("accuracy", "macs", "throughput", "tokens")
 # one of the baseline (a batch of 64 takes about 0.1 s on 2 CPU cores), so that the whole demo
 # stays within minutes; PPT_BENCH_WARMUP / PPT_BENCH_ITERS override these.
 TIMING = {WARMUP_ENV: "2", ITERS_ENV: "1"}
+# Every method at the same costs: shares of the unreduced model's MACs.
+BUDGETS = ("macs=0.85", "macs=0.7", "macs=0.55")
 
 
 def grid() -> dict[str, tuple[str, tuple[Any, ...]] | None]:
@@ -40,13 +44,9 @@ def grid() -> dict[str, tuple[str, tuple[Any, ...]] | None]:
 
 
 def demo_config(checkpoint: str, device: str, batch_size: int, sweep: str) -> SweepConfig:
-    """The demo as a sweep like any other: every registered method over its demo grid
-    (``Method.demo_grid``; methods that remove r tokens at blocks 3, 6 and 9 share r, so they
-    meet at equal MACs), plus the baseline; a method without a demo grid runs once with its
-    defaults. Its runs are those of ``ppt-bench run`` with the same settings, ids included."""
-    tables = {
-        name: {"sweep": {main[0]: list(main[1])}} if main else {} for name, main in grid().items()
-    }
+    """The demo as a sweep like any other: the baseline, and every registered method at each of
+    :data:`BUDGETS` (its knob set to meet it, its other parameters at their defaults). Its runs
+    are those of ``ppt-bench run`` with the same settings, ids included."""
     settings = {
         "models": [MODEL_NAME],
         "data": "digits",
@@ -56,8 +56,9 @@ def demo_config(checkpoint: str, device: str, batch_size: int, sweep: str) -> Sw
         "metrics": list(METRICS),
         "sweep_name": sweep,
         "workers": 0,
+        "budget": list(BUDGETS),
     }
-    return build_config({"methods": tables}, overrides=settings)
+    return build_config({"methods": list(grid())}, overrides=settings)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
     config = demo_config(str(checkpoint), args.device, args.batch_size, name)
     config.values["out"] = str(out)
     sweep = Sweep.plan(config)
-    print(f"{len(sweep.specs)} runs -> {out}", flush=True)
+    print(f"{len(sweep.specs)} runs at {', '.join(BUDGETS)} -> {out}", flush=True)
+    if sweep.skipped:
+        print(f"{len(sweep.skipped)} runs out of their budget's reach: recorded as skipped")
     with environ(**{k: os.environ.get(k, v) for k, v in TIMING.items()}):
         summary = sweep.run()
     if summary.skipped:

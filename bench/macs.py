@@ -87,7 +87,8 @@ def uncounted_macs(model: nn.Module, x: torch.Tensor) -> int:
     if type(method).uncounted_macs is Method.uncounted_macs:
         return 0
     with torch.inference_mode():
-        tokens_in = model._pos_embed(model.patch_embed(x)).shape[1]
+        embedded = model._pos_embed(model.patch_embed(x))  # an Eva's comes with its rope table
+        tokens_in = (embedded[0] if isinstance(embedded, tuple) else embedded).shape[1]
         model(x)
     tokens = (tokens_in, *model.reduction_info.tokens)
     return method.uncounted_macs(tokens, model.reduction_plan.num_prefix, model.embed_dim)

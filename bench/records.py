@@ -55,6 +55,10 @@ COLUMNS = (
     "data_fingerprint",
     "n_images",
     "seed",
+    "budget",
+    "budget_gmacs",
+    "budget_share",
+    "budget_speedup",
     "metric",
     "value",
     "ci_low",
@@ -74,7 +78,13 @@ COLUMNS = (
 IDENTITY_COLUMNS = ("machine", "checkpoint", "checkpoint_sha256", "data_fingerprint", "seed")
 # The 95% interval of ``value`` (same unit; empty where none applies), also added later.
 INTERVAL_COLUMNS = ("ci_low", "ci_high")
-REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c not in (*IDENTITY_COLUMNS, *INTERVAL_COLUMNS))
+# The budget a run was resolved for (``RunSpec.budget``: its label, its GMACs, the achieved
+# share of the unreduced MACs by the counter, and a speed budget's measured speedup of the
+# setting as ``value [low, high]``), added later; empty for a run without one.
+BUDGET_COLUMNS = ("budget", "budget_gmacs", "budget_share", "budget_speedup")
+REQUIRED_COLUMNS = tuple(
+    c for c in COLUMNS if c not in (*IDENTITY_COLUMNS, *INTERVAL_COLUMNS, *BUDGET_COLUMNS)
+)
 
 # Columns read back as text: a hex run_id or git sha made only of digits ("012345678901",
 # "1e5...") or a version like "0.10" would otherwise be parsed as a number.
@@ -91,6 +101,8 @@ TEXT_COLUMNS = (
     "timm_version",
     "git_sha",
     "error",
+    "budget",
+    "budget_speedup",
 )
 
 
@@ -190,7 +202,7 @@ def make_rows(
         dataset: name of the data actually used.
         n_images: images evaluated.
         batch_size: the batch size actually used (after out-of-memory backoff), default the spec's.
-        status: ``ok`` or ``failed``.
+        status: ``ok``, ``failed`` or ``skipped`` (a budget out of the method's reach).
         error: the one-line error of a failed run.
     """
     env = environment(spec.device)
@@ -218,6 +230,10 @@ def make_rows(
         "data_fingerprint": spec.data_fingerprint,
         "n_images": "" if n_images is None else n_images,
         "seed": spec.seed,
+        "budget": spec.budget.get("budget", ""),
+        "budget_gmacs": _cell(spec.budget.get("target_gmacs")),
+        "budget_share": _cell(spec.budget.get("share")),
+        "budget_speedup": spec.budget.get("speedup", ""),
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **{k: env[k] for k in ("ppt_bench_version", "torch_version", "timm_version", "git_sha")},
         "status": status,
@@ -406,9 +422,11 @@ def read_results(
         frames.append(pd.read_csv(io.StringIO(text), dtype=dict.fromkeys(TEXT_COLUMNS, str)))
     df = pd.concat(frames, ignore_index=True)
     # Files written before the identity and interval columns existed lack them.
-    later = (*IDENTITY_COLUMNS, *INTERVAL_COLUMNS)
+    later = (*IDENTITY_COLUMNS, *INTERVAL_COLUMNS, *BUDGET_COLUMNS)
     df = df.reindex(columns=[*df.columns, *(c for c in later if c not in df)])
-    for column in ("value", *INTERVAL_COLUMNS):
+    for column in ("budget", "budget_speedup"):
+        df[column] = df[column].fillna("").astype(str)
+    for column in ("value", *INTERVAL_COLUMNS, "budget_gmacs", "budget_share"):
         df[column] = pd.to_numeric(df[column], errors="coerce")
     return df
 

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 from tabulate import tabulate
 
-from ppt_bench import metrics, stats
+from ppt_bench import leaderboard, metrics, stats
 from ppt_bench.errors import UserError, check_output_path
 from ppt_bench.metrics import POOLED_COLUMN
 from ppt_bench.outcomes import Outcomes, RunStore
-from ppt_bench.records import IDENTITY_COLUMNS, format_params, read_results
+from ppt_bench.records import BUDGET_COLUMNS, IDENTITY_COLUMNS, format_params, read_results
 from ppt_bench.report_cells import NOT_SIGNIFICANT, Cells, fmt_ci
 from ppt_bench.stats import Estimate
 
@@ -83,7 +83,7 @@ def tidy_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         for bound in ("low", "high")
     ]
     bounds = [b.dropna(axis=1, how="all") for b in bounds]
-    keep = [c for c in (*RUN_COLUMNS[1:], *CONTEXT, "n_images") if c in info]
+    keep = [c for c in (*RUN_COLUMNS[1:], *CONTEXT, "n_images", *BUDGET_COLUMNS) if c in info]
     keep = list(dict.fromkeys(keep))
     runs = pd.concat([info[keep], values, *bounds], axis=1).reset_index()
     return runs, failed
@@ -218,7 +218,8 @@ def _without_cost_only(runs: pd.DataFrame) -> pd.DataFrame:
     GMACs reach the other rows through :func:`_gmacs_by_config`. A configuration whose only
     runs counted MACs keeps them.
     """
-    info = {"run_id", *RUN_COLUMNS, *CONTEXT, "n_images", *metrics.metrics_of(same_everywhere=True)}
+    info = {"run_id", *RUN_COLUMNS, *CONTEXT, "n_images", *BUDGET_COLUMNS}
+    info |= set(metrics.metrics_of(same_everywhere=True))
     measured = runs[[c for c in runs if c not in info]].notna().any(axis=1)
     measured_elsewhere = measured.groupby([runs["method"], runs["params"]]).transform("any")
     return runs[measured | ~measured_elsewhere]
@@ -252,14 +253,16 @@ def _baseline(runs: pd.DataFrame, ctx: dict[str, object]) -> pd.DataFrame:
     return base
 
 
-def failed_table(failed: pd.DataFrame) -> str:
-    rows = [
-        [r.model, r.method, format_params(r.params), r.batch_size, r.error]
-        for r in failed.itertuples()
-    ]
+def failed_table(failed: pd.DataFrame, why: str = "error") -> str:
+    """Failed runs with their error, or skipped ones (``why="reason"``) with their budget."""
+    budget = "budget" in failed and failed["budget"].fillna("").astype(str).ne("").any()
+    rows = []
+    for r in failed.itertuples():
+        where = [r.budget] if budget else []
+        rows.append([r.model, r.method, *where, format_params(r.params), r.batch_size, r.error])
     return tabulate(
         rows,
-        ["model", "method", "params", "batch size", "error"],
+        ["model", "method", *(["budget"] if budget else []), "params", "batch size", why],
         tablefmt="github",
         disable_numparse=True,
     )
@@ -317,8 +320,16 @@ def render(
         HOW_TO_READ,
         "",
     ]
+    budgeted = "budget" in runs and runs["budget"].fillna("").astype(str).ne("").any()
+    if budgeted:
+        lines += [leaderboard.HOW_TO_READ, ""]
     for model, group in runs.groupby("model", sort=True):
         lines += [f"## {model}", "", model_table(group), ""]
+        if budgeted:  # leaderboards at the budgets instead of interpolated equal-MACs cells
+            lines += leaderboard.budget_sections(
+                group, outcomes or {}, _timed_batch_sizes(_without_cost_only(group))
+            )
+            continue
         # One curve per experiment: runs on other weights or data are never averaged.
         varied = _varied(group, ("dataset", *IDENTITY_COLUMNS))
         experiments = group.groupby(varied, sort=True) if varied else [((), group)]
@@ -342,6 +353,10 @@ def render(
         lines += ["No run finished.", ""]
     if notes:
         lines += ["## Notes", "", notes.strip(), ""]
+    skipped = failed[failed["status"] == "skipped"]
+    failed = failed[failed["status"] != "skipped"]
+    if not skipped.empty:
+        lines += ["## Skipped at their budget", "", failed_table(skipped, "reason"), ""]
     if not failed.empty:
         lines += ["## Failed runs", "", failed_table(failed), ""]
     if plots:

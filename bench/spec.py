@@ -126,6 +126,11 @@ class RunSpec:
         "needs 6 or more",
         identity=SCHEDULE,
     )
+    # The budget the parameters were resolved for (:mod:`ppt_bench.budget`), which the budget
+    # columns record: ``{"budget": "macs=0.7", "target_gmacs": ..., "share": ...}`` (and a speed
+    # budget's measured ``speedup``); empty otherwise. Only its label enters the run id: the
+    # rest is what the resolution measured.
+    budget: dict[str, Any] = field(default_factory=dict, metadata={"identity": RUN})
 
     def __post_init__(self) -> None:
         # Imported here: the methods import torch, and `ppt-bench --help` reads the settings
@@ -178,6 +183,9 @@ class RunSpec:
     def run_id(self) -> str:
         """A stable hash of what the run measures: the same spec always gets the same id."""
         d = {k: v for k, v in self.to_dict().items() if _IDENTITY[k] != SCHEDULE}
+        d.pop("budget")
+        if self.budget:  # a run without a budget keeps the id it had before budgets existed
+            d["budget"] = self.budget["budget"]
         blob = json.dumps(d, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 

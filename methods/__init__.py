@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from ppt_bench.methods.base import Method
+from ppt_bench.methods.interface import Knob
 from ppt_bench.methods.ops import Features, Reduced
 from ppt_bench.methods.patch import ReductionInfo, is_patched, patch
 from ppt_bench.methods.registry import (
@@ -21,6 +22,7 @@ from ppt_bench.methods.registry import (
 
 __all__ = [
     "Features",
+    "Knob",
     "Method",
     "Reduced",
     "ReductionInfo",

@@ -36,20 +36,17 @@ real image; random metrics) are guaranteed the same partition as scikit-learn's.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import (
-    DEFAULT_LOCATIONS,
+    KeepAtLocations,
     Method,
-    check_float,
-    check_locations,
-    set_field,
 )
-from ppt_bench.methods.interface import KEY_MEAN, ViTInfo
+from ppt_bench.methods.interface import KEY_MEAN, Knob, ViTInfo
 from ppt_bench.methods.ops import Reduced
 
 LINKAGES = ("complete", "average", "single")
@@ -322,7 +319,7 @@ def atc_step(
 
 
 @dataclass(frozen=True)
-class ATC(Method):
+class ATC(KeepAtLocations):
     """Agglomerative token clustering at fixed blocks.
 
     Args:
@@ -335,24 +332,23 @@ class ATC(Method):
 
     description = "ATC: agglomerative clustering of the tokens into int(T0 * keep_rate^k)"
     needs = frozenset({KEY_MEAN})
-    gives_origin = True
     demo_grid = ("keep_rate", (0.9, 0.8, 0.7))
     keep_rate: float = 0.9
-    locations: tuple[int, ...] = field(default=DEFAULT_LOCATIONS)
     linkage: str = "complete"
     prop_attn: bool = True
 
     def validate(self) -> None:
-        keep_rate = check_float("keep_rate", self.keep_rate, allow_inf=False)
-        if not 0.0 < keep_rate <= 1.0:
-            raise MethodError(f"keep_rate must be in (0, 1], got {self.keep_rate!r}")
-        set_field(self, "keep_rate", keep_rate)
-        set_field(self, "locations", check_locations(self.locations))
+        super().validate()
         if self.linkage not in LINKAGES:
             raise MethodError(f"linkage must be one of {', '.join(LINKAGES)}, got {self.linkage!r}")
 
     def locations_for(self, depth: int) -> tuple[int, ...]:
         return self.locations if self.keep_rate < 1.0 else ()
+
+    def budget_knob(self, info: ViTInfo) -> Knob:
+        """``keep_rate`` from one cluster left at the last location to keeping every token."""
+        lowest = ((1 + 1e-9) / info.patch_tokens) ** (1 / len(self.locations))
+        return Knob("keep_rate", "float", min(lowest, 1.0), 1.0, more_at_high=False)
 
     def bind(self, info: ViTInfo) -> Method:
         bound = copy.copy(self)

@@ -18,7 +18,7 @@ import torch
 
 from ppt_bench.errors import MethodError, PatchError
 from ppt_bench.methods import ops
-from ppt_bench.methods.interface import AFTER_ATTN, CLS_ATTN, KEY_MEAN, ViTInfo
+from ppt_bench.methods.interface import AFTER_ATTN, CLS_ATTN, KEY_MEAN, Knob, ViTInfo
 from ppt_bench.methods.ops import Features, Reduced
 from ppt_bench.methods.patch import ReductionInfo, patch
 
@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 
 # PPT's reduction blocks for a 12-block ViT, shared by the methods that reduce at fixed blocks.
 DEFAULT_LOCATIONS = (3, 6, 9)
+
+
+def r_knob(info: ViTInfo) -> Knob:
+    """``r`` from 0 to the most one step can remove (:func:`check_r_budget`)."""
+    return Knob("r", "int", 0, info.patch_tokens // 2)
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,16 @@ class Method:
         never happened; a default (PPT's r=50 on a small model) and a method applied directly
         clamp as ToMe does.
         """
+
+    def budget_knob(self, info: ViTInfo) -> Knob | str | None:
+        """The parameter a budget resolves on ``info``'s model.
+
+        Returns:
+            A :class:`Knob`; a one-line reason where this method has a knob but none that
+            applies to this model (such a run is recorded as skipped); or None (the default)
+            where the method has no knob at all, which a sweep at budgets refuses.
+        """
+        return None
 
     @property
     def adaptive(self) -> bool:
@@ -225,6 +240,9 @@ class FixedBudget(Method):
         if "r" in given:
             check_r_budget(self.r, info)
 
+    def budget_knob(self, info: ViTInfo) -> Knob:
+        return r_knob(info)
+
 
 @dataclass(frozen=True)
 class ScorePrune(FixedBudget):
@@ -245,6 +263,34 @@ class ScorePrune(FixedBudget):
         r = ops.max_reduction(x.shape[1], num_prefix, self.r)
         scores = self.scores(x, feats, block=block, num_prefix=num_prefix)
         return ops.prune_step(x, size, source, scores, r, num_prefix)
+
+
+@dataclass(frozen=True)
+class KeepAtLocations(Method):
+    """Shared by the methods that keep a share of the patch tokens at fixed blocks (evit, atc).
+
+    Args:
+        keep_rate: the share kept at each location, in (0, 1]; 1 is no change.
+        locations: 0-indexed blocks where tokens are removed, after attention, before the MLP.
+    """
+
+    gives_origin = True
+    keep_rate: float = 0.7
+    locations: tuple[int, ...] = field(default=DEFAULT_LOCATIONS)
+
+    def validate(self) -> None:
+        keep_rate = check_float("keep_rate", self.keep_rate, allow_inf=False)
+        if not 0.0 < keep_rate <= 1.0:
+            raise MethodError(f"keep_rate must be in (0, 1], got {self.keep_rate!r}")
+        set_field(self, "keep_rate", keep_rate)
+        set_field(self, "locations", check_locations(self.locations))
+
+    def locations_for(self, depth: int) -> tuple[int, ...]:
+        return self.locations
+
+    def budget_knob(self, info: ViTInfo) -> Knob:
+        """``keep_rate`` from keeping one patch token to keeping all."""
+        return Knob("keep_rate", "float", 1.0 / info.patch_tokens, 1.0, more_at_high=False)
 
 
 @dataclass(frozen=True)
@@ -283,6 +329,10 @@ class KeepRatio(Method):
 
     def locations_for(self, depth: int) -> tuple[int, ...]:
         return tuple(range(depth)) if self.ratio < 1.0 else ()
+
+    def budget_knob(self, info: ViTInfo) -> Knob:
+        """``ratio`` from 0.5 (a block removes at most half its tokens) to 1."""
+        return Knob("ratio", "float", 0.5, 1.0, more_at_high=False)
 
     def bind(self, info: ViTInfo) -> Method:
         bound = copy.copy(self)

@@ -32,7 +32,7 @@ import torch
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import Method, check_int, set_field
-from ppt_bench.methods.interface import CLS_ATTN, ViTInfo
+from ppt_bench.methods.interface import CLS_ATTN, Knob, ViTInfo
 from ppt_bench.methods.ops import Reduced
 
 if TYPE_CHECKING:
@@ -47,6 +47,21 @@ def schedules() -> dict[str, dict[str, dict[str, list[int]]]]:
     """The authors' searched schedules: ``{model: {name: {"prune_kept": [...], ...}}}``."""
     text = resources.files("ppt_bench.methods").joinpath("data/diffrate_schedules.json")
     return json.loads(text.read_text(encoding="utf-8"))["schedules"]
+
+
+def model_schedules(model: str) -> tuple[str, ...]:
+    """The searched schedules (``"ViT-S-DeiT/2.9"``) of a timm model, by the model names of
+    the authors' ``main.py`` (``vit_deit_small_patch16_224`` is timm's
+    ``deit_small_patch16_224``); none for any other model."""
+    text = resources.files("ppt_bench.methods").joinpath("data/diffrate_schedules.json")
+    names = json.loads(text.read_text(encoding="utf-8"))["models"]
+    base = model.split(".")[0]
+    return tuple(
+        f"{key}/{name}"
+        for key, theirs in names.items()
+        if base in (theirs, theirs.removeprefix("vit_"))
+        for name in schedules().get(key, {})
+    )
 
 
 def schedule_names() -> str:
@@ -218,6 +233,21 @@ class DiffRate(Method):
                 f"diffrate {what}: every count must exceed the model's {info.prefix_tokens} "
                 f"prefix tokens, got {min(prune + merge)}"
             )
+
+    def budget_knob(self, info: ViTInfo) -> Knob | str:
+        """The searched ``schedule``: the model's own (DeiT-T, -S, -B, MAE ViTs); on a 12-block
+        model of 65 tokens (the demo's) the ``merge_kept`` lists of :attr:`demo_grid`; else a
+        reason."""
+        found = model_schedules(info.name)
+        if not found and (info.depth, info.prefix_tokens + info.patch_tokens) == (12, 65):
+            # The demo's digits model: DeiT-S's 3.1, 2.9 and 2.3 merge counts scaled to it.
+            return Knob("merge_kept", "choice", choices=self.demo_grid[1])
+        if not found:
+            return (
+                f"diffrate has searched schedules for DeiT and MAE ViTs only, none for "
+                f"{info.name}: give prune_kept and merge_kept instead of a budget"
+            )
+        return Knob("schedule", "choice", choices=found)
 
     def locations_for(self, depth: int) -> tuple[int, ...]:
         """Block 0 (its count may be below the model's tokens) and every block whose count

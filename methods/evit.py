@@ -10,18 +10,13 @@ token at the next location, where it may be kept or fused again.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import (
-    DEFAULT_LOCATIONS,
-    Method,
-    check_float,
-    check_locations,
-    set_field,
+    KeepAtLocations,
 )
 from ppt_bench.methods.interface import CLS_ATTN
 from ppt_bench.methods.ops import Reduced
@@ -79,7 +74,7 @@ def evit_step(
 
 
 @dataclass(frozen=True)
-class EViT(Method):
+class EViT(KeepAtLocations):
     """EViT token reorganisation.
 
     Args:
@@ -90,21 +85,8 @@ class EViT(Method):
 
     description = "EViT: keep the tokens the class token attends to, fuse the rest into one"
     needs = frozenset({CLS_ATTN})
-    gives_origin = True
     demo_grid = ("keep_rate", (0.8, 0.65, 0.5))
-    keep_rate: float = 0.7
-    locations: tuple[int, ...] = field(default=DEFAULT_LOCATIONS)
     fuse: bool = True
-
-    def validate(self) -> None:
-        keep_rate = check_float("keep_rate", self.keep_rate, allow_inf=False)
-        if not 0.0 < keep_rate <= 1.0:
-            raise MethodError(f"keep_rate must be in (0, 1], got {self.keep_rate!r}")
-        set_field(self, "keep_rate", keep_rate)
-        set_field(self, "locations", check_locations(self.locations))
-
-    def locations_for(self, depth: int) -> tuple[int, ...]:
-        return self.locations
 
     def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
         num_keep = num_kept(self.keep_rate, x.shape[1], num_prefix)

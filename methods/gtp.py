@@ -52,7 +52,7 @@ import torch
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import Method, check_float, check_int, check_locations_fit
-from ppt_bench.methods.interface import ATTN, ViTInfo
+from ppt_bench.methods.interface import ATTN, Knob, ViTInfo
 from ppt_bench.methods.ops import Reduced
 
 GRAPHS = ("mixed", "spatial", "semantic")
@@ -222,6 +222,10 @@ class GTP(Method):
 
     def locations_for(self, depth: int) -> tuple[int, ...]:
         return tuple(range(depth)) if self.num_prop > 0 else ()
+
+    def budget_knob(self, info: ViTInfo) -> Knob:
+        """``num_prop`` from 0 to the most that leaves a patch token after every block."""
+        return Knob("num_prop", "int", 0, (info.patch_tokens - 1) // info.depth)
 
     def check_fits(self, info: ViTInfo) -> None:
         check_locations_fit(self.locations_for(info.depth), info.depth)

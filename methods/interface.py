@@ -8,6 +8,9 @@ The tensors they exchange (:class:`~ppt_bench.methods.ops.Features` in,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from ppt_bench.errors import MethodError
 
 # What a method can ask the patch for at a reduction location.
 CLS_ATTN = "cls_attn"  # class-token attention row, [B, H, N]
@@ -43,3 +46,45 @@ class ViTInfo:
     patch_tokens: int
     prefix_tokens: int
     class_token: bool = True
+
+
+@dataclass(frozen=True)
+class Knob:
+    """The parameter a method's budget resolves (:meth:`Method.budget_knob`).
+
+    A sweep at a budget (``--budget macs=0.7``) sets this one parameter to the value that meets
+    the budget and keeps every other parameter as given.
+
+    Args:
+        param: the parameter's name.
+        kind: ``"int"`` (every integer from ``low`` to ``high``), ``"float"`` (any value in
+            ``[low, high]``) or ``"choice"`` (one of ``choices``).
+        low: the smallest allowed value (``int`` and ``float``).
+        high: the largest allowed value (``int`` and ``float``).
+        more_at_high: whether a higher value removes more tokens (``r``) rather than fewer
+            (``keep_rate``, ``ratio``). Over its range the cost must not rise in that direction.
+        choices: the allowed values of a ``"choice"`` knob, in any order.
+        digits: decimals a resolved ``float`` value keeps.
+    """
+
+    param: str
+    kind: str = "int"
+    low: float = 0
+    high: float = 0
+    more_at_high: bool = True
+    choices: tuple[Any, ...] = ()
+    digits: int = 4
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("int", "float", "choice"):
+            raise MethodError(f"a knob's kind is int, float or choice, got {self.kind!r}")
+        if self.kind == "choice" and not self.choices:
+            raise MethodError(f"knob {self.param!r} of kind choice lists no choices")
+        if self.kind != "choice" and not self.low <= self.high:
+            raise MethodError(f"knob {self.param!r}: low {self.low} is above high {self.high}")
+
+    def values(self) -> tuple[Any, ...]:
+        """Every allowed value of an ``int`` or ``choice`` knob (a ``float`` knob has none)."""
+        if self.kind == "int":
+            return tuple(range(int(self.low), int(self.high) + 1))
+        return self.choices

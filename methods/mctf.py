@@ -25,7 +25,7 @@ import torch
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import Method, check_float, check_int, check_locations, set_field
-from ppt_bench.methods.interface import AFTER_MLP, ATTN, IN_ATTN
+from ppt_bench.methods.interface import AFTER_MLP, ATTN, IN_ATTN, Knob, ViTInfo
 from ppt_bench.methods.ops import Reduced
 
 # The authors' code never reduces a block below this many tokens (``if t - r < 10``).
@@ -280,6 +280,10 @@ class MCTF(Method):
 
     def locations_for(self, depth: int) -> tuple[int, ...]:
         return tuple(range(1, depth)) if self.locations is None else self.locations
+
+    def budget_knob(self, info: ViTInfo) -> Knob:
+        """``r`` as a count, 0 to half the patch tokens."""
+        return Knob("r", "int", 0, info.patch_tokens // 2)
 
     def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
         N = x.shape[1]

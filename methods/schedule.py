@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import Method, check_int, check_r_budget, set_field
-from ppt_bench.methods.interface import ViTInfo
+from ppt_bench.methods.base import Method, check_int, check_r_budget, r_knob, set_field
+from ppt_bench.methods.interface import Knob, ViTInfo
 
 if TYPE_CHECKING:
     pass
@@ -130,6 +130,10 @@ class Scheduled(Method):
     def check_budget(self, info: ViTInfo, given: Collection[str] = ()) -> None:
         if "r" in given:
             check_r_budget(max(self.schedule(info.depth), default=0), info)
+
+    def budget_knob(self, info: ViTInfo) -> Knob:
+        """A constant ``r`` in every block."""
+        return r_knob(info)
 
     def bind(self, info: ViTInfo) -> Method:
         """The schedule resolved for the model's depth: the patched model's

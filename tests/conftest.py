@@ -206,6 +206,15 @@ def traced_source(make_model, images, logits, clone, img_size):
     return trace
 
 
+@pytest.fixture
+def one_thread():
+    """One CPU thread: on a shared 2-core machine two threads spin against other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # -- runs and files ---------------------------------------------------------------------------
 
 

@@ -67,10 +67,10 @@ LAYERS: list[tuple[str, set[str]]] = [
         "measurements",
         {"accuracy", "macs", "throughput", "outcomes", "report_cells", "metrics"},
     ),
-    ("records, specs and reports", {"records", "spec", "plots", "report"}),
+    ("records, specs and reports", {"records", "spec", "plots", "leaderboard", "report"}),
     ("evaluation and training", {"evaluate", "train", "demo_model"}),
     ("runners", {"runners.base", "runners.local", "runners.ray_tune", "runners"}),
-    ("sweeps", {"config", "grid"}),
+    ("sweeps", {"config", "budget", "grid"}),
     ("library", {"api", ""}),
     ("commands", {"cli", "demo", "train_cmd", "visualize"}),
 ]
@@ -170,6 +170,34 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
         for b in sorted(targets)
         if level[b] > level[a]
     ]
+
+
+def unexplained_lazy_imports(root: Path) -> list[str]:
+    """Imports inside functions without a comment saying why: on the import's line, or on the
+    line above the run of import lines it belongs to."""
+    found = []
+    for name, path in modules(root).items():
+        lines = path.read_text().splitlines()
+        tree = ast.parse("\n".join(lines))
+        skip = _type_checking_nodes(tree)
+        for func in ast.walk(tree):
+            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(func):
+                if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in skip:
+                    continue
+                first = node.lineno - 1
+                while first > 0 and lines[first - 1].strip().startswith(("import ", "from ")):
+                    first -= 1
+                block = lines[first : node.end_lineno]
+                said = any("#" in line for line in block) or (first > 0 and "#" in lines[first - 1])
+                if not said:
+                    found.append(f"{name}:{node.lineno}: {lines[node.lineno - 1].strip()}")
+    return found
+
+
+def test_imports_inside_functions_say_why():
+    assert unexplained_lazy_imports(ROOT) == []
 
 
 def test_every_module_has_a_layer():

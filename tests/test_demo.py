@@ -14,10 +14,8 @@ from ppt_bench.records import read_results
 
 
 @pytest.mark.slow
-def test_demo_runs_every_method_and_reports_equal_macs(tmp_path, monkeypatch, capsys):
-    full = demo.grid()
-    last = {k: None if g is None else (g[0], g[1][-1:]) for k, g in full.items()}
-    monkeypatch.setattr(demo, "grid", lambda: last)
+def test_demo_runs_every_method_at_a_budget_and_ranks_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "BUDGETS", ("macs=0.7",))  # one of the three, for time
     monkeypatch.setenv("PPT_BENCH_WARMUP", "1")
     monkeypatch.setenv("PPT_BENCH_ITERS", "2")
     args = ["demo", "--results-dir", str(tmp_path / "results"), "--reports-dir", str(tmp_path)]
@@ -26,9 +24,13 @@ def test_demo_runs_every_method_and_reports_equal_macs(tmp_path, monkeypatch, ca
     assert f"results: {tmp_path / 'results' / 'demo-cpu.csv'}" in out
 
     df = read_results(tmp_path / "results" / "demo-cpu.csv")
-    assert (df["status"] == "ok").all()
+    assert (df["status"] == "ok").all()  # every method reaches 70% of the MACs
     assert set(df["method"]) == set(list_methods())
+    assert set(df.loc[df["method"] != "baseline", "budget"]) == {"macs=0.7"}
     assert set(df["dataset"]) == {"digits"} and set(df["n_images"]) == {360}
+    gmacs = df[df["metric"] == "gmacs"].set_index("method")["value"]
+    share = gmacs.drop("baseline") / gmacs["baseline"]
+    assert (share <= 0.7 + 1e-9).all(), share
     top1 = df[df["metric"] == "top1"].set_index("method")["value"]
     print(f"digits baseline top-1: {top1['baseline']:.2f}%")
     assert top1["baseline"] >= 95.0
@@ -36,9 +38,11 @@ def test_demo_runs_every_method_and_reports_equal_macs(tmp_path, monkeypatch, ca
     assert {"top1", "agreement_top1", "gmacs", "samples_per_sec", "pooled_frac_block_3"} <= metrics
 
     report = (tmp_path / "demo-cpu.md").read_text()
-    assert "Top-1 (%) at equal MACs" in report
+    assert "### At macs=0.7" in report and "(tied)" in report
+    assert "~" not in report  # no interpolated cell
     assert "pooled fraction (block: frac)" in report
-    assert (tmp_path / "demo-cpu-pareto.png").stat().st_size > 0
+    for plot in ("pareto", "speed"):
+        assert (tmp_path / f"demo-cpu-{plot}.png").stat().st_size > 0
     # A second run finds every run in the CSV and only rewrites the report.
     assert main(args) == 0
     assert f"skipped {len(df['run_id'].unique())} runs" in capsys.readouterr().out

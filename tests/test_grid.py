@@ -249,3 +249,15 @@ def test_grid_hash_ignores_order():
     specs = grid(methods=["ppt", "merge"])
     assert grid_hash(specs) == grid_hash(specs[::-1])
     assert grid_hash(specs) != grid_hash(specs[:-1])
+
+
+def test_budgets_come_from_the_config_file_and_the_flags(tmp_path):
+    path = tmp_path / "b.toml"
+    path.write_text(f'models = ["{DEIT}"]\nmethods = ["tome"]\nbudget = ["macs=0.70", "gmacs=1"]\n')
+    assert build_config(load_config(path)).budget == ["macs=0.7", "gmacs=1"]
+    flags = build_config(load_config(path), overrides={"budget": ["speedup=1.5"]})
+    assert flags.budget == ["speedup=1.5"]
+    assert build_config(None, overrides={"models": [DEIT]}).budget == []
+    path.write_text(f'models = ["{DEIT}"]\nbudget = "flops=2"\n')
+    with pytest.raises(UserError, match="a budget is gmacs="):
+        build_config(load_config(path))

@@ -41,15 +41,6 @@ class Sleeper(nn.Module):
         return x.mean(dim=(1, 2, 3))
 
 
-@pytest.fixture
-def one_thread():
-    """One CPU thread: on a shared 2-core machine two threads spin against other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_deit_tiny_throughput_on_cpu_returns_in_seconds(make_model, one_thread):
     model = make_model("deit_tiny")
     calls = []
