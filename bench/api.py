@@ -80,7 +80,8 @@ class Sweep:
         """Run what the results file does not hold yet with the configured runner, appending
         each run's rows as it finishes; a failed run is a recorded row, not an exception, and a
         run out of its budget's reach is recorded as skipped first."""
-        record_skipped(self.skipped, self.config.out_path)
+        if self.skipped:
+            record_skipped(self.skipped, self.config.out_path)
         runner = create_runner(
             self.config.runner,
             self.config.out_path,

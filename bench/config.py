@@ -239,10 +239,12 @@ def build_config(
     _check_types(given, declared)
     values = {key: s.start for key, s in declared.items()} | given
     values["sweep_name"] = values["sweep_name"] or _describe_sweep(values, plans)
-    # Imported here: budgets price models with torch, which `ppt-bench --help` does without.
-    from ppt_bench.budget import parse_budget
+    if values["budget"]:
+        # Imported here: budgets price models with torch and the MAC counters, which a sweep
+        # without budgets and `ppt-bench --help` do without.
+        from ppt_bench.budget import parse_budget
 
-    values["budget"] = [parse_budget(b).label for b in values["budget"]]
+        values["budget"] = [parse_budget(b).label for b in values["budget"]]
     config = SweepConfig(values, plans)
     if config.runner not in RUNNERS:
         raise UserError(f"runner must be one of {', '.join(RUNNERS)}, got {config.runner!r}")

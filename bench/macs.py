@@ -25,7 +25,6 @@ from collections.abc import Hashable, Iterator
 from typing import Any
 
 import torch
-from fvcore.nn.jit_handles import get_shape
 from torch import nn
 from torchprofile import profile_macs
 from tqdm import tqdm
@@ -36,6 +35,7 @@ from ppt_bench.methods.base import Method
 with warnings.catch_warnings():  # fvcore.nn's focal loss uses the deprecated torch.jit.script
     warnings.filterwarnings("ignore", r"`torch\.jit\.script` is deprecated", FutureWarning)
     from fvcore.nn import FlopCountAnalysis
+    from fvcore.nn.jit_handles import get_shape
 
 Path = Hashable  # the path one image took through an adaptive method (``Method.paths``)
 

@@ -37,9 +37,9 @@ FAMILIES = {
     "mctf": "merging",
     "dct": "merging",
     "pitome": "merging",
-    "atc": "merging",
-    "gtp": "merging",
+    "atc": "merging",  # clustering: each cluster is one merged token
     "ppt": "hybrid",
+    "gtp": "hybrid",  # prunes, and propagates what it prunes into the kept tokens
     "tofu": "hybrid",
     "diffrate": "hybrid",
 }

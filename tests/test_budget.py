@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from ppt_bench import budget
 from ppt_bench.budget import Budget, ModelCost, parse_budget, resolve_macs, search_speed
 from ppt_bench.cli import main
 from ppt_bench.errors import UserError
@@ -66,9 +67,7 @@ def _fake_cost() -> SimpleNamespace:
 
 
 def test_a_method_without_a_knob_is_refused_with_one_line(monkeypatch):
-    import ppt_bench.methods as methods
-
-    monkeypatch.setattr(methods, "create_method", lambda name, **p: NoKnob(**p))
+    monkeypatch.setattr(budget, "create_method", lambda name, **p: NoKnob(**p))
     with pytest.raises(UserError, match="declares no budget knob"):
         resolve_macs(_fake_cost(), "noknob", {}, "macs=0.5")
 

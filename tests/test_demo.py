@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import timm
+import torch
 
 from ppt_bench import cli, demo
+from ppt_bench.api import Sweep
 from ppt_bench.cli import main
 from ppt_bench.config import build_config
 from ppt_bench.digits_model import MODEL_NAME
-from ppt_bench.grid import expand
 from ppt_bench.methods import list_methods
 from ppt_bench.records import read_results
 
@@ -60,16 +62,19 @@ def test_an_output_folder_that_is_a_file_is_a_user_error_before_training(
     assert (tmp_path / "file").read_text() == "keep me"
 
 
-def test_a_demo_run_is_the_run_of_ppt_bench_run_with_the_same_settings(tmp_path):
+def test_a_demo_run_is_the_run_of_ppt_bench_run_with_the_same_settings(tmp_path, monkeypatch):
     checkpoint = tmp_path / "digits.pth"
-    checkpoint.write_bytes(b"weights")  # hashed by content, never loaded here
-    specs = expand(demo.demo_config(str(checkpoint), "cpu", 64, "demo-cpu"))
+    torch.save({"model": timm.create_model(MODEL_NAME).state_dict()}, checkpoint)
+    monkeypatch.setattr(demo, "grid", lambda: {"ppt": None})  # the demo of one method
+    config = demo.demo_config(str(checkpoint), "cpu", 64, "demo-cpu")
+    config.values["out"] = str(tmp_path / "demo.csv")
+    specs = Sweep.plan(config).specs
     assert all(s.data_fingerprint and s.checkpoint_sha256 and s.machine for s in specs)
     argv = ["run", "--model", MODEL_NAME, "--data", "digits", "--checkpoint", str(checkpoint)]
-    argv += ["--metrics", ",".join(demo.METRICS), "--method", "ppt", "--param", "r=8"]
-    args = cli.build_parser().parse_args(argv)
-    (base, ppt) = expand(build_config(overrides=cli._overrides(args), methods=args.method,
-                                      params=[("r", 8)]))  # fmt: skip
+    argv += ["--metrics", ",".join(demo.METRICS), "--method", "ppt", "--budget", "macs=0.7"]
+    args = cli.build_parser().parse_args([*argv, "--out", str(tmp_path / "run.csv")])
+    run = Sweep.plan(build_config(overrides=cli._overrides(args), methods=args.method)).specs
     by_id = {s.run_id: s for s in specs}
-    assert by_id[ppt.run_id].method == "ppt" and by_id[ppt.run_id].params == {"r": 8}
-    assert by_id[base.run_id].method == "baseline"
+    assert {s.run_id for s in run} <= set(by_id)  # the baseline and ppt at 70% of the MACs
+    (ppt,) = (s for s in run if s.method == "ppt")
+    assert by_id[ppt.run_id].budget["budget"] == "macs=0.7" and "r" in ppt.params

@@ -7,12 +7,9 @@ import pandas as pd
 from ppt_bench.methods import list_methods
 from ppt_bench.plots import FAMILIES, FAMILY_MARKERS, style, write_plots
 
-# Methods written on other branches, whose styles are reserved already.
-COMING = ("atc", "gtp")
-
 
 def test_every_method_has_its_own_colour_and_a_marker_of_its_family():
-    names = [*list_methods(), *COMING]
+    names = list_methods()
     styles = {name: style(name) for name in names}
     colours = [s["color"] for s in styles.values()]
     assert len(set(colours)) == len(colours), styles  # no two methods share a colour
