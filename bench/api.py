@@ -26,7 +26,7 @@ from ppt_bench.grid import expand, validate
 from ppt_bench.records import COLUMNS, read_results
 from ppt_bench.report import write_report
 from ppt_bench.runners import create_runner
-from ppt_bench.runners.base import SweepSummary
+from ppt_bench.runners.base import Runner, SweepSummary
 from ppt_bench.spec import RunSpec
 from ppt_bench.throughput import iterations
 
@@ -76,18 +76,23 @@ class Sweep:
         """Each method's setting at each budget: knob value, achieved GMACs and share."""
         return self.budgets.table() if self.budgets else ""
 
-    def run(self, *, progress: bool = True) -> SweepSummary:
-        """Run what the results file does not hold yet with the configured runner, appending
-        each run's rows as it finishes; a failed run is a recorded row, not an exception, and a
-        run out of its budget's reach is recorded as skipped first."""
-        if self.skipped:
-            record_skipped(self.skipped, self.config.out_path)
-        runner = create_runner(
+    def runner(self, *, progress: bool = True) -> Runner:
+        """The configured runner, built (and so checked: a Ray address that does not answer
+        stops here)."""
+        return create_runner(
             self.config.runner,
             self.config.out_path,
             progress=progress,
             **self.config.runner_options,
         )
+
+    def run(self, *, progress: bool = True, runner: Runner | None = None) -> SweepSummary:
+        """Run what the results file does not hold yet with the configured runner (or
+        ``runner``), appending each run's rows as it finishes; a failed run is a recorded row,
+        not an exception, and a run out of its budget's reach is recorded as skipped first."""
+        runner = runner or self.runner(progress=progress)
+        if self.skipped:
+            record_skipped(self.skipped, self.config.out_path)
         return runner.run(self.specs)
 
     def results(self) -> pd.DataFrame:

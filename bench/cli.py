@@ -224,10 +224,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(Sweep.plan(config, measure=False).budget_table())
         return 0
     sweep = Sweep.plan(config)
+    runner = sweep.runner(progress=not args.quiet)  # a Ray cluster that does not answer: here
     print(f"{len(sweep.specs)} runs in sweep {config.sweep_name!r} -> {out}", flush=True)
     if sweep.skipped:
         print(f"{len(sweep.skipped)} runs out of their budget's reach: recorded as skipped")
-    summary = sweep.run(progress=not args.quiet)
+    summary = sweep.run(runner=runner)
     if summary.skipped:
         print(f"skipped {summary.skipped} runs already in {out}")
     print(f"{summary.ok} runs finished, {len(summary.failed)} failed")

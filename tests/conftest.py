@@ -19,6 +19,7 @@ import pytest
 import timm
 import torch
 
+from ppt_bench.grid import make_spec
 from ppt_bench.spec import RunSpec
 
 # Named timm architectures covering each structural feature the patch must keep.
@@ -221,7 +222,8 @@ def one_thread():
 @pytest.fixture(scope="session")
 def spec():
     """``spec(method="baseline", params=None, model="deit_tiny_patch16_224", **fields)``: a
-    ``RunSpec`` of these fields, the others at their defaults."""
+    ``RunSpec`` of these fields, the others at their defaults, made by the one factory of specs
+    (:func:`ppt_bench.grid.make_spec`, which fills in the experiment's identity)."""
 
     def make(
         method: str = "baseline",
@@ -229,7 +231,7 @@ def spec():
         model: str = "deit_tiny_patch16_224",
         **fields,
     ) -> RunSpec:
-        return RunSpec(model=model, method=method, params=dict(params or {}), **fields)
+        return make_spec(model, method, params, **fields)
 
     return make
 

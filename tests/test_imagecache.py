@@ -28,7 +28,7 @@ from ppt_bench.accuracy import evaluate_accuracy
 from ppt_bench.cli import _overrides, build_parser
 from ppt_bench.config import build_config
 from ppt_bench.data import device_transform, make_loader
-from ppt_bench.grid import expand
+from ppt_bench.grid import expand, make_spec
 from ppt_bench.imagecache import cached_images, split_transform, to_uint8
 from ppt_bench.methods import create_method
 from ppt_bench.runners.local import LocalRunner
@@ -148,12 +148,13 @@ def _specs(data: Path, cache_dir: Path | None, sweep: str) -> list[RunSpec]:
         cache=cache_dir is not None, cache_dir=None if cache_dir is None else str(cache_dir),
         sweep=sweep,
     )  # fmt: skip
-    specs = [RunSpec(method="baseline", **common)]
-    specs += [RunSpec(method="tome", params={"r": r}, **common) for r in (2, 4, 8)]
+    specs = [make_spec(method="baseline", **common)]
+    specs += [make_spec(method="tome", params={"r": r}, **common) for r in (2, 4, 8)]
     specs += [
-        RunSpec(method="random", params={"r": r, "locations": [1, 3]}, **common) for r in (2, 4, 8)
+        make_spec(method="random", params={"r": r, "locations": [1, 3]}, **common)
+        for r in (2, 4, 8)
     ]
-    specs += [RunSpec(method="ppt", params={"r": 4, "locations": [1, 3]}, **common)]
+    specs += [make_spec(method="ppt", params={"r": 4, "locations": [1, 3]}, **common)]
     return specs
 
 
