@@ -233,6 +233,9 @@ def build_config(
     plans = list({p.name: p for p in plans}.values())  # one plan per method name
     given = {**file, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     declared = {s.key: s for s in all_settings()}
+    unknown = sorted(set(given) - set(declared))
+    if unknown:  # a library call's keyword (the CLI and load_config give declared keys only)
+        raise UserError(f"unknown settings {unknown}; valid settings: {', '.join(declared)}")
     for key, value in given.items():
         if declared[key].axis or declared[key].many:
             given[key] = _as_list(value)
@@ -261,11 +264,11 @@ def build_config(
         for plan in owners:
             plan.params[key] = value
             plan.sweep.pop(key, None)  # a CLI value beats a swept one from the file
-    for key, values in sweeps:
+    for key, swept in sweeps:
         owners = [p for p in plans if key in known[p.name]]
         _check_owned(key, owners, known, "--sweep")
         for plan in owners:
-            plan.sweep[key] = values
+            plan.sweep[key] = swept
             plan.params.pop(key, None)
     for plan in plans:  # file sweeps apply only to the methods that have the parameter
         plan.sweep = {k: v for k, v in plan.sweep.items() if k in known[plan.name]}

@@ -6,8 +6,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 import ppt_bench
 from ppt_bench.cli import main
+from ppt_bench.errors import UserError
 from ppt_bench.records import read_results
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -47,3 +50,10 @@ def test_a_library_sweep_is_the_command_line_sweep(tmp_path, monkeypatch):
     )
     again = ppt_bench.sweep(["vit_digits_patch4_32"], ["merge"], params={"r": 3}, **settings)
     assert again.attrs["summary"].skipped == 2 and again.attrs["summary"].ok == 0
+
+
+def test_an_unknown_setting_is_one_line_before_anything_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=r"unknown settings \['batch_size'\]; valid settings: "):
+        ppt_bench.sweep(["vit_digits_patch4_32"], ["merge"], batch_size=4)
+    assert not (tmp_path / "results").exists()
