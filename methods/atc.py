@@ -216,15 +216,13 @@ def heap_labels(children: torch.Tensor, leaf_node: torch.Tensor, k: int) -> torc
         top = -heap[:, 0]
         kids = children[b_all, top - T]  # [B, 2]
         # heappush(heap, -kids[0]): the path from position n to the root is the same for all.
-        path = [n]
-        while path[-1] > 0:
-            path.append((path[-1] - 1) >> 1)
-        path_t = torch.tensor(path, device=dev)
+        levels = (n + 1).bit_length()  # positions on the path: n, its parent, ..., the root
+        path_t = ((n + 1) >> torch.arange(levels, device=dev)) - 1  # no host-to-device copy
         vals = heap[:, path_t]  # [B, L + 1]; vals[:, 0] is the free slot
         item = -kids[:, 0]
         above = vals[:, 1:] > item[:, None]  # parents the item passes (a prefix of the path)
         cnt = above.sum(dim=1, keepdim=True)  # [B, 1]
-        idx = torch.arange(len(path), device=dev)
+        idx = torch.arange(levels, device=dev)
         shifted = torch.cat([vals[:, 1:], vals[:, -1:]], dim=1)
         heap[:, path_t] = torch.where(
             idx < cnt, shifted, torch.where(idx == cnt, item[:, None], vals)

@@ -198,3 +198,28 @@ def test_gmacs_on_deit_s_match_the_authors():
         assert uncounted_macs(model, x) == 0
         assert figures["gmacs"] == pytest.approx(expected, rel=5e-3), params
         assert figures["gmacs_fvcore"] == pytest.approx(expected, rel=5e-3), params
+
+
+# -- on a GPU ---------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("linkage", LINKAGES)
+def test_labels_on_cuda_equal_the_cpu_labels(linkage):
+    metric = random_metrics(range(8))
+    expected = cluster_labels(metric, 137, linkage)
+    assert torch.equal(cluster_labels(metric.cuda(), 137, linkage).cpu(), expected)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_captures_in_a_cuda_graph():
+    """Capture fails on any host synchronisation or CPU-GPU copy inside the forward."""
+    from conftest import cuda_graph_replay
+
+    model = create_method("atc").apply(make_model(DEIT_S).cuda())
+    eager, out = cuda_graph_replay(model, images(4, 224).cuda())
+    assert (out.float() - eager.float()).abs().max() < 5e-2
