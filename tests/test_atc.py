@@ -223,3 +223,16 @@ def test_captures_in_a_cuda_graph():
     model = create_method("atc").apply(make_model(DEIT_S).cuda())
     eager, out = cuda_graph_replay(model, images(4, 224).cuda())
     assert (out.float() - eager.float()).abs().max() < 5e-2
+
+
+def test_visualize_tints_each_cluster_as_one_group():
+    from ppt_bench.visualize import sources_per_location, token_owner
+
+    model = make_model("deit_tiny", img_size=128)  # 64 patches: 51, 40, 32 clusters
+    method = create_method("atc", keep_rate=0.8)
+    found = sources_per_location(model, method, images(1, 128))
+    assert [(block, n) for block, n, _ in found] == [(3, 52), (6, 41), (9, 33)]
+    for _, n, source in found:
+        owner, sizes = token_owner(source[0], 1)
+        assert len(np.unique(owner)) == n - 1 and (owner >= 0).all()  # one colour per cluster
+        assert sizes.sum() == 64
