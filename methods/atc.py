@@ -36,6 +36,8 @@ real image; random metrics) are guaranteed the same partition as scikit-learn's.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -277,11 +279,27 @@ def cluster_labels(metric: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
     """
     T = metric.shape[1]
     dist = cosine_distance(metric)
-    if linkage == "single":
-        children, leaf_node = single_linkage_tree(dist, T - k)
-    else:
-        children, leaf_node = agglomerative_tree(dist, linkage, T - k)
-    return heap_labels(children, leaf_node, k)
+    with _one_cpu_thread(not dist.is_cuda):
+        if linkage == "single":
+            children, leaf_node = single_linkage_tree(dist, T - k)
+        else:
+            children, leaf_node = agglomerative_tree(dist, linkage, T - k)
+        return heap_labels(children, leaf_node, k)
+
+
+@contextmanager
+def _one_cpu_thread(on: bool) -> Iterator[None]:
+    """The joins and the heap are ~T steps of ``[B, T]`` operations, too small to split over
+    threads: on the CPU they run on one (several threads only wait on each other, badly so on
+    a shared machine)."""
+    threads = torch.get_num_threads()
+    if on:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if on:
+            torch.set_num_threads(threads)
 
 
 @cluster_labels.register_fake
