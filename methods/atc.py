@@ -36,6 +36,8 @@ real image; random metrics) are guaranteed the same partition as scikit-learn's.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -212,15 +214,13 @@ def heap_labels(children: torch.Tensor, leaf_node: torch.Tensor, k: int) -> torc
         top = -heap[:, 0]
         kids = children[b_all, top - T]  # [B, 2]
         # heappush(heap, -kids[0]): the path from position n to the root is the same for all.
-        path = [n]
-        while path[-1] > 0:
-            path.append((path[-1] - 1) >> 1)
-        path_t = torch.tensor(path, device=dev)
+        levels = (n + 1).bit_length()  # positions on the path: n, its parent, ..., the root
+        path_t = ((n + 1) >> torch.arange(levels, device=dev)) - 1  # no host-to-device copy
         vals = heap[:, path_t]  # [B, L + 1]; vals[:, 0] is the free slot
         item = -kids[:, 0]
         above = vals[:, 1:] > item[:, None]  # parents the item passes (a prefix of the path)
         cnt = above.sum(dim=1, keepdim=True)  # [B, 1]
-        idx = torch.arange(len(path), device=dev)
+        idx = torch.arange(levels, device=dev)
         shifted = torch.cat([vals[:, 1:], vals[:, -1:]], dim=1)
         heap[:, path_t] = torch.where(
             idx < cnt, shifted, torch.where(idx == cnt, item[:, None], vals)
@@ -275,11 +275,27 @@ def cluster_labels(metric: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
     """
     T = metric.shape[1]
     dist = cosine_distance(metric)
-    if linkage == "single":
-        children, leaf_node = single_linkage_tree(dist, T - k)
-    else:
-        children, leaf_node = agglomerative_tree(dist, linkage, T - k)
-    return heap_labels(children, leaf_node, k)
+    with _one_cpu_thread(not dist.is_cuda):
+        if linkage == "single":
+            children, leaf_node = single_linkage_tree(dist, T - k)
+        else:
+            children, leaf_node = agglomerative_tree(dist, linkage, T - k)
+        return heap_labels(children, leaf_node, k)
+
+
+@contextmanager
+def _one_cpu_thread(on: bool) -> Iterator[None]:
+    """The joins and the heap are ~T steps of ``[B, T]`` operations, too small to split over
+    threads: on the CPU they run on one (several threads only wait on each other, badly so on
+    a shared machine)."""
+    threads = torch.get_num_threads()
+    if on:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if on:
+            torch.set_num_threads(threads)
 
 
 @cluster_labels.register_fake

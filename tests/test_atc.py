@@ -13,6 +13,7 @@ from ppt_bench.macs import measure_macs, uncounted_macs
 from ppt_bench.methods import create_method
 from ppt_bench.methods.atc import LINKAGES, atc_step, cluster_labels, cosine_distance, num_clusters
 from ppt_bench.methods.ops import Reduced
+from ppt_bench.visualize import sources_per_location, token_owner
 
 DEIT_S = "deit_small_patch16_224"
 
@@ -186,3 +187,37 @@ def test_gmacs_on_deit_s_match_the_authors(make_model, clone):
         assert uncounted_macs(model, x) == 0
         assert figures["gmacs"] == pytest.approx(expected, rel=5e-3), params
         assert figures["gmacs_fvcore"] == pytest.approx(expected, rel=5e-3), params
+
+
+# -- on a GPU ---------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("linkage", LINKAGES)
+def test_labels_on_cuda_equal_the_cpu_labels(linkage):
+    metric = random_metrics(range(8))
+    expected = cluster_labels(metric, 137, linkage)
+    assert torch.equal(cluster_labels(metric.cuda(), 137, linkage).cpu(), expected)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_captures_in_a_cuda_graph(make_model, images, cuda_graph_replay):
+    """Capture fails on any host synchronisation or CPU-GPU copy inside the forward."""
+    model = create_method("atc").apply(make_model(DEIT_S).cuda())
+    eager, out = cuda_graph_replay(model, images(4, 224).cuda())
+    assert (out.float() - eager.float()).abs().max() < 5e-2
+
+
+def test_visualize_tints_each_cluster_as_one_group(make_model, images):
+    model = make_model("deit_tiny", img_size=128)  # 64 patches: 51, 40, 32 clusters
+    method = create_method("atc", keep_rate=0.8)
+    found = sources_per_location(model, method, images(1, 128))
+    assert [(block, n) for block, n, _ in found] == [(3, 52), (6, 41), (9, 33)]
+    for _, n, source in found:
+        owner, sizes = token_owner(source[0], 1)
+        assert len(np.unique(owner)) == n - 1 and (owner >= 0).all()  # one colour per cluster
+        assert sizes.sum() == 64
