@@ -128,7 +128,7 @@ def add_run_parser(sub: Any) -> None:
         help="print each method's setting at each --budget (knob value, GMACs, share) and exit",
     )
     for s in all_settings():
-        p.add_argument(s.option, dest=s.dest, **_flag(s))
+        p.add_argument(s.option, dest=s.key, **_flag(s))
     p.add_argument("--no-report", action="store_true", help="do not write a report")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -244,7 +244,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given on the command line, by config key (None: not given)."""
-    return {s.key: getattr(args, s.dest) for s in all_settings()}
+    return {s.key: getattr(args, s.key) for s in all_settings()}
 
 
 def cmd_report(args: argparse.Namespace) -> int:

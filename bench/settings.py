@@ -64,11 +64,6 @@ class Setting:
         return self.flag or "--" + self.key.replace("_", "-")
 
     @property
-    def dest(self) -> str:
-        """The attribute of the parsed command line."""
-        return self.key
-
-    @property
     def start(self) -> Any:
         """The value before the file and the flags: a list for an axis or a list setting."""
         if self.axis:
