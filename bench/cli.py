@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -293,9 +295,21 @@ def user_error_message(exc: BaseException) -> str | None:
     return None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds as a Ctrl-C does (every file
+    is written atomically, so whatever it cuts short leaves the finished runs whole)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``ppt-bench``; returns the exit code (2 for a user error)."""
+    """Entry point of ``ppt-bench``; returns the exit code (2 for a user error, 130 after
+    SIGINT, 143 after SIGTERM)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         if argv and argv[0] in DELEGATED:
             return run_delegated(argv[0], argv[1:])
@@ -303,15 +317,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except SystemExit as exit_:  # --help and --version
         return exit_.code if isinstance(exit_.code, int) else 0
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; finished runs are kept in the results file", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        print(f"{PROG}: {how}; finished runs are kept in the results file", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     except Exception as exc:
         message = user_error_message(exc)
         if message is None:
             raise
         print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

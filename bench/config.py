@@ -14,7 +14,7 @@ import json
 import re
 import sys
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,8 +179,11 @@ def load_config(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def _methods_from_config(raw: Any, global_sweep: dict[str, list[Any]]) -> list[MethodPlan]:
-    """``methods`` is a list of names or a table ``{name: {param = value, sweep = {...}}}``."""
+def _methods_from_config(
+    raw: Any, global_sweep: dict[str, list[Any]], method_params: Callable[[str], dict[str, Any]]
+) -> list[MethodPlan]:
+    """``methods`` is a list of names or a table ``{name: {param = value, sweep = {...}}}``; a
+    method's own sweep names only its parameters (the global one may name any method's)."""
     if isinstance(raw, list):
         raw = {name: {} for name in raw}
     if not isinstance(raw, dict):
@@ -195,6 +198,13 @@ def _methods_from_config(raw: Any, global_sweep: dict[str, list[Any]]) -> list[M
             isinstance(v, list) and v for v in own_sweep.values()
         ):
             raise UserError(f"config [methods.{name}.sweep] must map parameters to value lists")
+        known = method_params(name)  # an unknown name raises here
+        unknown = sorted(set(own_sweep) - set(known))
+        if unknown:
+            raise UserError(
+                f"config [methods.{name}.sweep]: {name} has no parameter {', '.join(unknown)}; "
+                f"its parameters: {', '.join(known) or 'none'}"
+            )
         plans.append(MethodPlan(name, params, {**global_sweep, **own_sweep}))
     return plans
 
@@ -226,7 +236,7 @@ def build_config(
         isinstance(v, list) and v for v in global_sweep.values()
     ):
         raise UserError("config [sweep] must map parameters to non-empty value lists")
-    plans = _methods_from_config(file.pop("methods", []), global_sweep)
+    plans = _methods_from_config(file.pop("methods", []), global_sweep, method_params)
     if methods:
         by_name = {p.name: p for p in plans}
         plans = [by_name.get(name, MethodPlan(name, {}, dict(global_sweep))) for name in methods]
@@ -241,6 +251,8 @@ def build_config(
             given[key] = _as_list(value)
     _check_types(given, declared)
     values = {key: s.start for key, s in declared.items()} | given
+    if "sweep_name" in given:
+        check_sweep_name(given["sweep_name"])
     values["sweep_name"] = values["sweep_name"] or _describe_sweep(values, plans)
     if values["budget"]:
         # Imported here: budgets price models with torch and the MAC counters, which a sweep
@@ -274,6 +286,16 @@ def build_config(
         plan.sweep = {k: v for k, v in plan.sweep.items() if k in known[plan.name]}
     _check_file_sweeps(global_sweep, known)
     return config
+
+
+def check_sweep_name(name: str) -> None:
+    """A sweep's name names its files under ``results/`` and ``reports/``: a plain, visible
+    file name (no folder, not hidden, not empty)."""
+    if not name or name.startswith(".") or re.search(r"[/\\\x00-\x1f]", name):
+        raise UserError(
+            f"--sweep-name must be a plain file name (not empty, no '/', not starting with "
+            f"'.'), got {name!r}; use --out and --report to write elsewhere"
+        )
 
 
 def _check_types(given: dict[str, Any], declared: dict[str, Setting]) -> None:

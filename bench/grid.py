@@ -31,7 +31,9 @@ BUILTIN_DATA = ("synthetic", "digits")
 _PATHS = {"data": BUILTIN_DATA, "checkpoint": (), "cache_dir": ()}
 
 
-def _absolute(path: str | None, builtin: Iterable[str] = ()) -> str | None:
+def _absolute(key: str, path: str | None, builtin: Iterable[str] = ()) -> str | None:
+    if path == "":  # Path("") would be the working folder, which no one means by it
+        raise UserError(f"{key} is an empty path: give a path or leave the setting out")
     if path is None or path in builtin or "://" in path:
         return path
     return str(Path(path).expanduser().resolve())
@@ -73,7 +75,7 @@ def make_spec(
         settings: the other fields of :class:`~ppt_bench.spec.RunSpec`.
     """
     for key, builtin in _PATHS.items():
-        settings[key] = _absolute(settings.get(key), builtin)
+        settings[key] = _absolute(key, settings.get(key), builtin)
     if experiment is None:
         experiment = experiment_identity(settings["data"], settings["checkpoint"])
     try:
@@ -97,7 +99,7 @@ def expand(config: SweepConfig) -> list[RunSpec]:
     axes = [s for s in declared if s.axis]  # model, dtype, compile, batch size: outermost first
     common = {s.field: config.values[s.key] for s in declared if not s.axis}
     for key, builtin in _PATHS.items():
-        common[key] = _absolute(common[key], builtin)
+        common[key] = _absolute(key, common[key], builtin)
     experiment = experiment_identity(common["data"], common["checkpoint"], _machine(config))
     specs: dict[str, RunSpec] = {}
     for point in itertools.product(*(config.values[s.key] for s in axes)):

@@ -14,6 +14,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ppt_bench.atomic import locked
+from ppt_bench.errors import UserError
+
 try:
     VERSION = version("ppt-bench")  # of the code that measures, in every row
 except PackageNotFoundError:  # running from a source tree that is not installed
@@ -22,7 +25,7 @@ _CHUNK = 1 << 20
 
 
 @cache
-def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+def _file_digest(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -31,22 +34,65 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
 
 
 def file_digest(path: str | os.PathLike) -> str:
-    """The first 16 hex digits of a file's SHA-256 (cached while its size and mtime hold)."""
+    """The first 16 hex digits of a file's SHA-256, cached while its size, mtime, ctime and
+    inode hold (a rewrite in place that restores the mtime still changes the ctime)."""
     st = os.stat(path)
-    return _file_digest(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    return _file_digest(
+        str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+    )
+
+
+def is_url(checkpoint: str) -> bool:
+    return checkpoint.startswith(("http://", "https://"))
+
+
+def url_file(url: str) -> Path:
+    """Where a checkpoint URL is kept: torch hub's ``checkpoints`` folder, under a folder named
+    by the hash of the whole URL, so that two URLs ending in the same file name never share a
+    copy."""
+    import torch  # imported here: the CLI reads identities without torch until it runs
+
+    name = os.path.basename(urlparse(url).path) or "checkpoint.pth"
+    folder = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return Path(torch.hub.get_dir(), "checkpoints", "ppt-bench", folder, name)
+
+
+def checkpoint_file(checkpoint: str) -> str:
+    """The local file of a checkpoint: a path as it is; a URL downloaded once to
+    :func:`url_file` (other processes asking for it meanwhile wait for the download).
+
+    Raises:
+        UserError: the URL cannot be downloaded.
+    """
+    if not is_url(checkpoint):
+        return checkpoint
+    path = url_file(checkpoint)
+    if path.is_file():
+        return str(path)
+    import torch  # imported here: as in url_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(path.parent):
+        if not path.is_file():
+            try:  # writes a temporary file beside the target and renames it when complete
+                torch.hub.download_url_to_file(checkpoint, str(path), progress=False)
+            except (OSError, ValueError) as err:
+                reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+                raise UserError(
+                    f"could not download checkpoint {checkpoint} ({reason}); check the URL "
+                    "and the network, or pass a local file"
+                ) from None
+    return str(path)
 
 
 def checkpoint_digest(checkpoint: str | None) -> str:
-    """The content hash of a checkpoint: a local file, or a URL's copy in torch hub's cache once
-    downloaded; '' for none, a URL not downloaded yet or a path that does not exist."""
+    """The content hash of a checkpoint: a local file, or a URL's copy (downloaded now if it
+    is not yet, so that a run id never names a URL without its content); '' for none or a path
+    that does not exist (refused later)."""
     if checkpoint is None:
         return ""
-    if "://" in checkpoint:
-        import torch  # imported here: the CLI reads identities without torch until it runs
-
-        name = os.path.basename(urlparse(checkpoint).path)
-        checkpoint = os.path.join(torch.hub.get_dir(), "checkpoints", name)
-    return file_digest(checkpoint) if os.path.isfile(checkpoint) else ""
+    path = checkpoint_file(checkpoint)
+    return file_digest(path) if os.path.isfile(path) else ""
 
 
 def data_fingerprint(data: str | None) -> str:

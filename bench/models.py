@@ -21,7 +21,10 @@ import torch
 from timm.data import resolve_data_config
 from timm.models import clean_state_dict, get_pretrained_cfg, split_model_name_tag
 
-from ppt_bench import digits_model  # noqa: F401 - registers vit_digits_patch4_32 with timm
+from ppt_bench import (
+    digits_model,  # noqa: F401 - registers vit_digits_patch4_32 with timm
+    identity,
+)
 from ppt_bench.errors import PatchError, UserError
 from ppt_bench.methods.interface import ViTInfo
 from ppt_bench.methods.patch import check_patchable, uses_rope, vit_info
@@ -63,18 +66,15 @@ def _create(name: str, pretrained: bool, num_classes: int | None) -> nn.Module:
 
 
 def _load_file(checkpoint: str) -> Any:
-    """The object stored in a checkpoint file or URL, loaded onto the CPU."""
-    is_url = checkpoint.startswith(("http://", "https://"))
-    if not is_url and not os.path.isfile(checkpoint):
+    """The object stored in a checkpoint file or URL (downloaded once, see
+    :func:`~ppt_bench.identity.checkpoint_file`), loaded onto the CPU."""
+    if not identity.is_url(checkpoint) and not os.path.isfile(checkpoint):
         raise UserError(f"checkpoint {checkpoint!r} is not a file or an http(s) URL")
+    path = identity.checkpoint_file(checkpoint)
     # Training checkpoints (DeiT's main.py) also store their argparse arguments.
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
-            if is_url:
-                return torch.hub.load_state_dict_from_url(
-                    checkpoint, map_location="cpu", weights_only=True
-                )
-            return torch.load(checkpoint, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # a damaged or foreign file fails in many ways (struct, EOF...)
             raise UserError(
                 f"could not read checkpoint {checkpoint!r} ({type(err).__name__}: "

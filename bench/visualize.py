@@ -19,7 +19,6 @@ import copy
 import logging
 import math
 import re
-import sys
 import textwrap
 from collections import Counter
 from collections.abc import Sequence
@@ -507,24 +506,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``ppt-bench visualize``: write the PNGs and print their paths; 2 on a user error."""
-    try:
-        if args.n_images < 1:
-            raise UserError(f"--n-images must be at least 1, got {args.n_images}")
-        methods = [parse_method(m) for m in (args.method or DEFAULT_METHODS)]
-        images = args.images[0] if len(args.images) == 1 else args.images
-        paths = visualize(
-            args.model,
-            methods,
-            images,
-            Path(args.out),
-            args.checkpoint,
-            n_images=args.n_images,
-            seed=args.seed,
-        )
-    except UserError as err:
-        print(f"ppt-bench visualize: error: {err}", file=sys.stderr)
-        return 2
+    """``ppt-bench visualize``: write the PNGs and print their paths (a :class:`UserError`
+    reaches ``ppt-bench``'s one-line handler, as every command's does)."""
+    if args.n_images < 1:
+        raise UserError(f"--n-images must be at least 1, got {args.n_images}")
+    methods = [parse_method(m) for m in (args.method or DEFAULT_METHODS)]
+    images = args.images[0] if len(args.images) == 1 else args.images
+    paths = visualize(
+        args.model,
+        methods,
+        images,
+        Path(args.out),
+        args.checkpoint,
+        n_images=args.n_images,
+        seed=args.seed,
+    )
     for path in paths:
         print(path)
     return 0

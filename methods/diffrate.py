@@ -22,6 +22,7 @@ or ``"ViT-S-DeiT/2.9"`` where a number names schedules of two models.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -233,6 +234,28 @@ class DiffRate(Method):
                 f"diffrate {what}: every count must exceed the model's {info.prefix_tokens} "
                 f"prefix tokens, got {min(prune + merge)}"
             )
+
+    def check_budget(self, info: ViTInfo, given: Collection[str] = ()) -> None:
+        """Given lists that the blocks would clamp are refused: a block keeps at most the tokens
+        it receives, and merges at most the tokens its pruning kept, so a count above either
+        (an increasing ``prune_kept``, a ``merge_kept`` above its ``prune_kept``) names a
+        reduction that never happens."""
+        if not {"prune_kept", "merge_kept"} & set(given):
+            return
+        prune, merge = self.counts()
+        tokens = info.prefix_tokens + info.patch_tokens
+        for block, (p, m) in enumerate(zip(prune, merge, strict=True)):
+            if p != KEEP_ALL and p > tokens:
+                raise MethodError(
+                    f"diffrate prune_kept[{block}]={p} is more than the {tokens} tokens block "
+                    f"{block} receives: counts must not increase"
+                )
+            if m > min(p, tokens):
+                raise MethodError(
+                    f"diffrate merge_kept[{block}]={m} is more than the {min(p, tokens)} tokens "
+                    f"block {block} keeps after pruning: give merge_kept <= prune_kept"
+                )
+            tokens = m
 
     def budget_knob(self, info: ViTInfo) -> Knob | str:
         """The searched ``schedule``: the model's own (DeiT-T, -S, -B, MAE ViTs); on a 12-block

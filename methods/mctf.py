@@ -17,6 +17,7 @@ score. As in the authors' code, a block never leaves fewer than 10 tokens.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,7 +25,14 @@ import torch
 
 from ppt_bench.errors import MethodError
 from ppt_bench.methods import ops
-from ppt_bench.methods.base import Method, check_float, check_int, check_locations, set_field
+from ppt_bench.methods.base import (
+    Method,
+    check_float,
+    check_int,
+    check_locations,
+    check_r_budget,
+    set_field,
+)
 from ppt_bench.methods.interface import AFTER_MLP, ATTN, IN_ATTN, Knob, ViTInfo
 from ppt_bench.methods.ops import Reduced
 
@@ -280,6 +288,19 @@ class MCTF(Method):
 
     def locations_for(self, depth: int) -> tuple[int, ...]:
         return tuple(range(1, depth)) if self.locations is None else self.locations
+
+    def check_budget(self, info: ViTInfo, given: Collection[str] = ()) -> None:
+        """A given ``r`` beyond half the patch tokens (a count, or a share above 0.5) would be
+        clamped at every location: refused."""
+        if "r" not in given:
+            return
+        if isinstance(self.r, float) and self.r > 0.5:
+            raise MethodError(
+                f"r={self.r} is more than one step can fuse (half the patch tokens of "
+                f"{info.name}): use a share r <= 0.5 or a count r <= {info.patch_tokens // 2}"
+            )
+        if isinstance(self.r, int):
+            check_r_budget(self.r, info)
 
     def budget_knob(self, info: ViTInfo) -> Knob:
         """``r`` as a count, 0 to half the patch tokens."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -14,11 +16,16 @@ import pytest
 from ppt_bench import cli
 from ppt_bench.cli import main
 from ppt_bench.methods import get_method_class, list_methods
-from ppt_bench.records import append_rows, make_rows
+from ppt_bench.records import append_rows, make_rows, read_results
 from ppt_bench.spec import RunSpec
 
 DEIT = "deit_tiny_patch16_224"
 DIGITS = "vit_digits_patch4_32"
+
+
+def on_digits(method: str, *params: str) -> list[str]:
+    return ["--model", DIGITS, "--method", method, *(f for p in params for f in ("--param", p))]
+
 
 BAD_INPUT = {
     "unknown method": (["--method", "pptx"], "unknown method 'pptx'. Did you mean 'ppt'?"),
@@ -43,13 +50,41 @@ BAD_INPUT = {
         "prop_attn must be true or false, got 'false'",
     ),
     "r beyond the model": (
-        ["--model", DIGITS, "--method", "ppt", "--param", "r=1000"],
+        on_digits("ppt", "r=1000"),
         "r=1000 is more than one step can remove from the 64 patch tokens",
     ),
     "tome r beyond the model": (
-        ["--model", DIGITS, "--method", "tome", "--param", "r=40"],
+        on_digits("tome", "r=40"),
         "use r <= 32",
     ),
+    "mctf r beyond the model": (
+        on_digits("mctf", "r=1000"),
+        "r=1000 is more than one step can remove from the 64 patch tokens",
+    ),
+    "mctf share beyond half": (
+        on_digits("mctf", "r=0.9"),
+        "use a share r <= 0.5 or a count r <= 32",
+    ),
+    "diffrate counts that increase": (
+        [
+            "--model",
+            DIGITS,
+            "--method",
+            "diffrate",
+            "--param",
+            f"prune_kept={[65, 60, 62] + [50] * 9}",
+        ],
+        "prune_kept[2]=62 is more than the 60 tokens block 2 receives",
+    ),
+    "diffrate merges more than it keeps": (
+        on_digits("diffrate", f"prune_kept={[60] * 12}", f"merge_kept={[61] + [50] * 11}"),
+        "merge_kept[0]=61 is more than the 60 tokens block 0 keeps",
+    ),
+    "sweep name outside results/": (["--sweep-name", "../../x"], "--sweep-name must be a plain"),
+    "empty sweep name": (["--sweep-name", ""], "--sweep-name must be a plain file name"),
+    "hidden sweep name": (["--sweep-name", ".x"], "not starting with '.'"),
+    "empty cache folder": (["--cache-dir", ""], "cache_dir is an empty path"),
+    "empty data folder": (["--data", ""], "data is an empty path"),
     "output under /proc": (["--out", "/proc/r.csv"], "folder /proc is not writable"),
     "report under /proc": (["--report", "/proc/r.md"], "folder /proc is not writable"),
 }
@@ -95,6 +130,33 @@ def test_results_file_of_another_tool_is_refused_untouched(tmp_path, capsys):
     assert main(["run", "--model", DEIT, "--out", str(out), "--no-report"]) == 2
     assert "not a ppt-bench results CSV" in capsys.readouterr().err
     assert out.read_text() == "a,b\n1,2\n"
+
+
+def test_sigterm_ends_a_sweep_with_one_line_and_keeps_its_finished_runs(tmp_path):
+    out, log = tmp_path / "r.csv", tmp_path / "stderr.txt"
+    command = [sys.executable, "-m", "ppt_bench.cli", "run", "--model", DIGITS, "--data", "digits"]
+    command += ["--n-images", "16", "--metrics", "accuracy,throughput", "--rounds", "2"]
+    command += ["--method", "tome", "--sweep", f"r={list(range(1, 33))}", "--out", str(out)]
+    env = {**os.environ, "PPT_BENCH_WARMUP": "1", "PPT_BENCH_ITERS": "1"}
+    with log.open("w") as stderr:
+        proc = subprocess.Popen([*command, "--no-report", "--quiet"], env=env, stderr=stderr)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out.exists() and ",tome," in out.read_text()):  # the baseline and a run
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        kept = read_results(out)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, log.read_text()
+    assert log.read_text().splitlines()[-1] == (
+        "ppt-bench: terminated (SIGTERM); finished runs are kept in the results file"
+    )
+    after = read_results(out)
+    assert set(kept.run_id) <= set(after.run_id) and after.method.nunique() == 2
+    assert after.run_id.nunique() < 33  # it stopped
 
 
 def results_csv(path: Path) -> Path:

@@ -15,6 +15,7 @@ import ppt_bench.models
 from ppt_bench.errors import UserError
 from ppt_bench.evaluate import evaluate
 from ppt_bench.grid import make_spec
+from ppt_bench.identity import file_digest
 from ppt_bench.models import build_model
 from ppt_bench.records import (
     COLUMNS,
@@ -184,23 +185,48 @@ def test_a_checkpoint_fine_tuned_on_other_classes_sets_the_head(tmp_path):
         build_model(TINY, checkpoint=path, num_classes=5)
 
 
-def test_checkpoint_from_a_url(tmp_path):
-    weights = save_checkpoint(tmp_path / "w.pth", "model")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+@pytest.fixture
+def served(tmp_path, monkeypatch):
+    """A folder served over http from 127.0.0.1, and torch hub's cache in a fresh folder."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    hub_dir = torch.hub.get_dir()
-    torch.hub.set_dir(str(tmp_path / "hub"))
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/w.pth"
-        spec = RunSpec(model=TINY, checkpoint=url)
-        model, _ = build_model(spec)
-    finally:
-        torch.hub.set_dir(hub_dir)
-        server.shutdown()
-        server.server_close()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_checkpoint_from_a_url(served):
+    root, base = served
+    weights = save_checkpoint(root / "w.pth", "model")
+    model, _ = build_model(RunSpec(model=TINY, checkpoint=f"{base}/w.pth"))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_urls_with_the_same_file_name_are_two_checkpoints(served):
+    root, base = served
+    (root / "v2").mkdir()
+    v1 = save_checkpoint(root / "digits.pth", None)
+    torch.manual_seed(8)
+    v2 = timm.create_model(TINY).state_dict()
+    torch.save(v2, root / "v2" / "digits.pth")
+    for name, weights in (("digits.pth", v1), ("v2/digits.pth", v2)):
+        url, file = f"{base}/{name}", root / name
+        spec = make_spec(TINY, checkpoint=url)  # the first spec of a URL downloads it
+        assert spec.checkpoint_sha256 == file_digest(file)  # never '' before a download
+        assert make_spec(TINY, checkpoint=url).run_id == spec.run_id  # so a resume skips it
+        model, _ = build_model(spec)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_a_url_that_cannot_be_downloaded_is_one_line(served):
+    _, base = served
+    with pytest.raises(UserError, match=r"could not download checkpoint .*missing\.pth") as err:
+        make_spec(TINY, checkpoint=f"{base}/missing.pth")
+    assert "\n" not in str(err.value)
 
 
 def test_checkpoint_errors_are_user_errors(tmp_path):

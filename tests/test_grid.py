@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
+from ppt_bench import identity
 from ppt_bench.config import build_config, example_config, load_config
 from ppt_bench.errors import UserError
 from ppt_bench.grid import expand, validate
@@ -134,11 +136,16 @@ def test_no_baseline_and_duplicates():
         grid(overrides={}, methods=["ppt"])
 
 
-def test_example_config_documents_a_valid_sweep(tmp_path):
+def test_example_config_documents_a_valid_sweep(tmp_path, monkeypatch):
     example = tmp_path / "deit-small-ppt.toml"
     example.write_text(example_config())
     config = build_config(load_config(example))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    copy = identity.url_file(config.checkpoint)  # its URL as if downloaded before
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(b"weights")
     specs = expand(config)
+    assert {s.checkpoint_sha256 for s in specs} == {identity.file_digest(copy)}
     # 2 batch sizes x (baseline + ppt 3 r x 3 thresholds + merge 3 r + prune 3 r)
     assert len(specs) == 2 * (1 + 9 + 3 + 3)
     assert config.sweep_name == "deit-small-ppt"
@@ -172,6 +179,7 @@ def test_flags_override_the_config_file(tmp_path):
         ("modles = ['x']", "unknown keys \\['modles'\\]"),
         ("models = [", "not valid TOML"),
         ("[methods.ppt]\nsweep = {r = 3}", "value lists"),
+        ("[methods.tome.sweep]\nrr = [4, 8]", r"\[methods.tome.sweep\]: tome has no parameter rr"),
         ("[sweep]\nr = 3", "value lists"),
         ("device = 0", "setting 'device' must be of type str"),
         ("workers = true", "setting 'workers' must be of type int"),

@@ -11,6 +11,7 @@ from PIL import Image
 from timm.data import resolve_data_config
 
 from ppt_bench import visualize as vis
+from ppt_bench.cli import main
 from ppt_bench.models import build_model
 
 
@@ -199,12 +200,10 @@ def test_run_from_the_command_line(tmp_path, capsys):
         (["--n-images", "0"], "--n-images must be at least 1"),
     ],
 )
-def test_run_reports_user_errors(tmp_path, capsys, argv, message):
+def test_run_reports_user_errors(tmp_path, capsys, assert_one_line_error, argv, message):
     files = _image_files(tmp_path, 1, size=160)
-    args = _cli(["--model", "test_vit", "--images", str(files[0]), "--out", str(tmp_path), *argv])
-    assert vis.run(args) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
+    argv = ["--model", "test_vit", "--images", str(files[0]), "--out", str(tmp_path), *argv]
+    assert_one_line_error(main(["visualize", *argv]), capsys.readouterr().err, message)
 
 
 @pytest.mark.parametrize(
@@ -217,17 +216,15 @@ def test_run_reports_user_errors(tmp_path, capsys, argv, message):
     ],
 )
 def test_an_unwritable_out_is_a_user_error_before_any_work(
-    tmp_path, capsys, monkeypatch, out, message
+    tmp_path, capsys, monkeypatch, assert_one_line_error, out, message
 ):
     files = _image_files(tmp_path, 1, size=160)
     (tmp_path / "file.csv").write_text("keep me")
     (tmp_path / "noext").write_text("keep me")
     (tmp_path / "folder.png").mkdir()
     monkeypatch.setattr(vis, "load_model", lambda *a: pytest.fail("built the model"))
-    args = _cli(["--model", "test_vit", "--images", str(files[0]), "--out", str(tmp_path / out)])
-    assert vis.run(args) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1
+    argv = ["--model", "test_vit", "--images", str(files[0]), "--out", str(tmp_path / out)]
+    assert_one_line_error(main(["visualize", *argv]), capsys.readouterr().err, message)
     assert (tmp_path / "file.csv").read_text() == "keep me"
 
 
@@ -243,5 +240,6 @@ def test_run_with_a_checkpoint(tmp_path, capsys):
     assert vis.run(_cli([*common, "--checkpoint", str(good)])) == 0
     with Image.open(tmp_path / "fig.png") as im:
         assert im.size == vis.Layout(rows=1, cols=2).size
-    assert vis.run(_cli([*common, "--checkpoint", str(bad)])) == 2
+    capsys.readouterr()
+    assert main(["visualize", *common, "--checkpoint", str(bad)]) == 2
     assert "does not fit" in capsys.readouterr().err
