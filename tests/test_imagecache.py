@@ -28,6 +28,7 @@ from ppt_bench.accuracy import evaluate_accuracy
 from ppt_bench.cli import _overrides, build_parser
 from ppt_bench.config import build_config
 from ppt_bench.data import device_transform, make_loader
+from ppt_bench.folder import list_image_folder
 from ppt_bench.grid import expand, make_spec
 from ppt_bench.imagecache import cached_images, split_transform, to_uint8
 from ppt_bench.methods import create_method
@@ -224,6 +225,7 @@ from collections import Counter
 import ppt_bench.data
 import ppt_bench.decode
 from ppt_bench.data import device_transform, make_loader
+from ppt_bench.folder import list_image_folder
 
 config = json.loads(sys.argv[3])
 count = Counter()
@@ -297,9 +299,9 @@ def test_an_entry_renamed_into_place_by_another_process_is_read(image_tree, tmp_
     valid = imagecache._valid
     calls = Counter()
 
-    def blind_until_built(path, n, shape):  # sees no entry before building, as if racing
+    def blind_until_built(*args):  # sees no entry before building, as if racing
         calls["valid"] += 1
-        return valid(path, n, shape) if calls["valid"] > 2 else False
+        return valid(*args) if calls["valid"] > 2 else False
 
     monkeypatch.setattr(imagecache, "_valid", blind_until_built)
     loader, _ = make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
@@ -390,11 +392,12 @@ def test_synthetic_and_digits_data_do_not_use_the_cache(tmp_path):
 def test_cached_images_needs_a_tensor_tail_to_split(image_tree, tmp_path):
     tree = image_tree(write_tree)
     transform = create_transform(**DATA_CONFIG, is_training=False)
-    samples = [(str(p), 0) for p in sorted(tree.glob("ant/*"))]
+    listing = list_image_folder(tree)
+    args = (listing.samples, listing.stamps, listing.classes)
     no_tail = type(transform)(transform.transforms[:-1])  # no Normalize: not cached
-    assert cached_images(samples, ["ant"], no_tail, (3, 32, 32), tmp_path / "cache") is None
+    assert cached_images(*args, no_tail, (3, 32, 32), tmp_path / "cache") is None
     assert not (tmp_path / "cache").exists()
-    assert cached_images(samples, ["ant"], transform, (3, 32, 32), tmp_path / "cache")
+    assert cached_images(*args, transform, (3, 32, 32), tmp_path / "cache")
 
 
 def test_normalising_into_a_reused_buffer_gives_the_same_tensors():
