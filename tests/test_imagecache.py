@@ -219,6 +219,67 @@ def test_a_changed_file_rebuilds_the_cache(image_tree, tmp_path, decodes, change
         assert torch.equal(a, b) and torch.equal(la, lb)
 
 
+def test_an_image_rewritten_in_place_with_its_mtime_kept_is_decoded_again(image_tree, tmp_path):
+    """Same name, same size (a BMP of the same dimensions), mtime put back as ``touch -r``
+    does: the key still changes (the ctime does), so the new pixels are read."""
+
+    def write_bmps(root: Path) -> None:
+        for c, name in enumerate(CLASSES):
+            (root / name).mkdir(parents=True)
+            for i in range(2):
+                write_image(root / name / f"{i}.bmp", seed=10 * c + i)
+
+    tree = image_tree(write_bmps)
+    cache_dir = tmp_path / "cache"
+    make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
+    target = tree / "bee" / "1.bmp"
+    before = target.stat()
+    write_image(target, seed=777)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = target.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size, before.st_mtime_ns, before.st_ino,
+    )  # fmt: skip
+    cached, _ = make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
+    direct, _ = make_loader(str(tree), DATA_CONFIG, 4, workers=0)
+    assert isinstance(cached.dataset, imagecache.CachedImages)
+    for (a, la, _), (b, lb, _) in zip(batches(direct), batches(cached), strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def _shorten(path: Path, keep: int) -> None:
+    np.save(path, np.load(path)[:keep])
+
+
+DAMAGE = {
+    "labels shortened": lambda entry: _shorten(entry / imagecache.LABELS, 2),
+    "readable shortened": lambda entry: _shorten(entry / imagecache.READABLE, 2),
+    "images truncated": lambda entry: os.truncate(entry / imagecache.IMAGES, 1000),
+    "labels unreadable": lambda entry: (entry / imagecache.LABELS).write_bytes(b"junk"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_entry_is_replaced_and_never_read(image_tree, tmp_path, decodes, damage):
+    tree = image_tree(write_tree)
+    cache_dir = tmp_path / "cache"
+    make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
+    (entry,) = _entries(cache_dir)
+    DAMAGE[damage](entry)
+    decodes.clear()
+    loader, _ = make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
+    assert isinstance(loader.dataset, imagecache.CachedImages)
+    assert len(loader.dataset) == len(CLASSES) * PER_CLASS + 1
+    assert sum(decodes.values()) == len(CLASSES) * PER_CLASS + 1  # rebuilt from the images
+    direct, _ = make_loader(str(tree), DATA_CONFIG, 4, workers=0)
+    for (a, la, sa), (b, lb, sb) in zip(batches(direct), batches(loader), strict=True):
+        assert sa == sb and torch.equal(a, b) and torch.equal(la, lb)
+    decodes.clear()
+    make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
+    assert not decodes and _entries(cache_dir) == [entry]  # repaired: read from now on
+    assert not list(cache_dir.glob("*.tmp-*"))
+
+
 SCRIPT = """
 import hashlib, json, sys
 from collections import Counter
