@@ -71,24 +71,28 @@ class TolerantImageFolder(ImageFolder):
         return load_sample(path, self.transform), target
 
 
-# The data folders already warned about in this process: one warning each, not one per run.
-_WARNED: set[tuple[str, str]] = set()
+# The warnings already given in this process: one for each data folder, not one per run.
+_WARNED: set[str] = set()
 
 
 def _warn_once(root: str | os.PathLike, listing: FolderListing) -> None:
     """One warning line each for files reached through links that leave ``root`` and for
     image names that are not regular files (left out)."""
-    notes = {
-        "outside": listing.outside
-        and f"{len(listing.outside)} images of {root} lie outside it through links "
-        f"(first: {listing.outside[0]} -> {os.path.realpath(listing.outside[0])})",
-        "skipped": listing.skipped
-        and f"skipping {len(listing.skipped)} entries of {root} that are not regular files "
-        f"(first: {listing.skipped[0]})",
-    }
-    for kind, note in notes.items():
-        if note and (os.fspath(root), kind) not in _WARNED:
-            _WARNED.add((os.fspath(root), kind))
+    notes = []
+    if listing.outside:
+        first = listing.outside[0]
+        notes.append(
+            f"{len(listing.outside)} images of {root} lie outside it through links "
+            f"(first: {first} -> {os.path.realpath(first)})"
+        )
+    if listing.skipped:
+        notes.append(
+            f"skipping {len(listing.skipped)} entries of {root} that are not regular files "
+            f"(first: {listing.skipped[0]})"
+        )
+    for note in notes:
+        if note not in _WARNED:
+            _WARNED.add(note)
             _logger.warning(note)
 
 
