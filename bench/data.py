@@ -22,11 +22,19 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from ppt_bench.decode import Batch, load_sample
 from ppt_bench.digits import digits_dataset
 from ppt_bench.errors import UserError
+from ppt_bench.folder import (
+    IMAGE_EXTENSIONS,
+    FolderListing,
+    class_root,
+    find_classes,
+    is_image_name,
+    list_image_folder,
+    walk,
+)
 from ppt_bench.imagecache import CachedImages, cached_images, pass_batch
 
 _logger = logging.getLogger(__name__)
@@ -39,11 +47,53 @@ _SPLIT_NAMES = ("val", "validation", "test", "train")
 
 
 class TolerantImageFolder(ImageFolder):
-    """``ImageFolder`` that yields ``(None, label)`` for an image it cannot decode."""
+    """``ImageFolder`` over the files of :func:`~ppt_bench.folder.list_image_folder` (the files
+    torchvision lists, less loops and what is not a regular file; empty classes allowed) that
+    yields ``(None, label)`` for an image it cannot decode.
+
+    ``listing`` keeps the stamps of the samples: what the fingerprint and the cache key hash.
+    """
+
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None) -> None:
+        self.listing = list_image_folder(root)
+        _warn_once(root, self.listing)
+        super().__init__(os.fspath(root), transform=transform, allow_empty=True)
+
+    def find_classes(self, directory: str | os.PathLike) -> tuple[list[str], dict[str, int]]:
+        classes = list(self.listing.classes)
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def make_dataset(self, *args: Any, **kwargs: Any) -> list[tuple[str, int]]:
+        return list(self.listing.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, target = self.samples[index]
         return load_sample(path, self.transform), target
+
+
+# The warnings already given in this process: one for each data folder, not one per run.
+_WARNED: set[str] = set()
+
+
+def _warn_once(root: str | os.PathLike, listing: FolderListing) -> None:
+    """One warning line each for files reached through links that leave ``root`` and for
+    image names that are not regular files (left out)."""
+    notes = []
+    if listing.outside:
+        first = listing.outside[0]
+        notes.append(
+            f"{len(listing.outside)} images of {root} lie outside it through links "
+            f"(first: {first} -> {os.path.realpath(first)})"
+        )
+    if listing.skipped:
+        notes.append(
+            f"skipping {len(listing.skipped)} entries of {root} that are not regular files "
+            f"(first: {listing.skipped[0]})"
+        )
+    for note in notes:
+        if note not in _WARNED:
+            _WARNED.add(note)
+            _logger.warning(note)
 
 
 class SyntheticImages(Dataset):
@@ -94,46 +144,57 @@ def collate_readable(batch: list[tuple[Any, int]]) -> Batch:
 
 def _holds_image(folder: Path) -> bool:
     """Whether a file with an image extension lies anywhere under ``folder`` (none is opened)."""
-    for _, _, files in os.walk(folder, followlinks=True):
-        if any(f.lower().endswith(IMG_EXTENSIONS) for f in files):
-            return True
-    return False
+    return any(is_image_name(e.name) for _, entries in walk(str(folder)) for e in entries)
 
 
 def image_folder_root(path: str | Path) -> Path:
     """The class-folder root of an ImageFolder tree given as ``root/`` or ``root/val/``.
 
     Cheap enough to check a grid before it runs: it lists folders and file names and stops at
-    the first image file; it decodes nothing.
+    the first image file; it decodes nothing. Its class folders are torchvision's, hidden ones
+    included.
 
     Raises:
-        UserError: missing path, empty tree, images that are not in class folders, or class
-            folders without image files.
+        UserError: missing path, empty tree, images that are not in class folders, class
+            folders without image files, or links that loop.
     """
-    root = Path(path).expanduser()
+    root = class_root(path)
     if not root.is_dir():
         raise UserError(f"data path {str(root)!r} does not exist or is not a folder")
-    if (root / "val").is_dir():
-        root = root / "val"
-    class_dirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
-    if not class_dirs:
+    classes = find_classes(root)
+    loose = [p for p in root.iterdir() if p.is_file() and is_image_name(p.name)]
+    if not classes:
         if loose:
             raise UserError(
                 f"{root} holds images but no class folders: ImageFolder needs "
                 "root/<class>/<image> (ImageNet val layout val/<synset>/<image>.JPEG)"
             )
         raise UserError(f"{root} is empty: expected class folders root/<class>/<image>")
-    if not any(_holds_image(d) for d in class_dirs):
-        exts = ", ".join(sorted(IMG_EXTENSIONS))
+    if not any(_holds_image(root / name) for name in classes):
+        exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise UserError(f"no images found under {root} (looked for {exts})")
     return root
 
 
+def check_cache_outside(data: str | os.PathLike, cache_dir: str | os.PathLike) -> None:
+    """Refuse an image cache inside the data folder: ImageFolder would take a cache folder in
+    its root for a class (hidden or not) and shift every label after it.
+
+    Raises:
+        UserError: ``cache_dir`` is ``data`` or lies inside it.
+    """
+    data_path = Path(data).expanduser().resolve()
+    cache_path = Path(cache_dir).expanduser().resolve()
+    if cache_path == data_path or data_path in cache_path.parents:
+        raise UserError(
+            f"the image cache {cache_dir} lies inside --data {data}, where it would be read as "
+            "a class: pass a --cache-dir outside the data folder"
+        )
+
+
 def image_folder(path: str | Path, transform: Callable) -> TolerantImageFolder:
     """An ImageFolder dataset over ``path`` (``root/`` or ``root/val/``), empty classes allowed."""
-    root = image_folder_root(path)
-    return TolerantImageFolder(str(root), transform=transform, allow_empty=True)
+    return TolerantImageFolder(image_folder_root(path), transform=transform)
 
 
 def dataset_name(data: str | None) -> str:
@@ -179,13 +240,16 @@ def make_dataset(
     if data in (None, SYNTHETIC):
         n = n_images or DEFAULT_SYNTHETIC_IMAGES
         return SyntheticImages(n, data_config["input_size"], seed)
+    if cache_dir is not None and data != DIGITS:
+        check_cache_outside(data, cache_dir)
     transform = create_transform(**data_config, is_training=False)
     dataset = _digits(transform) if data == DIGITS else image_folder(data, transform)
     keep = _subset_indices(len(dataset), n_images, seed)
     if cache_dir is not None and isinstance(dataset, TolerantImageFolder):
-        samples = dataset.samples if keep is None else [dataset.samples[i] for i in keep]
+        chosen = range(len(dataset)) if keep is None else keep
         cached = cached_images(
-            samples,
+            [dataset.samples[i] for i in chosen],
+            [dataset.listing.stamps[i] for i in chosen],
             dataset.classes,
             transform,
             data_config["input_size"],

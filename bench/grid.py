@@ -19,8 +19,9 @@ import torch
 
 from ppt_bench import identity
 from ppt_bench.config import SweepConfig
-from ppt_bench.data import image_folder_root
+from ppt_bench.data import check_cache_outside, image_folder_root
 from ppt_bench.errors import UserError
+from ppt_bench.evaluate import cache_dir
 from ppt_bench.methods import create_method
 from ppt_bench.models import check_weights, describe_vit, unpatchable_reason
 from ppt_bench.spec import RunSpec, run_settings
@@ -154,7 +155,8 @@ def validate(specs: Sequence[RunSpec], *, check_cuda: bool = True) -> None:
 
 
 def check_paths(spec: RunSpec) -> None:
-    """Check the data folder's layout (without decoding an image) and the checkpoint."""
+    """Check the data folder's layout (without decoding an image), that the image cache lies
+    outside it, and the checkpoint."""
     data = spec.data
     if data is not None and data not in BUILTIN_DATA:
         if not Path(data).is_dir():
@@ -166,6 +168,9 @@ def check_paths(spec: RunSpec) -> None:
             image_folder_root(data)
         except UserError as err:
             raise UserError(f"--data: {err}") from None
+        cache = cache_dir(spec)
+        if cache is not None:
+            check_cache_outside(data, cache)
     ckpt = spec.checkpoint
     if ckpt is not None and "://" not in ckpt and not Path(ckpt).is_file():
         raise UserError(f"--checkpoint {ckpt} does not exist: pass a weights file or a URL")

@@ -7,6 +7,7 @@ on another machine is another run: never skipped as done, never averaged with th
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import socket
 from functools import cache
@@ -16,6 +17,7 @@ from urllib.parse import urlparse
 
 from ppt_bench.atomic import locked
 from ppt_bench.errors import UserError
+from ppt_bench.folder import class_root, list_image_folder
 
 try:
     VERSION = version("ppt-bench")  # of the code that measures, in every row
@@ -96,9 +98,14 @@ def checkpoint_digest(checkpoint: str | None) -> str:
 
 
 def data_fingerprint(data: str | None) -> str:
-    """A short hash of a data set: the sorted file list with sizes and modification times of an
-    ImageFolder tree, the arrays of the built-in digits, '' for synthetic inputs (the seed says
-    which) or a folder that does not exist (refused later)."""
+    """A short hash of a data set: the class folders and the stamps (resolved path, size,
+    mtime, ctime, inode) of exactly the files an ImageFolder tree loads, in its order
+    (:func:`ppt_bench.folder.list_image_folder`); the arrays of the built-in digits; '' for
+    synthetic inputs (the seed says which) or a folder that does not exist (refused later).
+
+    Raises:
+        UserError: an ImageFolder tree whose links loop.
+    """
     if data in (None, "synthetic"):
         return ""
     digest = hashlib.sha1()
@@ -108,17 +115,13 @@ def data_fingerprint(data: str | None) -> str:
         digits = load_digits()
         digest.update(digits.data.tobytes() + digits.target.tobytes())
         return digest.hexdigest()[:12]
-    root = Path(data)
+    root = class_root(data)
     if not root.is_dir():
         return ""
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            st = os.stat(path)
-            digest.update(
-                f"{os.path.relpath(path, root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode()
-            )
+    listing = list_image_folder(root)
+    digest.update(json.dumps(listing.classes).encode())
+    for (_, label), stamp in zip(listing.samples, listing.stamps, strict=True):
+        digest.update(f"{label}\0{stamp}\n".encode())
     return digest.hexdigest()[:12]
 
 

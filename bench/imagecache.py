@@ -8,9 +8,11 @@ operations, so they see the same tensors and make the same predictions.
 
 An entry ``<cache dir>/<key>/`` holds ``images.u8`` (raw uint8 ``[N, 3, H, W]``),
 ``labels.npy`` (int64 ``[N]``), ``readable.npy`` (bool ``[N]``: False for an image that could
-not be decoded) and ``meta.json`` (shape, transform, file list). The key hashes the transform
-and every file's path, label, size and modification time, so a changed dataset or transform
-gets a new entry and never reads stale images.
+not be decoded) and ``meta.json`` (its key, shape, transform, file list). The key hashes the
+transform and every file's label and stamp (resolved path, size, mtime, ctime, inode), so a
+changed dataset or transform gets a new entry and never reads stale images. Every read checks
+the entry's files against the key and the labels they were made for; a damaged or mismatched
+entry (a shortened ``labels.npy``, a truncated ``images.u8``) is replaced, never read.
 
 An entry is built in a temporary folder and renamed into place, so a reader sees a complete
 entry or none; a lock file (``flock``) makes a second process that wants the same entry wait
@@ -47,7 +49,7 @@ from ppt_bench.defaults import cache_root
 
 _logger = logging.getLogger(__name__)
 
-FORMAT = 1  # bump when the layout of an entry changes: old entries are then never read
+FORMAT = 2  # bump when the layout of an entry changes: old entries are then never read
 IMAGES, LABELS, READABLE, META = "images.u8", "labels.npy", "readable.npy", "meta.json"
 # Headroom left on the disk beyond the entry itself.
 _FREE_MARGIN = 64 << 20
@@ -128,16 +130,15 @@ def to_uint8(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
-def cache_key(samples: Sequence[tuple[str, int]], pil_steps: Callable) -> str:
-    """A hash of the format, the transform and each file's path, label, size and mtime.
-
-    Raises:
-        OSError: a file that cannot be found (the run then decodes directly).
-    """
+def cache_key(
+    samples: Sequence[tuple[str, int]], stamps: Sequence[str], pil_steps: Callable
+) -> str:
+    """A hash of the format, the transform and each file's label and stamp (resolved path,
+    size, mtime, ctime, inode: :func:`ppt_bench.folder.stamp`, what the data's fingerprint
+    hashes too)."""
     h = hashlib.sha256(json.dumps({"format": FORMAT, "transform": repr(pil_steps)}).encode())
-    for path, label in samples:
-        st = os.stat(path)
-        h.update(f"{os.path.abspath(path)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    for (_, label), stamp in zip(samples, stamps, strict=True):
+        h.update(f"{label}\0{stamp}\n".encode())
     return h.hexdigest()[:32]
 
 
@@ -246,19 +247,41 @@ class _Stack:
         return images, labels, readable
 
 
-def _valid(entry: Path, n: int, shape: tuple[int, ...]) -> bool:
-    """Whether ``entry`` is a complete entry of ``n`` images of ``shape``."""
+def _valid(entry: Path, key: str, labels: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Whether ``entry`` is a complete entry of ``key``: every file made for these images and
+    labels (``meta.json`` names the key, the labels and readable flags are one per image, the
+    image file has all their bytes)."""
+    n = len(labels)
     try:
         meta = json.loads((entry / META).read_text())
         size = (entry / IMAGES).stat().st_size
-    except (OSError, ValueError):
+        stored = np.load(entry / LABELS)
+        readable = np.load(entry / READABLE)
+    except (OSError, ValueError, EOFError):
         return False
     return (
-        meta.get("format") == FORMAT
+        isinstance(meta, dict)
+        and meta.get("format") == FORMAT
+        and meta.get("key") == key
         and meta.get("n") == n
         and tuple(meta.get("shape", ())) == shape
         and size == n * math.prod(shape)
+        and stored.shape == (n,)
+        and np.array_equal(stored, labels)
+        and readable.shape == (n,)
+        and readable.dtype == bool
     )
+
+
+def _discard(entry: Path) -> None:
+    """Move a damaged or mismatched entry out of the way and delete it (under the lock): it is
+    replaced, never read."""
+    stale = entry.with_name(f"{entry.name}.tmp-stale-{secrets.token_hex(4)}")
+    try:
+        os.rename(entry, stale)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def _write(f: Any, data: bytes) -> None:
@@ -268,6 +291,7 @@ def _write(f: Any, data: bytes) -> None:
 
 def _build(
     entry: Path,
+    key: str,
     samples: Sequence[tuple[str, int]],
     pil_steps: Callable,
     shape: tuple[int, ...],
@@ -312,6 +336,7 @@ def _build(
         np.save(tmp / READABLE, readable)
         meta = {
             "format": FORMAT,
+            "key": key,
             "n": n,
             "shape": list(shape),
             "transform": repr(pil_steps),
@@ -322,7 +347,7 @@ def _build(
         try:
             os.rename(tmp, entry)
         except OSError:
-            if not _valid(entry, n, shape):  # a failure of ours, not another process's entry
+            if not _valid(entry, key, labels, shape):  # ours failed, not another's entry
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -330,6 +355,7 @@ def _build(
 
 def cached_images(
     samples: Sequence[tuple[str, int]],
+    stamps: Sequence[str],
     classes: list[str],
     transform: Callable,
     input_size: Sequence[int],
@@ -343,6 +369,7 @@ def cached_images(
 
     Args:
         samples: ``(path, label)`` of each image, in loader order.
+        stamps: each image's stamp (:func:`ppt_bench.folder.stamp`), aligned with ``samples``.
         classes: class names (for the records and tests).
         transform: the model's timm eval transform.
         input_size: ``(3, H, W)``: the shape of each cached image.
@@ -361,14 +388,16 @@ def cached_images(
     shape = tuple(int(s) for s in input_size)
     root = Path(cache_dir).expanduser()
     try:
-        key = cache_key(samples, pil_steps)
+        key = cache_key(samples, stamps, pil_steps)
         entry = root / key
-        if not _valid(entry, len(samples), shape):
+        labels = np.array([label for _, label in samples], dtype=np.int64)
+        if not _valid(entry, key, labels, shape):
             root.mkdir(parents=True, exist_ok=True)
             with locked(root / f"{key}.lock"):
-                if not _valid(entry, len(samples), shape):  # not built while we waited
+                if not _valid(entry, key, labels, shape):  # not built while we waited
                     _remove_leftovers(root, key)
-                    _build(entry, samples, pil_steps, shape, workers, progress)
+                    _discard(entry)
+                    _build(entry, key, samples, pil_steps, shape, workers, progress)
                     _report(entry, len(samples), shape, progress)
         return CachedImages(entry, samples, classes, normalize)
     except (OSError, ValueError, TypeError) as err:

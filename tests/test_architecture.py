@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         {
             "errors",
             "atomic",
+            "folder",
             "identity",
             "defaults",
             "decode",

@@ -28,6 +28,7 @@ from ppt_bench.accuracy import evaluate_accuracy
 from ppt_bench.cli import _overrides, build_parser
 from ppt_bench.config import build_config
 from ppt_bench.data import device_transform, make_loader
+from ppt_bench.folder import list_image_folder
 from ppt_bench.grid import expand, make_spec
 from ppt_bench.imagecache import cached_images, split_transform, to_uint8
 from ppt_bench.methods import create_method
@@ -218,12 +219,74 @@ def test_a_changed_file_rebuilds_the_cache(image_tree, tmp_path, decodes, change
         assert torch.equal(a, b) and torch.equal(la, lb)
 
 
+def test_an_image_rewritten_in_place_with_its_mtime_kept_is_decoded_again(image_tree, tmp_path):
+    """Same name, same size (a BMP of the same dimensions), mtime put back as ``touch -r``
+    does: the key still changes (the ctime does), so the new pixels are read."""
+
+    def write_bmps(root: Path) -> None:
+        for c, name in enumerate(CLASSES):
+            (root / name).mkdir(parents=True)
+            for i in range(2):
+                write_image(root / name / f"{i}.bmp", seed=10 * c + i)
+
+    tree = image_tree(write_bmps)
+    cache_dir = tmp_path / "cache"
+    make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
+    target = tree / "bee" / "1.bmp"
+    before = target.stat()
+    write_image(target, seed=777)
+    os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = target.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (
+        before.st_size, before.st_mtime_ns, before.st_ino,
+    )  # fmt: skip
+    cached, _ = make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
+    direct, _ = make_loader(str(tree), DATA_CONFIG, 4, workers=0)
+    assert isinstance(cached.dataset, imagecache.CachedImages)
+    for (a, la, _), (b, lb, _) in zip(batches(direct), batches(cached), strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def _shorten(path: Path, keep: int) -> None:
+    np.save(path, np.load(path)[:keep])
+
+
+DAMAGE = {
+    "labels shortened": lambda entry: _shorten(entry / imagecache.LABELS, 2),
+    "readable shortened": lambda entry: _shorten(entry / imagecache.READABLE, 2),
+    "images truncated": lambda entry: os.truncate(entry / imagecache.IMAGES, 1000),
+    "labels unreadable": lambda entry: (entry / imagecache.LABELS).write_bytes(b"junk"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_entry_is_replaced_and_never_read(image_tree, tmp_path, decodes, damage):
+    tree = image_tree(write_tree)
+    cache_dir = tmp_path / "cache"
+    make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
+    (entry,) = _entries(cache_dir)
+    DAMAGE[damage](entry)
+    decodes.clear()
+    loader, _ = make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
+    assert isinstance(loader.dataset, imagecache.CachedImages)
+    assert len(loader.dataset) == len(CLASSES) * PER_CLASS + 1
+    assert sum(decodes.values()) == len(CLASSES) * PER_CLASS + 1  # rebuilt from the images
+    direct, _ = make_loader(str(tree), DATA_CONFIG, 4, workers=0)
+    for (a, la, sa), (b, lb, sb) in zip(batches(direct), batches(loader), strict=True):
+        assert sa == sb and torch.equal(a, b) and torch.equal(la, lb)
+    decodes.clear()
+    make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
+    assert not decodes and _entries(cache_dir) == [entry]  # repaired: read from now on
+    assert not list(cache_dir.glob("*.tmp-*"))
+
+
 SCRIPT = """
 import hashlib, json, sys
 from collections import Counter
 import ppt_bench.data
 import ppt_bench.decode
 from ppt_bench.data import device_transform, make_loader
+from ppt_bench.folder import list_image_folder
 
 config = json.loads(sys.argv[3])
 count = Counter()
@@ -297,9 +360,9 @@ def test_an_entry_renamed_into_place_by_another_process_is_read(image_tree, tmp_
     valid = imagecache._valid
     calls = Counter()
 
-    def blind_until_built(path, n, shape):  # sees no entry before building, as if racing
+    def blind_until_built(*args):  # sees no entry before building, as if racing
         calls["valid"] += 1
-        return valid(path, n, shape) if calls["valid"] > 2 else False
+        return valid(*args) if calls["valid"] > 2 else False
 
     monkeypatch.setattr(imagecache, "_valid", blind_until_built)
     loader, _ = make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
@@ -390,11 +453,12 @@ def test_synthetic_and_digits_data_do_not_use_the_cache(tmp_path):
 def test_cached_images_needs_a_tensor_tail_to_split(image_tree, tmp_path):
     tree = image_tree(write_tree)
     transform = create_transform(**DATA_CONFIG, is_training=False)
-    samples = [(str(p), 0) for p in sorted(tree.glob("ant/*"))]
+    listing = list_image_folder(tree)
+    args = (listing.samples, listing.stamps, listing.classes)
     no_tail = type(transform)(transform.transforms[:-1])  # no Normalize: not cached
-    assert cached_images(samples, ["ant"], no_tail, (3, 32, 32), tmp_path / "cache") is None
+    assert cached_images(*args, no_tail, (3, 32, 32), tmp_path / "cache") is None
     assert not (tmp_path / "cache").exists()
-    assert cached_images(samples, ["ant"], transform, (3, 32, 32), tmp_path / "cache")
+    assert cached_images(*args, transform, (3, 32, 32), tmp_path / "cache")
 
 
 def test_normalising_into_a_reused_buffer_gives_the_same_tensors():
