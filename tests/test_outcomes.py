@@ -127,12 +127,15 @@ def test_reference_key_follows_what_decides_the_unreduced_outputs():
     assert ppt.replace(rounds=9).run_id == ppt.run_id  # precision, not what is measured
 
 
-def test_an_unreadable_stored_file_counts_as_absent(tmp_path):
+def test_an_unreadable_reference_counts_as_absent_and_unreadable_outcomes_are_refused(tmp_path):
+    from ppt_bench.errors import UserError
+
     store = RunStore(tmp_path / "s")
     assert store.load_outcomes("nope") is None
     store.folder.mkdir()
     store.outcomes_path("cut").write_bytes(b"PK\x03\x04 cut short")
-    assert store.load_outcomes("cut") is None
+    with pytest.raises(UserError, match=r"outcomes file .*cut\.npz is damaged .*: delete it"):
+        store.load_outcomes("cut")
     store.reference_path("cut").write_bytes(b"")
     assert store.load_reference("cut") is None
     store.save_reference("cut", Reference(torch.zeros(2, 3), torch.arange(2)))
