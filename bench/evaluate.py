@@ -145,8 +145,8 @@ class RunContext:
             if self.reduced and wants_accuracy and stored is None:
                 reference = self.unreduced()  # run beside the model, batch by batch
             result = self._accuracy_pass(loader, reference, keep)
-            if shared is not None and result.reference is not None:
-                shared.offer_reference(key, result.reference)
+            if shared is not None and result.reference is not None:  # none valid was stored
+                shared.save_reference(key, result.reference)
             if keep:
                 labels = torch.from_numpy(result.outcomes.label)
                 shared.save_reference(key, Reference(result.log_probs, labels))

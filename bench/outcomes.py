@@ -10,7 +10,10 @@ images, seed, dtype, device, machine) and read by every method's run.
 
 Both live in a folder beside the results CSV (:func:`store_folder`: ``results/x.csv`` ->
 ``results/x.outcomes/``), as ``<run_id>.npz`` and ``reference-<key>.npz``, each written
-atomically, so a resumed sweep finds them again.
+atomically, so a resumed sweep finds them again. Each file carries the key it was made for (the
+run id; the reference key) and is checked on read: a reference that is cut short, or that another
+key's file replaced, counts as absent, so the run computes it anew and replaces it; outcomes that
+are damaged or another run's are refused with one line, never used.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +36,7 @@ from ppt_bench.atomic import atomic_write, locked
 from ppt_bench.errors import UserError
 
 SUFFIX = ".outcomes"
+KEY = "key"  # the entry of a stored file that holds what it was made for
 # What reading a missing, cut-short or foreign file raises: such a file counts as absent.
 UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error)
 
@@ -92,15 +97,22 @@ class Outcomes:
         """This run against the unreduced model on the same images."""
         return stats.paired(self.correct, self.reference_correct)
 
-    def to_bytes(self) -> bytes:
+    def to_bytes(self, run_id: str = "") -> bytes:
+        """The arrays as an ``.npz`` file, with the id of the run they are of when given."""
         buf = io.BytesIO()
-        np.savez_compressed(buf, **{f.name: getattr(self, f.name) for f in fields(self)})
+        key = {KEY: np.array(run_id)} if run_id else {}
+        np.savez_compressed(buf, **{f.name: getattr(self, f.name) for f in fields(self)}, **key)
         return buf.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Outcomes:
         with np.load(io.BytesIO(data)) as npz:
-            return cls(**{f.name: npz[f.name] for f in fields(cls)})
+            return cls.from_npz(npz)
+
+    @classmethod
+    def from_npz(cls, npz: Any) -> Outcomes:
+        """The arrays of an open ``.npz`` file (``np.load``)."""
+        return cls(**{f.name: npz[f.name] for f in fields(cls)})
 
 
 @dataclass
@@ -156,37 +168,59 @@ class RunStore:
         return self.folder / f"reference-{key}.npz"
 
     def save_outcomes(self, run_id: str, outcomes: Outcomes) -> None:
-        self._write(self.outcomes_path(run_id), outcomes.to_bytes())
+        self._write(self.outcomes_path(run_id), outcomes.to_bytes(run_id))
 
-    def load_outcomes(self, run_id: str) -> Outcomes | None:
-        """The run's outcomes, or None when it has no (readable) file."""
+    def load_outcomes(self, run_id: str, n_images: int | None = None) -> Outcomes | None:
+        """The run's outcomes, or None when it has no file.
+
+        Args:
+            run_id: the run.
+            n_images: the images its results row says it evaluated, checked when given (the
+                only check a file written before the files carried their run id can get).
+
+        Raises:
+            UserError: the file is damaged or holds another run's outcomes.
+        """
         path = self.outcomes_path(run_id)
-        try:
-            return Outcomes.from_bytes(path.read_bytes())
-        except UNREADABLE:
+        if not path.exists():
             return None
+        try:
+            with np.load(path) as npz:
+                made_for = str(npz[KEY]) if KEY in npz.files else run_id
+                outcomes = Outcomes.from_npz(npz)
+        except UNREADABLE as err:
+            raise _refused(path, f"is damaged ({type(err).__name__})") from None
+        if made_for != run_id:
+            raise _refused(path, f"holds the outcomes of run {made_for}, not of run {run_id}")
+        if n_images is not None and outcomes.n_images != n_images:
+            raise _refused(
+                path, f"holds {outcomes.n_images} images where run {run_id} evaluated {n_images}"
+            )
+        return outcomes
 
     def load_reference(self, key: str) -> Reference | None:
+        """The unreduced model's outputs stored under ``key``, or None when there is no file,
+        or only one that is damaged, was made for another key or predates the key check: the run
+        then computes them anew and replaces it."""
         path = self.reference_path(key)
         try:
             with np.load(path) as npz:
+                made_for = str(npz[KEY]) if KEY in npz.files else ""
                 arrays = (torch.from_numpy(npz["log_probs"]), torch.from_numpy(npz["labels"]))
-            ref = Reference(*arrays, source=str(path))
         except UNREADABLE:
             return None
+        if made_for != key or arrays[0].shape[:1] != arrays[1].shape:
+            return None
         self.references_read += 1
-        return ref
+        return Reference(*arrays, source=str(path))
 
     def save_reference(self, key: str, reference: Reference) -> None:
+        """Store (or replace) the unreduced model's outputs under ``key``."""
         buf = io.BytesIO()
-        np.savez(buf, log_probs=reference.log_probs.numpy(), labels=reference.labels.numpy())
+        log_probs, labels = reference.log_probs.numpy(), reference.labels.numpy()
+        np.savez(buf, log_probs=log_probs, labels=labels, **{KEY: np.array(key)})
         self._write(self.reference_path(key), buf.getvalue())
         self.references_computed += 1
-
-    def offer_reference(self, key: str, reference: Reference) -> None:
-        """Store the unreduced model's outputs under ``key`` unless they are stored already."""
-        if not self.reference_path(key).exists():
-            self.save_reference(key, reference)
 
     @contextlib.contextmanager
     def reference_lock(self, key: str) -> Iterator[None]:
@@ -216,3 +250,11 @@ class RunStore:
             f"cannot write {path} ({reason}): write the results to a folder you can write with "
             "--out"
         )
+
+
+def _refused(path: Path, why: str) -> UserError:
+    """The one line for a stored outcomes file that cannot be used."""
+    return UserError(
+        f"the per-image outcomes file {path} {why}: delete it (its run's paired tests are then "
+        "left out) or run that run again into a new results file"
+    )

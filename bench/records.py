@@ -4,12 +4,14 @@ Every results CSV has the columns of :data:`COLUMNS`, among them one per common 
 parameter (:data:`PARAM_COLUMNS`); any other parameter a run was given gets a column of its own,
 named after it and added after those, so a new method's parameters need no change here. Metric
 names and units come from the metric groups (:mod:`ppt_bench.metrics`). A finished run is never
-lost: every write replaces the file with a complete copy (temporary file, fsync, rename), so a
-sweep killed between runs leaves a readable CSV with every finished row.
+lost: each run's rows are appended under the file's lock and flushed to disk (a write cut short
+is cut back), so a sweep killed between runs leaves a readable CSV with every finished row.
+Reading checks every line and cell, and refuses two rows of one run that disagree.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -17,11 +19,12 @@ import math
 import os
 import platform
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from ppt_bench import identity
 from ppt_bench.atomic import atomic_write, locked
@@ -309,10 +312,15 @@ REPORT_ADVICE = "pass a CSV written by ppt-bench run"
 def append_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> bool:
     """Add one run's rows to a results CSV, atomically and under the file's lock.
 
-    The file is always either old or old + new, and it is read again under the lock, so that
-    processes writing the same file at once lose no run. A run already recorded as ``ok``
-    is not written again (a second process that ran it too). The file keeps its permissions;
-    a new one gets the usual ``0666 & ~umask``.
+    The new rows' bytes are appended to the file after a check of its header and its last line
+    (a last line without its newline is completed first when it holds a whole row): an append
+    costs what its rows cost, however long the file. A run with a parameter that has no column
+    yet rewrites the file with the wider header (temporary file, rename). Readers hold the same
+    lock, so they see the file either without the new rows or with all of them; a write that
+    fails half way is cut back. Under the lock the file is read again from where this process
+    last read it, so that processes writing the same file at once lose no run, and a run already
+    recorded as ``ok`` is not written again (a second process that ran it too). The file keeps
+    its permissions; a new one gets the usual ``0666 & ~umask``.
 
     Returns:
         Whether the rows were written.
@@ -323,26 +331,152 @@ def append_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> bool
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # On the folder: each write replaces the file, and a lock on the old file would not
-        # hold the new one.
+        # On the folder: a widening write replaces the file, and a lock on the old file would
+        # not hold the new one.
         with locked(path.parent):
-            old = checked_text(path, OUT_ADVICE) if path.exists() else ""
-            if old and rows and rows[0]["run_id"] in _ok_ids(old):
-                return False
-            old_header = check_header(path, old.splitlines()[0], OUT_ADVICE) if old else ()
-            columns = header_for(rows, old_header)
-            if old and columns != old_header:  # a parameter without a column yet: widen
-                old = _to_csv(csv.DictReader(io.StringIO(old)), columns, header=True)
-            text = old + _to_csv(rows, columns, header=not old)
-            atomic_write(path, lambda f: f.write(text), binary=False)
+            return _append_locked(path, rows)
     except OSError as err:
         reason = err.strerror or type(err).__name__
         raise UserError(f"cannot write results file {path} ({reason}): {OUT_ADVICE}") from None
+
+
+def _append_locked(path: Path, rows: Sequence[dict[str, Any]]) -> bool:
+    seen = _scan(path, OUT_ADVICE)
+    if seen is None:  # a new (or empty) file
+        text = _to_csv(rows, header_for(rows), header=True)
+        atomic_write(path, lambda f: f.write(text), binary=False)
+        return True
+    if rows and rows[0]["run_id"] in seen.ok:
+        return False
+    columns = header_for(rows, seen.header)
+    if columns != seen.header:  # a parameter without a column yet: widen the whole file
+        old = checked_text(path, OUT_ADVICE)
+        text = _to_csv(csv.DictReader(io.StringIO(old)), columns, header=True)
+        text += _to_csv(rows, columns, header=False)
+        atomic_write(path, lambda f: f.write(text), binary=False)
+        return True
+    data = _to_csv(rows, columns, header=False).encode()
+    _append_bytes(path, (b"" if seen.ends_line else b"\n") + data, seen.size)
     return True
 
 
-def _ok_ids(text: str) -> set[str]:
-    return {r["run_id"] for r in csv.DictReader(io.StringIO(text)) if r["status"] == "ok"}
+def _append_bytes(path: Path, data: bytes, size: int) -> None:
+    """Append ``data`` to a file of ``size`` bytes and flush it to disk; on failure the file is
+    cut back to ``size``, so that no half row stays."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        except BaseException:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class _Seen:
+    """What this process has read of one results file, so that it reads only what was added.
+
+    Attributes:
+        file: ``(st_dev, st_ino)``: a file replaced by a rename is read again from the start.
+        header: its columns.
+        size: the bytes read, up to the end of the last whole line.
+        lines: the whole lines read (the header among them), to name a malformed one.
+        tail: the last bytes before ``size``, to notice a file rewritten in place.
+        ok: the ids of the runs recorded as ``ok`` in those lines.
+        ends_line: whether the file ends with a newline; else its last line, a whole row, is
+            completed before anything is appended to it.
+    """
+
+    file: tuple[int, int]
+    header: tuple[str, ...]
+    size: int = 0
+    lines: int = 0
+    tail: bytes = b""
+    ok: set[str] = field(default_factory=set)
+    ends_line: bool = True
+
+
+_TAIL = 64  # bytes compared to tell a file that grew from one rewritten
+_SEEN: dict[str, _Seen] = {}  # by absolute path
+
+
+def _scan(path: Path, advice: str) -> _Seen | None:
+    """What this process knows of the results file ``path``, brought up to date by reading only
+    the lines added since it last read it (the whole file the first time, or when the file was
+    replaced or rewritten); None when there is no file or an empty one.
+
+    Every line read must have the header's fields; a last line without its newline must hold a
+    whole row.
+
+    Raises:
+        UserError: the file is a folder, is not a results CSV or has a malformed line.
+    """
+    if path.is_dir():
+        raise UserError(f"results file {path} is a folder; {advice}")
+    if not path.exists():
+        return None
+    key = os.path.abspath(path)
+    with path.open("rb") as f:
+        st = os.fstat(f.fileno())
+        seen = _SEEN.get(key)
+        if seen is None or not _unchanged(f, st, seen):
+            f.seek(0)
+            first = f.readline()
+            if not first:
+                return None
+            header = check_header(path, _decoded(path, first, advice), advice)
+            seen = _Seen((st.st_dev, st.st_ino), header)  # the header is read as a row
+        f.seek(seen.size)
+        data = f.read()
+        text = _decoded(path, data, advice)
+        status, run_id = seen.header.index("status"), seen.header.index("run_id")
+        for row in _checked_rows(path, text, len(seen.header), seen.lines + 1):
+            if row[status] == "ok":
+                seen.ok.add(row[run_id])
+        if data:
+            seen.ends_line = data.endswith(b"\n")
+        seen.size += data.rfind(b"\n") + 1  # a last line cut short is read again next time
+        seen.lines += data.count(b"\n")
+        f.seek(max(0, seen.size - _TAIL))
+        seen.tail = f.read(seen.size - f.tell())
+    _SEEN[key] = seen
+    return seen
+
+
+def _unchanged(f: IO[bytes], st: os.stat_result, seen: _Seen) -> bool:
+    """Whether the open file is the one ``seen`` read, grown at most (appended to)."""
+    if (st.st_dev, st.st_ino) != seen.file or st.st_size < seen.size:
+        return False
+    f.seek(seen.size - len(seen.tail))
+    return f.read(len(seen.tail)) == seen.tail
+
+
+def _checked_rows(path: Path, text: str, width: int, line: int) -> Iterator[list[str]]:
+    """The rows of ``text``, lines of a results CSV from line number ``line`` on, each checked
+    to have the header's ``width`` fields (a cut-short last line has fewer).
+
+    Raises:
+        UserError: one line naming the first malformed line and what to do.
+    """
+    reader = csv.reader(io.StringIO(text))
+    try:
+        for row in reader:
+            if len(row) != width:
+                raise UserError(
+                    f"results file {path}, line {line + reader.line_num - 1}, has {len(row)} "
+                    f"fields where the header has {width}: delete or fix that line"
+                )
+            yield row
+    except csv.Error as err:
+        raise UserError(
+            f"results file {path}, line {line + reader.line_num - 1}, is not valid CSV ({err}): "
+            "delete or fix that line"
+        ) from None
 
 
 def checked_text(path: Path, advice: str) -> str:
@@ -357,21 +491,9 @@ def checked_text(path: Path, advice: str) -> str:
     text = _read_text(path, advice)
     if not text:
         return text
-    check_header(path, text.splitlines()[0], advice)
-    reader = csv.reader(io.StringIO(text))
-    width = len(next(reader))
-    try:
-        for row in reader:
-            if len(row) != width:
-                raise UserError(
-                    f"results file {path}, line {reader.line_num}, has {len(row)} fields where "
-                    f"the header has {width}: delete or fix that line"
-                )
-    except csv.Error as err:
-        raise UserError(
-            f"results file {path}, line {reader.line_num}, is not valid CSV ({err}): delete or "
-            "fix that line"
-        ) from None
+    header = check_header(path, text.splitlines()[0], advice)
+    for _ in _checked_rows(path, text, len(header), 1):
+        pass
     return text if text.endswith("\n") else text + "\n"
 
 
@@ -384,12 +506,32 @@ def _read_text(path: Path, advice: str) -> str:
     try:
         return path.read_text()
     except UnicodeDecodeError:
-        raise UserError(
-            f"{path} is not a ppt-bench results CSV (not UTF-8 text); {advice}"
-        ) from None
+        raise _not_utf8(path, advice) from None
     except OSError as err:
         reason = err.strerror or type(err).__name__
         raise UserError(f"results file {path} cannot be read ({reason}); {advice}") from None
+
+
+def _decoded(path: Path, data: bytes, advice: str) -> str:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise _not_utf8(path, advice) from None
+
+
+def _not_utf8(path: Path, advice: str) -> UserError:
+    return UserError(f"{path} is not a ppt-bench results CSV (not UTF-8 text); {advice}")
+
+
+@contextlib.contextmanager
+def _held(path: Path) -> Iterator[None]:
+    """The lock the writers of the results file ``path`` hold, held while reading it, so that
+    a read sees no half-appended run; none where its folder cannot be opened (the read then
+    says why)."""
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(OSError):
+            stack.enter_context(locked(path.parent))
+        yield
 
 
 def check_header(path: Path, header_line: str, advice: str = OUT_ADVICE) -> tuple[str, ...]:
@@ -405,22 +547,33 @@ def check_header(path: Path, header_line: str, advice: str = OUT_ADVICE) -> tupl
 def read_results(
     paths: str | os.PathLike | Sequence[str | os.PathLike], *, advice: str = REPORT_ADVICE
 ) -> pd.DataFrame:
-    """Read one or several results CSVs into one frame, checking their columns.
+    """Read one or several results CSVs into one frame, checking their columns and cells.
 
     Args:
         paths: the CSVs.
         advice: what the user should do about a file that is not a results CSV.
+
+    Raises:
+        UserError: one line for a file that is not a results CSV, a malformed line, a cell
+            that a hand edit left unreadable (``params`` not JSON, ``n_images`` not a number),
+            or two rows of one run that give one metric different values.
     """
     import pandas as pd  # imported here: a second or more, and runs that only write need none
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
+    paths = [Path(p) for p in paths]
     frames = []
-    for p in map(Path, paths):
-        text = checked_text(p, advice)
+    for i, p in enumerate(paths):
+        with _held(p):
+            text = checked_text(p, advice)
         check_header(p, text.splitlines()[0] if text else "", advice)
-        frames.append(pd.read_csv(io.StringIO(text), dtype=dict.fromkeys(TEXT_COLUMNS, str)))
+        frame = pd.read_csv(io.StringIO(text), dtype=dict.fromkeys(TEXT_COLUMNS, str))
+        _check_cells(p, frame)
+        frames.append(frame.assign(_file=i, _line=frame.index + 2))  # the header is line 1
     df = pd.concat(frames, ignore_index=True)
+    _check_conflicts(df, paths)
+    df = df.drop(columns=["_file", "_line"])
     # Files written before the identity and interval columns existed lack them.
     later = (*IDENTITY_COLUMNS, *INTERVAL_COLUMNS, *BUDGET_COLUMNS)
     df = df.reindex(columns=[*df.columns, *(c for c in later if c not in df)])
@@ -431,10 +584,78 @@ def read_results(
     return df
 
 
+# Columns read back as numbers.
+NUMBER_COLUMNS = (
+    "batch_size",
+    "n_images",
+    "seed",
+    "value",
+    *INTERVAL_COLUMNS,
+    "budget_gmacs",
+    "budget_share",
+)
+
+
+def _check_cells(path: Path, df: pd.DataFrame) -> None:
+    """Refuse, in one line, the first cell of a results file that a hand edit left unreadable:
+    a number column holding text, a ``params`` cell that is not a JSON object."""
+    import pandas as pd  # imported here: see read_results
+
+    for column in (c for c in NUMBER_COLUMNS if c in df):
+        cells = df[column]
+        bad = cells.notna() & pd.to_numeric(cells, errors="coerce").isna()
+        if bad.any():
+            raise _bad_cell(path, df, bad.idxmax(), column, "is not a number")
+    for value in df["params"].dropna().unique():
+        if not _is_params(value):
+            first = (df["params"] == value).idxmax()
+            raise _bad_cell(path, df, first, "params", "is not a JSON object of parameters")
+
+
+def _is_params(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
+def _bad_cell(path: Path, df: pd.DataFrame, row: int, column: str, what: str) -> UserError:
+    cell = str(df.at[row, column])
+    cell = cell if len(cell) <= 40 else cell[:37] + "..."
+    return UserError(
+        f"results file {path}, line {row + 2}: its {column} cell {cell!r} {what}: fix or "
+        "delete that line"
+    )
+
+
+def _check_conflicts(df: pd.DataFrame, paths: Sequence[Path]) -> None:
+    """Refuse, in one line naming both rows, two ``ok`` rows of one run that give one metric
+    different figures (within one file, or across the files read together): which is right
+    cannot be told. Rows that agree (one file given twice, a copy) are no conflict."""
+    figures = ["run_id", "metric", "value", "ci_low", "ci_high"]
+    figures = [c for c in figures if c in df]
+    ok = df[df["status"] == "ok"].drop_duplicates(figures)
+    clash = ok[ok.duplicated(["run_id", "metric"], keep=False)]
+    if clash.empty:
+        return
+    first = clash.iloc[0]
+    same = clash[(clash["run_id"] == first["run_id"]) & (clash["metric"] == first["metric"])]
+    a, b = (
+        f"{r['value']} in {paths[r['_file']]} line {r['_line']}"
+        for _, r in same.iloc[:2].iterrows()
+    )
+    raise UserError(
+        f"run {first['run_id']} has two values of {first['metric']}: {a} and {b}; delete the "
+        "row that is wrong (a run measured again belongs in a new results file)"
+    )
+
+
 def finished_run_ids(path: str | os.PathLike) -> set[str]:
     """Ids of runs already recorded as ``ok`` in ``path`` (empty if it does not exist)."""
-    p = Path(path)
-    return _ok_ids(checked_text(p, OUT_ADVICE)) if p.exists() else set()
+    path = Path(path)
+    with _held(path):
+        seen = _scan(path, OUT_ADVICE)
+    return set(seen.ok) if seen is not None else set()
 
 
 def format_params(params: str) -> str:

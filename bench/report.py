@@ -9,6 +9,7 @@ failed, the plots, and where every number came from.
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
 from collections.abc import Mapping, Sequence
@@ -406,15 +407,20 @@ def _is_report(path: Path) -> bool:
         return False
 
 
-def stored_outcomes(
-    csvs: Sequence[str | os.PathLike], run_ids: Sequence[str]
-) -> dict[str, Outcomes]:
-    """The per-image outcomes kept beside the results files, for the runs that have them."""
+def stored_outcomes(csvs: Sequence[str | os.PathLike], runs: pd.DataFrame) -> dict[str, Outcomes]:
+    """The per-image outcomes kept beside the results files, for the runs that have them, each
+    checked to be of its run and of the image count its rows give.
+
+    Raises:
+        UserError: one of those files is damaged or another run's.
+    """
     stores = [RunStore.beside(csv) for csv in csvs]
+    counts = runs.get("n_images", [math.nan] * len(runs))
     found = {}
-    for run_id in run_ids:
+    for run_id, n in zip(runs["run_id"], counts, strict=True):
+        n_images = None if math.isnan(n) else int(n)  # NaN: no count recorded
         for store in stores:
-            outcome = store.load_outcomes(run_id)
+            outcome = store.load_outcomes(run_id, n_images)
             if outcome is not None:
                 found[run_id] = outcome
                 break
@@ -449,7 +455,7 @@ def write_report(
         except (OSError, UnicodeDecodeError) as err:
             raise UserError(f"notes file {notes} cannot be read ({type(err).__name__})") from None
     runs, _ = tidy_runs(df)
-    outcomes = stored_outcomes(csvs, runs["run_id"])
+    outcomes = stored_outcomes(csvs, runs)
     if command is None:
         extra = [] if notes is None else ["--notes", str(notes)]
         command = shlex.join(["ppt-bench", "report", *map(str, csvs), "--out", str(out), *extra])

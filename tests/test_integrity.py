@@ -272,3 +272,56 @@ def test_a_results_file_from_before_the_identity_columns_reads_reports_and_grows
     df = read_results(path)
     assert list(df["machine"].fillna("")) == ["", identity.machine()]
     assert {"ci_low", "ci_high"} <= set(df.columns)
+
+
+def _report(path: Path, *more: Path) -> list[str]:
+    return ["report", str(path), *map(str, more), "--out", str(path.with_suffix(".md"))]
+
+
+def test_two_rows_of_one_run_with_other_values_are_one_line(
+    assert_one_line_error, tmp_path, capsys
+):
+    path, other = tmp_path / "r.csv", tmp_path / "other.csv"
+    append_rows(path, _rows("1"))
+    append_rows(other, _rows("1"))
+    assert main(_report(path, other)) == 0  # the same run twice, the same figures: one run
+    lines = other.read_text().splitlines(keepends=True)
+    other.write_text(lines[0] + lines[1].replace(",gmacs,1.0,", ",gmacs,2.5,"))
+    code = main(_report(path, other))
+    assert_one_line_error(code, capsys.readouterr().err, "has two values of gmacs: 1.0 in")
+    with path.open("a") as f:  # the same file given it twice
+        f.write(lines[1].replace(",gmacs,1.0,", ",gmacs,2.5,"))
+    code = main(_report(path))
+    assert_one_line_error(code, capsys.readouterr().err, f"1.0 in {path} line 2 and 2.5 in {path}")
+
+
+@pytest.mark.parametrize(
+    ("column", "cell", "message"),
+    [
+        ("params", "r=1", "params cell 'r=1' is not a JSON object"),
+        ("params", "[1, 2]", "params cell '[1, 2]' is not a JSON object"),
+        ("n_images", "many", "n_images cell 'many' is not a number"),
+        ("batch_size", "64x", "batch_size cell '64x' is not a number"),
+    ],
+)
+def test_a_hand_edited_cell_is_one_line_in_report_and_at_the_end_of_run(
+    assert_one_line_error, column, cell, message, tmp_path, capsys
+):
+    import csv
+
+    path = tmp_path / "r.csv"
+    append_rows(path, _rows("1"))
+    append_rows(path, _rows("2"))
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows[1][column] = cell
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    code = main(_report(path))
+    assert_one_line_error(code, capsys.readouterr().err, f"line 3: its {message}")
+    args = ["run", "--model", DIGITS, "--metrics", "macs", "--out", str(path), "--quiet"]
+    code = main([*args, "--report", str(tmp_path / "end.md")])
+    assert_one_line_error(code, capsys.readouterr().err, message)
+    assert len(path.read_text().splitlines()) == 1 + 2 + 4  # the new run's four rows kept

@@ -127,12 +127,15 @@ def test_reference_key_follows_what_decides_the_unreduced_outputs():
     assert ppt.replace(rounds=9).run_id == ppt.run_id  # precision, not what is measured
 
 
-def test_an_unreadable_stored_file_counts_as_absent(tmp_path):
+def test_an_unreadable_reference_counts_as_absent_and_unreadable_outcomes_are_refused(tmp_path):
+    from ppt_bench.errors import UserError
+
     store = RunStore(tmp_path / "s")
     assert store.load_outcomes("nope") is None
     store.folder.mkdir()
     store.outcomes_path("cut").write_bytes(b"PK\x03\x04 cut short")
-    assert store.load_outcomes("cut") is None
+    with pytest.raises(UserError, match=r"outcomes file .*cut\.npz is damaged .*: delete it"):
+        store.load_outcomes("cut")
     store.reference_path("cut").write_bytes(b"")
     assert store.load_reference("cut") is None
     store.save_reference("cut", Reference(torch.zeros(2, 3), torch.arange(2)))
@@ -199,3 +202,81 @@ def test_a_store_that_cannot_be_written_is_a_one_line_user_error(tmp_path):
         locked.__enter__()
     with pytest.raises(UserError, match=r"^cannot write "):
         store.save_reference("k", Reference(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long)))
+
+
+def test_a_reference_another_experiments_file_replaced_is_measured_anew(tmp_path):
+    """Other weights: other outputs on the same images, with the same labels."""
+    import shutil
+
+    from ppt_bench.models import build_model
+
+    _, tome = specs(methods=("tome",))
+    torch.manual_seed(1)
+    weights = tmp_path / "other.pth"
+    torch.save(build_model(tome)[0].state_dict(), weights)
+    (other,) = specs(methods=("tome",), baseline=False, checkpoint=str(weights))
+    store = RunStore(tmp_path / "store")
+    evaluate_module.evaluate(tome, progress=False, store=store)
+    swapped = store.reference_path(other.reference_key)
+    shutil.copy(store.reference_path(tome.reference_key), swapped)
+    shared = evaluate_module.evaluate(other, progress=False, store=store)
+    alone = evaluate_module.evaluate(other, progress=False)
+    kl = [next(r["value"] for r in rows if r["metric"] == "kl") for rows in (shared, alone)]
+    assert kl[0] == pytest.approx(kl[1], abs=1e-6)
+    assert store.references_read == 0 and store.references_computed == 2
+    assert store.load_reference(other.reference_key) is not None  # replaced by its own
+
+
+def test_a_cut_short_reference_is_measured_anew_once_and_replaced(tmp_path, passes):
+    _, tome, merge = specs(methods=("tome", "merge"))
+    store = RunStore(tmp_path / "store")
+    evaluate_module.evaluate(tome, progress=False, store=store)
+    path = store.reference_path(tome.reference_key)
+    path.write_bytes(path.read_bytes()[:-100])
+    for spec in (tome, merge):
+        evaluate_module.evaluate(spec, progress=False, store=store)
+    # The cut file's run computes the unreduced outputs again; the run after it reads them.
+    assert passes["beside"] == 2 and store.references_read == 1
+
+
+def _report_args(tmp_path, csv):
+    return ["report", str(csv), "--out", str(tmp_path / "r.md")]
+
+
+def test_outcomes_another_runs_file_replaced_or_cut_short_stop_the_report(
+    assert_one_line_error, tmp_path, capsys
+):
+    import shutil
+
+    from ppt_bench.cli import main
+
+    csv = tmp_path / "t.csv"
+    base, tome = specs(methods=("tome",))
+    assert LocalRunner(csv, progress=False).run([base, tome]).ok == 2
+    store = RunStore.beside(csv)
+    mine = store.outcomes_path(tome.run_id)
+    shutil.copy(store.outcomes_path(base.run_id), mine)
+    code = main(_report_args(tmp_path, csv))
+    assert_one_line_error(code, capsys.readouterr().err, f"holds the outcomes of run {base.run_id}")
+    mine.write_bytes(store.outcomes_path(base.run_id).read_bytes()[:-50])
+    assert_one_line_error(main(_report_args(tmp_path, csv)), capsys.readouterr().err, "is damaged")
+    assert not (tmp_path / "r.md").exists()
+
+
+def test_outcomes_written_before_they_carried_their_run_are_checked_by_their_image_count(
+    assert_one_line_error, tmp_path, capsys
+):
+    from ppt_bench.cli import main
+
+    csv = tmp_path / "t.csv"
+    base, tome = specs(methods=("tome",))
+    (short,) = specs(methods=(), n_images=16)
+    assert LocalRunner(csv, progress=False).run([base, tome]).ok == 2
+    store = RunStore.beside(csv)
+    evaluate_module.evaluate(short, progress=False, store=store)
+    own = store.outcomes_path(tome.run_id)
+    own.write_bytes(store.load_outcomes(tome.run_id).to_bytes())  # as written before: no run id
+    assert main(_report_args(tmp_path, csv)) == 0
+    own.write_bytes(store.load_outcomes(short.run_id).to_bytes())  # 16 images, not 48
+    code = main(_report_args(tmp_path, csv))
+    assert_one_line_error(code, capsys.readouterr().err, f"16 images where run {tome.run_id}")

@@ -136,17 +136,35 @@ def test_binary_files_and_folders_are_user_errors(spec, tmp_path):
 
 def test_a_failed_write_names_the_results_file(spec, tmp_path, monkeypatch):
     path = tmp_path / "r.csv"
-    append_rows(path, make_rows(spec(), {"gmacs": 1.0}))
-    before = path.read_text()
 
     def no_space(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / ".r.csv.x.tmp"))
 
-    monkeypatch.setattr(atomic.tempfile, "mkstemp", no_space)
-    with pytest.raises(UserError) as err:
-        append_rows(path, make_rows(spec(seed=1), {"gmacs": 1.0}))
+    with monkeypatch.context() as patched:  # a new file is written whole, then renamed
+        patched.setattr(atomic.tempfile, "mkstemp", no_space)
+        with pytest.raises(UserError) as err:
+            append_rows(path, make_rows(spec(), {"gmacs": 1.0}))
     assert str(err.value).startswith(f"cannot write results file {path} (No space left on")
-    assert ".tmp" not in str(err.value) and path.read_text() == before
+    assert ".tmp" not in str(err.value) and not path.exists()
+
+
+def test_an_append_that_fails_half_way_is_cut_back(spec, tmp_path, monkeypatch):
+    path = tmp_path / "r.csv"
+    append_rows(path, make_rows(spec(), {"gmacs": 1.0}))
+    before = path.read_text()
+    write = os.write
+
+    def half_then_full(fd, data):
+        write(fd, bytes(data[:20]))  # part of the row reached the file
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "write", half_then_full)
+        with pytest.raises(UserError, match=f"cannot write results file {path} \\(No space"):
+            append_rows(path, make_rows(spec(seed=1), {"gmacs": 1.0}))
+    assert path.read_text() == before
+    assert append_rows(path, make_rows(spec(seed=1), {"gmacs": 1.0}))  # the next one goes on
+    assert len(read_results(path)) == 2
 
 
 def test_results_file_keeps_its_mode_or_follows_the_umask(spec, tmp_path):
