@@ -23,6 +23,7 @@ from ppt_bench.budget import Plan, record_skipped, resolve_sweep
 from ppt_bench.config import SweepConfig, build_config, load_config
 from ppt_bench.errors import check_output_path
 from ppt_bench.grid import expand, validate
+from ppt_bench.outcomes import store_folder
 from ppt_bench.records import COLUMNS, read_results
 from ppt_bench.report import write_report
 from ppt_bench.runners import create_runner
@@ -62,6 +63,7 @@ class Sweep:
             UserError: the first problem, in one line.
         """
         check_output_path(config.out_path, "--out")
+        check_output_path(store_folder(config.out_path), "--out's outcomes", directory=True)
         specs = expand(config)
         budgets = None
         if config.budget:  # the knobs are set first: the defaults need not fit the model

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import shlex
 import signal
 import sys
@@ -20,7 +21,7 @@ from typing import Any
 from tabulate import tabulate
 
 from ppt_bench.config import all_settings, build_config, example_config, load_config
-from ppt_bench.errors import UserError, check_output_path
+from ppt_bench.errors import UserError
 from ppt_bench.identity import VERSION
 from ppt_bench.keyvalue import parse_assignment, parse_sweep
 from ppt_bench.settings import Setting
@@ -202,6 +203,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """
     # Imported here, when the command runs: they import torch and timm.
     from ppt_bench.api import Sweep
+    from ppt_bench.grid import grid_size
     from ppt_bench.report import check_report_path, write_report
 
     if args.print_config:
@@ -216,7 +218,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         params=[parse_assignment(p, "--param") for p in args.param],
         sweeps=[parse_sweep(s) for s in args.sweep],
     )
-    out = check_output_path(config.out_path, "--out")
+    out = config.out_path  # checked with the other outputs by Sweep.plan
     report = None if args.no_report else check_report_path(config.report_path, [out], "--report")
     if args.plan:  # the table of the budgets' settings; nothing runs
         if not config.budget:
@@ -225,6 +227,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         print(Sweep.plan(config, measure=False).budget_table())
         return 0
+    print(f"sweep {config.sweep_name!r}: {grid_size(config)} runs; checking them", flush=True)
     sweep = Sweep.plan(config)
     runner = sweep.runner(progress=not args.quiet)  # a Ray cluster that does not answer: here
     print(f"{len(sweep.specs)} runs in sweep {config.sweep_name!r} -> {out}", flush=True)
@@ -300,8 +303,28 @@ class Terminated(KeyboardInterrupt):
     is written atomically, so whatever it cuts short leaves the finished runs whole)."""
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
+class _OnSigterm:
+    """The SIGTERM handler of :func:`main`: raise :class:`Terminated` in the main thread.
+
+    Python drops an exception raised where it cannot propagate (a fork handler while a
+    DataLoader starts its workers, a finalizer), so the signal is sent again every second until
+    ``main`` has caught it; one that comes while a :class:`Terminated` unwinds is ignored.
+    """
+
+    def __init__(self) -> None:
+        self.caught = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if isinstance(sys.exc_info()[1], Terminated):
+            return
+        timer = threading.Timer(1.0, self._again)
+        timer.daemon = True
+        timer.start()
+        raise Terminated
+
+    def _again(self) -> None:
+        if not self.caught:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -309,7 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     SIGINT, 143 after SIGTERM)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    on_sigterm = _OnSigterm()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
     try:
         if argv and argv[0] in DELEGATED:
             return run_delegated(argv[0], argv[1:])
@@ -328,6 +352,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
     finally:
+        on_sigterm.caught = True
         if in_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 

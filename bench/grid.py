@@ -10,6 +10,7 @@ nothing.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -83,6 +84,14 @@ def make_spec(
         return RunSpec(model, method, dict(params or {}), **settings, **experiment)
     except TypeError as err:  # a wrongly typed setting in the config file
         raise UserError(f"invalid setting: {err}") from None
+
+
+def grid_size(config: SweepConfig) -> int:
+    """How many runs :func:`expand` (and a sweep's budgets) will make of ``config``, counted
+    without making them, so that a sweep can say how big it is before it checks them."""
+    points = math.prod(len(config.values[s.key]) for s in run_settings() if s.axis)
+    methods = sum(len(plan.combinations()) for plan in config.methods)
+    return points * (int(config.baseline) + methods * max(1, len(config.budget or ())))
 
 
 def expand(config: SweepConfig) -> list[RunSpec]:
@@ -176,4 +185,4 @@ def check_paths(spec: RunSpec) -> None:
         raise UserError(f"--checkpoint {ckpt} does not exist: pass a weights file or a URL")
 
 
-__all__ = ["check_paths", "expand", "experiment_identity", "make_spec", "validate"]
+__all__ = ["check_paths", "expand", "experiment_identity", "grid_size", "make_spec", "validate"]

@@ -526,11 +526,12 @@ def _not_utf8(path: Path, advice: str) -> UserError:
 @contextlib.contextmanager
 def _held(path: Path) -> Iterator[None]:
     """The lock the writers of the results file ``path`` hold, held while reading it, so that
-    a read sees no half-appended run; none where its folder cannot be opened (the read then
-    says why)."""
+    a read sees no half-appended run; none where its folder is missing or cannot be opened
+    (the read then says why)."""
     with contextlib.ExitStack() as stack:
-        with contextlib.suppress(OSError):
-            stack.enter_context(locked(path.parent))
+        if path.parent.is_dir():  # (a missing folder would become a lock file of its name)
+            with contextlib.suppress(OSError):
+                stack.enter_context(locked(path.parent))
         yield
 
 

@@ -81,6 +81,8 @@ class Registry(Generic[T]):
     def names(self, pattern: str = "*") -> list[str]:
         """Registered names matching a shell-style ``pattern``, in registration order."""
         self._load_entry_points()
+        if pattern == "*":
+            return list(self._entries)
         return [n for n in self._entries if fnmatch.fnmatch(n, pattern)]
 
     def __contains__(self, name: object) -> bool:

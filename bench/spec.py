@@ -9,6 +9,7 @@ which the one factory of specs, :func:`ppt_bench.grid.make_spec`, fills in.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -141,7 +142,7 @@ class RunSpec:
             raise UserError("a run needs a model name, e.g. --model deit_small_patch16_224")
         create_method(self.method, **self.params)  # raises MethodError naming valid choices
         object.__setattr__(self, "metrics", tuple(self.metrics))
-        bad = [m for m in self.metrics if m not in metric_groups.names()]
+        bad = [m for m in self.metrics if m not in metric_groups.GROUPS]
         if bad or not self.metrics:
             raise UserError(
                 f"unknown metrics {bad}: choose from {', '.join(metric_groups.names())}"
@@ -179,9 +180,10 @@ class RunSpec:
         ):
             raise UserError(f"cache_dir must be a folder path, got {self.cache_dir!r}")
 
-    @property
+    @functools.cached_property
     def run_id(self) -> str:
-        """A stable hash of what the run measures: the same spec always gets the same id."""
+        """A stable hash of what the run measures: the same spec always gets the same id
+        (computed once: a spec is not changed, only replaced)."""
         d = {k: v for k, v in self.to_dict().items() if _IDENTITY[k] != SCHEDULE}
         d.pop("budget")
         if self.budget:  # a run without a budget keeps the id it had before budgets existed
@@ -201,9 +203,13 @@ class RunSpec:
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        """The fields as plain data (lists for tuples), copies of the mutable ones."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["metrics"] = list(self.metrics)
-        d["params"] = {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()}
+        d["params"] = {
+            k: list(v) if isinstance(v, (tuple, list)) else v for k, v in self.params.items()
+        }
+        d["budget"] = dict(self.budget)
         return d
 
     @classmethod

@@ -10,7 +10,11 @@ residual (hchautran/PiToMe @ 550b5dee, ``algo/pitome/merge.py`` and ``patch/timm
   into A and B; the ``r`` A tokens with the best B match merge into it. Output: prefix, the
   unmerged A tokens (in the order of their best match, as the authors leave them), then B.
 - Ties (equal energies, equal best matches) are ordered by torch's default ``argsort``, as in
-  the authors' code: see :func:`energy_order`.
+  the authors' code: see :func:`energy_order`. With the patch's explicit attention
+  (``attn_impl="explicit"``, which the authors' timm blocks compute) the logits equal the
+  authors' on every image compared; with the default fused attention (SDPA, about 1e-7 from
+  explicit softmax attention) an energy within that of another can swap places, and with it
+  one merge: a different, equally valid ordering, not a different rule.
 - Later blocks: only the ``2r`` highest-energy tokens take part; they alternate into A and B,
   every A token merges into its most similar B token, the others are protected. Output:
   prefix, protected tokens in energy order, then B.

@@ -190,6 +190,16 @@ def test_run_checks_its_outputs_before_any_run(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.csv", "folder", "r.csv"]
 
 
+def test_an_outcomes_folder_that_is_a_file_is_refused_before_any_model(
+    assert_one_line_error, tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "r.outcomes").write_text("keep me")
+    monkeypatch.setattr("ppt_bench.grid.describe_vit", lambda *a: pytest.fail("read a model"))
+    code = main(["run", "--model", DEIT, "--out", str(tmp_path / "r.csv"), "--no-report"])
+    assert_one_line_error(code, capsys.readouterr().err, "r.outcomes is a file, not a folder")
+    assert (tmp_path / "r.outcomes").read_text() == "keep me"
+
+
 REPORT_INPUTS_AND_OUTPUTS = {
     "out is the csv": (["r.csv", "--out", "r.csv"], "--out r.csv is the results file r.csv"),
     "out is one of the csvs": (["r.csv", "s.csv", "--out", "./s.csv"], "is the results file"),

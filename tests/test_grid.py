@@ -10,7 +10,7 @@ import torch
 from ppt_bench import identity
 from ppt_bench.config import build_config, example_config, load_config
 from ppt_bench.errors import UserError
-from ppt_bench.grid import expand, validate
+from ppt_bench.grid import expand, grid_size, validate
 from ppt_bench.keyvalue import parse_assignment, parse_sweep, parse_value
 from ppt_bench.runners.base import grid_hash
 
@@ -269,3 +269,22 @@ def test_budgets_come_from_the_config_file_and_the_flags(tmp_path):
     path.write_text(f'models = ["{DEIT}"]\nbudget = "flops=2"\n')
     with pytest.raises(UserError, match="a budget is gmacs="):
         build_config(load_config(path))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"methods": ["ppt", "tome"], "sweeps": [("r", [2, 4, 8])]},
+        {"methods": ["ppt"], "overrides": {"models": [DEIT, "test_vit"], "batch_sizes": [1, 4]}},
+        {
+            "methods": ["tome"],
+            "sweeps": [("r", [1, 2])],
+            "overrides": {"models": [DEIT], "baseline": False},
+        },
+    ],
+)
+def test_grid_size_counts_the_runs_expand_makes(kwargs):
+    config = build_config(
+        **kwargs, **({} if "overrides" in kwargs else {"overrides": {"models": [DEIT]}})
+    )
+    assert grid_size(config) == len(expand(config)) > 1
