@@ -59,15 +59,18 @@ def num_clusters(patch_tokens: int, keep_rate: float, k: int) -> int:
     return int(patch_tokens * keep_rate**k)
 
 
-def cosine_distance(metric: torch.Tensor) -> torch.Tensor:
+def cosine_distance(metric: torch.Tensor, widen: bool = True) -> torch.Tensor:
     """``1 - cos`` between every pair of tokens: ``[B, T, d] -> [B, T, T]``, in float64.
 
     The cosine is computed in the metric's dtype (float32 for bf16/fp16 metrics) as the
-    authors do, then widened, since SciPy builds the tree in float64.
+    authors do, then widened, since SciPy builds the tree in float64. ``widen=False`` keeps
+    the cosine's dtype: the same values, enough for complete and single linkage, which only
+    compare and pick them.
     """
     m = metric if metric.dtype == torch.float64 else metric.float()
     m = m / m.norm(dim=-1, keepdim=True)
-    return (1 - m @ m.transpose(-1, -2)).double()
+    dist = 1 - m @ m.transpose(-1, -2)
+    return dist.double() if widen else dist
 
 
 def agglomerative_tree(
@@ -76,8 +79,9 @@ def agglomerative_tree(
     """The full dendrogram of every image, and the node each leaf belongs to after ``cut`` joins.
 
     Args:
-        dist: ``[B, T, T]`` symmetric distances (float64; the diagonal is ignored).
-        linkage: ``"complete"``, ``"average"`` or ``"single"``.
+        dist: ``[B, T, T]`` symmetric distances (float64 for average linkage; the diagonal is
+            ignored).
+        linkage: ``"complete"`` or ``"average"`` (single linkage: :func:`single_linkage_tree`).
         cut: joins after which the leaves' nodes are recorded (``T - K`` for ``K`` clusters).
 
     Returns:
@@ -88,65 +92,63 @@ def agglomerative_tree(
     B, T, _ = dist.shape
     dev = dist.device
     inf = float("inf")
-    eye = torch.eye(T, dtype=torch.bool, device=dev)
-    D = dist.masked_fill(eye, inf).contiguous()  # [B, T, T], a cluster lives at its lowest leaf
-    b_all = torch.arange(B, device=dev)
-    cols = torch.arange(T, device=dev)
+    D = dist.clone(memory_format=torch.contiguous_format)  # a cluster lives at its lowest leaf
+    D.diagonal(dim1=1, dim2=2).fill_(inf)
     rows = D.view(B * T, T)
+    first_row = torch.arange(B, device=dev)[:, None] * T  # [B, 1]: image b's rows in ``rows``
     rowmin, rowarg = D.min(dim=-1)  # [B, T] nearest neighbour of each cluster (first on ties)
-    node = cols.expand(B, T).clone()  # node id of the cluster held at each index
+    node = torch.arange(T, device=dev).expand(B, T).clone()  # node id of the cluster at each index
     count = D.new_ones(B, T)  # leaves per cluster (average linkage)
-    where = cols.expand(B, T).clone()  # the index holding each leaf's cluster
-    children = torch.empty(B, max(T - 1, 0), 2, dtype=torch.long, device=dev)
+    where = node.clone()  # the index holding each leaf's cluster (until the cut)
+    children = torch.empty(max(T - 1, 0), B, 2, dtype=torch.long, device=dev)
     leaf_node = node.clone()
+    rescan_a = torch.tensor([True, False], device=dev).expand(B, 2)
     sparse = not dist.is_cuda  # rescan only the stale rows; on a GPU a full rescan is cheaper
     for s in range(T - 1):
         if s == cut:
             leaf_node = node.gather(1, where)
-        i = rowmin.argmin(dim=-1)  # [B] the closest pair: lowest index first on ties
-        j = rowarg.gather(1, i[:, None])[:, 0]
+        i = rowmin.argmin(dim=1, keepdim=True)  # [B, 1] the closest pair: lowest index first
+        j = rowarg.gather(1, i)
         a, b = torch.minimum(i, j), torch.maximum(i, j)  # the joined cluster lives at a
-        na, nb = node.gather(1, a[:, None]), node.gather(1, b[:, None])  # [B, 1]
-        children[:, s] = torch.cat([torch.minimum(na, nb), torch.maximum(na, nb)], dim=1)
-        node.scatter_(1, a[:, None], T + s)
-        ra, rb = b_all * T + a, b_all * T + b  # rows of D viewed as [B * T, T]
-        da, db = rows.index_select(0, ra), rows.index_select(0, rb)  # [B, T]
+        ab = torch.cat([a, b], dim=1)  # [B, 2]
+        torch.gather(node, 1, ab, out=children[s])  # put in order once, after the loop
+        node.scatter_(1, a, T + s)
+        ra = (first_row + ab).view(-1)  # rows a and b of each image in ``rows``
+        dab = rows.index_select(0, ra).view(B, 2, T)
         if linkage == "complete":
-            new = torch.maximum(da, db)
-        elif linkage == "single":
-            new = torch.minimum(da, db)
+            new = dab.amax(dim=1)  # [B, T]
         else:
-            ca, cb = count.gather(1, a[:, None]), count.gather(1, b[:, None])
-            new = (ca * da + cb * db) / (ca + cb)
-            count.scatter_add_(1, a[:, None], cb)
-        gone = (cols == b[:, None]) | (cols == a[:, None])  # [B, T]
-        new = new.masked_fill(gone, inf)
-        # b leaves: its row and column become inf; a's row and column take the joined values.
-        D[b_all, b] = inf
-        D[b_all, :, b] = inf
-        D[b_all, a] = new
-        D[b_all, :, a] = new
-        where = torch.where(where == b[:, None], a[:, None], where)
+            cab = count.gather(1, ab)  # [B, 2]
+            ca, cb = cab[:, :1], cab[:, 1:]
+            new = (ca * dab[:, 0] + cb * dab[:, 1]) / (ca + cb)
+            count.scatter_(1, a, ca + cb)
+        # new is inf at a and b (each row's own diagonal) and at every cluster already gone.
+        # Row a and column a take it, column b becomes inf; row b is never read again.
+        rows.index_copy_(0, ra[::2], new)
+        D.scatter_(2, a[:, None].expand(B, T, 1), new[..., None])
+        D.scatter_(2, b[:, None].expand(B, T, 1), inf)
+        if s < cut:
+            where = torch.where(where == b, a, where)
         # Nearest neighbours: a and the rows that pointed at a or b are rescanned, the others
         # can only have gained a closer (or an equal, lower-index) neighbour in a.
-        stale = (rowarg == a[:, None]) | (rowarg == b[:, None])
-        if linkage == "single":
-            stale = torch.zeros_like(stale)  # single: a's distance to them is their old minimum
-        stale |= cols == a[:, None]
-        closer = (new < rowmin) | ((new == rowmin) & (a[:, None] < rowarg))
+        stale = (rowarg == a) | (rowarg == b)
+        stale.scatter_(1, ab, rescan_a)
+        closer = (new < rowmin) | ((new == rowmin) & (a < rowarg))
         rowmin = torch.where(closer, new, rowmin)
-        rowarg = torch.where(closer, a[:, None], rowarg)
+        rowarg = torch.where(closer, a, rowarg)
         if sparse:
-            bi, ki = stale.nonzero(as_tuple=True)
-            m, mi = rows.index_select(0, bi * T + ki).min(dim=-1)
-            rowmin[bi, ki], rowarg[bi, ki] = m, mi
+            at = stale.view(-1).nonzero().view(-1)
+            m, mi = rows.index_select(0, at).min(dim=1)
+            rowmin.view(-1).index_copy_(0, at, m)
+            rowarg.view(-1).index_copy_(0, at, mi)
         else:
             m, mi = D.min(dim=-1)
             rowmin, rowarg = torch.where(stale, m, rowmin), torch.where(stale, mi, rowarg)
-        rowmin = rowmin.masked_fill(cols == b[:, None], inf)
+        rowmin.scatter_(1, b, inf)  # b is gone: never the closest, and no rescan points at it
+        rowarg.scatter_(1, b, -1)
     if cut >= T - 1:
         leaf_node = node.gather(1, where)
-    return children, leaf_node
+    return children.transpose(0, 1).sort(dim=-1).values, leaf_node
 
 
 def single_linkage_tree(dist: torch.Tensor, cut: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,43 +161,47 @@ def single_linkage_tree(dist: torch.Tensor, cut: int) -> tuple[torch.Tensor, tor
     B, T, _ = dist.shape
     dev = dist.device
     inf = float("inf")
-    b_all = torch.arange(B, device=dev)
+    rows = dist.contiguous().view(B * T, T)
+    first_row = torch.arange(B, device=dev)[:, None] * T  # [B, 1]: image b's rows in ``rows``
     reach = dist.new_full((B, T), inf)  # distance of each leaf to the tree
     merged = torch.zeros(B, T, dtype=torch.bool, device=dev)
-    x = torch.zeros(B, dtype=torch.long, device=dev)
-    edges = torch.empty(B, max(T - 1, 0), 2, dtype=torch.long, device=dev)
+    ends = torch.zeros(B, T, dtype=torch.long, device=dev)  # leaf 0, then each edge's new leaf
     length = dist.new_empty(B, max(T - 1, 0))
     for s in range(T - 1):
-        merged[b_all, x] = True
-        reach = torch.minimum(reach, dist[b_all, x])  # [B, T]
-        y = reach.masked_fill(merged, inf).argmin(dim=-1)  # first of the closest
-        edges[:, s, 0], edges[:, s, 1] = x, y
-        length[:, s] = reach[b_all, y]
-        x = y
+        x = ends[:, s : s + 1]
+        merged.scatter_(1, x, True)
+        reach = torch.minimum(reach, rows.index_select(0, (first_row + x).view(-1)))
+        y = reach.masked_fill(merged, inf).argmin(dim=1, keepdim=True)  # first of the closest
+        ends[:, s + 1 : s + 2] = y
+        torch.gather(reach, 1, y, out=length[:, s : s + 1])
+    edges = torch.stack([ends[:, :-1], ends[:, 1:]], dim=-1)  # [B, T - 1, 2]: x_s, y_s
     order = length.sort(dim=-1, stable=True).indices  # [B, T - 1]
-    edges = edges.gather(1, order[..., None].expand(-1, -1, 2))
+    edges = edges.gather(1, order[..., None].expand(-1, -1, 2)).transpose(0, 1).contiguous()
     node = torch.arange(T, device=dev).expand(B, T).clone()  # each leaf's cluster node
-    children = torch.empty_like(edges)
+    children = torch.empty_like(edges)  # [T - 1, B, 2]
     leaf_node = node.clone()
     for s in range(T - 1):
         if s == cut:
             leaf_node = node.clone()
-        nx, ny = node[b_all, edges[:, s, 0]], node[b_all, edges[:, s, 1]]
-        children[:, s, 0], children[:, s, 1] = torch.minimum(nx, ny), torch.maximum(nx, ny)
-        joined = (node == nx[:, None]) | (node == ny[:, None])
-        node = torch.where(joined, T + s, node)
+        nxy = torch.gather(node, 1, edges[s], out=children[s])
+        node.masked_fill_((node == nxy[:, :1]) | (node == nxy[:, 1:]), T + s)
     if cut >= T - 1:
         leaf_node = node
-    return children, leaf_node
+    return children.transpose(0, 1).sort(dim=-1).values, leaf_node
 
 
 def heap_labels(children: torch.Tensor, leaf_node: torch.Tensor, k: int) -> torch.Tensor:
     """scikit-learn's cluster labels: the position of each leaf's cluster in ``_hc_cut``'s heap.
 
-    ``_hc_cut`` starts from the root, and ``k - 1`` times pushes the two children of the largest
-    node in the heap (negated ids, ``heappush`` then ``heappushpop``); the labels are the final
-    heap positions. The same operations are replayed here on ``[B, k]`` tensors; every image
-    takes the same number of steps and only the sifting paths differ.
+    ``_hc_cut`` starts from the root, and ``k - 1`` times takes the largest node in the heap
+    (node ``2T - 1 - n`` at the ``n``-th time: every larger node was taken before, its parent
+    among them) and puts its two children in: ``heappush`` the first, then ``heappushpop`` the
+    second, which replaces the largest node at the root. The labels are the final heap
+    positions. Both operations move values only along one path of the heap, whose values are
+    in order, and leave the path's values plus the new one sorted along it: ``heappush`` the
+    path from the new slot up to the root, ``heappushpop`` the path from the root down through
+    the smaller child of each slot (``_siftup``). So each is one sort of a ``[B, log k]`` path,
+    the second after finding the path one level at a time.
 
     Args:
         children: ``[B, T - 1, 2]`` from :func:`agglomerative_tree`.
@@ -207,61 +213,31 @@ def heap_labels(children: torch.Tensor, leaf_node: torch.Tensor, k: int) -> torc
     """
     B, T = leaf_node.shape
     dev = leaf_node.device
-    heap = torch.zeros(B, k, dtype=torch.long, device=dev)  # negated node ids
+    # Negated node ids (the heap of _hc_cut, all <= 0); 1 fills the slots past its end, so
+    # that a path may run past a leaf and sort its 1s back in place. Slot n's children are
+    # 2n + 1 and 2n + 2, below 2k + 1 for every path of a heap of at most k.
+    heap = torch.ones(B, 2 * k + 1, dtype=torch.long, device=dev)
     heap[:, 0] = -(2 * T - 2)
-    b_all = torch.arange(B, device=dev)
+    items = -children  # [B, T - 1, 2]
+    levels = torch.arange(k.bit_length(), device=dev)
+    up_paths = (torch.arange(1, k + 1, device=dev)[:, None] >> levels) - 1  # [k, levels]
+    root = heap.new_zeros(B, 1)
     for n in range(1, k):  # heap size before the push
-        top = -heap[:, 0]
-        kids = children[b_all, top - T]  # [B, 2]
-        # heappush(heap, -kids[0]): the path from position n to the root is the same for all.
-        levels = (n + 1).bit_length()  # positions on the path: n, its parent, ..., the root
-        path_t = ((n + 1) >> torch.arange(levels, device=dev)) - 1  # no host-to-device copy
-        vals = heap[:, path_t]  # [B, L + 1]; vals[:, 0] is the free slot
-        item = -kids[:, 0]
-        above = vals[:, 1:] > item[:, None]  # parents the item passes (a prefix of the path)
-        cnt = above.sum(dim=1, keepdim=True)  # [B, 1]
-        idx = torch.arange(levels, device=dev)
-        shifted = torch.cat([vals[:, 1:], vals[:, -1:]], dim=1)
-        heap[:, path_t] = torch.where(
-            idx < cnt, shifted, torch.where(idx == cnt, item[:, None], vals)
-        )
-        # heappushpop(heap, -kids[1]): the root (the largest node) is always the one replaced.
-        size = n + 1
-        item = -kids[:, 1]
-        pos = torch.zeros(B, dtype=torch.long, device=dev)
-        child = 2 * pos + 1
-        for _ in range(size.bit_length()):  # Python's _siftup: the smaller child moves up
-            valid = child < size
-            right = child + 1
-            hc = heap.gather(1, child.clamp(max=size - 1)[:, None])[:, 0]
-            hr = heap.gather(1, right.clamp(max=size - 1)[:, None])[:, 0]
-            take_right = (right < size) & ~(hc < hr)
-            chosen = torch.where(take_right, right, child)
-            moved = torch.where(take_right, hr, hc)
-            cur = heap.gather(1, pos[:, None])[:, 0]
-            heap[b_all, pos] = torch.where(valid, moved, cur)
-            pos = torch.where(valid, chosen, pos)
-            child = torch.where(valid, 2 * pos + 1, torch.full_like(pos, size))
-        # then _siftdown(heap, 0, pos) with the item
-        depth = max(size - 1, 1).bit_length()
-        anc = [pos]
-        for _ in range(depth):
-            anc.append(((anc[-1] + 1) >> 1) - 1)
-        anc_t = torch.stack(anc, dim=1)  # [B, depth + 1], -1 past the root
-        live = anc_t >= 0
-        anc_c = anc_t.clamp(min=0)
-        vals = heap.gather(1, anc_c)
-        above = (vals[:, 1:] > item[:, None]) & live[:, 1:]
-        cnt = above.int().cumprod(dim=1).sum(dim=1, keepdim=True)
-        idx = torch.arange(depth + 1, device=dev)
-        shifted = torch.cat([vals[:, 1:], vals[:, -1:]], dim=1)
-        new = torch.where(idx < cnt, shifted, torch.where(idx == cnt, item[:, None], vals))
-        write = live & (idx <= cnt)
-        heap.scatter_(
-            1, torch.where(write, anc_c, anc_c[:, :1]), torch.where(write, new, new[:, :1])
-        )
+        kids = items[:, T - 1 - n]  # [B, 2], children of the largest node 2T - 1 - n
+        # heappush: the first child at slot n, sorted into the path n, its parent, ..., 0
+        up = up_paths[n, : (n + 1).bit_length()].expand(B, -1)
+        heap[:, n] = kids[:, 0]
+        heap.scatter_(1, up, heap.gather(1, up).sort(dim=1, descending=True).values)
+        # heappushpop: the second child replaces the root, sorted into _siftup's path
+        heap[:, 0] = kids[:, 1]
+        step = 1 + (heap[:, 2::2] <= heap[:, 1::2]).long()  # [B, k]: 2 for the right child
+        path = [root]
+        for _ in range((n + 1).bit_length() - 1):
+            path.append(torch.add(step.gather(1, path[-1]), path[-1], alpha=2))
+        down = torch.cat(path, dim=1)
+        heap.scatter_(1, down, heap.gather(1, down).sort(dim=1).values)
     label_of = torch.zeros(B, 2 * T - 1, dtype=torch.long, device=dev)
-    label_of.scatter_(1, -heap, torch.arange(k, device=dev).expand(B, k))
+    label_of.scatter_(1, -heap[:, :k], torch.arange(k, device=dev).expand(B, k))
     return label_of.gather(1, leaf_node)
 
 
@@ -274,8 +250,8 @@ def cluster_labels(metric: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
     (its output shape depends only on the input's) instead of unrolling them.
     """
     T = metric.shape[1]
-    dist = cosine_distance(metric)
-    with _one_cpu_thread(not dist.is_cuda):
+    with _one_cpu_thread(not metric.is_cuda):
+        dist = cosine_distance(metric, widen=linkage == "average")
         if linkage == "single":
             children, leaf_node = single_linkage_tree(dist, T - k)
         else:
