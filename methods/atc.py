@@ -96,56 +96,58 @@ def agglomerative_tree(
     D.diagonal(dim1=1, dim2=2).fill_(inf)
     rows = D.view(B * T, T)
     first_row = torch.arange(B, device=dev)[:, None] * T  # [B, 1]: image b's rows in ``rows``
-    rowmin, rowarg = D.min(dim=-1)  # [B, T] nearest neighbour of each cluster (first on ties)
+    rowmin = D.amin(dim=-1)  # [B, T] each cluster's distance to its nearest
     node = torch.arange(T, device=dev).expand(B, T).clone()  # node id of the cluster at each index
     count = D.new_ones(B, T)  # leaves per cluster (average linkage)
     where = node.clone()  # the index holding each leaf's cluster (until the cut)
     children = torch.empty(max(T - 1, 0), B, 2, dtype=torch.long, device=dev)
     leaf_node = node.clone()
-    rescan_a = torch.tensor([True, False], device=dev).expand(B, 2)
+    # Sources of the scatters below (a tensor source is several times faster than a number).
+    joined = torch.arange(T, 2 * T - 1, device=dev).expand(B, -1)  # node id of each join
+    gone_col = D.new_full((B, T, 1), inf)
+    # rowmin of a cluster that is gone: above every distance, and unlike inf never equal to
+    # a row's entry, so that it is never stale
+    gone_min = D.new_full((B, 1), torch.finfo(D.dtype).max)
+    kept = torch.zeros(B, 1, dtype=torch.bool, device=dev)
     sparse = not dist.is_cuda  # rescan only the stale rows; on a GPU a full rescan is cheaper
     for s in range(T - 1):
         if s == cut:
             leaf_node = node.gather(1, where)
-        i = rowmin.argmin(dim=1, keepdim=True)  # [B, 1] the closest pair: lowest index first
-        j = rowarg.gather(1, i)
-        a, b = torch.minimum(i, j), torch.maximum(i, j)  # the joined cluster lives at a
-        ab = torch.cat([a, b], dim=1)  # [B, 2]
-        torch.gather(node, 1, ab, out=children[s])  # put in order once, after the loop
-        node.scatter_(1, a, T + s)
-        ra = (first_row + ab).view(-1)  # rows a and b of each image in ``rows``
-        dab = rows.index_select(0, ra).view(B, 2, T)
+        # The closest pair: i the lowest index at the smallest distance, j its nearest (the
+        # lowest index among equals), so i < j; the joined cluster lives at i.
+        i = rowmin.argmin(dim=1, keepdim=True)  # [B, 1]
+        ri = (first_row + i).view(-1)
+        di = rows.index_select(0, ri)  # [B, T]
+        j = di.argmin(dim=1, keepdim=True)
+        dj = rows.index_select(0, (first_row + j).view(-1))
+        ij = torch.cat([i, j], dim=1)  # [B, 2]
+        torch.gather(node, 1, ij, out=children[s])  # put in order once, after the loop
+        node.scatter_(1, i, joined[:, s : s + 1])
         if linkage == "complete":
-            new = dab.amax(dim=1)  # [B, T]
+            new = torch.maximum(di, dj)  # [B, T]
         else:
-            cab = count.gather(1, ab)  # [B, 2]
-            ca, cb = cab[:, :1], cab[:, 1:]
-            new = (ca * dab[:, 0] + cb * dab[:, 1]) / (ca + cb)
-            count.scatter_(1, a, ca + cb)
-        # new is inf at a and b (each row's own diagonal) and at every cluster already gone.
-        # Row a and column a take it, column b becomes inf; row b is never read again.
-        rows.index_copy_(0, ra[::2], new)
-        D.scatter_(2, a[:, None].expand(B, T, 1), new[..., None])
-        D.scatter_(2, b[:, None].expand(B, T, 1), inf)
+            cij = count.gather(1, ij)  # [B, 2]
+            ci, cj = cij[:, :1], cij[:, 1:]
+            new = (ci * di + cj * dj) / (ci + cj)
+            count.scatter_(1, i, ci + cj)
+        # Rows whose nearest was i or j (or as near as them) are rescanned, the others can only
+        # have come nearer to i.
+        stale = (rowmin == di) | (rowmin == dj)
+        stale.scatter_(1, j, kept)  # j is gone
+        # new is inf at i and j (each row's own diagonal) and at every cluster already gone.
+        # Row i and column i take it, column j becomes inf; row j is never read again.
+        rows.index_copy_(0, ri, new)
+        D.scatter_(2, i[:, None].expand(B, T, 1), new[..., None])
+        D.scatter_(2, j[:, None].expand(B, T, 1), gone_col)
         if s < cut:
-            where = torch.where(where == b, a, where)
-        # Nearest neighbours: a and the rows that pointed at a or b are rescanned, the others
-        # can only have gained a closer (or an equal, lower-index) neighbour in a.
-        stale = (rowarg == a) | (rowarg == b)
-        stale.scatter_(1, ab, rescan_a)
-        closer = (new < rowmin) | ((new == rowmin) & (a < rowarg))
-        rowmin = torch.where(closer, new, rowmin)
-        rowarg = torch.where(closer, a, rowarg)
+            where = torch.where(where == j, i, where)
+        rowmin = torch.minimum(rowmin, new)
         if sparse:
             at = stale.view(-1).nonzero().view(-1)
-            m, mi = rows.index_select(0, at).min(dim=1)
-            rowmin.view(-1).index_copy_(0, at, m)
-            rowarg.view(-1).index_copy_(0, at, mi)
+            rowmin.view(-1).index_copy_(0, at, rows.index_select(0, at).amin(dim=1))
         else:
-            m, mi = D.min(dim=-1)
-            rowmin, rowarg = torch.where(stale, m, rowmin), torch.where(stale, mi, rowarg)
-        rowmin.scatter_(1, b, inf)  # b is gone: never the closest, and no rescan points at it
-        rowarg.scatter_(1, b, -1)
+            rowmin = torch.where(stale, D.amin(dim=-1), rowmin)
+        rowmin.scatter_(1, j, gone_min)
     if cut >= T - 1:
         leaf_node = node.gather(1, where)
     return children.transpose(0, 1).sort(dim=-1).values, leaf_node
