@@ -91,40 +91,47 @@ def agglomerative_tree(
     """
     B, T, _ = dist.shape
     dev = dist.device
-    inf = float("inf")
     D = dist.clone(memory_format=torch.contiguous_format)  # a cluster lives at its lowest leaf
-    D.diagonal(dim1=1, dim2=2).fill_(inf)
-    rows = D.view(B * T, T)
-    first_row = torch.arange(B, device=dev)[:, None] * T  # [B, 1]: image b's rows in ``rows``
+    D.diagonal(dim1=1, dim2=2).fill_(float("inf"))
     rowmin = D.amin(dim=-1)  # [B, T] each cluster's distance to its nearest
     node = torch.arange(T, device=dev).expand(B, T).clone()  # node id of the cluster at each index
     count = D.new_ones(B, T)  # leaves per cluster (average linkage)
     where = node.clone()  # the index holding each leaf's cluster (until the cut)
     children = torch.empty(max(T - 1, 0), B, 2, dtype=torch.long, device=dev)
     leaf_node = node.clone()
-    # Sources of the scatters below (a tensor source is several times faster than a number).
     joined = torch.arange(T, 2 * T - 1, device=dev).expand(B, -1)  # node id of each join
-    gone_col = D.new_full((B, T, 1), inf)
     # rowmin of a cluster that is gone: above every distance, and unlike inf never equal to
-    # a row's entry, so that it is never stale
+    # a row's entry, so that it is never stale (a tensor: scatters from one are faster)
     gone_min = D.new_full((B, 1), torch.finfo(D.dtype).max)
     kept = torch.zeros(B, 1, dtype=torch.bool, device=dev)
     sparse = not dist.is_cuda  # rescan only the stale rows; on a GPU a full rescan is cheaper
+    rows, first_row, gone_col = _rows(D)
     for s in range(T - 1):
         if s == cut:
             leaf_node = node.gather(1, where)
+        left = T - s  # clusters left
+        if left <= D.shape[1] * SHRINK and left >= SHRINK_ABOVE:
+            D, keep, renumbered = _drop_gone(D, rowmin, left)
+            rowmin, node, count = (
+                rowmin.gather(1, keep),
+                node.gather(1, keep),
+                count.gather(1, keep),
+            )
+            if s < cut:
+                where = renumbered.gather(1, where)
+            rows, first_row, gone_col = _rows(D)
         # The closest pair: i the lowest index at the smallest distance, j its nearest (the
         # lowest index among equals), so i < j; the joined cluster lives at i.
         i = rowmin.argmin(dim=1, keepdim=True)  # [B, 1]
         ri = (first_row + i).view(-1)
-        di = rows.index_select(0, ri)  # [B, T]
+        di = rows.index_select(0, ri)  # [B, W]
         j = di.argmin(dim=1, keepdim=True)
         dj = rows.index_select(0, (first_row + j).view(-1))
         ij = torch.cat([i, j], dim=1)  # [B, 2]
         torch.gather(node, 1, ij, out=children[s])  # put in order once, after the loop
         node.scatter_(1, i, joined[:, s : s + 1])
         if linkage == "complete":
-            new = torch.maximum(di, dj)  # [B, T]
+            new = torch.maximum(di, dj)  # [B, W]
         else:
             cij = count.gather(1, ij)  # [B, 2]
             ci, cj = cij[:, :1], cij[:, 1:]
@@ -137,8 +144,8 @@ def agglomerative_tree(
         # new is inf at i and j (each row's own diagonal) and at every cluster already gone.
         # Row i and column i take it, column j becomes inf; row j is never read again.
         rows.index_copy_(0, ri, new)
-        D.scatter_(2, i[:, None].expand(B, T, 1), new[..., None])
-        D.scatter_(2, j[:, None].expand(B, T, 1), gone_col)
+        D.scatter_(2, i[:, None].expand_as(gone_col), new[..., None])
+        D.scatter_(2, j[:, None].expand_as(gone_col), gone_col)
         if s < cut:
             where = torch.where(where == j, i, where)
         rowmin = torch.minimum(rowmin, new)
@@ -151,6 +158,37 @@ def agglomerative_tree(
     if cut >= T - 1:
         leaf_node = node.gather(1, where)
     return children.transpose(0, 1).sort(dim=-1).values, leaf_node
+
+
+# The gone clusters are dropped from D once the clusters left are at most SHRINK of its width,
+# and at least SHRINK_ABOVE (below, the joins cost about the same on any width).
+SHRINK, SHRINK_ABOVE = 0.6, 16
+
+
+def _rows(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``D [B, W, W]`` as ``[B * W, W]`` rows, each image's first row there ``[B, 1]``, and an
+    inf column ``[B, W, 1]``."""
+    B, W, _ = D.shape
+    first_row = torch.arange(B, device=D.device)[:, None] * W
+    return D.view(B * W, W), first_row, D.new_full((B, W, 1), float("inf"))
+
+
+def _drop_gone(
+    D: torch.Tensor, rowmin: torch.Tensor, left: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``left`` clusters that are not gone, in index order (so ties still go to the lowest).
+
+    Returns:
+        their distances ``[B, left, left]``, their old indices ``keep [B, left]`` and each old
+        index's new one ``[B, W]`` (meaningless at the gone).
+    """
+    B, W, _ = D.shape
+    live = rowmin < torch.finfo(D.dtype).max  # gone clusters hold the dtype's largest
+    keep = live.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :left]
+    first_row = torch.arange(B, device=D.device)[:, None] * W
+    kept_rows = D.view(B * W, W).index_select(0, (first_row + keep).view(-1)).view(B, left, W)
+    D = kept_rows.gather(2, keep[:, None].expand(B, left, left))
+    return D, keep, live.cumsum(dim=1) - 1
 
 
 def single_linkage_tree(dist: torch.Tensor, cut: int) -> tuple[torch.Tensor, torch.Tensor]:
