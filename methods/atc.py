@@ -105,6 +105,7 @@ def agglomerative_tree(
     gone_min = D.new_full((B, 1), torch.finfo(D.dtype).max)
     kept = torch.zeros(B, 1, dtype=torch.bool, device=dev)
     sparse = not dist.is_cuda  # rescan only the stale rows; on a GPU a full rescan is cheaper
+    batch = torch.arange(B, device=dev)
     rows, first_row, gone_col = _rows(D)
     for s in range(T - 1):
         if s == cut:
@@ -144,8 +145,8 @@ def agglomerative_tree(
         # new is inf at i and j (each row's own diagonal) and at every cluster already gone.
         # Row i and column i take it, column j becomes inf; row j is never read again.
         rows.index_copy_(0, ri, new)
-        D.scatter_(2, i[:, None].expand_as(gone_col), new[..., None])
-        D.scatter_(2, j[:, None].expand_as(gone_col), gone_col)
+        D[batch, :, i[:, 0]] = new
+        D[batch, :, j[:, 0]] = gone_col
         if s < cut:
             where = torch.where(where == j, i, where)
         rowmin = torch.minimum(rowmin, new)
@@ -167,10 +168,10 @@ SHRINK, SHRINK_ABOVE = 0.6, 16
 
 def _rows(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``D [B, W, W]`` as ``[B * W, W]`` rows, each image's first row there ``[B, 1]``, and an
-    inf column ``[B, W, 1]``."""
+    inf column ``[B, W]``."""
     B, W, _ = D.shape
     first_row = torch.arange(B, device=D.device)[:, None] * W
-    return D.view(B * W, W), first_row, D.new_full((B, W, 1), float("inf"))
+    return D.view(B * W, W), first_row, D.new_full((B, W), float("inf"))
 
 
 def _drop_gone(
@@ -254,26 +255,30 @@ def heap_labels(children: torch.Tensor, leaf_node: torch.Tensor, k: int) -> torc
     B, T = leaf_node.shape
     dev = leaf_node.device
     # Negated node ids (the heap of _hc_cut, all <= 0); 1 fills the slots past its end, so
-    # that a path may run past a leaf and sort its 1s back in place. Slot n's children are
-    # 2n + 1 and 2n + 2, below 2k + 1 for every path of a heap of at most k.
+    # that a path may run past a leaf and sort its 1s back in place. Slot q's children are
+    # 2q + 1 and 2q + 2, below 2k + 1 for every path of a heap of at most k.
     heap = torch.ones(B, 2 * k + 1, dtype=torch.long, device=dev)
     heap[:, 0] = -(2 * T - 2)
-    items = -children  # [B, T - 1, 2]
-    levels = torch.arange(k.bit_length(), device=dev)
-    up_paths = (torch.arange(1, k + 1, device=dev)[:, None] >> levels) - 1  # [k, levels]
+    items = -children.flip(-1)  # [B, T - 1, 2]: the second child, then the first
+    slots = torch.arange(k, device=dev)
+    item_slots = torch.stack([torch.zeros_like(slots), slots], dim=1)  # [k, 2]: 0 and n
+    up_paths = (slots[:, None] + 1 >> torch.arange(k.bit_length(), device=dev)) - 1  # [k, L]
+    left_child = 2 * slots + 1
     root = heap.new_zeros(B, 1)
     for n in range(1, k):  # heap size before the push
-        kids = items[:, T - 1 - n]  # [B, 2], children of the largest node 2T - 1 - n
-        # heappush: the first child at slot n, sorted into the path n, its parent, ..., 0
-        up = up_paths[n, : (n + 1).bit_length()].expand(B, -1)
-        heap[:, n] = kids[:, 0]
-        heap.scatter_(1, up, heap.gather(1, up).sort(dim=1, descending=True).values)
-        # heappushpop: the second child replaces the root, sorted into _siftup's path
-        heap[:, 0] = kids[:, 1]
-        step = 1 + (heap[:, 2::2] <= heap[:, 1::2]).long()  # [B, k]: 2 for the right child
+        # The children of the largest node 2T - 1 - n, at the root: heappushpop's second
+        # child replaces it there, heappush's first goes to the new slot n.
+        heap.scatter_(1, item_slots[n].expand(B, 2), items[:, T - 1 - n])
+        depth = (n + 1).bit_length() - 1
+        if depth > 1:  # heappush: the path from slot n up to the root's child, sorted
+            up = up_paths[n, :depth].expand(B, -1)
+            heap.scatter_(1, up, heap.gather(1, up).sort(dim=1, descending=True).values)
+        # heappushpop: the path from the root down through the smaller child of each slot
+        # (the right one among equals, as _siftup), sorted
+        child = left_child[: n + 1] + (heap[:, 2 : 2 * n + 3 : 2] <= heap[:, 1 : 2 * n + 2 : 2])
         path = [root]
-        for _ in range((n + 1).bit_length() - 1):
-            path.append(torch.add(step.gather(1, path[-1]), path[-1], alpha=2))
+        for _ in range(depth):
+            path.append(child.gather(1, path[-1]))
         down = torch.cat(path, dim=1)
         heap.scatter_(1, down, heap.gather(1, down).sort(dim=1).values)
     label_of = torch.zeros(B, 2 * T - 1, dtype=torch.long, device=dev)
@@ -290,13 +295,15 @@ def cluster_labels(metric: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
     (its output shape depends only on the input's) instead of unrolling them.
     """
     T = metric.shape[1]
-    with _one_cpu_thread(not metric.is_cuda):
+    # Inference mode: the thousands of small operations below skip autograd's bookkeeping.
+    with _one_cpu_thread(not metric.is_cuda), torch.inference_mode():
         dist = cosine_distance(metric, widen=linkage == "average")
         if linkage == "single":
             children, leaf_node = single_linkage_tree(dist, T - k)
         else:
             children, leaf_node = agglomerative_tree(dist, linkage, T - k)
-        return heap_labels(children, leaf_node, k)
+        labels = heap_labels(children, leaf_node, k)
+    return labels.clone()  # a normal tensor, which autograd may save (as an index) outside
 
 
 @contextmanager
