@@ -13,14 +13,18 @@ device for the whole batch at once:
 - The dendrogram. Every step joins the two closest clusters; the distance of the joined cluster
   to each other one follows the Lance-Williams rule of the linkage (complete: the larger of the
   two distances, single: the smaller, average: their mean weighted by the clusters' sizes), in
-  float64 as SciPy computes it. Each cluster's nearest neighbour is cached, so a step rescans
-  only the clusters whose neighbour was one of the two it joined (the joined cluster's row
-  always). For these linkages the distances of successive joins never decrease, so the steps
-  come in the order of SciPy's sorted linkage matrix, and nodes are numbered as SciPy numbers
-  them (leaves ``0 .. T-1``, the ``s``-th join ``T + s``, children smaller id first).
+  float64 as SciPy computes it (complete and single linkage only compare and pick distances, so
+  they run on the float32 cosines themselves, the same values). Each cluster's distance to its
+  nearest is cached, so a step rescans only the clusters whose nearest was as near as one of
+  the two it joined (the joined cluster's row always), and the gone clusters are dropped from
+  the matrix as they add up. For these linkages the distances of successive joins never
+  decrease, so the steps come in the order of SciPy's sorted linkage matrix, and nodes are
+  numbered as SciPy numbers them (leaves ``0 .. T-1``, the ``s``-th join ``T + s``, children
+  smaller id first).
 - The cut and the labels. scikit-learn undoes the last ``K - 1`` joins with a heap of node ids
   (``sklearn.cluster._agglomerative._hc_cut``) and labels each cluster by its position in that
-  heap; :func:`heap_labels` replays the same heap operations for the whole batch.
+  heap; :func:`heap_labels` replays the same heap operations for the whole batch, each one
+  sort of a path of the heap.
 
 Costs: torchprofile and fvcore see the model's layers and the pooling; the clustering is one
 custom operator that neither sees. Its multiply-accumulates are the cosine matrix,
