@@ -13,14 +13,18 @@ device for the whole batch at once:
 - The dendrogram. Every step joins the two closest clusters; the distance of the joined cluster
   to each other one follows the Lance-Williams rule of the linkage (complete: the larger of the
   two distances, single: the smaller, average: their mean weighted by the clusters' sizes), in
-  float64 as SciPy computes it. Each cluster's nearest neighbour is cached, so a step rescans
-  only the clusters whose neighbour was one of the two it joined (the joined cluster's row
-  always). For these linkages the distances of successive joins never decrease, so the steps
-  come in the order of SciPy's sorted linkage matrix, and nodes are numbered as SciPy numbers
-  them (leaves ``0 .. T-1``, the ``s``-th join ``T + s``, children smaller id first).
+  float64 as SciPy computes it (complete and single linkage only compare and pick distances, so
+  they run on the float32 cosines themselves, the same values). Each cluster's distance to its
+  nearest is cached, so a step rescans only the clusters whose nearest was as near as one of
+  the two it joined (the joined cluster's row always), and the gone clusters are dropped from
+  the matrix as they add up. For these linkages the distances of successive joins never
+  decrease, so the steps come in the order of SciPy's sorted linkage matrix, and nodes are
+  numbered as SciPy numbers them (leaves ``0 .. T-1``, the ``s``-th join ``T + s``, children
+  smaller id first).
 - The cut and the labels. scikit-learn undoes the last ``K - 1`` joins with a heap of node ids
   (``sklearn.cluster._agglomerative._hc_cut``) and labels each cluster by its position in that
-  heap; :func:`heap_labels` replays the same heap operations for the whole batch.
+  heap; :func:`heap_labels` replays the same heap operations for the whole batch, each one
+  sort of a path of the heap.
 
 Costs: torchprofile and fvcore see the model's layers and the pooling; the clustering is one
 custom operator that neither sees. Its multiply-accumulates are the cosine matrix,
@@ -59,15 +63,18 @@ def num_clusters(patch_tokens: int, keep_rate: float, k: int) -> int:
     return int(patch_tokens * keep_rate**k)
 
 
-def cosine_distance(metric: torch.Tensor) -> torch.Tensor:
+def cosine_distance(metric: torch.Tensor, widen: bool = True) -> torch.Tensor:
     """``1 - cos`` between every pair of tokens: ``[B, T, d] -> [B, T, T]``, in float64.
 
     The cosine is computed in the metric's dtype (float32 for bf16/fp16 metrics) as the
-    authors do, then widened, since SciPy builds the tree in float64.
+    authors do, then widened, since SciPy builds the tree in float64. ``widen=False`` keeps
+    the cosine's dtype: the same values, enough for complete and single linkage, which only
+    compare and pick them.
     """
     m = metric if metric.dtype == torch.float64 else metric.float()
     m = m / m.norm(dim=-1, keepdim=True)
-    return (1 - m @ m.transpose(-1, -2)).double()
+    dist = 1 - m @ m.transpose(-1, -2)
+    return dist.double() if widen else dist
 
 
 def agglomerative_tree(
@@ -76,8 +83,9 @@ def agglomerative_tree(
     """The full dendrogram of every image, and the node each leaf belongs to after ``cut`` joins.
 
     Args:
-        dist: ``[B, T, T]`` symmetric distances (float64; the diagonal is ignored).
-        linkage: ``"complete"``, ``"average"`` or ``"single"``.
+        dist: ``[B, T, T]`` symmetric distances (float64 for average linkage; the diagonal is
+            ignored).
+        linkage: ``"complete"`` or ``"average"`` (single linkage: :func:`single_linkage_tree`).
         cut: joins after which the leaves' nodes are recorded (``T - K`` for ``K`` clusters).
 
     Returns:
@@ -87,66 +95,105 @@ def agglomerative_tree(
     """
     B, T, _ = dist.shape
     dev = dist.device
-    inf = float("inf")
-    eye = torch.eye(T, dtype=torch.bool, device=dev)
-    D = dist.masked_fill(eye, inf).contiguous()  # [B, T, T], a cluster lives at its lowest leaf
-    b_all = torch.arange(B, device=dev)
-    cols = torch.arange(T, device=dev)
-    rows = D.view(B * T, T)
-    rowmin, rowarg = D.min(dim=-1)  # [B, T] nearest neighbour of each cluster (first on ties)
-    node = cols.expand(B, T).clone()  # node id of the cluster held at each index
+    D = dist.clone(memory_format=torch.contiguous_format)  # a cluster lives at its lowest leaf
+    D.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    rowmin = D.amin(dim=-1)  # [B, T] each cluster's distance to its nearest
+    node = torch.arange(T, device=dev).expand(B, T).clone()  # node id of the cluster at each index
     count = D.new_ones(B, T)  # leaves per cluster (average linkage)
-    where = cols.expand(B, T).clone()  # the index holding each leaf's cluster
-    children = torch.empty(B, max(T - 1, 0), 2, dtype=torch.long, device=dev)
+    where = node.clone()  # the index holding each leaf's cluster (until the cut)
+    children = torch.empty(max(T - 1, 0), B, 2, dtype=torch.long, device=dev)
     leaf_node = node.clone()
+    joined = torch.arange(T, 2 * T - 1, device=dev).expand(B, -1)  # node id of each join
+    # rowmin of a cluster that is gone: above every distance, and unlike inf never equal to
+    # a row's entry, so that it is never stale (a tensor: scatters from one are faster)
+    gone_min = D.new_full((B, 1), torch.finfo(D.dtype).max)
+    kept = torch.zeros(B, 1, dtype=torch.bool, device=dev)
     sparse = not dist.is_cuda  # rescan only the stale rows; on a GPU a full rescan is cheaper
+    batch = torch.arange(B, device=dev)
+    rows, first_row, gone_col = _rows(D)
     for s in range(T - 1):
         if s == cut:
             leaf_node = node.gather(1, where)
-        i = rowmin.argmin(dim=-1)  # [B] the closest pair: lowest index first on ties
-        j = rowarg.gather(1, i[:, None])[:, 0]
-        a, b = torch.minimum(i, j), torch.maximum(i, j)  # the joined cluster lives at a
-        na, nb = node.gather(1, a[:, None]), node.gather(1, b[:, None])  # [B, 1]
-        children[:, s] = torch.cat([torch.minimum(na, nb), torch.maximum(na, nb)], dim=1)
-        node.scatter_(1, a[:, None], T + s)
-        ra, rb = b_all * T + a, b_all * T + b  # rows of D viewed as [B * T, T]
-        da, db = rows.index_select(0, ra), rows.index_select(0, rb)  # [B, T]
+        left = T - s  # clusters left
+        if left <= D.shape[1] * SHRINK and left >= SHRINK_ABOVE:
+            D, keep, renumbered = _drop_gone(D, rowmin, left)
+            rowmin, node, count = (
+                rowmin.gather(1, keep),
+                node.gather(1, keep),
+                count.gather(1, keep),
+            )
+            if s < cut:
+                where = renumbered.gather(1, where)
+            rows, first_row, gone_col = _rows(D)
+        # The closest pair: i the lowest index at the smallest distance, j its nearest (the
+        # lowest index among equals), so i < j; the joined cluster lives at i.
+        i = rowmin.argmin(dim=1, keepdim=True)  # [B, 1]
+        ri = (first_row + i).view(-1)
+        di = rows.index_select(0, ri)  # [B, W]
+        j = di.argmin(dim=1, keepdim=True)
+        dj = rows.index_select(0, (first_row + j).view(-1))
+        ij = torch.cat([i, j], dim=1)  # [B, 2]
+        torch.gather(node, 1, ij, out=children[s])  # put in order once, after the loop
+        node.scatter_(1, i, joined[:, s : s + 1])
         if linkage == "complete":
-            new = torch.maximum(da, db)
-        elif linkage == "single":
-            new = torch.minimum(da, db)
+            new = torch.maximum(di, dj)  # [B, W]
         else:
-            ca, cb = count.gather(1, a[:, None]), count.gather(1, b[:, None])
-            new = (ca * da + cb * db) / (ca + cb)
-            count.scatter_add_(1, a[:, None], cb)
-        gone = (cols == b[:, None]) | (cols == a[:, None])  # [B, T]
-        new = new.masked_fill(gone, inf)
-        # b leaves: its row and column become inf; a's row and column take the joined values.
-        D[b_all, b] = inf
-        D[b_all, :, b] = inf
-        D[b_all, a] = new
-        D[b_all, :, a] = new
-        where = torch.where(where == b[:, None], a[:, None], where)
-        # Nearest neighbours: a and the rows that pointed at a or b are rescanned, the others
-        # can only have gained a closer (or an equal, lower-index) neighbour in a.
-        stale = (rowarg == a[:, None]) | (rowarg == b[:, None])
-        if linkage == "single":
-            stale = torch.zeros_like(stale)  # single: a's distance to them is their old minimum
-        stale |= cols == a[:, None]
-        closer = (new < rowmin) | ((new == rowmin) & (a[:, None] < rowarg))
-        rowmin = torch.where(closer, new, rowmin)
-        rowarg = torch.where(closer, a[:, None], rowarg)
+            cij = count.gather(1, ij)  # [B, 2]
+            ci, cj = cij[:, :1], cij[:, 1:]
+            new = (ci * di + cj * dj) / (ci + cj)
+            count.scatter_(1, i, ci + cj)
+        # Rows whose nearest was i or j (or as near as them) are rescanned, the others can only
+        # have come nearer to i.
+        stale = (rowmin == di) | (rowmin == dj)
+        stale.scatter_(1, j, kept)  # j is gone
+        # new is inf at i and j (each row's own diagonal) and at every cluster already gone.
+        # Row i and column i take it, column j becomes inf; row j is never read again.
+        rows.index_copy_(0, ri, new)
+        D[batch, :, i[:, 0]] = new
+        D[batch, :, j[:, 0]] = gone_col
+        if s < cut:
+            where = torch.where(where == j, i, where)
+        rowmin = torch.minimum(rowmin, new)
         if sparse:
-            bi, ki = stale.nonzero(as_tuple=True)
-            m, mi = rows.index_select(0, bi * T + ki).min(dim=-1)
-            rowmin[bi, ki], rowarg[bi, ki] = m, mi
+            at = stale.view(-1).nonzero().view(-1)
+            rowmin.view(-1).index_copy_(0, at, rows.index_select(0, at).amin(dim=1))
         else:
-            m, mi = D.min(dim=-1)
-            rowmin, rowarg = torch.where(stale, m, rowmin), torch.where(stale, mi, rowarg)
-        rowmin = rowmin.masked_fill(cols == b[:, None], inf)
+            rowmin = torch.where(stale, D.amin(dim=-1), rowmin)
+        rowmin.scatter_(1, j, gone_min)
     if cut >= T - 1:
         leaf_node = node.gather(1, where)
-    return children, leaf_node
+    return children.transpose(0, 1).sort(dim=-1).values, leaf_node
+
+
+# The gone clusters are dropped from D once the clusters left are at most SHRINK of its width,
+# and at least SHRINK_ABOVE (below, the joins cost about the same on any width).
+SHRINK, SHRINK_ABOVE = 0.6, 16
+
+
+def _rows(D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``D [B, W, W]`` as ``[B * W, W]`` rows, each image's first row there ``[B, 1]``, and an
+    inf column ``[B, W]``."""
+    B, W, _ = D.shape
+    first_row = torch.arange(B, device=D.device)[:, None] * W
+    return D.view(B * W, W), first_row, D.new_full((B, W), float("inf"))
+
+
+def _drop_gone(
+    D: torch.Tensor, rowmin: torch.Tensor, left: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``left`` clusters that are not gone, in index order (so ties still go to the lowest).
+
+    Returns:
+        their distances ``[B, left, left]``, their old indices ``keep [B, left]`` and each old
+        index's new one ``[B, W]`` (meaningless at the gone).
+    """
+    B, W, _ = D.shape
+    live = rowmin < torch.finfo(D.dtype).max  # gone clusters hold the dtype's largest
+    keep = live.to(torch.uint8).sort(dim=1, descending=True, stable=True).indices[:, :left]
+    first_row = torch.arange(B, device=D.device)[:, None] * W
+    kept_rows = D.view(B * W, W).index_select(0, (first_row + keep).view(-1)).view(B, left, W)
+    D = kept_rows.gather(2, keep[:, None].expand(B, left, left))
+    return D, keep, live.cumsum(dim=1) - 1
 
 
 def single_linkage_tree(dist: torch.Tensor, cut: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,43 +206,47 @@ def single_linkage_tree(dist: torch.Tensor, cut: int) -> tuple[torch.Tensor, tor
     B, T, _ = dist.shape
     dev = dist.device
     inf = float("inf")
-    b_all = torch.arange(B, device=dev)
+    rows = dist.contiguous().view(B * T, T)
+    first_row = torch.arange(B, device=dev)[:, None] * T  # [B, 1]: image b's rows in ``rows``
     reach = dist.new_full((B, T), inf)  # distance of each leaf to the tree
     merged = torch.zeros(B, T, dtype=torch.bool, device=dev)
-    x = torch.zeros(B, dtype=torch.long, device=dev)
-    edges = torch.empty(B, max(T - 1, 0), 2, dtype=torch.long, device=dev)
+    ends = torch.zeros(B, T, dtype=torch.long, device=dev)  # leaf 0, then each edge's new leaf
     length = dist.new_empty(B, max(T - 1, 0))
     for s in range(T - 1):
-        merged[b_all, x] = True
-        reach = torch.minimum(reach, dist[b_all, x])  # [B, T]
-        y = reach.masked_fill(merged, inf).argmin(dim=-1)  # first of the closest
-        edges[:, s, 0], edges[:, s, 1] = x, y
-        length[:, s] = reach[b_all, y]
-        x = y
+        x = ends[:, s : s + 1]
+        merged.scatter_(1, x, True)
+        reach = torch.minimum(reach, rows.index_select(0, (first_row + x).view(-1)))
+        y = reach.masked_fill(merged, inf).argmin(dim=1, keepdim=True)  # first of the closest
+        ends[:, s + 1 : s + 2] = y
+        torch.gather(reach, 1, y, out=length[:, s : s + 1])
+    edges = torch.stack([ends[:, :-1], ends[:, 1:]], dim=-1)  # [B, T - 1, 2]: x_s, y_s
     order = length.sort(dim=-1, stable=True).indices  # [B, T - 1]
-    edges = edges.gather(1, order[..., None].expand(-1, -1, 2))
+    edges = edges.gather(1, order[..., None].expand(-1, -1, 2)).transpose(0, 1).contiguous()
     node = torch.arange(T, device=dev).expand(B, T).clone()  # each leaf's cluster node
-    children = torch.empty_like(edges)
+    children = torch.empty_like(edges)  # [T - 1, B, 2]
     leaf_node = node.clone()
     for s in range(T - 1):
         if s == cut:
             leaf_node = node.clone()
-        nx, ny = node[b_all, edges[:, s, 0]], node[b_all, edges[:, s, 1]]
-        children[:, s, 0], children[:, s, 1] = torch.minimum(nx, ny), torch.maximum(nx, ny)
-        joined = (node == nx[:, None]) | (node == ny[:, None])
-        node = torch.where(joined, T + s, node)
+        nxy = torch.gather(node, 1, edges[s], out=children[s])
+        node.masked_fill_((node == nxy[:, :1]) | (node == nxy[:, 1:]), T + s)
     if cut >= T - 1:
         leaf_node = node
-    return children, leaf_node
+    return children.transpose(0, 1).sort(dim=-1).values, leaf_node
 
 
 def heap_labels(children: torch.Tensor, leaf_node: torch.Tensor, k: int) -> torch.Tensor:
     """scikit-learn's cluster labels: the position of each leaf's cluster in ``_hc_cut``'s heap.
 
-    ``_hc_cut`` starts from the root, and ``k - 1`` times pushes the two children of the largest
-    node in the heap (negated ids, ``heappush`` then ``heappushpop``); the labels are the final
-    heap positions. The same operations are replayed here on ``[B, k]`` tensors; every image
-    takes the same number of steps and only the sifting paths differ.
+    ``_hc_cut`` starts from the root, and ``k - 1`` times takes the largest node in the heap
+    (node ``2T - 1 - n`` at the ``n``-th time: every larger node was taken before, its parent
+    among them) and puts its two children in: ``heappush`` the first, then ``heappushpop`` the
+    second, which replaces the largest node at the root. The labels are the final heap
+    positions. Both operations move values only along one path of the heap, whose values are
+    in order, and leave the path's values plus the new one sorted along it: ``heappush`` the
+    path from the new slot up to the root, ``heappushpop`` the path from the root down through
+    the smaller child of each slot (``_siftup``). So each is one sort of a ``[B, log k]`` path,
+    the second after finding the path one level at a time.
 
     Args:
         children: ``[B, T - 1, 2]`` from :func:`agglomerative_tree`.
@@ -207,61 +258,35 @@ def heap_labels(children: torch.Tensor, leaf_node: torch.Tensor, k: int) -> torc
     """
     B, T = leaf_node.shape
     dev = leaf_node.device
-    heap = torch.zeros(B, k, dtype=torch.long, device=dev)  # negated node ids
+    # Negated node ids (the heap of _hc_cut, all <= 0); 1 fills the slots past its end, so
+    # that a path may run past a leaf and sort its 1s back in place. Slot q's children are
+    # 2q + 1 and 2q + 2, below 2k + 1 for every path of a heap of at most k.
+    heap = torch.ones(B, 2 * k + 1, dtype=torch.long, device=dev)
     heap[:, 0] = -(2 * T - 2)
-    b_all = torch.arange(B, device=dev)
+    items = -children.flip(-1)  # [B, T - 1, 2]: the second child, then the first
+    slots = torch.arange(k, device=dev)
+    item_slots = torch.stack([torch.zeros_like(slots), slots], dim=1)  # [k, 2]: 0 and n
+    up_paths = (slots[:, None] + 1 >> torch.arange(k.bit_length(), device=dev)) - 1  # [k, L]
+    left_child = 2 * slots + 1
+    root = heap.new_zeros(B, 1)
     for n in range(1, k):  # heap size before the push
-        top = -heap[:, 0]
-        kids = children[b_all, top - T]  # [B, 2]
-        # heappush(heap, -kids[0]): the path from position n to the root is the same for all.
-        levels = (n + 1).bit_length()  # positions on the path: n, its parent, ..., the root
-        path_t = ((n + 1) >> torch.arange(levels, device=dev)) - 1  # no host-to-device copy
-        vals = heap[:, path_t]  # [B, L + 1]; vals[:, 0] is the free slot
-        item = -kids[:, 0]
-        above = vals[:, 1:] > item[:, None]  # parents the item passes (a prefix of the path)
-        cnt = above.sum(dim=1, keepdim=True)  # [B, 1]
-        idx = torch.arange(levels, device=dev)
-        shifted = torch.cat([vals[:, 1:], vals[:, -1:]], dim=1)
-        heap[:, path_t] = torch.where(
-            idx < cnt, shifted, torch.where(idx == cnt, item[:, None], vals)
-        )
-        # heappushpop(heap, -kids[1]): the root (the largest node) is always the one replaced.
-        size = n + 1
-        item = -kids[:, 1]
-        pos = torch.zeros(B, dtype=torch.long, device=dev)
-        child = 2 * pos + 1
-        for _ in range(size.bit_length()):  # Python's _siftup: the smaller child moves up
-            valid = child < size
-            right = child + 1
-            hc = heap.gather(1, child.clamp(max=size - 1)[:, None])[:, 0]
-            hr = heap.gather(1, right.clamp(max=size - 1)[:, None])[:, 0]
-            take_right = (right < size) & ~(hc < hr)
-            chosen = torch.where(take_right, right, child)
-            moved = torch.where(take_right, hr, hc)
-            cur = heap.gather(1, pos[:, None])[:, 0]
-            heap[b_all, pos] = torch.where(valid, moved, cur)
-            pos = torch.where(valid, chosen, pos)
-            child = torch.where(valid, 2 * pos + 1, torch.full_like(pos, size))
-        # then _siftdown(heap, 0, pos) with the item
-        depth = max(size - 1, 1).bit_length()
-        anc = [pos]
+        # The children of the largest node 2T - 1 - n, at the root: heappushpop's second
+        # child replaces it there, heappush's first goes to the new slot n.
+        heap.scatter_(1, item_slots[n].expand(B, 2), items[:, T - 1 - n])
+        depth = (n + 1).bit_length() - 1
+        if depth > 1:  # heappush: the path from slot n up to the root's child, sorted
+            up = up_paths[n, :depth].expand(B, -1)
+            heap.scatter_(1, up, heap.gather(1, up).sort(dim=1, descending=True).values)
+        # heappushpop: the path from the root down through the smaller child of each slot
+        # (the right one among equals, as _siftup), sorted
+        child = left_child[: n + 1] + (heap[:, 2 : 2 * n + 3 : 2] <= heap[:, 1 : 2 * n + 2 : 2])
+        path = [root]
         for _ in range(depth):
-            anc.append(((anc[-1] + 1) >> 1) - 1)
-        anc_t = torch.stack(anc, dim=1)  # [B, depth + 1], -1 past the root
-        live = anc_t >= 0
-        anc_c = anc_t.clamp(min=0)
-        vals = heap.gather(1, anc_c)
-        above = (vals[:, 1:] > item[:, None]) & live[:, 1:]
-        cnt = above.int().cumprod(dim=1).sum(dim=1, keepdim=True)
-        idx = torch.arange(depth + 1, device=dev)
-        shifted = torch.cat([vals[:, 1:], vals[:, -1:]], dim=1)
-        new = torch.where(idx < cnt, shifted, torch.where(idx == cnt, item[:, None], vals))
-        write = live & (idx <= cnt)
-        heap.scatter_(
-            1, torch.where(write, anc_c, anc_c[:, :1]), torch.where(write, new, new[:, :1])
-        )
+            path.append(child.gather(1, path[-1]))
+        down = torch.cat(path, dim=1)
+        heap.scatter_(1, down, heap.gather(1, down).sort(dim=1).values)
     label_of = torch.zeros(B, 2 * T - 1, dtype=torch.long, device=dev)
-    label_of.scatter_(1, -heap, torch.arange(k, device=dev).expand(B, k))
+    label_of.scatter_(1, -heap[:, :k], torch.arange(k, device=dev).expand(B, k))
     return label_of.gather(1, leaf_node)
 
 
@@ -274,13 +299,15 @@ def cluster_labels(metric: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
     (its output shape depends only on the input's) instead of unrolling them.
     """
     T = metric.shape[1]
-    dist = cosine_distance(metric)
-    with _one_cpu_thread(not dist.is_cuda):
+    # Inference mode: the thousands of small operations below skip autograd's bookkeeping.
+    with _one_cpu_thread(not metric.is_cuda), torch.inference_mode():
+        dist = cosine_distance(metric, widen=linkage == "average")
         if linkage == "single":
             children, leaf_node = single_linkage_tree(dist, T - k)
         else:
             children, leaf_node = agglomerative_tree(dist, linkage, T - k)
-        return heap_labels(children, leaf_node, k)
+        labels = heap_labels(children, leaf_node, k)
+    return labels.clone()  # a normal tensor, which autograd may save (as an index) outside
 
 
 @contextmanager
