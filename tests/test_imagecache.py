@@ -3,6 +3,7 @@ once per sweep, rebuilt when a file changes, safe with two processes, never fata
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -322,7 +323,6 @@ def test_two_processes_building_the_same_cache_at_once(tmp_path):
     n_files = len(CLASSES) * 40 + 1
     assert sum(r["decodes"] for r in results) == n_files  # one built it, the other waited
     direct, _ = make_loader(str(tree), DATA_CONFIG, 16, workers=0)
-    import hashlib
 
     h = hashlib.sha256()
     for images, labels, skipped in direct:

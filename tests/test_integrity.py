@@ -3,6 +3,7 @@ before any work."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -307,7 +308,6 @@ def test_two_rows_of_one_run_with_other_values_are_one_line(
 def test_a_hand_edited_cell_is_one_line_in_report_and_at_the_end_of_run(
     assert_one_line_error, column, cell, message, tmp_path, capsys
 ):
-    import csv
 
     path = tmp_path / "r.csv"
     append_rows(path, _rows("1"))

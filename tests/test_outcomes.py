@@ -3,6 +3,9 @@ the results file, found again on resume (counted, not timed)."""
 
 from __future__ import annotations
 
+import shutil
+import threading
+
 import pytest
 import torch
 from torch import nn
@@ -175,7 +178,6 @@ def test_the_baseline_replaces_a_stored_reference_with_its_own_outputs(tmp_path)
 
 
 def test_a_run_computing_the_reference_holds_the_lock_others_wait_on(tmp_path):
-    import threading
 
     store, other = RunStore(tmp_path / "s"), RunStore(tmp_path / "s")  # two processes' views
     got_it = threading.Event()
@@ -206,7 +208,6 @@ def test_a_store_that_cannot_be_written_is_a_one_line_user_error(tmp_path):
 
 def test_a_reference_another_experiments_file_replaced_is_measured_anew(tmp_path):
     """Other weights: other outputs on the same images, with the same labels."""
-    import shutil
 
     from ppt_bench.models import build_model
 
@@ -246,7 +247,6 @@ def _report_args(tmp_path, csv):
 def test_outcomes_another_runs_file_replaced_or_cut_short_stop_the_report(
     assert_one_line_error, tmp_path, capsys
 ):
-    import shutil
 
     from ppt_bench.cli import main
 
