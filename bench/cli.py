@@ -8,6 +8,7 @@ modules, imported only when that command runs.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import shlex
@@ -334,27 +335,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     on_sigterm = _OnSigterm()
     previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
+    unraisable_hook = sys.unraisablehook
     try:
-        if argv and argv[0] in DELEGATED:
-            return run_delegated(argv[0], argv[1:])
-        args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
-    except SystemExit as exit_:  # --help and --version
-        return exit_.code if isinstance(exit_.code, int) else 0
-    except KeyboardInterrupt as stop:
-        how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        try:
+            if argv and argv[0] in DELEGATED:
+                return run_delegated(argv[0], argv[1:])
+            args = build_parser().parse_args(argv)
+            return COMMANDS[args.command](args)
+        except SystemExit as exit_:  # --help and --version
+            return exit_.code if isinstance(exit_.code, int) else 0
+        except KeyboardInterrupt as stop:
+            terminated = isinstance(stop, Terminated)
+            # What the interrupt left half-built (a DataLoader starting its workers) fails in
+            # its finalizer when the traceback frees it: that is no news to the user.
+            sys.unraisablehook = _ignore_unraisable
+        except Exception as exc:
+            message = user_error_message(exc)
+            if message is None:
+                raise
+            print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+            return 2
+        gc.collect()
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
         print(f"{PROG}: {how}; finished runs are kept in the results file", file=sys.stderr)
-        return 143 if isinstance(stop, Terminated) else 130
-    except Exception as exc:
-        message = user_error_message(exc)
-        if message is None:
-            raise
-        print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
-        return 2
+        return 143 if terminated else 130
     finally:
         on_sigterm.caught = True
+        sys.unraisablehook = unraisable_hook
         if in_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _ignore_unraisable(unraisable: object) -> None:
+    """A ``sys.unraisablehook`` that reports nothing."""
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -159,6 +159,28 @@ def test_sigterm_ends_a_sweep_with_one_line_and_keeps_its_finished_runs(tmp_path
     assert after.run_id.nunique() < 33  # it stopped
 
 
+def test_an_interrupt_reports_nothing_of_what_it_left_half_built(monkeypatch, capsys):
+    """SIGTERM or Ctrl-C inside a DataLoader starting its workers leaves an iterator whose
+    finalizer fails when the traceback frees it; the user sees the one line only."""
+
+    class HalfBuilt:
+        def __del__(self) -> None:
+            raise AttributeError("'HalfBuilt' object has no attribute '_workers_status'")
+
+    def interrupted(args) -> int:
+        half = HalfBuilt()  # noqa: F841 - freed with the traceback
+        raise cli.Terminated
+
+    monkeypatch.setitem(cli.COMMANDS, "list", interrupted)
+    reported: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    assert main(["list"]) == 143
+    assert reported == []
+    assert capsys.readouterr().err == (
+        "ppt-bench: terminated (SIGTERM); finished runs are kept in the results file\n"
+    )
+
+
 def results_csv(path: Path) -> Path:
     append_rows(path, make_rows(RunSpec(DEIT, metrics=("macs",)), {"gmacs": 1.0}))
     return path
