@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ppt_bench.identity import VERSION as __version__
+from ppt_bench.core.identity import VERSION as __version__
 
 _API = ("sweep", "read_results", "write_report")
 

@@ -18,18 +18,18 @@ from typing import Any
 
 import pandas as pd
 
-from ppt_bench import metrics
-from ppt_bench.budget import Plan, record_skipped, resolve_sweep
-from ppt_bench.config import SweepConfig, build_config, load_config
-from ppt_bench.errors import check_output_path
-from ppt_bench.grid import expand, validate
-from ppt_bench.outcomes import store_folder
-from ppt_bench.records import COLUMNS, read_results
-from ppt_bench.report import write_report
+from ppt_bench.core.errors import check_output_path
+from ppt_bench.measure import metrics
+from ppt_bench.measure.outcomes import store_folder
+from ppt_bench.measure.throughput import iterations
+from ppt_bench.results.records import COLUMNS, read_results
+from ppt_bench.results.report import write_report
+from ppt_bench.results.spec import RunSpec
 from ppt_bench.runners import create_runner
 from ppt_bench.runners.base import Runner, SweepSummary
-from ppt_bench.spec import RunSpec
-from ppt_bench.throughput import iterations
+from ppt_bench.sweeps.budget import Plan, record_skipped, resolve_sweep
+from ppt_bench.sweeps.config import SweepConfig, build_config, load_config
+from ppt_bench.sweeps.grid import expand, validate
 
 
 @dataclass
@@ -37,10 +37,11 @@ class Sweep:
     """A sweep ready to run: its configuration and its runs, each checked.
 
     Attributes:
-        config: the merged settings (:class:`~ppt_bench.config.SweepConfig`).
+        config: the merged settings (:class:`~ppt_bench.sweeps.config.SweepConfig`).
         specs: the runs, in the order they run.
         skipped: at budgets, the runs out of their budget's reach, with the reason.
-        budgets: at budgets, how each method's knob was resolved (:class:`~ppt_bench.budget.Plan`).
+        budgets: at budgets, how each method's knob was resolved
+        (:class:`~ppt_bench.sweeps.budget.Plan`).
     """
 
     config: SweepConfig

@@ -21,25 +21,28 @@ from typing import Any
 
 from tabulate import tabulate
 
-from ppt_bench.config import all_settings, build_config, example_config, load_config
-from ppt_bench.errors import UserError
-from ppt_bench.identity import VERSION
-from ppt_bench.keyvalue import parse_assignment, parse_sweep
-from ppt_bench.settings import Setting
+from ppt_bench.core.errors import UserError
+from ppt_bench.core.identity import VERSION
+from ppt_bench.core.keyvalue import parse_assignment, parse_sweep
+from ppt_bench.core.settings import Setting
+from ppt_bench.sweeps.config import all_settings, build_config, example_config, load_config
 
 PROG = "ppt-bench"
 # Subcommands whose module provides add_arguments(parser) and run(args): command -> (module,
 # help). The module is imported only when its command runs (they import torch and timm).
 DELEGATED = {
     "demo": (
-        "ppt_bench.demo",
+        "ppt_bench.commands.demo",
         "every method on the built-in digits dataset: a CSV and a report in minutes",
     ),
     "train": (
-        "ppt_bench.train_cmd",
+        "ppt_bench.commands.train",
         "train a ViT (the digits model by default) and save its weights",
     ),
-    "visualize": ("ppt_bench.visualize", "draw what each method does to the tokens of an image"),
+    "visualize": (
+        "ppt_bench.commands.visualize",
+        "draw what each method does to the tokens of an image",
+    ),
 }
 EXAMPLES = f"""examples:
   {PROG} list
@@ -164,7 +167,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UserError(f"--limit must be a positive integer, got {args.limit}")
     if args.models is not None:
-        from ppt_bench.models import has_rope, patchable_models  # imported here: torch, timm
+        from ppt_bench.models.build import has_rope, patchable_models  # imported here: torch, timm
 
         models, candidates = patchable_models(args.models, args.limit)
         if not models:
@@ -204,8 +207,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     """
     # Imported here, when the command runs: they import torch and timm.
     from ppt_bench.api import Sweep
-    from ppt_bench.grid import grid_size
-    from ppt_bench.report import check_report_path, write_report
+    from ppt_bench.results.report import check_report_path, write_report
+    from ppt_bench.sweeps.grid import grid_size
 
     if args.print_config:
         print(example_config(), end="")
@@ -256,7 +259,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_report(args: argparse.Namespace) -> int:
     """``ppt-bench report``: one report from one or several results CSVs."""
     # Imported here, when the command runs: pandas and matplotlib take seconds to import.
-    from ppt_bench.report import check_report_path, write_report
+    from ppt_bench.results.report import check_report_path, write_report
 
     out = Path(args.out or f"reports/{Path(args.csv[0]).stem}.md")
     check_report_path(out, args.csv, "--out")

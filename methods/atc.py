@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ppt_bench.errors import MethodError
+from ppt_bench.core.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import (
     KeepAtLocations,

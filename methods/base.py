@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from ppt_bench.errors import MethodError, PatchError
+from ppt_bench.core.errors import MethodError, PatchError
 from ppt_bench.methods import ops
 from ppt_bench.methods.interface import AFTER_ATTN, CLS_ATTN, KEY_MEAN, Knob, ViTInfo
 from ppt_bench.methods.ops import Features, Reduced
@@ -189,7 +189,7 @@ class Method:
 
         Returns:
             0 unless the method runs operators the counters skip (an FFT, say); then their
-            cost by formula, which :func:`ppt_bench.macs.measure_macs` adds to its figures.
+            cost by formula, which :func:`ppt_bench.measure.macs.measure_macs` adds to its figures.
         """
         return 0
 

@@ -12,8 +12,8 @@ token) is protected.
 
 Cost: torchprofile and fvcore do not count FFTs. :meth:`DCT.uncounted_macs` gives their cost
 by formula, ``2 n log2(n)`` multiply-accumulates per length-``n`` FFT and channel
-(:func:`transform_macs`), and :func:`ppt_bench.macs.measure_macs` adds it to the counted
-figures; :func:`ppt_bench.macs.uncounted_macs` gives the part added.
+(:func:`transform_macs`), and :func:`ppt_bench.measure.macs.measure_macs` adds it to the counted
+figures; :func:`ppt_bench.measure.macs.uncounted_macs` gives the part added.
 
 Tokens after a DCT step are not a subset or a merge of the input tokens: every output token is
 a weighted mix of all of them. With source tracking, ``source[i, j]`` is therefore a real

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ppt_bench.errors import MethodError
+from ppt_bench.core.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import Method, check_int, set_field
 from ppt_bench.methods.interface import CLS_ATTN, Knob, ViTInfo

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ppt_bench.errors import MethodError
+from ppt_bench.core.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import Method, check_float, check_int, check_locations_fit
 from ppt_bench.methods.interface import ATTN, Knob, ViTInfo

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ppt_bench.errors import MethodError
+from ppt_bench.core.errors import MethodError
 
 # What a method can ask the patch for at a reduction location.
 CLS_ATTN = "cls_attn"  # class-token attention row, [B, H, N]

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from ppt_bench.errors import MethodError
+from ppt_bench.core.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import (
     Method,

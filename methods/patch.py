@@ -55,7 +55,7 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ppt_bench.errors import PatchError
+from ppt_bench.core.errors import PatchError
 from ppt_bench.methods import ops
 from ppt_bench.methods.interface import (
     AFTER_ATTN,

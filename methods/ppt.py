@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ppt_bench.errors import MethodError
+from ppt_bench.core.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import FixedBudget, Method, check_float, set_field
 from ppt_bench.methods.interface import CLS_ATTN, KEY_MEAN, VALUE_NORM

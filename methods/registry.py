@@ -11,8 +11,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ppt_bench.errors import MethodError
-from ppt_bench.registry import Registry
+from ppt_bench.core.errors import MethodError
+from ppt_bench.core.registry import Registry
 
 if TYPE_CHECKING:
     from ppt_bench.methods.base import Method

@@ -12,7 +12,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ppt_bench.errors import MethodError
+from ppt_bench.core.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import Method, check_int, check_r_budget, r_knob, set_field
 from ppt_bench.methods.interface import Knob, ViTInfo

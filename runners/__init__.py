@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ppt_bench.errors import UserError
-from ppt_bench.registry import Registry
+from ppt_bench.core.errors import UserError
+from ppt_bench.core.registry import Registry
 
 if TYPE_CHECKING:
     from ppt_bench.runners.base import Runner

@@ -1,9 +1,11 @@
 """What every runner shares: the :class:`Runner` protocol, the summary of a sweep and one run
 with its failure captured.
 
-A runner only schedules: it maps :func:`~ppt_bench.evaluate.evaluate` over the runs not yet in
+A runner only schedules: it maps :func:`~ppt_bench.engine.evaluate.evaluate` over the runs not yet
+in
 the results file and appends each run's rows as it finishes, its per-image outcomes first
-(:class:`~ppt_bench.outcomes.RunStore`, beside the results file). A new runner is a class with the
+(:class:`~ppt_bench.measure.outcomes.RunStore`, beside the results file). A new runner is a class
+with the
 constructor and ``run`` of :class:`Runner`, listed in :data:`~ppt_bench.runners.RUNNERS`; the
 settings only it understands are its ``options`` (each becomes a ``--flag`` and a config key).
 """
@@ -18,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from ppt_bench.outcomes import RunStore
-from ppt_bench.records import failed_rows, finished_run_ids, format_params
-from ppt_bench.spec import RunSpec
+from ppt_bench.measure.outcomes import RunStore
+from ppt_bench.results.records import failed_rows, finished_run_ids, format_params
+from ppt_bench.results.spec import RunSpec
 
 
 class Runner(Protocol):
@@ -83,7 +85,7 @@ def run_one(
     """
     # Imported here: evaluation imports torch and timm, which a Ray driver that only schedules
     # trials need not load (its trials import it).
-    from ppt_bench.evaluate import evaluate
+    from ppt_bench.engine.evaluate import evaluate
 
     try:
         return evaluate(spec, progress=progress, store=store)

@@ -1,6 +1,7 @@
 """``LocalRunner``: the runs of a sweep one after the other in this process; no Ray needed.
 
-The runs share one :class:`~ppt_bench.outcomes.RunStore`: the unreduced model's outputs on the
+The runs share one :class:`~ppt_bench.measure.outcomes.RunStore`: the unreduced model's outputs on
+the
 data are computed once (by the baseline's own run when it comes first) and read by the others.
 """
 
@@ -12,10 +13,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ppt_bench.outcomes import RunStore
-from ppt_bench.records import append_rows
+from ppt_bench.measure.outcomes import RunStore
+from ppt_bench.results.records import append_rows
+from ppt_bench.results.spec import RunSpec
 from ppt_bench.runners.base import SweepSummary, pending, run_one
-from ppt_bench.spec import RunSpec
 
 
 class LocalRunner:

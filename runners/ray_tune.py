@@ -43,13 +43,13 @@ from ray._private import ray_constants
 from ray._raylet import GcsClient
 from tqdm.auto import tqdm
 
-from ppt_bench import metrics
-from ppt_bench.atomic import atomic_write
-from ppt_bench.errors import UserError, check_output_path
-from ppt_bench.outcomes import Outcomes, Reference, RunStore, store_folder
-from ppt_bench.records import append_rows, failed_rows, finished_run_ids
+from ppt_bench.core.atomic import atomic_write
+from ppt_bench.core.errors import UserError, check_output_path
+from ppt_bench.measure import metrics
+from ppt_bench.measure.outcomes import Outcomes, Reference, RunStore, store_folder
+from ppt_bench.results.records import append_rows, failed_rows, finished_run_ids
+from ppt_bench.results.spec import RunSpec
 from ppt_bench.runners.base import SweepSummary, environ, grid_hash, pending, run_one
-from ppt_bench.spec import RunSpec
 
 ROWS_KEY = "ppt_bench_rows"
 OUTCOMES_KEY = "ppt_bench_outcomes"  # the run's per-image outcomes, base64 of their .npz
@@ -91,7 +91,7 @@ class TrialResources:
 
 
 class TrialStore(RunStore):
-    """A trial's view of the sweep's :class:`~ppt_bench.outcomes.RunStore`.
+    """A trial's view of the sweep's :class:`~ppt_bench.measure.outcomes.RunStore`.
 
     The driver leaves a file holding a token of this sweep in the folder. A trial that finds it
     there (on the driver's machine, or on a file system shared with it) uses the folder as the

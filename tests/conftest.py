@@ -19,8 +19,8 @@ import pytest
 import timm
 import torch
 
-from ppt_bench.grid import make_spec
-from ppt_bench.spec import RunSpec
+from ppt_bench.results.spec import RunSpec
+from ppt_bench.sweeps.grid import make_spec
 
 # Named timm architectures covering each structural feature the patch must keep.
 ARCHS = {
@@ -223,7 +223,7 @@ def one_thread():
 def spec():
     """``spec(method="baseline", params=None, model="deit_tiny_patch16_224", **fields)``: a
     ``RunSpec`` of these fields, the others at their defaults, made by the one factory of specs
-    (:func:`ppt_bench.grid.make_spec`, which fills in the experiment's identity)."""
+    (:func:`ppt_bench.sweeps.grid.make_spec`, which fills in the experiment's identity)."""
 
     def make(
         method: str = "baseline",
@@ -274,6 +274,6 @@ def _image_cache_root(tmp_path_factory) -> object:
 def _image_cache_in_tmp(_image_cache_root, monkeypatch) -> None:
     """Runs that use the default image cache keep it in the session's temporary folder, not in
     the user's cache directory."""
-    import ppt_bench.imagecache
+    import ppt_bench.data.imagecache
 
-    monkeypatch.setattr(ppt_bench.imagecache, "default_cache_dir", lambda: _image_cache_root)
+    monkeypatch.setattr(ppt_bench.data.imagecache, "default_cache_dir", lambda: _image_cache_root)

@@ -10,8 +10,8 @@ import pytest
 
 import ppt_bench
 from ppt_bench.cli import main
-from ppt_bench.errors import UserError
-from ppt_bench.records import read_results
+from ppt_bench.core.errors import UserError
+from ppt_bench.results.records import read_results
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

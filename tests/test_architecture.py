@@ -19,61 +19,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"bench": "ppt_bench", "methods": "ppt_bench.methods", "runners": "ppt_bench.runners"}
 
-# Lowest first. A module of one layer may import from its own layer and the layers below.
+# Lowest first: each layer is a set of packages (with all their modules and subpackages) or
+# modules. A module may import from its own layer and the layers below; a module's layer is that
+# of the longest name in this table that it is or lies under.
 LAYERS: list[tuple[str, set[str]]] = [
-    (
-        "leaves",
-        {
-            "errors",
-            "atomic",
-            "folder",
-            "identity",
-            "defaults",
-            "decode",
-            "dtypes",
-            "stats",
-            "keyvalue",
-            "registry",
-            "settings",
-            "methods.ops",
-        },
-    ),
-    (
-        "methods",
-        {
-            "methods.interface",
-            "methods.patch",
-            "methods.base",
-            "methods.schedule",
-            "methods.atc",
-            "methods.baseline",
-            "methods.controls",
-            "methods.dct",
-            "methods.diffrate",
-            "methods.evit",
-            "methods.gtp",
-            "methods.mctf",
-            "methods.merge",
-            "methods.pitome",
-            "methods.ppt",
-            "methods.prune",
-            "methods.tofu",
-            "methods.tome",
-            "methods.registry",
-            "methods",
-        },
-    ),
-    ("data and models", {"digits", "imagecache", "data", "digits_model", "models"}),
-    (
-        "measurements",
-        {"accuracy", "macs", "throughput", "outcomes", "report_cells", "metrics"},
-    ),
-    ("records, specs and reports", {"records", "spec", "plots", "leaderboard", "report"}),
-    ("evaluation and training", {"evaluate", "train", "demo_model"}),
-    ("runners", {"runners.base", "runners.local", "runners.ray_tune", "runners"}),
-    ("sweeps", {"config", "budget", "grid"}),
-    ("library", {"api", ""}),
-    ("commands", {"cli", "demo", "train_cmd", "visualize"}),
+    ("leaves", {"core"}),
+    ("methods", {"methods"}),
+    ("data and models", {"data", "models"}),
+    ("measurements", {"measure"}),
+    ("records, specs and reports", {"results"}),
+    ("evaluation and training", {"engine"}),
+    ("runners", {"runners"}),
+    ("sweeps", {"sweeps"}),
+    ("library", {"api", "testing", ""}),
+    ("commands", {"commands", "cli"}),
 ]
 
 
@@ -82,11 +41,15 @@ def _qualified(short: str) -> str:
 
 
 def modules(root: Path) -> dict[str, Path]:
-    """Every module of the three source folders under ``root``, by its import name."""
+    """Every module of the three source folders and their subpackages under ``root``, by its
+    import name."""
     found = {}
     for folder, package in PACKAGES.items():
-        for path in sorted((root / folder).glob("*.py")):
-            found[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted((root / folder).rglob("*.py")):
+            parts = path.relative_to(root / folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join((package, *parts))] = path
     return found
 
 
@@ -159,12 +122,22 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def layer_of() -> dict[str, int]:
-    return {_qualified(m): i for i, (_, members) in enumerate(LAYERS) for m in members}
+def layer_of(names: set[str]) -> dict[str, int]:
+    """The layer of each module name: that of the longest entry of :data:`LAYERS` it is or lies
+    under; a module under none is left out (:func:`test_every_module_has_a_layer`)."""
+    entries = {_qualified(m): i for i, (_, members) in enumerate(LAYERS) for m in members}
+    level = {}
+    for name in names:
+        owners = [e for e in entries if name == e or name.startswith(e + ".")]
+        # The bare package "ppt_bench" owns only its own __init__, never a module under it.
+        owners = [e for e in owners if e != "ppt_bench" or name == "ppt_bench"]
+        if owners:
+            level[name] = entries[max(owners, key=len)]
+    return level
 
 
 def upward_imports(graph: dict[str, set[str]]) -> list[str]:
-    level = layer_of()
+    level = layer_of(set(graph))
     return [
         f"{a} ({LAYERS[level[a]][0]}) imports {b} ({LAYERS[level[b]][0]})"
         for a, targets in sorted(graph.items())
@@ -202,11 +175,20 @@ def test_imports_inside_functions_say_why():
 
 
 def test_every_module_has_a_layer():
-    level = layer_of()
-    missing = sorted(set(modules(ROOT)) - set(level))
-    assert not missing, f"add these modules to a layer of LAYERS: {missing}"
-    gone = sorted(set(level) - set(modules(ROOT)))
-    assert not gone, f"LAYERS names modules that do not exist: {gone}"
+    found = set(modules(ROOT))
+    missing = sorted(found - set(layer_of(found)))
+    assert not missing, f"add these modules or their packages to a layer of LAYERS: {missing}"
+    named = {_qualified(m) for _, members in LAYERS for m in members}
+    gone = sorted(named - found)
+    assert not gone, f"LAYERS names packages or modules that do not exist: {gone}"
+
+
+def test_the_layers_are_the_subpackages():
+    """Each layer below the library is whole packages, so the folder shows the architecture."""
+    found = set(modules(ROOT))
+    for _, members in LAYERS:
+        for member in members - {"", "api", "testing", "cli"}:
+            assert any(m.startswith(_qualified(member) + ".") for m in found), member
 
 
 def test_no_import_cycle():
@@ -221,9 +203,9 @@ def test_no_import_from_a_layer_above():
 @pytest.mark.parametrize(
     ("module", "planted"),
     [
-        ("bench/errors.py", "\n\ndef _f():\n    from ppt_bench import cli\n"),
-        ("methods/ops.py", "\nimport ppt_bench.methods.patch\n"),
-        ("bench/data.py", '\n_LAZY = "ppt_bench.evaluate:evaluate"\n'),
+        ("bench/core/errors.py", "\n\ndef _f():\n    from ppt_bench import cli\n"),
+        ("bench/core/errors.py", "\nimport ppt_bench.methods.patch\n"),
+        ("bench/data/loader.py", '\n_LAZY = "ppt_bench.engine.evaluate:evaluate"\n'),
     ],
 )
 def test_a_planted_import_that_closes_a_cycle_fails(tmp_path, module, planted):
@@ -241,6 +223,18 @@ def test_a_planted_import_that_closes_a_cycle_fails(tmp_path, module, planted):
 def test_type_checking_imports_do_not_count(tmp_path):
     for folder in PACKAGES:
         shutil.copytree(ROOT / folder, tmp_path / folder)
-    with (tmp_path / "bench/errors.py").open("a") as f:
+    with (tmp_path / "bench/core/errors.py").open("a") as f:
         f.write("\nif TYPE_CHECKING:\n    from ppt_bench.cli import main\n")
     assert find_cycle(import_graph(tmp_path)) is None
+
+
+def test_a_planted_upward_import_fails_without_a_cycle(tmp_path):
+    for folder in PACKAGES:
+        shutil.copytree(ROOT / folder, tmp_path / folder)
+    with (tmp_path / "bench/core/keyvalue.py").open("a") as f:
+        f.write("\nfrom ppt_bench.data import digits\n")  # a leaf importing the data layer
+    graph = import_graph(tmp_path)
+    assert find_cycle(graph) is None
+    assert upward_imports(graph) == [
+        "ppt_bench.core.keyvalue (leaves) imports ppt_bench.data.digits (data and models)"
+    ]

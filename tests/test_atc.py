@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from ppt_bench.errors import MethodError
-from ppt_bench.macs import measure_macs, uncounted_macs
+from ppt_bench.commands.visualize import sources_per_location, token_owner
+from ppt_bench.core.errors import MethodError
+from ppt_bench.measure.macs import measure_macs, uncounted_macs
 from ppt_bench.methods import create_method
 from ppt_bench.methods.atc import LINKAGES, atc_step, cluster_labels, cosine_distance, num_clusters
 from ppt_bench.methods.ops import Reduced
-from ppt_bench.visualize import sources_per_location, token_owner
 
 DEIT_S = "deit_small_patch16_224"
 

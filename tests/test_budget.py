@@ -12,16 +12,16 @@ import pytest
 import torch
 from torch import nn
 
-from ppt_bench import budget
-from ppt_bench.budget import Budget, ModelCost, parse_budget, resolve_macs, search_speed
 from ppt_bench.cli import main
-from ppt_bench.errors import UserError
-from ppt_bench.macs import measure_macs
+from ppt_bench.core.errors import UserError
+from ppt_bench.measure.macs import measure_macs
+from ppt_bench.measure.throughput import measure_throughput
 from ppt_bench.methods import create_method, list_methods
 from ppt_bench.methods.base import Method
 from ppt_bench.methods.interface import Knob
-from ppt_bench.models import describe_vit
-from ppt_bench.throughput import measure_throughput
+from ppt_bench.models.build import describe_vit
+from ppt_bench.sweeps import budget
+from ppt_bench.sweeps.budget import Budget, ModelCost, parse_budget, resolve_macs, search_speed
 
 SHARES = (0.85, 0.7, 0.55)
 METHODS = [m for m in list_methods() if m != "baseline"]
@@ -186,8 +186,8 @@ def test_a_speed_budget_resolves_to_the_planted_knob_value():
 
 
 def test_run_budget_plan_prints_the_table_without_data_or_timing(monkeypatch, capsys, tmp_path):
-    import ppt_bench.data as data
-    import ppt_bench.throughput as throughput
+    import ppt_bench.data.loader as data
+    import ppt_bench.measure.throughput as throughput
 
     def forbidden(*args, **kwargs):
         raise AssertionError("--plan built a data loader or timed a model")
@@ -229,7 +229,7 @@ def test_the_uncounted_fft_term_is_counted_on_a_rope_model(one_thread):
     """dct's FFTs on an Eva (whose ``_pos_embed`` also returns its rope table)."""
     import timm
 
-    from ppt_bench.macs import uncounted_macs
+    from ppt_bench.measure.macs import uncounted_macs
 
     model = create_method("dct", r=8).apply(timm.create_model("eva02_tiny_patch14_224").eval())
     x = torch.randn(1, 3, 224, 224)
@@ -242,7 +242,7 @@ def test_the_uncounted_fft_term_is_counted_on_a_rope_model(one_thread):
 
 @pytest.mark.slow
 def test_run_at_budgets_records_budget_columns_and_skipped_runs_once(tmp_path, capsys):
-    from ppt_bench.records import read_results
+    from ppt_bench.results.records import read_results
 
     out = tmp_path / "r.csv"
     args = ["run", "--model", "deit_tiny_patch16_224", "--method", "prune", "--metrics", "macs"]

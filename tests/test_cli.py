@@ -16,8 +16,8 @@ import pytest
 from ppt_bench import cli
 from ppt_bench.cli import main
 from ppt_bench.methods import get_method_class, list_methods
-from ppt_bench.records import append_rows, make_rows, read_results
-from ppt_bench.spec import RunSpec
+from ppt_bench.results.records import append_rows, make_rows, read_results
+from ppt_bench.results.spec import RunSpec
 
 DEIT = "deit_tiny_patch16_224"
 DIGITS = "vit_digits_patch4_32"
@@ -216,7 +216,9 @@ def test_an_outcomes_folder_that_is_a_file_is_refused_before_any_model(
     assert_one_line_error, tmp_path, monkeypatch, capsys
 ):
     (tmp_path / "r.outcomes").write_text("keep me")
-    monkeypatch.setattr("ppt_bench.grid.describe_vit", lambda *a: pytest.fail("read a model"))
+    monkeypatch.setattr(
+        "ppt_bench.sweeps.grid.describe_vit", lambda *a: pytest.fail("read a model")
+    )
     code = main(["run", "--model", DEIT, "--out", str(tmp_path / "r.csv"), "--no-report"])
     assert_one_line_error(code, capsys.readouterr().err, "r.outcomes is a file, not a folder")
     assert (tmp_path / "r.outcomes").read_text() == "keep me"
@@ -363,8 +365,9 @@ def test_help_imports_no_subcommand_module_no_torch_and_no_ray():
         "from ppt_bench.cli import main\n"
         "assert main(['--help']) == 0\n"
         "assert main(['run', '--help']) == 0\n"
-        "heavy = [m for m in ('ppt_bench.train', 'ppt_bench.train_cmd', 'ppt_bench.visualize',"
-        " 'ppt_bench.demo', 'torch', 'timm', 'ray', 'ppt_bench.runners.ray_tune')"
+        "heavy = [m for m in ('ppt_bench.engine.train', 'ppt_bench.commands.train',"
+        " 'ppt_bench.commands.visualize',"
+        " 'ppt_bench.commands.demo', 'torch', 'timm', 'ray', 'ppt_bench.runners.ray_tune')"
         " if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

@@ -12,15 +12,15 @@ from PIL import Image
 from timm.utils import accuracy as timm_accuracy
 from torch import nn
 
-from ppt_bench.accuracy import TokenStats, agreement_and_kl, evaluate_accuracy
-from ppt_bench.data import (
+from ppt_bench.core.errors import UserError
+from ppt_bench.data.loader import (
     TolerantImageFolder,
     Transformed,
     dataset_name,
     image_folder_root,
     make_loader,
 )
-from ppt_bench.errors import UserError
+from ppt_bench.measure.accuracy import TokenStats, agreement_and_kl, evaluate_accuracy
 from ppt_bench.methods import create_method
 
 # Solid-colour images, 32 px, no resize effects: the transform is exactly x = pixel / 255.
@@ -250,8 +250,8 @@ def test_token_stats_of_an_unreduced_vit(make_model):
 
 
 def test_digits_loader_uses_the_model_transform():
-    digits = pytest.importorskip("ppt_bench.digits_model")
-    from ppt_bench.models import build_model
+    digits = pytest.importorskip("ppt_bench.models.digits")
+    from ppt_bench.models.build import build_model
 
     _, config = build_model(digits.MODEL_NAME)
     loader, name = make_loader("digits", config, 64, n_images=100, workers=0)

@@ -14,14 +14,14 @@ from test_imagecache import CLASSES, DATA_CONFIG, write_image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from ppt_bench import identity
 from ppt_bench.cli import main
-from ppt_bench.data import TolerantImageFolder, make_loader
-from ppt_bench.errors import UserError
-from ppt_bench.folder import IMAGE_EXTENSIONS
-from ppt_bench.grid import make_spec
-from ppt_bench.records import read_results
+from ppt_bench.core import identity
+from ppt_bench.core.errors import UserError
+from ppt_bench.core.folder import IMAGE_EXTENSIONS
+from ppt_bench.data.loader import TolerantImageFolder, make_loader
+from ppt_bench.results.records import read_results
 from ppt_bench.runners.local import LocalRunner
+from ppt_bench.sweeps.grid import make_spec
 
 
 def write_classes(root: Path, seed: int = 0, per_class: int = 2) -> Path:
@@ -111,11 +111,11 @@ def test_links_that_leave_the_data_folder_are_one_warning(tmp_path, caplog):
     tree = write_classes(tmp_path / "data")
     (tree / "dog").symlink_to(tmp_path / "elsewhere" / "ant")
     (tree / "bee" / "alias.png").symlink_to(tree / "ant" / "0.png")  # inside: no warning
-    caplog.set_level(logging.WARNING, logger="ppt_bench.data")
+    caplog.set_level(logging.WARNING, logger="ppt_bench.data.loader")
     for _ in range(2):  # once, not once per run
         loader, _ = make_loader(str(tree), DATA_CONFIG, 4, workers=0)
     assert len(loader.dataset) == 2 * len(CLASSES) + 1 + 2
-    messages = [r.getMessage() for r in caplog.records if r.name == "ppt_bench.data"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "ppt_bench.data.loader"]
     assert len(messages) == 1 and "\n" not in messages[0]
     assert "2 images" in messages[0] and "outside" in messages[0]
     assert str(tmp_path / "elsewhere" / "ant") in messages[0]
@@ -125,7 +125,7 @@ def test_a_fifo_named_like_an_image_is_skipped_not_waited_for(tmp_path, caplog):
     tree = write_classes(tmp_path / "data")
     fifo = tree / "ant" / "pipe.png"
     os.mkfifo(fifo)
-    caplog.set_level(logging.WARNING, logger="ppt_bench.data")
+    caplog.set_level(logging.WARNING, logger="ppt_bench.data.loader")
     counts: dict[str, int] = {}
 
     def load() -> None:
@@ -144,7 +144,7 @@ def test_a_fifo_named_like_an_image_is_skipped_not_waited_for(tmp_path, caplog):
     assert not hung, "reading the data waited on a FIFO"
     n = 2 * len(CLASSES)
     assert counts == {"fingerprint": 12, "None": n, str(tmp_path / "cache"): n}
-    messages = [r.getMessage() for r in caplog.records if r.name == "ppt_bench.data"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "ppt_bench.data.loader"]
     assert len(messages) == 1 and "not regular files" in messages[0] and str(fifo) in messages[0]
 
 

@@ -6,13 +6,14 @@ import pytest
 import timm
 import torch
 
-from ppt_bench import cli, demo
+from ppt_bench import cli
 from ppt_bench.api import Sweep
 from ppt_bench.cli import main
-from ppt_bench.config import build_config
-from ppt_bench.digits_model import MODEL_NAME
+from ppt_bench.commands import demo
 from ppt_bench.methods import list_methods
-from ppt_bench.records import read_results
+from ppt_bench.models.digits import MODEL_NAME
+from ppt_bench.results.records import read_results
+from ppt_bench.sweeps.config import build_config
 
 
 @pytest.mark.slow
@@ -55,7 +56,9 @@ def test_an_output_folder_that_is_a_file_is_a_user_error_before_training(
     tmp_path, monkeypatch, capsys, flag
 ):
     (tmp_path / "file").write_text("keep me")
-    monkeypatch.setattr("ppt_bench.demo_model.load_or_train", lambda **k: pytest.fail("trained"))
+    monkeypatch.setattr(
+        "ppt_bench.engine.demo_model.load_or_train", lambda **k: pytest.fail("trained")
+    )
     assert main(["demo", flag, str(tmp_path / "file")]) == 2
     err = capsys.readouterr().err
     assert f"{flag} {tmp_path / 'file'} is a file, not a folder" in err and err.count("\n") == 1

@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-import ppt_bench.demo_model as demo_model
-import ppt_bench.digits as digits
-from ppt_bench.demo_model import load_or_train
-from ppt_bench.digits import digits_dataset
-from ppt_bench.digits_model import MODEL_NAME
-from ppt_bench.errors import UserError
+import ppt_bench.data.digits as digits
+import ppt_bench.engine.demo_model as demo_model
+from ppt_bench.core.errors import UserError
+from ppt_bench.data.digits import digits_dataset
+from ppt_bench.engine.demo_model import load_or_train
+from ppt_bench.models.digits import MODEL_NAME
 
 TEST_DIGEST = "39b19f18c3f0"
 TEST_FIRST_LABELS = [7, 6, 3, 7, 7, 3, 2, 8, 9, 3]

@@ -11,13 +11,12 @@ import timm
 import torch
 from PIL import Image
 
-import ppt_bench.models
-from ppt_bench.errors import UserError
-from ppt_bench.evaluate import evaluate
-from ppt_bench.grid import make_spec
-from ppt_bench.identity import file_digest
-from ppt_bench.models import build_model
-from ppt_bench.records import (
+import ppt_bench.models.build
+from ppt_bench.core.errors import UserError
+from ppt_bench.core.identity import file_digest
+from ppt_bench.engine.evaluate import evaluate
+from ppt_bench.models.build import build_model
+from ppt_bench.results.records import (
     COLUMNS,
     append_rows,
     error_message,
@@ -25,7 +24,8 @@ from ppt_bench.records import (
     read_results,
     unit_of,
 )
-from ppt_bench.spec import RunSpec
+from ppt_bench.results.spec import RunSpec
+from ppt_bench.sweeps.grid import make_spec
 
 TINY = "test_vit"  # timm's 6-block test ViT, 160 px
 PPT = {"r": 20, "locations": [1, 3], "threshold": 1e-4}
@@ -146,7 +146,7 @@ def test_pretrained_tag_without_a_hub_says_to_pass_a_checkpoint(monkeypatch):
         return create(name, pretrained=False, **kwargs)
 
     create = timm.create_model
-    monkeypatch.setattr(ppt_bench.models.timm, "create_model", offline)
+    monkeypatch.setattr(ppt_bench.models.build.timm, "create_model", offline)
     with pytest.raises(UserError, match="--checkpoint"):
         build_model(f"{TINY}.r160_in1k")
 

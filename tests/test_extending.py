@@ -9,10 +9,10 @@ import textwrap
 
 import pytest
 
-from ppt_bench import metrics
 from ppt_bench.cli import main
+from ppt_bench.measure import metrics
 from ppt_bench.methods import list_methods, registry
-from ppt_bench.records import read_results
+from ppt_bench.results.records import read_results
 
 PLUGIN = '''
 """A third-party method and metric group."""
@@ -23,7 +23,7 @@ import torch
 
 from ppt_bench.methods import Method
 from ppt_bench.methods.base import ScorePrune
-from ppt_bench.metrics import MetricGroup, mean_columns
+from ppt_bench.measure.metrics import MetricGroup, mean_columns
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ ENTRY_POINTS = """
 [ppt_bench.methods]
 strided = ppt_bench_plugin:Strided
 
-[ppt_bench.metrics]
+[ppt_bench.measure.metrics]
 weights = ppt_bench_plugin:WEIGHTS
 """
 

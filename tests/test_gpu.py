@@ -109,8 +109,8 @@ def test_compiled_ppt_on_cuda_matches_eager(make_model, images, logits):
 
 @pytest.mark.parametrize("mode", ["none", "cudagraph"])
 def test_evaluate_times_eager_and_cuda_graph_replays(mode):
-    from ppt_bench.evaluate import evaluate
-    from ppt_bench.spec import RunSpec
+    from ppt_bench.engine.evaluate import evaluate
+    from ppt_bench.results.spec import RunSpec
 
     spec = RunSpec(
         model="deit_tiny_patch16_224",

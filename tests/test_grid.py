@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ppt_bench import identity
-from ppt_bench.config import build_config, example_config, load_config
-from ppt_bench.errors import UserError
-from ppt_bench.grid import expand, grid_size, validate
-from ppt_bench.keyvalue import parse_assignment, parse_sweep, parse_value
+from ppt_bench.core import identity
+from ppt_bench.core.errors import UserError
+from ppt_bench.core.keyvalue import parse_assignment, parse_sweep, parse_value
 from ppt_bench.runners.base import grid_hash
+from ppt_bench.sweeps.config import build_config, example_config, load_config
+from ppt_bench.sweeps.grid import expand, grid_size, validate
 
 DEIT = "deit_tiny_patch16_224"
 

@@ -22,19 +22,19 @@ from PIL import Image
 from timm import get_pretrained_cfg
 from timm.data import create_transform, resolve_data_config
 
-import ppt_bench.data
-import ppt_bench.decode
-from ppt_bench import imagecache
-from ppt_bench.accuracy import evaluate_accuracy
+import ppt_bench.core.decode
+import ppt_bench.data.loader
 from ppt_bench.cli import _overrides, build_parser
-from ppt_bench.config import build_config
-from ppt_bench.data import device_transform, make_loader
-from ppt_bench.folder import list_image_folder
-from ppt_bench.grid import expand, make_spec
-from ppt_bench.imagecache import cached_images, split_transform, to_uint8
+from ppt_bench.core.folder import list_image_folder
+from ppt_bench.data import imagecache
+from ppt_bench.data.imagecache import cached_images, split_transform, to_uint8
+from ppt_bench.data.loader import device_transform, make_loader
+from ppt_bench.measure.accuracy import evaluate_accuracy
 from ppt_bench.methods import create_method
+from ppt_bench.results.spec import RunSpec
 from ppt_bench.runners.local import LocalRunner
-from ppt_bench.spec import RunSpec
+from ppt_bench.sweeps.config import build_config
+from ppt_bench.sweeps.grid import expand, make_spec
 
 # DeiT's eval transform scaled down: resize to 36 (bicubic, crop_pct 0.9), crop 32, normalise.
 DATA_CONFIG = {
@@ -71,13 +71,13 @@ def write_tree(root: Path, per_class: int = PER_CLASS) -> Path:
 def decodes(monkeypatch) -> Counter[str]:
     """Counts every image decode (in this process) by path."""
     counts: Counter[str] = Counter()
-    decode = ppt_bench.decode.decode_image
+    decode = ppt_bench.core.decode.decode_image
 
     def counting(path: str) -> Image.Image:
         counts[path] += 1
         return decode(path)
 
-    monkeypatch.setattr(ppt_bench.decode, "decode_image", counting)
+    monkeypatch.setattr(ppt_bench.core.decode, "decode_image", counting)
     return counts
 
 
@@ -175,7 +175,7 @@ def test_a_sweep_of_eight_runs_decodes_each_image_once(image_tree, tmp_path, dec
     assert summary.ok == 2 and set(decodes.values()) == {2}  # without the cache: every run
 
     def values(csv: Path) -> dict[tuple, float]:
-        from ppt_bench.records import read_results
+        from ppt_bench.results.records import read_results
 
         rows = read_results(csv).to_dict("records")
         return {(r["method"], str(r["params"]), r["metric"]): r["value"] for r in rows}
@@ -284,18 +284,18 @@ def test_a_damaged_entry_is_replaced_and_never_read(image_tree, tmp_path, decode
 SCRIPT = """
 import hashlib, json, sys
 from collections import Counter
-import ppt_bench.data
-import ppt_bench.decode
-from ppt_bench.data import device_transform, make_loader
-from ppt_bench.folder import list_image_folder
+import ppt_bench.data.loader
+import ppt_bench.core.decode
+from ppt_bench.data.loader import device_transform, make_loader
+from ppt_bench.core.folder import list_image_folder
 
 config = json.loads(sys.argv[3])
 count = Counter()
-decode = ppt_bench.decode.decode_image
+decode = ppt_bench.core.decode.decode_image
 def counting(path):
     count[path] += 1
     return decode(path)
-ppt_bench.decode.decode_image = counting
+ppt_bench.core.decode.decode_image = counting
 loader, _ = make_loader(sys.argv[1], config, 16, workers=0, cache_dir=sys.argv[2], progress=False)
 normalize = device_transform(loader)
 h = hashlib.sha256()
@@ -389,9 +389,9 @@ def test_an_unusable_cache_warns_once_and_the_run_decodes(image_tree, tmp_path, 
             raise OSError(28, "No space left on device")
 
         monkeypatch.setattr(imagecache, "_write", full)
-    caplog.set_level(logging.WARNING, logger="ppt_bench.imagecache")
+    caplog.set_level(logging.WARNING, logger="ppt_bench.data.imagecache")
     loader, _ = make_loader(str(tree), DATA_CONFIG, 4, workers=0, cache_dir=cache_dir)
-    warnings = [r for r in caplog.records if r.name == "ppt_bench.imagecache"]
+    warnings = [r for r in caplog.records if r.name == "ppt_bench.data.imagecache"]
     assert len(warnings) == 1 and "decoding directly" in warnings[0].getMessage()
     assert "\n" not in warnings[0].getMessage()
     assert device_transform(loader) is None
@@ -403,7 +403,7 @@ def test_an_unusable_cache_warns_once_and_the_run_decodes(image_tree, tmp_path, 
 
 def test_a_run_with_an_unwritable_cache_dir_succeeds(image_tree, tmp_path):
     tree = image_tree(write_tree)
-    from ppt_bench.evaluate import evaluate
+    from ppt_bench.engine.evaluate import evaluate
 
     blocker = tmp_path / "file"
     blocker.write_text("")

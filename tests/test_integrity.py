@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ppt_bench import identity, models
 from ppt_bench.cli import main
-from ppt_bench.config import build_config
-from ppt_bench.errors import MethodError, UserError
-from ppt_bench.grid import expand, make_spec
+from ppt_bench.core import identity
+from ppt_bench.core.errors import MethodError, UserError
 from ppt_bench.methods import create_method
-from ppt_bench.records import (
+from ppt_bench.models import build as models
+from ppt_bench.results.records import (
     IDENTITY_COLUMNS,
     INTERVAL_COLUMNS,
     append_rows,
@@ -28,8 +27,10 @@ from ppt_bench.records import (
     make_rows,
     read_results,
 )
-from ppt_bench.report import write_report
-from ppt_bench.spec import RunSpec
+from ppt_bench.results.report import write_report
+from ppt_bench.results.spec import RunSpec
+from ppt_bench.sweeps.config import build_config
+from ppt_bench.sweeps.grid import expand, make_spec
 
 DIGITS = "vit_digits_patch4_32"
 
@@ -119,7 +120,7 @@ def test_a_malformed_results_file_is_one_line_in_report_and_run(
 
 WRITER = """
 import json, sys
-from ppt_bench.records import append_rows
+from ppt_bench.results.records import append_rows
 
 path, runs = sys.argv[1], json.load(open(sys.argv[2]))
 for rows in runs:  # each run's rows as a runner appends them
@@ -214,7 +215,9 @@ def test_report_does_not_overwrite_a_file_it_did_not_write(assert_one_line_error
 def test_demo_name_cannot_leave_the_results_folder(
     assert_one_line_error, tmp_path, monkeypatch, capsys
 ):
-    monkeypatch.setattr("ppt_bench.demo_model.load_or_train", lambda **k: pytest.fail("trained"))
+    monkeypatch.setattr(
+        "ppt_bench.engine.demo_model.load_or_train", lambda **k: pytest.fail("trained")
+    )
     code = main(["demo", "--results-dir", str(tmp_path), "--name", "../../x"])
     assert_one_line_error(code, capsys.readouterr().err, "--name '../../x' must be a file stem")
     assert not (tmp_path.parent.parent / "x.csv").exists()
@@ -240,7 +243,7 @@ def test_non_finite_training_settings_are_refused(
 def test_a_diverging_training_stops_and_keeps_the_last_checkpoint(
     logits, tmp_path, monkeypatch, capsys
 ):
-    from ppt_bench import train
+    from ppt_bench.engine import train
 
     out = tmp_path / "w.pth"
     out.write_bytes(b"the last good checkpoint")

@@ -7,13 +7,13 @@ import re
 import numpy as np
 import pytest
 
-from ppt_bench import stats
-from ppt_bench.leaderboard import holm
-from ppt_bench.outcomes import Outcomes, RunStore
-from ppt_bench.records import append_rows, make_rows
-from ppt_bench.report import write_report
-from ppt_bench.spec import RunSpec
-from ppt_bench.stats import Estimate
+from ppt_bench.core import stats
+from ppt_bench.core.stats import Estimate
+from ppt_bench.measure.outcomes import Outcomes, RunStore
+from ppt_bench.results.leaderboard import holm
+from ppt_bench.results.records import append_rows, make_rows
+from ppt_bench.results.report import write_report
+from ppt_bench.results.spec import RunSpec
 
 N = 1000
 MODEL = "deit_tiny_patch16_224"
@@ -127,7 +127,7 @@ def test_planted_leaderboard_ranks_and_marks_the_ties(tmp_path):
 def test_a_clear_winner_is_alone_in_first_place():
     import pandas as pd
 
-    from ppt_bench.leaderboard import Entry, leaderboard_table, rank_accuracy
+    from ppt_bench.results.leaderboard import Entry, leaderboard_table, rank_accuracy
 
     best = np.arange(N) < 800
     worse = _correct(best, 100, 0)

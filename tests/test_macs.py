@@ -11,8 +11,14 @@ import timm
 import torch
 from torchprofile import profile_macs
 
-from ppt_bench import macs
-from ppt_bench.macs import forced_path, is_adaptive, macs_torchprofile, measure_macs, path_of
+from ppt_bench.measure import macs
+from ppt_bench.measure.macs import (
+    forced_path,
+    is_adaptive,
+    macs_torchprofile,
+    measure_macs,
+    path_of,
+)
 from ppt_bench.methods import create_method
 
 DEIT_S = "deit_small_patch16_224"
@@ -136,7 +142,7 @@ def test_the_path_bar_shows_only_with_progress(make_model, capsys, monkeypatch):
 def test_fvcore_import_gives_no_torch_jit_script_warning():
     code = (
         "import torch\n"
-        "from ppt_bench.macs import macs_fvcore\n"
+        "from ppt_bench.measure.macs import macs_fvcore\n"
         "print(macs_fvcore(torch.nn.Linear(4, 3), torch.randn(1, 4)))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from ppt_bench.errors import MethodError, PatchError
-from ppt_bench.macs import measure_macs, uncounted_macs
+from ppt_bench.core.errors import MethodError, PatchError
+from ppt_bench.measure.macs import measure_macs, uncounted_macs
 from ppt_bench.methods import Method, create_method, list_methods
 from ppt_bench.methods.dct import dct_ortho, dct_reduce, idct_ortho, transform_matrix
 from ppt_bench.methods.interface import IN_ATTN, VALUE_NORM

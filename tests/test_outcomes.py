@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-import ppt_bench.evaluate as evaluate_module
-from ppt_bench.grid import make_spec
+import ppt_bench.engine.evaluate as evaluate_module
+from ppt_bench.measure.outcomes import Reference, RunStore, store_folder
 from ppt_bench.methods import get_method_class, is_patched
-from ppt_bench.outcomes import Reference, RunStore, store_folder
-from ppt_bench.records import read_results
+from ppt_bench.results.records import read_results
 from ppt_bench.runners.local import LocalRunner
+from ppt_bench.sweeps.grid import make_spec
 
 DIGITS = "vit_digits_patch4_32"  # random weights: counting passes needs no trained model
 EIGHT = ("ppt", "merge", "prune", "tome", "evit", "topk", "random", "tofu")
@@ -110,7 +110,7 @@ def test_the_stored_reference_gives_what_a_run_of_its_own_gives(tmp_path):
 
 
 def test_a_stored_reference_for_other_images_is_refused(tmp_path):
-    from ppt_bench.errors import UserError
+    from ppt_bench.core.errors import UserError
 
     _, tome = specs(methods=("tome",))
     store = RunStore(tmp_path / "store")
@@ -131,7 +131,7 @@ def test_reference_key_follows_what_decides_the_unreduced_outputs():
 
 
 def test_an_unreadable_reference_counts_as_absent_and_unreadable_outcomes_are_refused(tmp_path):
-    from ppt_bench.errors import UserError
+    from ppt_bench.core.errors import UserError
 
     store = RunStore(tmp_path / "s")
     assert store.load_outcomes("nope") is None
@@ -195,7 +195,7 @@ def test_a_run_computing_the_reference_holds_the_lock_others_wait_on(tmp_path):
 
 
 def test_a_store_that_cannot_be_written_is_a_one_line_user_error(tmp_path):
-    from ppt_bench.errors import UserError
+    from ppt_bench.core.errors import UserError
 
     (tmp_path / "file").write_text("not a folder")
     store = RunStore(tmp_path / "file" / "t.outcomes")
@@ -209,7 +209,7 @@ def test_a_store_that_cannot_be_written_is_a_one_line_user_error(tmp_path):
 def test_a_reference_another_experiments_file_replaced_is_measured_anew(tmp_path):
     """Other weights: other outputs on the same images, with the same labels."""
 
-    from ppt_bench.models import build_model
+    from ppt_bench.models.build import build_model
 
     _, tome = specs(methods=("tome",))
     torch.manual_seed(1)

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ppt_bench import demo
-from ppt_bench.errors import MethodError, PatchError
-from ppt_bench.macs import measure_macs
+from ppt_bench.commands import demo
+from ppt_bench.core.errors import MethodError, PatchError
+from ppt_bench.measure.macs import measure_macs
 from ppt_bench.methods import create_method, list_methods
 from ppt_bench.methods.diffrate import diffrate_step
 from ppt_bench.methods.ops import Reduced

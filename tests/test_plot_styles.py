@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 
 from ppt_bench.methods import list_methods
-from ppt_bench.plots import FAMILIES, FAMILY_MARKERS, style, write_plots
+from ppt_bench.results.plots import FAMILIES, FAMILY_MARKERS, style, write_plots
 
 
 def test_every_method_has_its_own_colour_and_a_marker_of_its_family():

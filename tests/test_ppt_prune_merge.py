@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ppt_bench.errors import PatchError
+from ppt_bench.core.errors import PatchError
 from ppt_bench.methods import create_method, ops
 
 CORE = ("baseline", "ppt", "prune", "merge")

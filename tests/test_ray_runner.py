@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from ppt_bench.cli import main
-from ppt_bench.records import read_results
+from ppt_bench.results.records import read_results
 
 pytest.importorskip("ray.tune")
 
@@ -117,7 +117,7 @@ def gcs_answer(address: str, env: dict[str, str]) -> str:
 def runner_check(address: str, env: dict[str, str]) -> str:
     """What the runner's check of a cluster's token says, run with ``env``."""
     code = (
-        "import sys\nfrom ppt_bench.errors import UserError\n"
+        "import sys\nfrom ppt_bench.core.errors import UserError\n"
         "from ppt_bench.runners.ray_tune import check_token\n"
         "try:\n    check_token(sys.argv[1])\nexcept UserError as e:\n    print(e)\n"
         "else:\n    print('ok')\n"
@@ -365,7 +365,7 @@ def test_a_trial_uses_the_outcomes_folder_only_where_the_driver_marked_it(tmp_pa
     import numpy as np
     import torch
 
-    from ppt_bench.outcomes import Outcomes, Reference
+    from ppt_bench.measure.outcomes import Outcomes, Reference
     from ppt_bench.runners.ray_tune import DRIVER_FILE, TrialStore
 
     folder = tmp_path / "r.outcomes"

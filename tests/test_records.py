@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from ppt_bench import atomic
-from ppt_bench.errors import UserError
-from ppt_bench.records import (
+from ppt_bench.core import atomic
+from ppt_bench.core.errors import UserError
+from ppt_bench.results.records import (
     COLUMNS,
     append_rows,
     finished_run_ids,
@@ -29,8 +29,8 @@ METRICS_PER_RUN = 150
 WRITER = textwrap.dedent(
     f"""
     import sys, time
-    from ppt_bench.records import append_rows, make_rows
-    from ppt_bench.spec import RunSpec
+    from ppt_bench.results.records import append_rows, make_rows
+    from ppt_bench.results.spec import RunSpec
 
     path, pause = sys.argv[1], float(sys.argv[2])
     for seed in range(100_000):
@@ -181,7 +181,7 @@ def test_results_file_keeps_its_mode_or_follows_the_umask(spec, tmp_path):
 
 
 def test_cpu_rows_name_the_processor():
-    from ppt_bench.records import cpu_name, environment
+    from ppt_bench.results.records import cpu_name, environment
 
     name = environment("cpu")["device_name"]
     assert name.startswith(cpu_name()) and name.endswith(" CPUs)")

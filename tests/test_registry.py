@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from ppt_bench import registry as plugin_registry
-from ppt_bench.errors import MethodError, PatchError
+from ppt_bench.core import registry as plugin_registry
+from ppt_bench.core.errors import MethodError, PatchError
 from ppt_bench.methods import Method, create_method, list_methods, method_params, register_method
 from ppt_bench.methods import registry as registry_module
 

@@ -7,13 +7,13 @@ import re
 import numpy as np
 import pytest
 
-from ppt_bench.accuracy import AccuracyResult, TokenStats
-from ppt_bench.outcomes import Outcomes, RunStore
-from ppt_bench.plots import pareto_front
-from ppt_bench.records import append_rows, make_rows
-from ppt_bench.report import format_params, write_report
-from ppt_bench.spec import RunSpec
-from ppt_bench.stats import Estimate
+from ppt_bench.core.stats import Estimate
+from ppt_bench.measure.accuracy import AccuracyResult, TokenStats
+from ppt_bench.measure.outcomes import Outcomes, RunStore
+from ppt_bench.results.plots import pareto_front
+from ppt_bench.results.records import append_rows, make_rows
+from ppt_bench.results.report import format_params, write_report
+from ppt_bench.results.spec import RunSpec
 
 MODEL = "deit_tiny_patch16_224"
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ppt_bench.cli import main
-from ppt_bench.errors import PatchError
+from ppt_bench.core.errors import PatchError
 from ppt_bench.methods import create_method, list_methods
 from ppt_bench.methods.patch import check_patchable, uses_rope
 
@@ -172,7 +172,7 @@ def test_list_models_shows_rope(capsys):
 
 
 def test_macs_count_the_reduced_rope_models(rope_model, clone):
-    from ppt_bench.macs import measure_macs
+    from ppt_bench.measure.macs import measure_macs
 
     ref, size = rope_model("rope_vit")
     full = measure_macs(ref, (3, size, size), progress=False)

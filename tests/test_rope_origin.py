@@ -15,7 +15,7 @@ import pytest
 import torch
 from test_rope_backbones import REDUCING as BACKBONE_SETTINGS
 
-from ppt_bench.errors import PatchError
+from ppt_bench.core.errors import PatchError
 from ppt_bench.methods import create_method, ops
 from ppt_bench.methods.merge import Merge
 from ppt_bench.methods.patch import follow_origin, follow_positions

@@ -13,10 +13,10 @@ import types
 import numpy as np
 import pytest
 
-import ppt_bench.evaluate as evaluate_module
+import ppt_bench.engine.evaluate as evaluate_module
 from ppt_bench.cli import main
-from ppt_bench.outcomes import RunStore
-from ppt_bench.records import COLUMNS, make_rows, read_results, unit_of
+from ppt_bench.measure.outcomes import RunStore
+from ppt_bench.results.records import COLUMNS, make_rows, read_results, unit_of
 from ppt_bench.runners.local import LocalRunner
 
 DIGITS = "vit_digits_patch4_32"  # 32x32 input, 12 blocks: a run takes well under a second

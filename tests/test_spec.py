@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from ppt_bench.defaults import COMPILE_MODES
-from ppt_bench.errors import MethodError, UserError
-from ppt_bench.spec import RunSpec
+from ppt_bench.core.defaults import COMPILE_MODES
+from ppt_bench.core.errors import MethodError, UserError
+from ppt_bench.results.spec import RunSpec
 
 TINY = "deit_tiny_patch16_224"
 

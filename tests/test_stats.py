@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy.stats import beta, norm
 
-from ppt_bench import stats
-from ppt_bench.outcomes import Outcomes
+from ppt_bench.core import stats
+from ppt_bench.measure.outcomes import Outcomes
 
 
 def planted(n: int, only_first: int, only_second: int, both: int) -> tuple[np.ndarray, ...]:

@@ -11,8 +11,8 @@ import torch
 from timm.utils import decay_batch_step
 from torch import nn
 
-from ppt_bench.errors import UserError
-from ppt_bench.throughput import (
+from ppt_bench.core.errors import UserError
+from ppt_bench.measure.throughput import (
     DEFAULT_ROUNDS,
     ITERS_ENV,
     WARMUP_ENV,

@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from ppt_bench.errors import MethodError
+from ppt_bench.core.errors import MethodError
 from ppt_bench.methods import create_method, list_methods, ops
 from ppt_bench.methods.evit import evit_step
 from ppt_bench.methods.tome import per_block_r

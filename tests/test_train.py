@@ -14,20 +14,20 @@ import torch
 from PIL import Image
 from torch.utils.data import Subset
 
-from ppt_bench.accuracy import evaluate_accuracy
-from ppt_bench.data import Transformed, batch_loader
-from ppt_bench.digits import digits_dataset
-from ppt_bench.digits_model import MODEL_NAME
-from ppt_bench.errors import MethodError, UserError
-from ppt_bench.methods import create_method
-from ppt_bench.train import (
+from ppt_bench.commands.train import add_arguments, parse_params, run
+from ppt_bench.core.errors import MethodError, UserError
+from ppt_bench.data.digits import digits_dataset
+from ppt_bench.data.loader import Transformed, batch_loader
+from ppt_bench.engine.train import (
     TrainConfig,
     build_for_training,
     build_transforms,
     save_checkpoint,
     train,
 )
-from ppt_bench.train_cmd import add_arguments, parse_params, run
+from ppt_bench.measure.accuracy import evaluate_accuracy
+from ppt_bench.methods import create_method
+from ppt_bench.models.digits import MODEL_NAME
 
 TINY = TrainConfig(epochs=1, batch_size=32, warmup_epochs=0.5, seed=3)
 
@@ -256,7 +256,7 @@ def test_unreadable_images_are_skipped_and_counted_in_training_and_validation(tm
 def test_an_unwritable_out_is_a_user_error_before_training(tmp_path, monkeypatch, out):
     (tmp_path / "folder").mkdir()
     (tmp_path / "file").write_text("an ordinary file")
-    monkeypatch.setattr("ppt_bench.train_cmd.train", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr("ppt_bench.commands.train.train", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(UserError, match="--out"):
         run(parse("--out", str(tmp_path / out)))
 
@@ -285,7 +285,7 @@ def test_torchrun_trains_data_parallel_on_cpu_and_only_rank_0_saves(tmp_path):
         textwrap.dedent(
             f"""
             import argparse, os
-            from ppt_bench.train_cmd import add_arguments, run
+            from ppt_bench.commands.train import add_arguments, run
             parser = argparse.ArgumentParser()
             add_arguments(parser)
             argv = ["--data", {str(tmp_path)!r}, "--method", "ppt", "--param", "r=8",

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from timm.data import resolve_data_config
 
-from ppt_bench import visualize as vis
 from ppt_bench.cli import main
-from ppt_bench.models import build_model
+from ppt_bench.commands import visualize as vis
+from ppt_bench.models.build import build_model
 
 
 def _image_files(folder, n: int, size: int = 80) -> list:

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from ppt_bench.budget import ModelCost, resolve_macs
 from ppt_bench.methods import list_methods
+from ppt_bench.sweeps.budget import ModelCost, resolve_macs
 
 MODEL = "deit_small_patch16_224"
 BUDGETS = ("macs=0.85", "macs=0.7", "macs=0.55")

@@ -22,7 +22,7 @@ from PIL import Image
 from timm import get_pretrained_cfg
 from timm.data import resolve_data_config
 
-from ppt_bench.data import device_transform, make_loader
+from ppt_bench.data.loader import device_transform, make_loader
 
 N_IMAGES = int(os.environ.get("PPT_BENCH_LOADER_IMAGES", "1000"))
 CLASSES = 10

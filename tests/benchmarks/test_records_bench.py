@@ -14,8 +14,8 @@ import itertools
 
 import pytest
 
-from ppt_bench.grid import make_spec
-from ppt_bench.records import append_rows, finished_run_ids, header_for, make_rows
+from ppt_bench.results.records import append_rows, finished_run_ids, header_for, make_rows
+from ppt_bench.sweeps.grid import make_spec
 
 METRICS = {"gmacs": 1.0, "gmacs_fvcore": 1.0, "gmacs_single_input": 1.0, "param_count": 2.0}
 

@@ -11,11 +11,11 @@ import pytest
 from test_outcomes import EIGHT, specs
 from torch import nn
 
-import ppt_bench.evaluate as evaluate_module
+import ppt_bench.engine.evaluate as evaluate_module
+from ppt_bench.measure.outcomes import RunStore
 from ppt_bench.methods import is_patched
-from ppt_bench.outcomes import RunStore
+from ppt_bench.results.spec import RunSpec
 from ppt_bench.runners.base import run_one
-from ppt_bench.spec import RunSpec
 
 
 def sweep() -> list[RunSpec]:

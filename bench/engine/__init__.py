@@ -1,0 +1,1 @@
+"""Running one spec (``evaluate``), the training loop, and the demo's cached digits model."""

@@ -1,0 +1,3 @@
+"""Models: timm models built by name with checkpoints by path or URL, and the digits ViT's timm
+registration.
+"""
