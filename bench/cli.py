@@ -93,6 +93,11 @@ def add_list_parser(sub: Any) -> None:
         help="list timm ViTs the patch supports whose names match PATTERN (e.g. 'deit*')",
     )
     p.add_argument("--limit", type=int, default=40, help="list at most this many models")
+    p.add_argument(
+        "--markdown",
+        action="store_true",
+        help="the methods as the methods page shows them: a table, then each one's parameters",
+    )
 
 
 def add_run_parser(sub: Any) -> None:
@@ -182,7 +187,11 @@ def cmd_list(args: argparse.Namespace) -> int:
             print(f"(first {args.limit} of up to {candidates} matches: narrow the pattern)")
         return 0
     from ppt_bench.methods import get_method_class, list_methods, method_params  # torch
+    from ppt_bench.methods.registry import methods_markdown  # with the registry: torch
 
+    if args.markdown:
+        print(methods_markdown(), end="")
+        return 0
     rows = []
     for name in list_methods():
         params = ", ".join(f"{k}={_show(v)}" for k, v in method_params(name).items())

@@ -9,9 +9,16 @@
 from __future__ import annotations
 
 from ppt_bench.methods.base import Method
-from ppt_bench.methods.interface import Knob
-from ppt_bench.methods.ops import Features, Reduced
-from ppt_bench.methods.patch import ReductionInfo, is_patched, patch
+from ppt_bench.methods.contract import (
+    Examples,
+    Features,
+    Knob,
+    PlotStyle,
+    Reduced,
+    ReductionInfo,
+    ViTInfo,
+)
+from ppt_bench.methods.patch import is_patched, patch
 from ppt_bench.methods.registry import (
     create_method,
     get_method_class,
@@ -21,11 +28,14 @@ from ppt_bench.methods.registry import (
 )
 
 __all__ = [
+    "Examples",
     "Features",
     "Knob",
     "Method",
+    "PlotStyle",
     "Reduced",
     "ReductionInfo",
+    "ViTInfo",
     "create_method",
     "get_method_class",
     "is_patched",

@@ -52,8 +52,7 @@ from ppt_bench.methods.base import (
     KeepAtLocations,
     Method,
 )
-from ppt_bench.methods.interface import KEY_MEAN, Knob, ViTInfo
-from ppt_bench.methods.ops import Reduced
+from ppt_bench.methods.contract import KEY_MEAN, Examples, Knob, PlotStyle, Reduced, ViTInfo
 
 LINKAGES = ("complete", "average", "single")
 
@@ -374,6 +373,19 @@ class ATC(KeepAtLocations):
     """
 
     description = "ATC: agglomerative clustering of the tokens into int(T0 * keep_rate^k)"
+    reference = "ECCV 2024, arXiv 2409.11923"
+    family = "merging"
+    style = PlotStyle(color="#98df8a", marker="*")
+    examples = Examples(
+        identity={"keep_rate": 1.0},
+        reducing={"keep_rate": 0.8},
+        invalid=(
+            ({"keep_rate": 0.0}, r"keep_rate must be in \(0, 1\]"),
+            ({"keep_rate": 1.5}, r"keep_rate must be in \(0, 1\]"),
+            ({"linkage": "ward"}, "linkage must be one of complete, average, single"),
+            ({"prop_attn": "yes"}, "prop_attn must be true or false"),
+        ),
+    )
     needs = frozenset({KEY_MEAN})
     demo_grid = ("keep_rate", (0.9, 0.8, 0.7))
     keep_rate: float = 0.9

@@ -1,15 +1,21 @@
-"""The one interface every token reduction method implements.
+"""The one interface every token reduction method implements, and the bases methods share.
 
 A method is a frozen dataclass of its parameters, validated on construction. At each of its
-locations the generic patch (:mod:`ppt_bench.methods.patch`) hands it the tokens after the
-attention residual, with only the attention features it asks for, and takes back fewer tokens.
+locations the generic patch (:mod:`ppt_bench.methods.patch`) hands it the tokens with only the
+attention features it asks for, and takes back fewer tokens; what they exchange is in
+:mod:`ppt_bench.methods.contract`. Everything else the harness needs to know about a method is
+declared on its class here: its family and plot style, the settings the shared contract tests
+run (:mod:`ppt_bench.testing`), its budget knob, what it needs of a model, and its one-line
+description and parameter help (``ppt-bench list`` and the methods page come from them).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
+import re
 from collections.abc import Collection, Hashable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -18,9 +24,21 @@ import torch
 
 from ppt_bench.core.errors import MethodError, PatchError
 from ppt_bench.methods import ops
-from ppt_bench.methods.interface import AFTER_ATTN, CLS_ATTN, KEY_MEAN, Knob, ViTInfo
-from ppt_bench.methods.ops import Features, Reduced
-from ppt_bench.methods.patch import ReductionInfo, patch
+from ppt_bench.methods.contract import (
+    AFTER_ATTN,
+    ATTN,
+    CLS_ATTN,
+    FAMILIES,
+    KEY_MEAN,
+    Examples,
+    Features,
+    Knob,
+    PlotStyle,
+    Reduced,
+    ReductionInfo,
+    ViTInfo,
+)
+from ppt_bench.methods.patch import patch
 
 if TYPE_CHECKING:
     from torch import nn
@@ -41,8 +59,20 @@ class Method:
 
     Class attributes:
         name: registry name, set by the registry when the class is first loaded.
-        description: one line for ``ppt-bench list``.
-        needs: the :data:`FEATURES` this method reads at a location.
+        description: one line for ``ppt-bench list`` and the methods page.
+        reference: where the method is published (``"arXiv 2310.01812"``), or "" for controls.
+        family: one of :data:`~ppt_bench.methods.contract.FAMILIES`, what it does with the
+            tokens it removes (``"pruning"``, ``"merging"``, ``"hybrid"``); its plot marker's
+            shape follows it.
+        style: its colour and marker in every plot (:class:`PlotStyle`; unset: from its name).
+        examples: the settings the shared contract tests run (:class:`Examples`).
+        needs: the :data:`~ppt_bench.methods.contract.FEATURES` this method reads at a location:
+            ``"cls_attn"`` needs a model with a class token, ``"attn"`` computes the attention
+            map explicitly in its blocks.
+        prop_attn: whether blocks after the first reduction use proportional attention (a
+            method with the switch as a parameter declares it as a field).
+        batch_independent: whether an image's output is the same whatever else is in its
+            batch (a control seeded by batch position is not).
         demo_grid: the main parameter and the values ``ppt-bench demo`` sweeps on its 12-block,
             65-token digits model; None runs the method once with its defaults.
         reduce_at: where in a block it reduces, one of :data:`REDUCE_POINTS`:
@@ -61,7 +91,15 @@ class Method:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    family: ClassVar[str] = "other"
+    style: ClassVar[PlotStyle] = PlotStyle()
+    examples: ClassVar[Examples] = Examples()
     needs: ClassVar[frozenset[str]] = frozenset()
+    # Not a ClassVar: a method with the switch as a parameter declares it as a field, which keeps
+    # its place among that method's own fields.
+    prop_attn = False
+    batch_independent: ClassVar[bool] = True
     demo_grid: ClassVar[tuple[str, tuple[Any, ...]] | None] = None
     reduce_at: ClassVar[str] = AFTER_ATTN
     gives_origin: ClassVar[bool] = False
@@ -73,13 +111,36 @@ class Method:
                 raise MethodError(f"{f.name} must be true or false, got {value!r}")
         self.validate()
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.family not in FAMILIES:
+            raise MethodError(
+                f"{cls.__name__}.family must be one of {FAMILIES}, got {cls.family!r}"
+            )
+
     def validate(self) -> None:
         """Raise :class:`MethodError` for a parameter outside its valid range."""
 
-    @property
-    def prop_attn(self) -> bool:
-        """Whether blocks after the first reduction use proportional attention."""
-        return False
+    @classmethod
+    def needs_class_token(cls) -> bool:
+        """Whether the method ranks tokens by the class token's attention."""
+        return CLS_ATTN in cls.needs
+
+    @classmethod
+    def explicit_attention(cls) -> bool:
+        """Whether its reduction blocks compute the full attention map (no fused kernel)."""
+        return ATTN in cls.needs
+
+    @classmethod
+    def parameter_help(cls) -> dict[str, str]:
+        """Each parameter's one-paragraph help from the class docstring's ``Args:`` section
+        (the first class up the hierarchy that documents it), for ``ppt-bench list`` and the
+        methods page."""
+        found: dict[str, str] = {}
+        for klass in cls.__mro__:
+            for name, text in _docstring_args(inspect.getdoc(klass) or "").items():
+                found.setdefault(name, text)
+        return {f.name: found.get(f.name, "") for f in dataclasses.fields(cls)}
 
     def locations_for(self, depth: int) -> tuple[int, ...]:
         """Blocks (0-indexed) where this method reduces tokens in a model of ``depth`` blocks."""
@@ -409,6 +470,19 @@ def check_float(name: str, value: Any, minimum: float = 0.0, allow_inf: bool = T
         bound = f">= {minimum}" + (" (inf allowed)" if allow_inf else " and finite")
         raise MethodError(f"{name} must be {bound}, got {value!r}")
     return value
+
+
+def _docstring_args(doc: str) -> dict[str, str]:
+    """``name -> help`` of a Google-style ``Args:`` section, each help on one line."""
+    section = re.search(r"^Args:\n((?:[ \t]+.*\n?|\n)*)", doc, re.M)
+    if section is None:
+        return {}
+    found: dict[str, str] = {}
+    for entry in re.split(r"\n(?=    \w+(?: \([^)]*\))?:)", section.group(1)):
+        head = re.match(r"\s*(\w+)(?: \([^)]*\))?:\s*(.*)", entry, re.S)
+        if head:
+            found[head.group(1)] = " ".join(head.group(2).split())
+    return found
 
 
 def set_field(obj: Method, name: str, value: Any) -> None:

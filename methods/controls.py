@@ -14,7 +14,7 @@ import torch
 
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import ScorePrune, check_int
-from ppt_bench.methods.interface import CLS_ATTN
+from ppt_bench.methods.contract import CLS_ATTN, Examples, PlotStyle
 
 # Keeps the (seed, block) pairs of any realistic depth apart when mixed into one seed.
 _SEED_STRIDE = 10_000
@@ -32,6 +32,13 @@ class TopK(ScorePrune):
     """
 
     description = "control: drop the r tokens the class token attends to least (no value norm)"
+    family = "pruning"
+    style = PlotStyle(color="#8c564b", marker="<")
+    examples = Examples(
+        identity={"r": 0},
+        reducing={"r": 8},
+        invalid=(({"r": 2.5}, r"r must be an integer"),),
+    )
     needs = frozenset({CLS_ATTN})
 
     def scores(self, x, feats, *, block, num_prefix) -> torch.Tensor:
@@ -65,6 +72,14 @@ class RandomDrop(ScorePrune):
     """
 
     description = "control: drop r random tokens per location (seeded)"
+    family = "pruning"
+    style = PlotStyle(color="#e377c2", marker=">")
+    batch_independent = False  # its scores are seeded per position in the batch
+    examples = Examples(
+        identity={"r": 0},
+        reducing={"r": 8},
+        invalid=(({"seed": -1}, r"seed must be an integer >= 0"),),
+    )
     seed: int = 0
 
     def validate(self) -> None:

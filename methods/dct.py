@@ -37,8 +37,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ppt_bench.methods.interface import AFTER_MLP
-from ppt_bench.methods.ops import Reduced
+from ppt_bench.methods.contract import AFTER_MLP, Examples, PlotStyle, Reduced
 from ppt_bench.methods.schedule import Scheduled
 
 if TYPE_CHECKING:
@@ -121,6 +120,17 @@ class DCT(Scheduled):
     """
 
     description = "DCT: keep the low frequencies of the token sequence (after each MLP)"
+    reference = "ACL 2023 (Fourier Transformer)"
+    family = "merging"
+    style = PlotStyle(color="#bcbd22", marker="8")
+    examples = Examples(
+        identity={"r": 0},
+        reducing={"r": 4},
+        invalid=(
+            ({"r": -1}, r"r must be"),
+            ({"r": (8, 2.0)}, r"inflection .* must be in \[-1, 1\]"),
+        ),
+    )
     reduce_at = AFTER_MLP
 
     def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:

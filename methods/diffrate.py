@@ -33,8 +33,7 @@ import torch
 from ppt_bench.core.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import Method, check_int, set_field
-from ppt_bench.methods.interface import CLS_ATTN, Knob, ViTInfo
-from ppt_bench.methods.ops import Reduced
+from ppt_bench.methods.contract import CLS_ATTN, Examples, Knob, PlotStyle, Reduced, ViTInfo
 
 if TYPE_CHECKING:
     pass
@@ -162,6 +161,23 @@ class DiffRate(Method):
     """
 
     description = "DiffRate: per-block pruning and merging by searched token counts, every block"
+    prop_attn = True  # from its first merge on, as the authors' blocks
+    reference = "ICCV 2023, arXiv 2305.17997"
+    family = "hybrid"
+    style = PlotStyle(color="#ffbb78", marker="d")
+    examples = Examples(
+        identity={"prune_kept": [1 << 20] * 12},
+        reducing={"merge_kept": [36, 34, 32, 30, 28, 26, 24, 22, 20, 18, 16, 14]},
+        invalid=(
+            ({"schedule": "2.8"}, r"unknown DiffRate schedule \'2.8\'; valid: .*2\.9"),
+            ({"schedule": "8.7"}, r"\'ViT-B-DeiT/8.7\' or \'ViT-B-MAE/8.7\'"),
+            ({"schedule": 2.9}, r"schedule must be a name"),
+            ({"schedule": "2.9", "merge_kept": [197] * 12}, r"not both"),
+            ({"prune_kept": [197] * 12, "merge_kept": [197] * 11}, r"12 blocks .* 11"),
+            ({"merge_kept": [197, 0]}, r"each count of merge_kept must be an integer"),
+            ({"prune_kept": "197"}, r"prune_kept must be a list"),
+        ),
+    )
     needs = frozenset({CLS_ATTN})
     gives_origin = True
     # The digits model has 65 tokens: DeiT-S's 3.1, 2.9 and 2.3 merge counts scaled to it.
@@ -198,10 +214,6 @@ class DiffRate(Method):
         # A missing list removes nothing: no pruning before merging, or no merging after it.
         prune = prune or (KEEP_ALL,) * len(merge)
         object.__setattr__(self, "_counts", (prune, merge or prune))
-
-    @property
-    def prop_attn(self) -> bool:
-        return True
 
     def counts(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Tokens kept after pruning and after merging in each block (prefix included;

@@ -45,6 +45,7 @@ normalisation products in place of the elementwise scaling.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,8 +53,7 @@ import torch
 from ppt_bench.core.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import Method, check_float, check_int, check_locations_fit
-from ppt_bench.methods.interface import ATTN, Knob, ViTInfo
-from ppt_bench.methods.ops import Reduced
+from ppt_bench.methods.contract import ATTN, Examples, Knob, PlotStyle, Reduced, ViTInfo
 
 GRAPHS = ("mixed", "spatial", "semantic")
 
@@ -193,6 +193,24 @@ class GTP(Method):
     """
 
     description = "GTP-ViT: propagate the least attended tokens to their graph neighbours"
+    reference = "WACV 2024, arXiv 2311.03035"
+    family = "hybrid"
+    style = PlotStyle(color="#ff9896", marker="P")
+    examples = Examples(
+        identity={"num_prop": 0},
+        reducing={"num_prop": 2, "sparsity": 0.8},
+        invalid=(
+            ({"num_prop": -1}, r"num_prop must be an integer >= 0"),
+            ({"num_prop": 2.5}, r"num_prop must be an integer"),
+            ({"graph": "knn"}, r"graph must be one of mixed, spatial, semantic, got \'knn\'"),
+            ({"num_neighbours": 0}, r"num_neighbours must be an integer >= 1"),
+            ({"sparsity": 0}, r"sparsity must be a number in \(0, 1\]"),
+            ({"sparsity": 1.5}, r"sparsity must be a number in \(0, 1\]"),
+            ({"alpha": -0.1}, r"alpha must be >= 0"),
+            ({"alpha": math.inf}, r"alpha must be >= 0.0 and finite"),
+            ({"token_scale": "yes"}, r"token_scale must be true or false"),
+        ),
+    )
     needs = frozenset({ATTN})
     demo_grid = ("num_prop", (2, 3, 4))
     gives_origin = True

@@ -17,6 +17,7 @@ score. As in the authors' code, a block never leaves fewer than 10 tokens.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -33,8 +34,16 @@ from ppt_bench.methods.base import (
     check_r_budget,
     set_field,
 )
-from ppt_bench.methods.interface import AFTER_MLP, ATTN, IN_ATTN, Knob, ViTInfo
-from ppt_bench.methods.ops import Reduced
+from ppt_bench.methods.contract import (
+    AFTER_MLP,
+    ATTN,
+    IN_ATTN,
+    Examples,
+    Knob,
+    PlotStyle,
+    Reduced,
+    ViTInfo,
+)
 
 # The authors' code never reduces a block below this many tokens (``if t - r < 10``).
 MIN_TOKENS = 10
@@ -253,6 +262,22 @@ class MCTF(Method):
     """
 
     description = "MCTF: fuse tokens by similarity, informativeness and size (inside attention)"
+    reference = "CVPR 2024"
+    family = "merging"
+    style = PlotStyle(color="#7f7f7f", marker="p")
+    examples = Examples(
+        identity={"r": 0},
+        reducing={"r": 4},
+        invalid=(
+            ({"r": -1}, r"r \(or a share of the tokens in \(0, 1\)\) must be an integer"),
+            ({"r": 1.5}, r"r must be an integer >= 0 or a share of the tokens in \(0, 1\)"),
+            ({"r": "8"}, r"must be an integer"),
+            ({"tau_size": -1}, r"tau_size must be >= 0"),
+            ({"tau_sim": math.nan}, r"tau_sim"),
+            ({"one_step_ahead": "yes"}, r"one_step_ahead must be true or false"),
+            ({"locations": [2, 2]}, r"distinct"),
+        ),
+    )
     needs = frozenset({ATTN})
     gives_origin = True
     demo_grid = ("r", (2, 3, 4))

@@ -7,50 +7,13 @@ no host synchronisation, so that ``torch.compile`` and CUDA graphs apply.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
-
-class Features(NamedTuple):
-    """Attention features of one block, computed only when a method needs them."""
-
-    cls_attn: torch.Tensor | None = None  # class-token attention row, [B, H, N]
-    key_mean: torch.Tensor | None = None  # keys averaged over heads, [B, N, d]
-    value_norm: torch.Tensor | None = None  # value norm of each token, [B, N]
-    attn: torch.Tensor | None = None  # the full post-softmax attention map, [B, H, N, N]
-    # The method's per-forward state (Method.initial_state), as its last reduction left it.
-    state: Any = None
-
-
-class Reduced(NamedTuple):
-    """Tokens after a reduction step.
-
-    ``pooled`` (bool ``[B]``) and ``score_var`` (``[B]``) are set by methods that choose a
-    branch per image (ppt); they are recorded per location after each forward. ``attn``
-    (``[B, H, N', N']``) is required from a method that reduces inside the attention
-    (``reduce_at = "in_attn"``): the attention map over the reduced tokens, which the block then
-    applies to their values.
-
-    ``origin`` (int64 ``[B, N']``) says which input token each output token descends from: a
-    kept token its own index, a merged token its destination's (the token the matching merged
-    the others into), so that a token's rotary position follows it. None where a step leaves
-    the tokens as they are, or where output tokens are mixtures with no single ancestor.
-
-    ``state`` is the method's per-forward state after this step (a method with
-    :meth:`~ppt_bench.methods.base.Method.initial_state` returns it at every step; for the others
-    it stays None).
-    """
-
-    x: torch.Tensor  # [B, N', C]
-    size: torch.Tensor  # [B, N', 1]
-    source: torch.Tensor | None = None  # [B, N', N0] when source tracking is on
-    pooled: torch.Tensor | None = None
-    score_var: torch.Tensor | None = None
-    attn: torch.Tensor | None = None
-    origin: torch.Tensor | None = None  # [B, N'] int64, index of each token's input token
-    state: Any = None  # the method's per-forward state, carried to its next reduction
+from ppt_bench.methods.contract import Reduced
 
 
 def max_reduction(num_tokens: int, num_prefix: int, r: int) -> int:
@@ -159,7 +122,21 @@ class Matching(NamedTuple):
     dst_idx: torch.Tensor  # [B, r, 1] their B patch-token destinations
 
 
-def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Matching:
+def cosine_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """ToMe's matching score: the cosine similarity of each A token ``a [B, n_a, d]`` to each B
+    token ``b [B, n_b, d]``, ``[B, n_a, n_b]``."""
+    a = a / a.norm(dim=-1, keepdim=True)
+    b = b / b.norm(dim=-1, keepdim=True)
+    return a @ b.transpose(-1, -2)
+
+
+# A matching score: A tokens [B, n_a, d] and B tokens [B, n_b, d] -> [B, n_a, n_b], higher merges.
+Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def bipartite_soft_matching(
+    metric: torch.Tensor, r: int, num_prefix: int, score: Score = cosine_scores
+) -> Matching:
     """ToMe's bipartite soft matching with protected prefix tokens.
 
     Tokens are split alternately over the whole sequence (A = even positions, B = odd). Prefix
@@ -170,17 +147,18 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, num_prefix: int) -> Ma
         metric: ``[B, N, d]`` similarity features (keys averaged over heads).
         r: tokens to remove; must be ``<= (N - P) // 2``.
         num_prefix: ``P``.
+        score: how alike each A patch token is to each B patch token (:data:`Score`); ToMe's
+            cosine similarity by default. A variant with another merge score passes its own.
 
     Returns:
-        The matching: the ``r`` A patch tokens most similar to their best B patch token are
-        merged into it. With prefix tokens, the unmerged A tokens keep their original order, as
-        in ToMe (which sorts them when the model has a class token); without, they follow the
-        similarity order, as ToMe leaves them.
+        The matching: the ``r`` A patch tokens with the highest score to their best B patch
+        token are merged into it. With prefix tokens, the unmerged A tokens keep their original
+        order, as in ToMe (which sorts them when the model has a class token); without, they
+        follow the score order, as ToMe leaves them.
     """
     pa, pb = (num_prefix + 1) // 2, num_prefix // 2  # prefix tokens in A and in B
-    metric = metric / metric.norm(dim=-1, keepdim=True)
     a, b = metric[..., ::2, :][:, pa:], metric[..., 1::2, :][:, pb:]  # patch tokens only
-    scores = a @ b.transpose(-1, -2)  # [B, n_a, n_b]
+    scores = score(a, b)  # [B, n_a, n_b]
     node_max, node_idx = scores.max(dim=-1)  # best B match of each A token
     # A stable sort keeps ties (identical patches) in index order, so the choice of a token
     # never depends on the rest of the batch.
@@ -349,9 +327,10 @@ def merge_step(
     key_mean: torch.Tensor,
     r: int,
     num_prefix: int,
+    score: Score = cosine_scores,
 ) -> Reduced:
     """Merge ``r`` patch tokens into their most similar partners (ToMe's bipartite matching on
-    ``key_mean [B, N, d]``, size-weighted average).
+    ``key_mean [B, N, d]`` by ``score``, size-weighted average).
 
     With ``r = 0`` the tokens stay as they are, in their order. A merged token's ``origin`` is
     its B destination.
@@ -359,5 +338,5 @@ def merge_step(
     if r == 0:
         return Reduced(x, size, source)
     N = x.shape[1]
-    m = bipartite_soft_matching(key_mean, r, num_prefix)
+    m = bipartite_soft_matching(key_mean, r, num_prefix, score)
     return pool_step(x, size, source, merge_slots(m, N), N - r, kept_positions(m, N))

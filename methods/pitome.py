@@ -33,8 +33,7 @@ import torch.nn.functional as F
 
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import KeepRatio
-from ppt_bench.methods.interface import KEY_MEAN
-from ppt_bench.methods.ops import Reduced
+from ppt_bench.methods.contract import KEY_MEAN, Examples, PlotStyle, Reduced
 
 if TYPE_CHECKING:
     pass
@@ -176,6 +175,18 @@ class PiToMe(KeepRatio):
     """
 
     description = "PiToMe: energy-ordered merging that protects distinctive tokens, every block"
+    reference = "NeurIPS 2024"
+    family = "merging"
+    style = PlotStyle(color="#17becf", marker="H")
+    examples = Examples(
+        identity={"ratio": 1.0},
+        reducing={"ratio": 0.9},
+        invalid=(
+            ({"ratio": 0}, r"ratio must be a number in \(0, 1\]"),
+            ({"ratio": 1.2}, r"ratio must be a number in \(0, 1\]"),
+            ({"ratio": math.nan}, r"ratio"),
+        ),
+    )
     needs = frozenset({KEY_MEAN})
     gives_origin = True
 

@@ -21,12 +21,11 @@ import torch
 from ppt_bench.core.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import FixedBudget, Method, check_float, set_field
-from ppt_bench.methods.interface import CLS_ATTN, KEY_MEAN, VALUE_NORM
-from ppt_bench.methods.ops import Reduced
+from ppt_bench.methods.contract import CLS_ATTN, KEY_MEAN, VALUE_NORM, Examples, PlotStyle, Reduced
 from ppt_bench.methods.prune import ats_scores
 
 if TYPE_CHECKING:
-    from ppt_bench.methods.patch import ReductionInfo
+    from ppt_bench.methods.contract import ReductionInfo
 
 BRANCHES = ("auto", "prune", "pool")
 
@@ -47,6 +46,22 @@ class PPT(FixedBudget):
     """
 
     description = "PPT: per image and block, prune by significance or pool similar tokens"
+    reference = "arXiv 2310.01812"
+    family = "hybrid"
+    style = PlotStyle(color="#1f77b4", marker="s")
+    examples = Examples(
+        identity={"r": 0},
+        reducing={"r": 8, "threshold": 0.0001},
+        invalid=(
+            ({"r": -1}, r"r must be an integer >= 0"),
+            ({"threshold": math.nan}, r"threshold must be >= 0"),
+            ({"threshold": -1e-3}, r"threshold must be >= 0"),
+            ({"locations": [3, -1]}, r"location must be an integer >= 0"),
+            ({"locations": [3, 3]}, r"distinct"),
+            ({"locations": "abc"}, r"location"),
+            ({"branch": "sideways"}, r"branch must be one of"),
+        ),
+    )
     needs = frozenset({CLS_ATTN, VALUE_NORM, KEY_MEAN})
     gives_origin = True
     threshold: float = 7e-5
@@ -73,9 +88,9 @@ class PPT(FixedBudget):
 
     def paths(self, info: ReductionInfo) -> list[Hashable]:
         """Per image, one flag per location: True where it was pooled."""
-        if info.pooled is None:
+        if "pooled" not in info.stats:
             return []
-        return [tuple(row) for row in info.pooled.tolist()]
+        return [tuple(row) for row in info.stats["pooled"].tolist()]
 
     def on_path(self, path: Hashable) -> Method:
         """Pool where ``path`` is True, prune elsewhere."""
@@ -94,17 +109,17 @@ class PPT(FixedBudget):
         if branch == "prune" or (branch == "auto" and self.threshold == 0.0):
             pooled = torch.zeros_like(score_var, dtype=torch.bool)
             return ops.prune_step(x, size, source, scores, r, num_prefix)._replace(
-                pooled=pooled, score_var=score_var
+                stats={"pooled": pooled, "score_var": score_var}
             )
         if branch == "pool" or (branch == "auto" and math.isinf(self.threshold)):
             pooled = torch.ones_like(score_var, dtype=torch.bool)
             return ops.merge_step(x, size, source, feats.key_mean, r, num_prefix)._replace(
-                pooled=pooled, score_var=score_var
+                stats={"pooled": pooled, "score_var": score_var}
             )
         # Both branches remove r tokens: each image picks its output slots, one pass reduces all.
         pooled = score_var < self.threshold  # [B]
         if r == 0:  # nothing to remove: the tokens stay in their order
-            return Reduced(x, size, source, pooled, score_var)
+            return Reduced(x, size, source, {"pooled": pooled, "score_var": score_var})
         N = x.shape[1]
         keep = ops.keep_top(scores, N - num_prefix - r, num_prefix)
         matching = ops.bipartite_soft_matching(feats.key_mean, r, num_prefix)
@@ -114,5 +129,5 @@ class PPT(FixedBudget):
         # Each output token descends from its merge destination, or is a kept token itself.
         origin = torch.where(pooled[:, None], ops.kept_positions(matching, N), keep)  # [B, N - r]
         return ops.pool_step(x, size, source, slots, N - r, origin)._replace(
-            pooled=pooled, score_var=score_var
+            stats={"pooled": pooled, "score_var": score_var}
         )

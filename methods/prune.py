@@ -8,8 +8,7 @@ import torch
 
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import ScorePrune
-from ppt_bench.methods.interface import CLS_ATTN, VALUE_NORM
-from ppt_bench.methods.ops import Features
+from ppt_bench.methods.contract import CLS_ATTN, VALUE_NORM, Examples, Features, PlotStyle
 
 
 def ats_scores(feats: Features, num_prefix: int) -> torch.Tensor:
@@ -29,6 +28,14 @@ class Prune(ScorePrune):
     """
 
     description = "PPT's pruning branch: drop the r least significant tokens (ATS score)"
+    reference = "arXiv 2310.01812 (PPT's pruning branch)"
+    family = "pruning"
+    style = PlotStyle(color="#ff7f0e", marker="v")
+    examples = Examples(
+        identity={"r": 0},
+        reducing={"r": 8},
+        invalid=(({"r": 2.5}, r"r must be an integer >= 0"),),
+    )
     needs = frozenset({CLS_ATTN, VALUE_NORM})
     prop_attn: bool = False
 

@@ -103,3 +103,41 @@ def create_method(name: str, **params: Any) -> Method:
         return cls(**params)
     except MethodError as err:
         raise MethodError(f"{name}: {err}") from None
+
+
+def methods_markdown(pattern: str = "*") -> str:
+    """The methods page (``docs/methods.md``) as the registry declares it: one table of the
+    methods (family, what each does, parameters with their defaults, where it is published),
+    then each method's parameters with their help (``Method.parameter_help``). ``ppt-bench list
+    --markdown`` prints it; a test checks that the page holds it unchanged."""
+    lines = [
+        "| method | family | what it does | parameters (defaults) | published |",
+        "|---|---|---|---|---|",
+    ]
+    for name in list_methods(pattern):
+        cls = get_method_class(name)
+        params = ", ".join(f"`{k}={_show(v)}`" for k, v in method_params(name).items()) or "-"
+        lines.append(
+            f"| `{name}` | {cls.family} | {_cell(cls.description)} | {params} "
+            f"| {cls.reference or '-'} |"
+        )
+    for name in list_methods(pattern):
+        helps = get_method_class(name).parameter_help()
+        if not helps:
+            continue
+        lines += ["", f"**`{name}`**", "", "| parameter | default | meaning |", "|---|---|---|"]
+        defaults = method_params(name)
+        lines += [
+            f"| `{k}` | `{_show(defaults[k])}` | {_cell(text)} |" for k, text in helps.items()
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _show(value: Any) -> str:
+    """A default as a user writes it in a config file (tuples as lists)."""
+    return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
+def _cell(text: str) -> str:
+    """Text inside a markdown table cell (a ``|`` would end the cell)."""
+    return text.replace("|", "\\|")

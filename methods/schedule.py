@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ppt_bench.core.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import Method, check_int, check_r_budget, r_knob, set_field
-from ppt_bench.methods.interface import Knob, ViTInfo
+from ppt_bench.methods.contract import Knob, ViTInfo
 
 if TYPE_CHECKING:
     pass

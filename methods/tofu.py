@@ -31,8 +31,7 @@ import torch
 
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import KeepRatio
-from ppt_bench.methods.interface import KEY_MEAN
-from ppt_bench.methods.ops import Reduced
+from ppt_bench.methods.contract import KEY_MEAN, Examples, PlotStyle, Reduced
 from ppt_bench.methods.pitome import ratio_reduction
 
 if TYPE_CHECKING:
@@ -103,6 +102,17 @@ class ToFu(KeepRatio):
     """
 
     description = "ToFu: ToMe matching that prunes in early blocks, norm-preserving merge later"
+    reference = "WACV 2024"
+    family = "hybrid"
+    style = PlotStyle(color="#aec7e8", marker="D")
+    examples = Examples(
+        identity={"ratio": 1.0},
+        reducing={"ratio": 0.9},
+        invalid=(
+            ({"ratio": -0.5}, r"ratio must be a number in \(0, 1\]"),
+            ({"ratio": "0.9"}, r"ratio must be a number in \(0, 1\]"),
+        ),
+    )
     needs = frozenset({KEY_MEAN})
     gives_origin = True
 

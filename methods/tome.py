@@ -7,10 +7,11 @@ away.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ppt_bench.methods.base import BipartiteMerging
-from ppt_bench.methods.ops import Reduced
+from ppt_bench.methods.contract import Examples, PlotStyle, Reduced
 from ppt_bench.methods.schedule import Scheduled, per_block_r
 
 __all__ = ["ToMe", "per_block_r"]
@@ -27,6 +28,22 @@ class ToMe(BipartiteMerging, Scheduled):
     """
 
     description = "ToMe: bipartite merging of similar tokens in every block (r schedule)"
+
+    reference = "ICLR 2023, arXiv 2210.09461"
+    family = "merging"
+    style = PlotStyle(color="#d62728", marker="h")
+    examples = Examples(
+        identity={"r": 0},
+        reducing={"r": 4},
+        invalid=(
+            ({"r": -1}, r"r must be"),
+            ({"r": True}, r"r must be"),
+            ({"r": "8"}, r"r must be"),
+            ({"r": [16, -1]}, r"r must be .* inflection a float"),
+            ({"r": (16, 2.0)}, r"inflection .* must be in \[-1, 1\]"),
+            ({"r": [16, math.nan]}, r"inflection"),
+        ),
+    )
 
     def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
         r = self.block_r(block, x.shape[1], num_prefix)

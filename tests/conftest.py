@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from pathlib import Path
 
 # Ray swaps 127.0.0.1 for this machine's own address unless its multi-node support is off:
 # keep the Ray instances that tests start (and their subprocesses) on loopback only.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 
 import pytest
 import timm
@@ -21,6 +23,20 @@ import torch
 
 from ppt_bench.results.spec import RunSpec
 from ppt_bench.sweeps.grid import make_spec
+
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+
+
+def pytest_configure(config) -> None:
+    """A third-party package installed beside ppt-bench (``plugins/``: a module and its
+    dist-info): its method and metric group reach every test, the contract suite included,
+    through their entry points alone; on ``PYTHONPATH`` too, for the commands and Ray workers
+    that tests start as processes."""
+    sys.path.insert(0, str(PLUGINS))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")])
+    )
+
 
 # Named timm architectures covering each structural feature the patch must keep.
 ARCHS = {

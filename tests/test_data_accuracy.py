@@ -228,7 +228,7 @@ def test_token_stats_follow_ppt_branches(make_model, images, threshold):
         for batch in images(4, 96).split(2):
             model(batch)
             stats.update(model, batch.shape[0])
-            pooled.append(model.reduction_info.pooled)
+            pooled.append(model.reduction_info.stats["pooled"])
     pooled = torch.cat(pooled)  # [4, 3]
     metrics = stats.metrics()
     assert [metrics[f"tokens_block_{i}"] for i in range(12)] == list(model.reduction_info.tokens)

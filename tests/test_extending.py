@@ -1,111 +1,67 @@
-"""Extending ppt-bench from outside the package: a method and a metric group, each installed as
-an entry point of a distribution that only the test's folder holds, reach ``ppt-bench run`` and
-``ppt-bench report`` without a change to any project file."""
+"""Extending ppt-bench from outside the package: the method and the metric group of the plugin
+package in ``tests/plugins`` (a module and its dist-info, found through entry points alone)
+are listed, run through ``ppt-bench run`` into the CSV and reach ``ppt-bench report``; the
+method also passes the whole contract suite (``tests/test_contract.py``), resolves at budgets
+and has a plot style of its own, with no change to any project file."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
-import textwrap
-
-import pytest
 
 from ppt_bench.cli import main
 from ppt_bench.measure import metrics
-from ppt_bench.methods import list_methods, registry
+from ppt_bench.methods import get_method_class, list_methods
+from ppt_bench.results.plots import style
 from ppt_bench.results.records import read_results
 
-PLUGIN = '''
-"""A third-party method and metric group."""
 
-from dataclasses import dataclass
-
-import torch
-
-from ppt_bench.methods import Method
-from ppt_bench.methods.base import ScorePrune
-from ppt_bench.measure.metrics import MetricGroup, mean_columns
-
-
-@dataclass(frozen=True)
-class Strided(ScorePrune):
-    """Keep every ``stride``-th patch token first: a control with its own parameter name."""
-
-    description = "keep patch tokens by position, every stride-th first"
-    stride: int = 2
-
-    def scores(self, x, feats, *, block, num_prefix):
-        positions = torch.arange(x.shape[1] - num_prefix, device=x.device)
-        return (positions % self.stride == 0).to(x.dtype).expand(x.shape[0], -1)
+def test_the_plugin_method_and_metric_are_registered_and_listed(capsys):
+    assert "distmerge" in list_methods() and "weights" in metrics.names()
+    assert get_method_class("distmerge").__module__ == "ppt_bench_toy"
+    assert main(["list"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "distmerge" in line)
+    assert "p=2.0" in row and "scored by key distance" in row
+    # As a user sees it: the command in a process of its own, the plugin on its path.
+    listed = subprocess.run(
+        [sys.executable, "-m", "ppt_bench.cli", "list"], capture_output=True, text=True, check=True
+    )
+    assert "distmerge" in listed.stdout
 
 
-def _weights(run):
-    return {"weights_k": sum(p.numel() for p in run.model.parameters()) / 1e3}
+def test_the_plugin_method_has_a_style_of_its_own():
+    own = style("distmerge")
+    assert own["family"] == "merging"
+    others = [style(m) for m in list_methods() if m != "distmerge"]
+    assert all((s["color"], s["marker"]) != (own["color"], own["marker"]) for s in others)
 
 
-WEIGHTS = MetricGroup(
-    "weights",
-    {"weights_k": "k"},
-    _weights,
-    mean_columns(("weights (k)", "weights_k", ".1f")),
-    help="parameters in thousands",
-)
-'''
-
-ENTRY_POINTS = """
-[ppt_bench.methods]
-strided = ppt_bench_plugin:Strided
-
-[ppt_bench.measure.metrics]
-weights = ppt_bench_plugin:WEIGHTS
-"""
-
-
-@pytest.fixture
-def plugin(tmp_path, monkeypatch):
-    """An installed distribution (a module and its dist-info) on ``sys.path`` for this test."""
-    site = tmp_path / "site"
-    dist = site / "ppt_bench_plugin-1.0.dist-info"
-    dist.mkdir(parents=True)
-    (site / "ppt_bench_plugin.py").write_text(textwrap.dedent(PLUGIN))
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ppt-bench-plugin\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(ENTRY_POINTS)
-    monkeypatch.syspath_prepend(str(site))
-    # Fresh registries that load entry points again, put back as they were afterwards.
-    monkeypatch.setattr(registry, "METHODS", registry.METHODS.fresh())
-    monkeypatch.setattr(metrics, "GROUPS", metrics.GROUPS.fresh())
-    yield
-    sys.modules.pop("ppt_bench_plugin", None)
-
-
-def test_a_method_and_a_metric_from_entry_points_reach_the_csv_and_the_report(
-    plugin, tmp_path, capsys
-):
-    assert "strided" in list_methods() and "weights" in metrics.names()
+def test_a_method_and_a_metric_from_entry_points_reach_the_csv_and_the_report(tmp_path):
     csv, md = tmp_path / "plugin.csv", tmp_path / "plugin.md"
-    args = ["run", "--model", "vit_digits_patch4_32", "--method", "strided", "--method", "ppt"]
-    args += ["--param", "stride=3", "--param", "r=8", "--data", "synthetic", "--n-images", "2"]
+    args = ["run", "--model", "vit_digits_patch4_32", "--method", "distmerge", "--method", "ppt"]
+    args += ["--param", "p=1.0", "--param", "r=8", "--data", "synthetic", "--n-images", "2"]
     args += ["--batch-size", "2", "--workers", "0", "--metrics", "tokens,weights"]
     assert main([*args, "--out", str(csv), "--report", str(md), "--quiet"]) == 0
 
     df = read_results(csv)
     assert set(df["status"]) == {"ok"}
-    strided = df[df["method"] == "strided"]
+    plugin = df[df["method"] == "distmerge"]
     # The new parameter has a column of its own; --param r=8 reached both methods that have r.
-    assert set(strided["stride"]) == {3} and set(strided["r"]) == {8}
+    assert set(plugin["p"]) == {1.0} and set(plugin["r"]) == {8}
     assert set(df.loc[df["method"] == "ppt", "r"]) == {8}
-    assert df.loc[df["method"] != "strided", "stride"].isna().all()
+    assert df.loc[df["method"] != "distmerge", "p"].isna().all()
     weights = df[df["metric"] == "weights_k"]
-    assert set(weights["method"]) == {"baseline", "strided", "ppt"}
+    assert set(weights["method"]) == {"baseline", "distmerge", "ppt"}
     assert set(weights["unit"]) == {"k"}
     # 65 tokens, 8 fewer at each of blocks 3, 6 and 9.
-    tokens = strided.set_index("metric")["value"]
+    tokens = plugin.set_index("metric")["value"]
     assert tokens["tokens_block_2"] == 65 and tokens["tokens_block_11"] == 65 - 3 * 8
 
     text = md.read_text()
     header = next(line for line in text.splitlines() if line.startswith("| method"))
     assert "weights (k)" in header
-    row = next(line for line in text.splitlines() if line.startswith("| strided"))
-    assert "stride=3" in row
+    row = next(line for line in text.splitlines() if line.startswith("| distmerge"))
+    assert "p=1" in row
     # The same weights in every run: the column shows one count in each of the three rows.
     count = f"{weights['value'].iloc[0]:.1f}"
     assert text.count(f" {count} |") == 3

@@ -67,16 +67,16 @@ def test_mixed_batch_under_autocast_is_batch_independent(make_model, images, log
     x[:4] *= 4
     probe = create_method("ppt", threshold=0).apply(clone(ref))
     logits(probe, x)
-    var = probe.reduction_info.score_var[:, 0].sort().values
+    var = probe.reduction_info.stats["score_var"][:, 0].sort().values
     threshold = float((var[3] + var[4]) / 2)
     model = create_method("ppt", threshold=threshold).apply(clone(ref))
     with torch.autocast("cuda", dtype=dtype):
         batch = logits(model, x)
-        pooled = model.reduction_info.pooled
+        pooled = model.reduction_info.stats["pooled"]
         assert pooled[:, 0].any() and not pooled[:, 0].all()
         for i in range(len(x)):
             alone = logits(model, x[i : i + 1])
-            assert torch.equal(model.reduction_info.pooled[0], pooled[i])
+            assert torch.equal(model.reduction_info.stats["pooled"][0], pooled[i])
             assert (alone[0].float() - batch[i].float()).abs().max() < 5e-2
     assert batch.dtype == dtype
 

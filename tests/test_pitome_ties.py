@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ppt_bench.methods.ops import Reduced
+from ppt_bench.methods.contract import Reduced
 from ppt_bench.methods.pitome import margin, pitome_step
 
 
@@ -23,7 +23,8 @@ def _desc(values: torch.Tensor) -> list[int]:
 
 
 def reference(x, size, key_mean, r, margin_, bsm):
-    """ALGORITHMS.md's PiToMe step for one image ``x [N, C]`` with one class token, in loops."""
+    """PiToMe's step as :mod:`ppt_bench.methods.pitome` defines it, for one image ``x [N, C]``
+    with one class token, in loops."""
     m = F.normalize(key_mean[1:], p=2, dim=-1)
     sim = m @ m.T
     order = _desc(F.elu(sim - margin_).mean(dim=-1))

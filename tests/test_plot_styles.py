@@ -4,29 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from ppt_bench.methods import list_methods
-from ppt_bench.results.plots import FAMILIES, FAMILY_MARKERS, style, write_plots
-
-
-def test_every_method_has_its_own_colour_and_a_marker_of_its_family():
-    names = list_methods()
-    styles = {name: style(name) for name in names}
-    colours = [s["color"] for s in styles.values()]
-    assert len(set(colours)) == len(colours), styles  # no two methods share a colour
-    pairs = {(s["color"], s["marker"]) for s in styles.values()}
-    assert len(pairs) == len(names)
-    for name, s in styles.items():
-        if name == "baseline":
-            continue
-        assert name in FAMILIES, f"{name} has no family: add it to plots.FAMILIES"
-        assert s["family"] == FAMILIES[name]
-        assert s["marker"] in FAMILY_MARKERS[s["family"]]
-    # The families share no marker, so their shapes tell them apart.
-    shapes = [set(m) for f, m in FAMILY_MARKERS.items()]
-    assert all(a.isdisjoint(b) for i, a in enumerate(shapes) for b in shapes[i + 1 :])
-    assert style("tome") == style("tome")  # stable
-    other = style("somebody_elses_method")
-    assert other["family"] == "other" and other["marker"] in FAMILY_MARKERS["other"]
+from ppt_bench.results.plots import write_plots
 
 
 def test_a_budget_sweep_draws_accuracy_against_speedup_per_batch_size(tmp_path):

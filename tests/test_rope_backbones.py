@@ -1,8 +1,9 @@
 """timm ``Eva`` backbones with rotary position embeddings: EVA-02, DINOv3 and a RoPE ViT.
 
-Every method is the identity at zero reduction, reduced batches are batch independent, bf16
-runs, and pruning is exact: the reduced model equals the unpatched one with the dropped tokens
-masked out as keys from the pruning block on (each kept token keeps its own rotary embedding).
+Pruning is exact: the reduced model equals the unpatched one with the dropped tokens masked out
+as keys from the pruning block on (each kept token keeps its own rotary embedding). What every
+method does on these backbones (identity at zero reduction, batch independence, bf16) is in the
+contract suite (:mod:`ppt_bench.testing`).
 """
 
 from __future__ import annotations
@@ -12,95 +13,8 @@ import torch
 
 from ppt_bench.cli import main
 from ppt_bench.core.errors import PatchError
-from ppt_bench.methods import create_method, list_methods
-from ppt_bench.methods.patch import check_patchable, uses_rope
-
-# Inputs of 4 x 4 patches where nothing is reduced.
-TINY = {"eva02": 56, "dinov3": 64, "rope_vit": 64, "rope_mixed": 64}
-SLOW = pytest.mark.slow
-
-# Each method's setting that removes nothing.
-ZERO = {
-    "baseline": {},
-    "ppt": {"r": 0},
-    "prune": {"r": 0},
-    "merge": {"r": 0},
-    "tome": {"r": 0},
-    "topk": {"r": 0},
-    "random": {"r": 0},
-    "evit": {"keep_rate": 1.0},
-    "mctf": {"r": 0},
-    "dct": {"r": 0},
-    "pitome": {"ratio": 1.0},
-    "tofu": {"ratio": 1.0},
-    "diffrate": {"prune_kept": [1 << 20] * 12},
-    "atc": {"keep_rate": 1.0},
-    "gtp": {"num_prop": 0},
-}
-
-# Each method's setting that reduces the 64 patch tokens of the test inputs.
-REDUCING = {
-    "ppt": {"r": 8, "threshold": 1e-4},
-    "prune": {"r": 8},
-    "merge": {"r": 8},
-    "tome": {"r": 4},
-    "topk": {"r": 8},
-    "random": {"r": 8},
-    "evit": {"keep_rate": 0.7},
-    "mctf": {"r": 4},
-    "dct": {"r": 4},
-    "pitome": {"ratio": 0.9},
-    "tofu": {"ratio": 0.9},
-    "diffrate": {"merge_kept": [80, 70, 60, 50, 45, 40, 35, 30, 25, 20, 15, 10]},
-    "atc": {"keep_rate": 0.8},
-    "gtp": {"num_prop": 3, "sparsity": 0.8},
-}
-
-
-@pytest.mark.parametrize("key", ["eva02", "dinov3", "rope_vit", "rope_mixed"])
-def test_every_method_at_zero_reduction_equals_the_unpatched_model(
-    rope_model, images, logits, clone, key
-):
-    ref, size = rope_model(key, TINY[key])
-    assert uses_rope(ref)
-    x = images(2, size)
-    expected = logits(ref, x)
-    impls = ("fast", "explicit") if key == "eva02" else ("fast",)
-    for name in list_methods():
-        for impl in impls:
-            model = create_method(name, **ZERO[name]).apply(clone(ref), attn_impl=impl)
-            got = logits(model, x)
-            assert (got - expected).abs().max() < 1e-5, (name, impl)
-
-
-@pytest.mark.parametrize(
-    "key", ["eva02", pytest.param("dinov3", marks=SLOW), pytest.param("rope_vit", marks=SLOW)]
-)
-def test_reduced_mixed_batch_equals_its_images_one_at_a_time(
-    rope_model, images, logits, clone, key
-):
-    ref, size = rope_model(key)
-    x = images(3, size, seed=4)
-    x[0] *= 3  # images that differ in scale choose different tokens
-    for name, params in REDUCING.items():
-        if name == "random":  # its scores are seeded per position in the batch
-            continue
-        model = create_method(name, **params).apply(clone(ref))
-        batch = logits(model, x)
-        assert model.reduction_info.tokens[-1] < 64 + ref.num_prefix_tokens, name  # 8 x 8 patches
-        for i in range(len(x)):
-            alone = logits(model, x[i : i + 1])
-            assert (alone[0] - batch[i]).abs().max() < 1e-4, (name, i)
-
-
-@pytest.mark.parametrize("key", ["eva02", pytest.param("rope_mixed", marks=SLOW)])
-def test_bf16_runs_every_method_and_keeps_the_dtype(rope_model, images, logits, clone, key):
-    ref, size = rope_model(key)
-    ref = ref.to(torch.bfloat16)
-    x = images(2, size).to(torch.bfloat16)
-    for name, params in REDUCING.items():
-        out = logits(create_method(name, **params).apply(clone(ref)), x)
-        assert out.dtype == torch.bfloat16 and torch.isfinite(out).all(), name
+from ppt_bench.methods import create_method
+from ppt_bench.methods.patch import check_patchable
 
 
 def masked_reference(
@@ -139,7 +53,7 @@ def test_pruning_equals_masking_the_dropped_tokens(rope_model, images, logits, c
 def test_positions_without_an_origin_follow_the_member_weighing_most():
     """The rule for a method that gives no origin (dct, third-party methods): a gathered token's
     rope is its own, a token holding several is its member standing for the most patches'."""
-    from ppt_bench.methods.patch import follow_positions
+    from ppt_bench.methods.patch.rope import follow_positions
 
     member = torch.tensor([[[1, 0, 0, 0, 0], [0, 0, 0, 1, 0], [0, 1, 1, 0, 1]]]).float()
     size = torch.tensor([[[1.0], [1.0], [3.0], [1.0], [1.0]]])

@@ -77,12 +77,12 @@ def test_ppt_patched_model_gets_gradients_through_both_branches_and_learns():
     probe = create_method("ppt", r=8, locations=(0, 1)).apply(tiny_model())
     probe(x)
     # A threshold at the median variance sends half the images to each branch.
-    threshold = probe.reduction_info.score_var[:, 0].median().item()
+    threshold = probe.reduction_info.stats["score_var"][:, 0].median().item()
     model = create_method("ppt", r=8, locations=(0, 1), threshold=threshold).apply(tiny_model())
     model.train()
     loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
-    pooled = model.reduction_info.pooled[:, 0]
+    pooled = model.reduction_info.stats["pooled"][:, 0]
     assert 0 < pooled.sum() < len(pooled), "both branches should be taken"
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name

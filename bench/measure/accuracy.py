@@ -44,20 +44,21 @@ def unreduced_tokens(model: nn.Module) -> tuple[int, ...] | None:
 
 @dataclass
 class TokenStats:
-    """Token counts and ppt branch choices accumulated over batches.
+    """Token counts and the methods' per-image choices accumulated over batches.
 
     Attributes:
         n_images: images seen.
         tokens_sum: per block, tokens after that block summed over images.
-        locations: the reduction blocks (ppt's pooled decisions are per location).
-        pooled_sum: per location, images that took the pooling branch.
+        locations: the reduction blocks (a method's choices are reported per location).
+        chosen_sum: per boolean figure a method reports (``ReductionInfo.stats``, such as ppt's
+            ``pooled``), per location, the images for which it was true.
         paths: how many images took each path of an adaptive method (``Method.paths``).
     """
 
     n_images: int = 0
     tokens_sum: list[float] = field(default_factory=list)
     locations: tuple[int, ...] = ()
-    pooled_sum: list[float] = field(default_factory=list)
+    chosen_sum: dict[str, list[float]] = field(default_factory=dict)
     paths: Counter[Hashable] = field(default_factory=Counter)
 
     def update(self, model: nn.Module, batch_size: int) -> None:
@@ -73,24 +74,24 @@ class TokenStats:
         if info is None:
             return
         self.paths.update(model.reduction_plan.method.paths(info))
-        if info.pooled is None:
-            return
-        pooled = info.pooled.cpu()  # [B, n_loc] bool
-        self.locations = info.locations
-        if not self.pooled_sum:
-            self.pooled_sum = [0.0] * pooled.shape[1]
-        self.pooled_sum = [
-            s + p for s, p in zip(self.pooled_sum, pooled.sum(0).tolist(), strict=True)
-        ]
+        for name, values in info.stats.items():
+            if values.dtype != torch.bool:
+                continue
+            self.locations = info.locations
+            counts = values.sum(0).tolist()  # [n_loc], images for which it was true
+            total = self.chosen_sum.setdefault(name, [0.0] * len(counts))
+            self.chosen_sum[name] = [s + c for s, c in zip(total, counts, strict=True)]
 
     def metrics(self) -> dict[str, float]:
-        """``tokens_block_<i>`` (mean tokens after block i) and ``pooled_frac_block_<i>`` (the
-        fraction of images pooled at reduction block i)."""
+        """``tokens_block_<i>`` (mean tokens after block i) and, for each boolean figure a
+        method reports, ``<name>_frac_block_<i>``: the fraction of images for which it was true
+        at reduction block i (ppt's ``pooled_frac_block_<i>``)."""
         if not self.n_images:
             return {}
         out = {f"tokens_block_{i}": s / self.n_images for i, s in enumerate(self.tokens_sum)}
-        for loc, s in zip(self.locations, self.pooled_sum, strict=True):
-            out[f"pooled_frac_block_{loc}"] = s / self.n_images
+        for name, sums in self.chosen_sum.items():
+            for loc, s in zip(self.locations, sums, strict=True):
+                out[f"{name}_frac_block_{loc}"] = s / self.n_images
         return out
 
 

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from ppt_bench.measure.throughput import Latency, Speed
     from ppt_bench.results.spec import RunSpec
 
-ENTRY_POINT_GROUP = "ppt_bench.measure.metrics"
+ENTRY_POINT_GROUP = "ppt_bench.metrics"
 
 
 class Run(Protocol):

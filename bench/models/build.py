@@ -23,7 +23,7 @@ from timm.models import clean_state_dict, get_pretrained_cfg, split_model_name_t
 
 from ppt_bench.core import identity
 from ppt_bench.core.errors import PatchError, UserError
-from ppt_bench.methods.interface import ViTInfo
+from ppt_bench.methods.contract import ViTInfo
 from ppt_bench.methods.patch import check_patchable, uses_rope, vit_info
 from ppt_bench.models import digits  # noqa: F401 - registers vit_digits_patch4_32 with timm
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from matplotlib.figure import Figure
 
+from ppt_bench.methods import PlotStyle, get_method_class, list_methods
 from ppt_bench.results.records import format_params
 
 if TYPE_CHECKING:
@@ -27,63 +28,53 @@ if TYPE_CHECKING:
 
 ACCURACY = (("top1", "top-1 (%)"), ("agreement_top1", "top-1 agreement with baseline (%)"))
 
-# Each known method's family: what it does with the tokens it removes.
-FAMILIES = {
-    "prune": "pruning",
-    "topk": "pruning",
-    "random": "pruning",
-    "evit": "pruning",
-    "merge": "merging",
-    "tome": "merging",
-    "mctf": "merging",
-    "dct": "merging",
-    "pitome": "merging",
-    "atc": "merging",  # clustering: each cluster is one merged token
-    "ppt": "hybrid",
-    "gtp": "hybrid",  # prunes, and propagates what it prunes into the kept tokens
-    "tofu": "hybrid",
-    "diffrate": "hybrid",
-}
+# Each family's marker shapes (a method's own ``style.marker`` is one of its family's).
 FAMILY_MARKERS = {
     "pruning": ("v", "^", "<", ">", "1"),
     "merging": ("o", "h", "p", "8", "H", "*"),
     "hybrid": ("s", "D", "d", "P"),
     "other": ("X", "x", "+", "|"),
 }
-# Twenty colours that stay apart: tab10, then tab20's lighter tones; the known methods first,
-# in this order, so a method has the same colour in every report.
+# Twenty colours that stay apart: tab10, then tab20's lighter tones. A method that declares no
+# colour takes one that no registered method declares.
 _PALETTE = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
     "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
     "#f7b6d2", "#dbdb8d", "#9edae5", "#393b79",
 )  # fmt: skip
-_ORDER = (
-    "ppt", "prune", "merge", "tome", "evit", "topk", "random", "mctf", "dct", "pitome", "tofu",
-    "diffrate", "atc", "gtp",
-)  # fmt: skip
+
+
+def _declared() -> dict[str, tuple[str, PlotStyle]]:
+    """Each registered method's family and declared style, by name."""
+    classes = {name: get_method_class(name) for name in list_methods()}
+    return {name: (cls.family, cls.style) for name, cls in classes.items()}
 
 
 def style(method: str) -> dict[str, str]:
     """The colour, marker and family of a method, the same in every plot.
 
-    The baseline is a black star; a known method has its colour of :data:`_ORDER` and its
-    family's marker; any other method a colour and marker from its name, marked ``other``.
+    A registered method is drawn as its class declares (``Method.family`` and ``Method.style``).
+    What it leaves unset, and any method that is not registered here (``other``), comes from
+    its name among the methods that need it: a colour no registered method declares, and a
+    marker of its family that none of them takes.
     """
-    if method == "baseline":
-        return {"color": "black", "marker": "*", "family": "baseline"}
-    family = FAMILIES.get(method, "other")
-    if method in _ORDER:
-        index = _ORDER.index(method)
-    else:
-        index = len(_ORDER) + sum(map(ord, method)) % (len(_PALETTE) - len(_ORDER))
-    peers = [m for m in _ORDER if FAMILIES[m] == family]
-    markers = FAMILY_MARKERS[family]
-    position = peers.index(method) if method in peers else sum(map(ord, method))
-    return {
-        "color": _PALETTE[index % len(_PALETTE)],
-        "marker": markers[position % len(markers)],
-        "family": family,
-    }
+    declared = _declared()
+    family, own = declared.get(method, ("other", PlotStyle()))
+    markers = FAMILY_MARKERS.get(family, FAMILY_MARKERS["other"])
+    color, marker = own.color, own.marker
+    if color is None:
+        taken = {s.color for _, s in declared.values()}
+        free = [c for c in _PALETTE if c not in taken] or list(_PALETTE)
+        waiting = sorted({m for m, (_, s) in declared.items() if s.color is None} | {method})
+        color = free[waiting.index(method) % len(free)]
+    if marker is None:
+        taken = {s.marker for f, s in declared.values() if f == family}
+        free = [m for m in markers if m not in taken] or list(markers)
+        waiting = sorted(
+            {m for m, (f, s) in declared.items() if f == family and s.marker is None} | {method}
+        )
+        marker = free[waiting.index(method) % len(free)]
+    return {"color": color, "marker": marker, "family": family}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:

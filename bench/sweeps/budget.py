@@ -58,7 +58,7 @@ from ppt_bench.core.errors import UserError
 from ppt_bench.measure.macs import macs_torchprofile, uncounted_macs
 from ppt_bench.measure.throughput import compile_for_timing, measure_throughput
 from ppt_bench.methods import create_method
-from ppt_bench.methods.interface import AFTER_ATTN, IN_ATTN, Knob
+from ppt_bench.methods.contract import AFTER_ATTN, IN_ATTN, Knob
 from ppt_bench.methods.patch import patch, vit_info
 from ppt_bench.models.build import build_model, describe_vit, unpatchable_reason
 from ppt_bench.results.records import append_rows, make_rows

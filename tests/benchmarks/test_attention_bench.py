@@ -13,7 +13,7 @@ import pytest
 import timm
 import torch
 
-from ppt_bench.methods.patch import attention
+from ppt_bench.methods.patch.attention import attention
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
