@@ -1,5 +1,5 @@
-"""The library API: the README's example runs as it is, and a sweep from the library is the
-sweep ``ppt-bench run`` makes (same runs, same ids, same rows)."""
+"""The library API: the example of docs/library-api.md runs as it is, and a sweep from the
+library is the sweep ``ppt-bench run`` makes (same runs, same ids, same rows)."""
 
 from __future__ import annotations
 
@@ -13,17 +13,16 @@ from ppt_bench.cli import main
 from ppt_bench.core.errors import UserError
 from ppt_bench.results.records import read_results
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "library-api.md"
 
 
-def readme_example() -> str:
-    section = README.read_text().split("## Library API", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def library_example() -> str:
+    return re.search(r"```python\n(.*?)```", PAGE.read_text(), re.S).group(1)
 
 
-def test_the_readme_example_runs(tmp_path, monkeypatch, capsys):
+def test_the_library_example_runs(tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.chdir(tmp_path)
-    exec(compile(readme_example(), "README.md", "exec"), {})
+    exec(compile(library_example(), "docs/library-api.md", "exec"), {})
     out = capsys.readouterr().out
     assert "5 runs finished" in out  # the baseline, ppt and tome at r = 2 and 4
     assert (tmp_path / "reports" / "notebook.md").is_file()
