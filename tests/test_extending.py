@@ -1,6 +1,8 @@
-"""Extending ppt-bench from outside the package: a method and a metric group, each installed as
+"""Extending ppt-bench from outside the package: a method and metric groups, each installed as
 an entry point of a distribution that only the test's folder holds, reach ``ppt-bench run`` and
-``ppt-bench report`` without a change to any project file."""
+``ppt-bench report`` without a change to any project file. One group gives only its units and
+its report columns; the other declares its metric (unit, direction, table column, leaderboard
+ranking and its test), which takes it to the report's table and the leaderboard."""
 
 from __future__ import annotations
 
@@ -21,9 +23,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ppt_bench.core import stats
 from ppt_bench.methods import Method
 from ppt_bench.methods.base import ScorePrune
-from ppt_bench.measure.metrics import MetricGroup, mean_columns
+from ppt_bench.measure.metrics import IntervalOverlap, Metric, MetricGroup, Ranked, mean_columns
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,33 @@ WEIGHTS = MetricGroup(
     mean_columns(("weights (k)", "weights_k", ".1f")),
     help="parameters in thousands",
 )
+
+
+def _confidence(run):
+    """mean top-1 probability on fixed random images"""
+    images = torch.randn(16, *run.input_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        top = run.model(images).softmax(-1).amax(-1)
+    return {"confidence": stats.mean(100 * top.numpy())}
+
+
+CONFIDENCE = MetricGroup(
+    "confidence",
+    {
+        "confidence": Metric(
+            "%",
+            higher_is_better=True,
+            spec=".1f",
+            table=True,
+            leaderboard=Ranked(
+                IntervalOverlap(),
+                best="most confident",
+                reading="Confidence: the most confident, and those whose interval overlaps.",
+            ),
+        )
+    },
+    _confidence,
+)
 '''
 
 ENTRY_POINTS = """
@@ -57,6 +87,7 @@ strided = ppt_bench_plugin:Strided
 
 [ppt_bench.measure.metrics]
 weights = ppt_bench_plugin:WEIGHTS
+confidence = ppt_bench_plugin:CONFIDENCE
 """
 
 
@@ -109,3 +140,42 @@ def test_a_method_and_a_metric_from_entry_points_reach_the_csv_and_the_report(
     # The same weights in every run: the column shows one count in each of the three rows.
     count = f"{weights['value'].iloc[0]:.1f}"
     assert text.count(f" {count} |") == 3
+
+
+def test_a_declared_metric_reaches_the_table_and_the_leaderboard_in_its_direction(plugin, tmp_path):
+    csv, md = tmp_path / "budget.csv", tmp_path / "budget.md"
+    args = ["run", "--model", "vit_digits_patch4_32", "--method", "strided", "--method", "ppt"]
+    args += ["--budget", "macs=0.7", "--data", "synthetic", "--n-images", "2"]
+    args += ["--batch-size", "2", "--workers", "0", "--metrics", "confidence"]
+    assert main([*args, "--out", str(csv), "--report", str(md), "--quiet"]) == 0
+
+    df = read_results(csv)
+    rows = df[df["metric"] == "confidence"].set_index("method")
+    assert set(rows.index) == {"baseline", "strided", "ppt"} and set(rows["unit"]) == {"%"}
+
+    def cell(method: str) -> str:  # as the declaration formats it: ".1f" with the interval
+        low, value, high = (rows.loc[method, c] for c in ("ci_low", "value", "ci_high"))
+        return f"{value:.1f} [{low:.1f}, {high:.1f}]"
+
+    text = md.read_text()
+    # The report's table: a column from the declaration alone, in every row.
+    table = _table(text.split("## vit_digits_patch4_32")[1].split("###")[0])
+    assert list(table[0]) == ["method", "params", "confidence (%)"]
+    assert {r["method"]: r["confidence (%)"] for r in table} == {m: cell(m) for m in rows.index}
+    # The leaderboard: the column, ranked in the declared direction (higher is better) by the
+    # declared test (interval overlap), and the declared reading above the leaderboards.
+    assert "Confidence: the most confident, and those whose interval overlaps." in text
+    board = _table(text.split("### At macs=0.7")[1].split("\n## ")[0])
+    best, other = rows.drop("baseline").sort_values("value", ascending=False).index
+    overlap = rows.loc[other, "ci_high"] >= rows.loc[best, "ci_low"]
+    assert {r["method"]: r["confidence (%)"] for r in board} == {
+        best: f"{cell(best)} (most confident)",
+        other: cell(other) + (" (tied)" if overlap else ""),
+    }
+
+
+def _table(markdown: str) -> list[dict[str, str]]:
+    """The rows of the one markdown table in ``markdown``, header -> cell."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ") and "---" not in line]
+    header, *rows = ([c.strip() for c in line.strip("|").split("|")] for line in lines)
+    return [dict(zip(header, row, strict=True)) for row in rows]
