@@ -127,7 +127,7 @@ def test_planted_leaderboard_ranks_and_marks_the_ties(tmp_path):
 def test_a_clear_winner_is_alone_in_first_place():
     import pandas as pd
 
-    from ppt_bench.results.leaderboard import Entry, leaderboard_table, rank_accuracy
+    from ppt_bench.results.leaderboard import Entry, leaderboard_table, rank_rows
 
     best = np.arange(N) < 800
     worse = _correct(best, 100, 0)
@@ -142,7 +142,7 @@ def test_a_clear_winner_is_alone_in_first_place():
         Entry("merge", "{}", Estimate(70.0), 1.0, 0.7, runs, "b"),
         Entry("tome", "{}", Estimate(80.0), 1.0, 0.7, runs, "a"),
     ]
-    ranked = rank_accuracy(entries, outcomes)
+    ranked = rank_rows(entries, outcomes)
     assert [(e.method, e.rank, e.tied) for e in ranked] == [("tome", 1, True), ("merge", 2, False)]
     lines = leaderboard_table(ranked, []).splitlines()
     assert lines[2].startswith("| 1 ") and "| tome " in lines[2]

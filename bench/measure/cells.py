@@ -22,15 +22,16 @@ class Cells:
         runs: the configuration's runs (one row per run, one column per metric).
         base: the baseline runs of the same model, device, dtype, compile mode and data.
         batch_sizes: the batch sizes speed was measured at, ascending.
-        gmacs: mean GMACs of this method and parameters, from any run that counted them.
-        base_gmacs: the same for the baseline.
+        cost: the mean of the metric budgets are set in (declared ``cost``: GMACs) of this
+            method and parameters, from any run that measured it.
+        base_cost: the same for the baseline.
     """
 
     runs: pd.DataFrame
     base: pd.DataFrame
     batch_sizes: list[int]
-    gmacs: float | None = None
-    base_gmacs: float | None = None
+    cost: float | None = None
+    base_cost: float | None = None
 
     @staticmethod
     def mean(runs: pd.DataFrame, metric: str) -> float | None:
@@ -58,10 +59,11 @@ class Cells:
 
     @property
     def ideal_speedup(self) -> float | None:
-        """Baseline MACs over this configuration's: the speedup if time followed MACs."""
-        if not self.gmacs or self.base_gmacs is None:
+        """The baseline's cost over this configuration's: the speedup if time followed the cost
+        (MACs)."""
+        if not self.cost or self.base_cost is None:
             return None
-        return self.base_gmacs / self.gmacs
+        return self.base_cost / self.cost
 
 
 def fmt(value: float | None, spec: str, suffix: str = "") -> str:

@@ -1,23 +1,27 @@
 """Metric groups: what ``--metrics`` can ask for, each defined once.
 
-A :class:`MetricGroup` names the rows it writes (metric -> unit), says what it needs (a pass over
-the data, the device to itself, a CUDA device), measures one run, and says which columns the
-report shows for it. ``RunSpec`` validation, the CLI's ``--metrics`` help, Ray's resource
-requests, the records' units and the report's table all read the groups from here.
+A :class:`MetricGroup` names the rows it writes, each with its declaration (:class:`Metric`: its
+unit, which way is better, and how the report's table and the leaderboard show it), says what
+it needs (a pass over the data, the device to itself, a CUDA device) and measures one run.
+``RunSpec`` validation, the CLI's ``--metrics`` help, Ray's resource requests, the records'
+units, the report's tables and the leaderboards all read the groups from here: the report and
+the leaderboard know no metric by name, so a new metric reaches them from its declaration.
 
 Third-party groups register with :func:`register_metric_group` or through the entry-point group
-``ppt_bench.measure.metrics`` (``name = "package.module:GROUP"``, a :class:`MetricGroup` object).
+``ppt_bench.metrics`` (``name = "package.module:GROUP"``, a :class:`MetricGroup` object).
 
 >>> register_metric_group(MetricGroup(
-...     "energy", {"joules": "J"}, measure=lambda run: {"joules": read_meter(run.model)},
-...     report=mean_columns(("energy (J)", "joules", ".1f"))))
+...     "energy",
+...     {"joules": Metric("J", higher_is_better=False, label="energy", spec=".1f", table=True,
+...                       leaderboard=Ranked(IntervalOverlap(), best="most frugal"))},
+...     measure=lambda run: {"joules": read_meter(run.model)}))
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ppt_bench.core.errors import UserError
 from ppt_bench.core.registry import Registry
@@ -69,18 +73,139 @@ class Run(Protocol):
         ...
 
 
+# -- what a metric declares --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """The paired test of a metric measured image by image: the best method against each other
+    on the same images by the exact McNemar test of a per-image outcome, the p-values
+    Holm-corrected for the number of comparisons. A metric ranked by it ranks the rows of the
+    leaderboard (the first such metric in the groups' order), and the report's tables at equal
+    cost compare the methods by it.
+
+    Args:
+        outcome: the attribute of :class:`~ppt_bench.measure.outcomes.Outcomes` that holds the
+            per-image outcome (a bool per image: ``"correct"``).
+        after: the metric whose leaderboard column the test's column (``p vs best (Holm)``)
+            follows; the ranked metric's own by default.
+    """
+
+    outcome: str
+    after: str = ""
+
+
+@dataclass(frozen=True)
+class IntervalOverlap:
+    """The comparison of a metric measured with a 95% interval, each method paired with the
+    unreduced model (not with each other): a method whose interval overlaps the best's ties with
+    it. The leaderboard marks the best cell and those tied with it, at each batch size for a
+    group that times (:attr:`MetricGroup.timing`)."""
+
+
+@dataclass(frozen=True)
+class Shown:
+    """The leaderboard of a sweep at budgets shows the metric in a column: its figure with its
+    interval (at each batch size for a group that times).
+
+    Args:
+        reading: a sentence for the paragraph that says how to read the leaderboards.
+    """
+
+    reading: str = ""
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """The leaderboard shows the metric as :class:`Shown` does and ranks the methods by it, in
+    its direction (:attr:`Metric.higher_is_better`), with a paired test of the best against the
+    others.
+
+    Args:
+        test: :class:`McNemar` or :class:`IntervalOverlap`.
+        best: the word for the best, in the leaderboard's sentence and marks (``fastest``).
+        reading: as for :class:`Shown`.
+    """
+
+    test: McNemar | IntervalOverlap
+    best: str = "best"
+    reading: str = ""
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric a group writes, declared once: its unit, which way is better, and where the
+    report shows it.
+
+    Args:
+        unit: the unit of its rows (``"%"``).
+        higher_is_better: whether a higher figure is better (False: a lower one); None for a
+            descriptive figure (a p-value, a count, the number of tokens).
+        label: its name in table headers and sentences (``"top-1"``; default: the metric's
+            name). A header adds `` @<batch size>`` for a group that times, then the unit in
+            parentheses unless the unit is empty, is the label, or follows every figure
+            (``suffix``).
+        spec: the format spec of its figures.
+        suffix: written after each figure in a cell (``"x"``).
+        table: the report's table shows it in a column of its own (at each timed batch size for
+            a group that times): its figure with its interval, or the mean of runs that differ.
+        text: its report column holds text, not a figure (aligned left).
+        leaderboard: how the leaderboard of a sweep at budgets shows it: None (not at all),
+            :class:`Shown` or :class:`Ranked`.
+        cost: for the one metric budgets are set in, what it counts, for sentences (``"MACs"``):
+            the report sorts each table by it, takes it from any run of the same method and
+            parameters, compares the headline metric (:func:`headline`) at equal cost, and the
+            leaderboard shows it first.
+        over_images: a figure over the images of the data pass: the report refuses to average
+            runs over different numbers of images.
+    """
+
+    unit: str = ""
+    higher_is_better: bool | None = None
+    label: str = ""
+    spec: str = ".2f"
+    suffix: str = ""
+    table: bool = False
+    text: bool = False
+    leaderboard: Shown | Ranked | None = None
+    cost: str = ""
+    over_images: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.leaderboard, Ranked) and self.higher_is_better is None:
+            raise ValueError(f"metric {self.label!r} is ranked: declare higher_is_better")
+
+    def header(self, batch_size: int | None = None) -> str:
+        """Its column header, at ``batch_size`` for a group that times."""
+        name = self.label + ("" if batch_size is None else f" @{batch_size}")
+        shown = self.unit and self.unit not in (self.label, self.suffix)
+        return f"{name} ({self.unit})" if shown else name
+
+    def cell(self, estimate: Estimate | None, mark: bool = False) -> str:
+        """A table cell of one of its figures (:func:`~ppt_bench.measure.cells.fmt_ci`)."""
+        return fmt_ci(estimate, self.spec, self.suffix, mark)
+
+    def figure(self, value: float) -> str:
+        """One of its figures in a sentence, with its unit: ``98.06%``."""
+        return f"{value:{self.spec}}{self.unit}"
+
+
 @dataclass(frozen=True)
 class MetricGroup:
     """One ``--metrics`` choice.
 
     Args:
         name: the choice (``accuracy``).
-        units: metric name -> unit of the rows it writes; a name ending in ``_`` is a prefix
-            (``tokens_block_`` covers ``tokens_block_0``, ``tokens_block_1``, ...).
+        metrics: metric name -> its :class:`Metric` (or only its unit: a descriptive figure the
+            report shows only through ``report``), for the rows it writes; a name ending in ``_``
+            is a prefix (``tokens_block_`` covers ``tokens_block_0``, ``tokens_block_1``, ...).
+            Every value is a :class:`Metric` once the group is made.
         measure: one run's metrics from its :class:`Run`.
-        report: the report's columns for one configuration (header -> cell), or None.
+        report: the report's columns for one configuration (header -> cell) beyond the
+            declared ones (:meth:`columns`), or None.
         needs_data: reads images (a pass over ``--data``), not only synthetic timing input.
-        timing: needs the device to itself (Ray gives such a trial a whole GPU).
+        timing: needs the device to itself (Ray gives such a trial a whole GPU); its figures are
+            shown at each batch size they were timed at.
         cuda_only: has no meaning on a CPU.
         same_everywhere: its values do not depend on device, dtype, compile mode or batch size,
             so the report takes them from any run of the same method and parameters.
@@ -91,7 +216,7 @@ class MetricGroup:
     """
 
     name: str
-    units: Mapping[str, str]
+    metrics: Mapping[str, Metric | str]
     measure: Callable[[Run], dict[str, float]]
     report: Columns | None = None
     needs_data: bool = False
@@ -105,12 +230,47 @@ class MetricGroup:
     def __post_init__(self) -> None:
         if not self.help and self.measure.__doc__:
             object.__setattr__(self, "help", self.measure.__doc__.strip().splitlines()[0])
+        declared = {n: m if isinstance(m, Metric) else Metric(m) for n, m in self.metrics.items()}
+        declared = {n: m if m.label else replace(m, label=n) for n, m in declared.items()}
+        object.__setattr__(self, "metrics", declared)
+
+    @property
+    def units(self) -> dict[str, str]:
+        """Metric name (or prefix) -> unit."""
+        return {name: m.unit for name, m in self.metrics.items()}
+
+    def declaration(self, metric: str) -> Metric | None:
+        """The declaration of a metric name it writes, per-block metrics included."""
+        if metric in self.metrics:
+            return self.metrics[metric]
+        prefixes = (p for p in self.metrics if p.endswith("_") and metric.startswith(p))
+        return next((self.metrics[p] for p in prefixes), None)
 
     def unit_of(self, metric: str) -> str | None:
-        if metric in self.units:
-            return self.units[metric]
-        prefixes = (p for p in self.units if p.endswith("_") and metric.startswith(p))
-        return next((self.units[p] for p in prefixes), None)
+        declared = self.declaration(metric)
+        return None if declared is None else declared.unit
+
+    def columns(self, cells: Cells) -> dict[str, str]:
+        """The report's columns for one configuration: one per metric declared ``table`` (at
+        each timed batch size for a group that times, the batch sizes outermost), then those of
+        :attr:`report`, which fill a declared column in its place or add columns after them."""
+        out = {}
+        for batch_size in cells.batch_sizes if self.timing else [None]:
+            runs = cells.runs if batch_size is None else cells.at(cells.runs, batch_size)
+            for name, m in self.metrics.items():
+                if m.table and not name.endswith("_"):
+                    out[m.header(batch_size)] = m.cell(cells.estimate(runs, name))
+        if self.report is not None:
+            out.update(self.report(cells))
+        return out
+
+
+class Declared(NamedTuple):
+    """A metric with its declaration and the group that writes it."""
+
+    name: str
+    metric: Metric
+    group: MetricGroup
 
 
 GROUPS: Registry[MetricGroup] = Registry("metric group", ENTRY_POINT_GROUP)
@@ -159,7 +319,37 @@ def metrics_of(*, timing: bool | None = None, same_everywhere: bool | None = Non
         if (timing is None or g.timing == timing)
         and (same_everywhere is None or g.same_everywhere == same_everywhere)
     ]
-    return [m for g in chosen for m in g.units]
+    return [m for g in chosen for m in g.metrics]
+
+
+def declared() -> list[Declared]:
+    """Every metric the groups declare, prefixes included, in the groups' order."""
+    return [Declared(n, m, g) for g in groups().values() for n, m in g.metrics.items()]
+
+
+def cost() -> Declared | None:
+    """The metric budgets are set in (declared with ``cost``), if a group declares one."""
+    return next((d for d in declared() if d.metric.cost), None)
+
+
+def headline() -> Declared | None:
+    """The metric the leaderboard ranks its rows by and the report compares at equal cost: the
+    first declared :class:`Ranked` by :class:`McNemar`."""
+    return next(
+        (
+            d
+            for d in declared()
+            if isinstance(d.metric.leaderboard, Ranked)
+            and isinstance(d.metric.leaderboard.test, McNemar)
+        ),
+        None,
+    )
+
+
+def on_leaderboard() -> list[Declared]:
+    """The metrics the leaderboard shows, in its order: the cost first, then the groups'."""
+    shown = [d for d in declared() if d.metric.leaderboard is not None and not d.name.endswith("_")]
+    return sorted(shown, key=lambda d: not d.metric.cost)  # stable: the groups' order after it
 
 
 # -- the built-in groups ----------------------------------------------------------------------
@@ -171,34 +361,67 @@ def _measure_accuracy(run: Run) -> dict[str, Estimate | float]:
 
 
 def _accuracy_columns(c: Cells) -> dict[str, str]:
+    """Δ top-1 from top-1 where a file has no pairs, marked where it is not significant."""
     top1, base_top1 = c.estimate(c.runs, "top1"), c.mean(c.base, "top1")
     delta, p_value = c.estimate(c.runs, "delta_top1"), c.mean(c.runs, "p_value")
     if delta is None and top1 is not None and base_top1 is not None:  # a file without pairs
         delta = Estimate(top1.value - base_top1)
-    return {
-        "top-1 (%)": fmt_ci(top1, ".2f"),
-        "Δ top-1 (pp)": fmt_ci(delta, "+.2f", mark=_not_significant(p_value)),
-        "agreement (%)": fmt_ci(c.estimate(c.runs, "agreement_top1"), ".2f"),
-    }
+    declared = ACCURACY_METRICS["delta_top1"]
+    return {declared.header(): declared.cell(delta, mark=_not_significant(p_value))}
 
 
 def _not_significant(p_value: float | None) -> bool:
     return p_value is not None and not p_value < 0.05
 
 
-ACCURACY_UNITS = {
-    "top1": "%",
-    "top5": "%",
-    "loss": "",
-    "agreement_top1": "%",
-    "kl": "",
-    "unreadable_images": "",
-    "delta_top1": "pp",  # against the unreduced model on the same images
-    "p_value": "",  # exact McNemar test of that difference
+_BY_TOP1 = Ranked(
+    McNemar("correct", after="p_value"),  # its p column beside the p against the unreduced
+    best="most accurate",
+    reading="Ranked by top-1: the most accurate is tested against each other method on the same "
+    "images (exact McNemar, p-values Holm-corrected for the number of comparisons, `p vs "
+    "best`); those it does not beat at 5% share first place (`1=`, tied).",
+)
+ACCURACY_METRICS = {  # in the order of the report's and the leaderboard's columns
+    "top1": Metric(
+        "%",
+        higher_is_better=True,
+        label="top-1",
+        table=True,
+        leaderboard=_BY_TOP1,
+        over_images=True,
+    ),
+    # against the unreduced model on the same images
+    "delta_top1": Metric(
+        "pp",
+        higher_is_better=True,
+        label="Δ top-1",
+        spec="+.2f",
+        table=True,
+        leaderboard=Shown(),
+        over_images=True,
+    ),
+    # the exact McNemar test of that difference
+    "p_value": Metric(
+        label="p",
+        spec=".3g",
+        leaderboard=Shown(reading="`p` is the method against the unreduced model."),
+    ),
+    "agreement_top1": Metric(
+        "%",
+        higher_is_better=True,
+        label="agreement",
+        table=True,
+        leaderboard=Shown(),
+        over_images=True,
+    ),
+    "top5": Metric("%", higher_is_better=True, label="top-5", over_images=True),
+    "loss": Metric(higher_is_better=False, over_images=True),
+    "kl": Metric(higher_is_better=False, label="KL", over_images=True),
+    "unreadable_images": Metric(),
 }
 ACCURACY = MetricGroup(
     "accuracy",
-    ACCURACY_UNITS,
+    ACCURACY_METRICS,
     _measure_accuracy,
     report=_accuracy_columns,
     needs_data=True,
@@ -216,21 +439,31 @@ def _measure_macs(run: Run) -> dict[str, float]:
 
 
 def _macs_columns(c: Cells) -> dict[str, str]:
+    """GMACs from any run of the configuration; the MAC reduction and ideal speedup."""
     ratio = c.ideal_speedup
+    gmacs = MACS_METRICS["gmacs"]
     return {
-        "GMACs": fmt(c.gmacs, ".3f"),
+        gmacs.header(): fmt(c.cost, gmacs.spec),
         "MACs reduction (%)": fmt(None if ratio is None else 100 * (1 - 1 / ratio), ".1f"),
         "ideal speedup": fmt(ratio, ".2f", "x"),
     }
 
 
-MACS_UNITS = {
-    "gmacs": "GMACs",
-    "gmacs_fvcore": "GMACs",
-    "gmacs_single_input": "GMACs",
-    "param_count": "M",
+MACS_METRICS = {
+    # the cost budgets are set in
+    "gmacs": Metric(
+        "GMACs",
+        higher_is_better=False,
+        label="GMACs",
+        spec=".3f",
+        leaderboard=Shown(),
+        cost="MACs",
+    ),
+    "gmacs_fvcore": Metric("GMACs", higher_is_better=False),
+    "gmacs_single_input": Metric("GMACs", higher_is_better=False),
+    "param_count": Metric("M"),
 }
-MACS = MetricGroup("macs", MACS_UNITS, _measure_macs, _macs_columns, same_everywhere=True)
+MACS = MetricGroup("macs", MACS_METRICS, _measure_macs, _macs_columns, same_everywhere=True)
 
 
 def _measure_throughput(run: Run) -> dict[str, Estimate | float]:
@@ -247,7 +480,9 @@ def _measure_throughput(run: Run) -> dict[str, Estimate | float]:
 
 
 def _throughput_columns(c: Cells) -> dict[str, str]:
-    out, speedup = {}, None
+    """The speedup where a run has none paired, marked where its interval holds 1; the share
+    of the ideal speedup at the largest batch size."""
+    out, speedup, declared = {}, None, THROUGHPUT_METRICS["speedup"]
     for bs in c.batch_sizes:
         runs = c.at(c.runs, bs)
         ips = c.estimate(runs, "samples_per_sec")
@@ -258,8 +493,7 @@ def _throughput_columns(c: Cells) -> dict[str, str]:
         if speedup is None and ips is not None and base_ips:
             speedup = Estimate(ips.value / base_ips)
         tie = speedup is not None and speedup.low <= 1 <= speedup.high
-        out[f"img/s @{bs}"] = fmt_ci(ips, ".1f")
-        out[f"speedup @{bs}"] = fmt_ci(speedup, ".2f", "x", mark=tie)
+        out[declared.header(bs)] = declared.cell(speedup, mark=tie)
     if c.batch_sizes:  # how much of the MAC reduction became speed
         ideal = c.ideal_speedup
         share = None if speedup is None or not ideal else 100 * speedup.value / ideal
@@ -267,16 +501,31 @@ def _throughput_columns(c: Cells) -> dict[str, str]:
     return out
 
 
-THROUGHPUT_UNITS = {
-    "samples_per_sec": "img/s",
-    "speedup": "x",
-    "baseline_samples_per_sec": "img/s",
-    "timing_rounds": "",
-    "cpu_threads": "",
+_BY_SPEEDUP = Ranked(
+    IntervalOverlap(),
+    best="fastest",
+    reading="Speed: the fastest at each batch size, and those whose 95% speedup interval "
+    "overlaps its interval, tied with it.",
+)
+THROUGHPUT_METRICS = {  # the batch sizes outermost: img/s and speedup at each
+    "samples_per_sec": Metric(
+        "img/s", higher_is_better=True, label="img/s", spec=".1f", table=True
+    ),
+    "speedup": Metric(
+        "x",
+        higher_is_better=True,
+        label="speedup",
+        suffix="x",
+        table=True,
+        leaderboard=_BY_SPEEDUP,
+    ),
+    "baseline_samples_per_sec": Metric("img/s"),
+    "timing_rounds": Metric(),
+    "cpu_threads": Metric(),
 }
 THROUGHPUT = MetricGroup(
     "throughput",
-    THROUGHPUT_UNITS,
+    THROUGHPUT_METRICS,
     _measure_throughput,
     _throughput_columns,
     timing=True,
@@ -291,15 +540,19 @@ def _measure_latency(run: Run) -> dict[str, Estimate]:
 
 
 def _latency_columns(c: Cells) -> dict[str, str]:
+    """The median latency at the smallest batch size timed."""
     if not c.batch_sizes:
         return {}
     small = c.at(c.runs, c.batch_sizes[0])
-    p50 = c.estimate(small, "latency_p50_ms")
-    return {f"latency p50 @{c.batch_sizes[0]} (ms)": fmt_ci(p50, ".2f")}
+    p50 = LATENCY_METRICS["latency_p50_ms"]
+    return {p50.header(c.batch_sizes[0]): p50.cell(c.estimate(small, "latency_p50_ms"))}
 
 
-LATENCY_UNITS = {"latency_p50_ms": "ms", "latency_p90_ms": "ms"}
-LATENCY = MetricGroup("latency", LATENCY_UNITS, _measure_latency, _latency_columns, timing=True)
+LATENCY_METRICS = {
+    "latency_p50_ms": Metric("ms", higher_is_better=False, label="latency p50"),
+    "latency_p90_ms": Metric("ms", higher_is_better=False, label="latency p90"),
+}
+LATENCY = MetricGroup("latency", LATENCY_METRICS, _measure_latency, _latency_columns, timing=True)
 
 
 def _measure_memory(run: Run) -> dict[str, float]:
@@ -308,14 +561,19 @@ def _measure_memory(run: Run) -> dict[str, float]:
     return {} if peak is None else {"peak_mem_mb": peak}
 
 
-MEMORY_UNITS = {"peak_mem_mb": "MiB"}
+MEMORY_METRICS = {"peak_mem_mb": Metric("MiB", higher_is_better=False, label="peak memory")}
 MEMORY = MetricGroup(
-    "memory", MEMORY_UNITS, _measure_memory, None, timing=True, cuda_only=True, paired_timing=True
+    "memory",
+    MEMORY_METRICS,
+    _measure_memory,
+    None,
+    timing=True,
+    cuda_only=True,
+    paired_timing=True,
 )
 
 
 TOKENS, POOLED = "tokens_block_", "pooled_frac_block_"
-POOLED_COLUMN = "pooled fraction (block: frac)"
 
 
 def _measure_tokens(run: Run) -> dict[str, float]:
@@ -330,17 +588,21 @@ def _per_block(runs: pd.DataFrame, prefix: str) -> list[tuple[int, str]]:
 
 
 def _tokens_columns(c: Cells) -> dict[str, str]:
+    """The tokens after the last block, and the pooled fraction at each block that has one."""
     blocks = _per_block(c.runs, TOKENS)
     pooled = ", ".join(f"{b}: {c.mean(c.runs, col):.2f}" for b, col in _per_block(c.runs, POOLED))
     return {
         "tokens out": fmt(c.mean(c.runs, blocks[-1][1]) if blocks else None, ".1f"),
-        POOLED_COLUMN: pooled,
+        TOKENS_METRICS[POOLED].header(): pooled,
     }
 
 
-TOKENS_UNITS = {TOKENS: "tokens", POOLED: ""}
+TOKENS_METRICS = {
+    TOKENS: Metric("tokens"),
+    POOLED: Metric("", label="pooled fraction (block: frac)", text=True),
+}
 TOKENS_GROUP = MetricGroup(
-    "tokens", TOKENS_UNITS, _measure_tokens, _tokens_columns, needs_data=True
+    "tokens", TOKENS_METRICS, _measure_tokens, _tokens_columns, needs_data=True
 )
 
 
@@ -357,13 +619,23 @@ for _group in (
 
 __all__ = [
     "Cells",
+    "Declared",
+    "IntervalOverlap",
+    "McNemar",
+    "Metric",
     "MetricGroup",
+    "Ranked",
     "Run",
+    "Shown",
+    "cost",
+    "declared",
     "fmt",
     "get",
     "groups",
+    "headline",
     "mean_columns",
     "names",
+    "on_leaderboard",
     "register_metric_group",
     "unit_of",
 ]

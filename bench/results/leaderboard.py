@@ -1,14 +1,22 @@
 """Leaderboards: which method wins at each budget of a sweep run at budgets (``--budget``).
 
-Per model and budget, one row per method at its resolved setting: achieved GMACs and share,
-top-1, Δ top-1 against the unreduced model with its interval and p, agreement, and the paired
-speedup at each batch size. Methods are ranked by top-1. The most accurate is compared with
-every other on the same images by the exact McNemar test (:func:`ppt_bench.core.stats.paired`), the
-p-values corrected for the number of comparisons by Holm's step-down method; the methods it
-does not beat share first place and are marked tied. Speed is ranked the same way per batch
-size by the paired speedups: a method whose 95% interval overlaps the fastest's shares first
-place (speedups are each paired with the unreduced model, not with each other, so overlap is
-the comparison they allow). One generated sentence per budget says what the tests show.
+Per model and budget, one row per method at its resolved setting, with the columns the metric
+groups declare for the leaderboard (:attr:`~ppt_bench.measure.metrics.Metric.leaderboard`): the
+cost the method achieved (GMACs) and its share first, then, in the groups' order, each metric
+shown (Δ top-1 against the unreduced model with its interval and p, agreement, ...) or ranked.
+No metric is named here; each ranked metric declares its direction and its paired test:
+
+- :class:`~ppt_bench.measure.metrics.McNemar` (top-1): the rows are ranked by the metric; the
+  best is compared with every other on the same images by the exact McNemar test of the declared
+  per-image outcome (:func:`ppt_bench.core.stats.paired`), the p-values corrected for the number
+  of comparisons by Holm's step-down method; the methods it does not beat share first place and
+  are marked tied.
+- :class:`~ppt_bench.measure.metrics.IntervalOverlap` (the paired speedup, at each batch size):
+  a method whose 95% interval overlaps the best's shares first place (speedups are each paired
+  with the unreduced model, not with each other, so overlap is the comparison they allow); the
+  best and those tied with it are marked in their cells.
+
+One generated sentence per budget says what the tests show.
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ from tabulate import tabulate
 
 from ppt_bench.core import stats
 from ppt_bench.core.stats import ALPHA, Estimate
-from ppt_bench.measure.cells import Cells, fmt_ci
+from ppt_bench.measure import metrics
+from ppt_bench.measure.cells import Cells, fmt
+from ppt_bench.measure.metrics import Declared, IntervalOverlap, McNemar, Ranked
 from ppt_bench.results.records import format_params
 
 if TYPE_CHECKING:
@@ -32,6 +42,8 @@ if TYPE_CHECKING:
     from ppt_bench.measure.outcomes import Outcomes
 
 TIED = "tied"
+P_BEST = "p vs best (Holm)"  # the column of the McNemar ranking: the best against each method
+SHARE = "share"  # the budget's column: the share of the unreduced model's cost achieved
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -47,12 +59,18 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 @dataclass
 class Entry:
-    """One method at one budget."""
+    """One method at one budget.
+
+    Attributes:
+        score: its figure of the metric the rows are ranked by (:func:`metrics.headline`).
+        cost: its mean cost (the metric declared ``cost``).
+        share: the share of the unreduced model's cost it achieved (the budget's column).
+    """
 
     method: str
     params: str
-    top1: Estimate | None
-    gmacs: float | None
+    score: Estimate | None
+    cost: float | None
     share: float | None
     runs: pd.DataFrame
     run_id: str | None = None
@@ -63,19 +81,18 @@ class Entry:
 
 
 def _entries(runs: pd.DataFrame, outcomes: Mapping[str, Outcomes]) -> list[Entry]:
+    headline, cost = metrics.headline(), metrics.cost()
     entries = []
     for (method, params), group in runs.groupby(["method", "params"], sort=False):
-        top1 = Cells.estimate(group, "top1")
+        score = None if headline is None else Cells.estimate(group, headline.name)
         with_outcomes = [r for r in group["run_id"] if r in outcomes]
-        gmacs = Cells.mean(group, "gmacs")
-        share = Cells.mean(group, "budget_share")
         entries.append(
             Entry(
                 method,
                 params,
-                top1,
-                gmacs,
-                share,
+                score,
+                None if cost is None else Cells.mean(group, cost.name),
+                Cells.mean(group, "budget_share"),
                 group,
                 with_outcomes[0] if with_outcomes else None,
             )
@@ -83,12 +100,24 @@ def _entries(runs: pd.DataFrame, outcomes: Mapping[str, Outcomes]) -> list[Entry
     return entries
 
 
-def rank_accuracy(entries: list[Entry], outcomes: Mapping[str, Outcomes]) -> list[Entry]:
-    """Rank by top-1; the best against each other by McNemar, Holm-corrected; the ones it does
-    not beat (or that cannot be tested: no per-image outcomes on the same images) tie for first.
-    """
-    scored = [e for e in entries if e.top1 is not None and e.top1.value == e.top1.value]
-    scored.sort(key=lambda e: -e.top1.value)
+def _test(d: Declared) -> McNemar | IntervalOverlap | None:
+    """The paired test a metric is ranked by, None for one only shown."""
+    board = d.metric.leaderboard
+    return board.test if isinstance(board, Ranked) else None
+
+
+def rank_rows(entries: list[Entry], outcomes: Mapping[str, Outcomes]) -> list[Entry]:
+    """Rank by the headline metric's figure (:attr:`Entry.score`), in its direction; the best
+    against each other by McNemar on the declared per-image outcome, Holm-corrected; the ones it
+    does not beat (or that cannot be tested: no per-image outcomes on the same images) tie for
+    first."""
+    headline = metrics.headline()
+    if headline is None:
+        return entries
+    outcome = headline.metric.leaderboard.test.outcome  # headline() is ranked by McNemar
+    sign = -1 if headline.metric.higher_is_better else 1
+    scored = [e for e in entries if e.score is not None and e.score.value == e.score.value]
+    scored.sort(key=lambda e: sign * e.score.value)
     if not scored:
         return entries
     best = scored[0]
@@ -100,7 +129,7 @@ def rank_accuracy(entries: list[Entry], outcomes: Mapping[str, Outcomes]) -> lis
         if a is None or b is None or not np.array_equal(a.label, b.label):
             raw.append(math.nan)
         else:
-            raw.append(stats.paired(a.correct, b.correct).p_value)
+            raw.append(stats.paired(getattr(a, outcome), getattr(b, outcome)).p_value)
     testable = [i for i, p in enumerate(raw) if p == p]
     adjusted = holm([raw[i] for i in testable])
     for i, e in enumerate(others):
@@ -113,19 +142,29 @@ def rank_accuracy(entries: list[Entry], outcomes: Mapping[str, Outcomes]) -> lis
     return scored + [e for e in entries if e not in scored]
 
 
-def _speedup(entry: Entry, batch_size: int) -> Estimate | None:
-    return Cells.estimate(Cells.at(entry.runs, batch_size), "speedup")
+def _figure(entry: Entry, metric: str, batch_size: int | None) -> Estimate | None:
+    runs = entry.runs if batch_size is None else Cells.at(entry.runs, batch_size)
+    return Cells.estimate(runs, metric)
 
 
-def fastest(entries: list[Entry], batch_size: int) -> tuple[Entry | None, list[Entry]]:
-    """The fastest at a batch size, and those whose speedup interval overlaps its interval."""
-    timed = [(e, s) for e in entries if (s := _speedup(e, batch_size)) is not None]
-    if not timed:
+def _sizes(d: Declared, batch_sizes: list[int]) -> list[int | None]:
+    """The batch sizes a metric is shown at: each timed one for a group that times."""
+    return list(batch_sizes) if d.group.timing else [None]
+
+
+def best_and_ties(
+    entries: list[Entry], d: Declared, batch_size: int | None
+) -> tuple[Entry | None, list[Entry]]:
+    """The best by a metric ranked by interval overlap (at a batch size, for a group that times),
+    in its direction, and those whose interval overlaps its interval."""
+    measured = [(e, s) for e in entries if (s := _figure(e, d.name, batch_size)) is not None]
+    if not measured:
         return None, []
-    best, top = max(timed, key=lambda es: es[1].value)
+    pick = max if d.metric.higher_is_better else min
+    best, top = pick(measured, key=lambda es: es[1].value)
     ties = [
         e
-        for e, s in timed
+        for e, s in measured
         if e is not best
         and top.low == top.low
         and s.high == s.high
@@ -133,6 +172,16 @@ def fastest(entries: list[Entry], batch_size: int) -> tuple[Entry | None, list[E
         and s.low <= top.high
     ]
     return best, ties
+
+
+def _by_overlap(batch_sizes: list[int]) -> list[tuple[Declared, int | None]]:
+    """Each metric ranked by interval overlap, at each batch size it is shown at."""
+    return [
+        (d, bs)
+        for d in metrics.on_leaderboard()
+        if isinstance(_test(d), IntervalOverlap)
+        for bs in _sizes(d, batch_sizes)
+    ]
 
 
 def _names(entries: Sequence[Entry]) -> str:
@@ -143,15 +192,19 @@ def _names(entries: Sequence[Entry]) -> str:
 def sentence(
     budget: str, target: float | None, entries: list[Entry], batch_sizes: list[int]
 ) -> str:
-    """What the tests show at one budget, in one sentence (two with speed)."""
+    """What the tests show at one budget, in one sentence (two with a metric ranked by interval
+    overlap, such as the speedup)."""
     ranked = [e for e in entries if e.rank]
-    at = f"At {budget}" + (f" ({target:.3g} GMACs)" if target else "")
-    if not ranked:
-        return f"{at} no method measured top-1."
+    headline = metrics.headline()
+    at = f"At {budget}" + (f" ({target:.3g} GMACs)" if target else "")  # a budget's target
+    if headline is None or not ranked:
+        what = "a ranked metric" if headline is None else headline.metric.label
+        return f"{at} no method measured {what}."
     best = ranked[0]
     tied = [e for e in ranked[1:] if e.tied]
     beaten = [e for e in ranked[1:] if not e.tied]
-    text = f"{at}, {best.method} is the most accurate ({best.top1.value:.2f}%)"
+    board = headline.metric.leaderboard
+    text = f"{at}, {best.method} is the {board.best} ({headline.metric.figure(best.score.value)})"
     if tied:
         text += (
             f"; {_names(tied)} {'is' if len(tied) == 1 else 'are'} not significantly behind it "
@@ -161,47 +214,76 @@ def sentence(
     if beaten:
         text += f"; it beats the other {len(beaten)} significantly"
     text += "."
-    for bs in batch_sizes:
-        quick, ties = fastest(entries, bs)
-        if quick is None:
+    for d, bs in _by_overlap(batch_sizes):
+        top, ties = best_and_ties(entries, d, bs)
+        if top is None:
             continue
-        s = _speedup(quick, bs)
-        text += f" Fastest at batch size {bs}: {quick.method} ({s.value:.2f}x)"
+        s = _figure(top, d.name, bs)
+        word = d.metric.leaderboard.best
+        where = "" if bs is None else f" at batch size {bs}"
+        text += f" {word[:1].upper()}{word[1:]}{where}: {top.method} ({d.metric.figure(s.value)})"
         text += f", with {_names(ties)} within its interval." if ties else "."
     return text
 
 
 def leaderboard_table(entries: list[Entry], batch_sizes: list[int]) -> str:
-    """The ranked markdown table of one budget."""
-    speed_first = {bs: fastest(entries, bs) for bs in batch_sizes}
+    """The ranked markdown table of one budget: rank, method and setting, then the leaderboard's
+    metrics (:func:`~ppt_bench.measure.metrics.on_leaderboard`), the budget's share after the
+    cost and the McNemar ranking's p column after the metric it names."""
+    headline, shown = metrics.headline(), metrics.on_leaderboard()
+    marked = {(d.name, bs): best_and_ties(entries, d, bs) for d, bs in _by_overlap(batch_sizes)}
+    p_after = None if headline is None else headline.metric.leaderboard.test.after or headline.name
     shared = sum(e.tied for e in entries) > 1  # first place is shared
     rows = []
     for i, e in enumerate(entries):
-        delta = Cells.estimate(e.runs, "delta_top1")
-        p = Cells.mean(e.runs, "p_value")
         rank = "" if not e.rank else f"{e.rank}" + ("=" if e.tied and shared else "")
         row = {
             "rank": rank,
             "method": e.method + (f" ({TIED})" if e.tied and i > 0 else ""),
             "setting": format_params(e.params),
-            "GMACs": "" if e.gmacs is None else f"{e.gmacs:.3f}",
-            "share": "" if e.share is None else f"{e.share:.1%}",
-            "top-1 (%)": fmt_ci(e.top1, ".2f"),
-            "Δ top-1 (pp)": fmt_ci(delta, "+.2f"),
-            "p": "" if p is None else f"{p:.3g}",
-            "p vs best (Holm)": "" if e.p_best != e.p_best else f"{e.p_best:.3g}",
-            "agreement (%)": fmt_ci(Cells.estimate(e.runs, "agreement_top1"), ".2f"),
         }
-        for bs in batch_sizes:
-            best, ties = speed_first[bs]
-            s = _speedup(e, bs)
-            mark = " (fastest)" if e is best else (f" ({TIED})" if e in ties else "")
-            row[f"speedup @{bs}"] = fmt_ci(s, ".2f", "x") + (mark if s is not None else "")
+        share = "" if e.share is None else f"{e.share:.1%}"
+        p_best = "" if e.p_best != e.p_best else f"{e.p_best:.3g}"
+        if not any(d.metric.cost for d in shown):
+            row[SHARE] = share
+        for d in shown:
+            for bs in _sizes(d, batch_sizes):
+                row[d.metric.header(bs)] = _cell(e, d, bs, headline, marked)
+            if d.metric.cost:  # what the method achieved at the budget
+                row[SHARE] = share
+            if d.name == p_after:
+                row[P_BEST] = p_best
+        if p_after is not None:
+            row.setdefault(
+                P_BEST, p_best
+            )  # after the rest where the metric it follows is not shown
         rows.append(row)
     header = list(rows[0]) if rows else []
     header = [h for h in header if any(r[h] for r in rows) or h in ("rank", "method")]
     table = [[r[h] for h in header] for r in rows]
     return tabulate(table, header, tablefmt="github", disable_numparse=True)
+
+
+def _cell(
+    e: Entry,
+    d: Declared,
+    batch_size: int | None,
+    headline: Declared | None,
+    marked: Mapping[tuple[str, int | None], tuple[Entry | None, list[Entry]]],
+) -> str:
+    """One entry's cell of a leaderboard metric: the cost's mean, the headline's score, or the
+    figure with its interval, marked best or tied for a metric ranked by interval overlap."""
+    if d.metric.cost:
+        return fmt(e.cost, d.metric.spec, d.metric.suffix)
+    if headline is not None and d.name == headline.name:
+        return d.metric.cell(e.score)
+    figure = _figure(e, d.name, batch_size)
+    cell = d.metric.cell(figure)
+    if (d.name, batch_size) not in marked or figure is None:
+        return cell
+    best, ties = marked[d.name, batch_size]
+    word = d.metric.leaderboard.best
+    return cell + (f" ({word})" if e is best else (f" ({TIED})" if e in ties else ""))
 
 
 def budget_sections(
@@ -220,7 +302,7 @@ def budget_sections(
     )
     for budget in order:
         group = at[at["budget"] == budget]
-        entries = rank_accuracy(_entries(group, outcomes), outcomes)
+        entries = rank_rows(_entries(group, outcomes), outcomes)
         target = None if targets is None else float(targets.get(budget, math.nan))
         target = target if target == target else None
         lines += [
@@ -234,14 +316,28 @@ def budget_sections(
     return lines
 
 
-HOW_TO_READ = (
-    "Each method runs at the setting of its knob that meets the budget (`ppt-bench run "
-    "--budget`): `GMACs` and `share` are what it achieved. Ranked by top-1: the most accurate "
-    "is tested against each other method on the same images (exact McNemar, p-values "
-    "Holm-corrected for the number of comparisons, `p vs best`); those it does not beat at 5% "
-    "share first place (`1=`, tied). `p` is the method against the unreduced model. Speed: "
-    "the fastest at each batch size, and those whose 95% speedup interval overlaps its "
-    "interval, tied with it."
-)
+def how_to_read() -> str:
+    """The paragraph above the leaderboards: what the budget's columns are, then the reading
+    each leaderboard metric declares, in the leaderboard's order."""
+    cost = metrics.cost()
+    achieved = f"`{cost.metric.header()}` and `{SHARE}` are" if cost else f"`{SHARE}` is"
+    readings = [d.metric.leaderboard.reading for d in metrics.on_leaderboard()]
+    return " ".join(
+        [
+            "Each method runs at the setting of its knob that meets the budget (`ppt-bench run "
+            f"--budget`): {achieved} what it achieved.",
+            *(r for r in readings if r),
+        ]
+    )
 
-__all__ = ["budget_sections", "fastest", "holm", "leaderboard_table", "rank_accuracy", "sentence"]
+
+__all__ = [
+    "Entry",
+    "best_and_ties",
+    "budget_sections",
+    "holm",
+    "how_to_read",
+    "leaderboard_table",
+    "rank_rows",
+    "sentence",
+]

@@ -1,10 +1,13 @@
 """Comparison reports: markdown tables and PNG plots generated from one or more results CSVs.
 
 Per model, one table row per configuration (method, parameters, and device, dtype, compile or
-dataset where those vary), compared against the baseline of the same configuration: top-1 and
-its delta, agreement, GMACs and their reduction, the ideal speedup from MACs, images/s and the
-measured speedup at each batch size, and ppt's pooled fraction per location. Then the runs that
-failed, the plots, and where every number came from.
+dataset where those vary), compared against the baseline of the same configuration, with the
+columns the metric groups declare (:mod:`ppt_bench.measure.metrics`: top-1 and its delta,
+agreement, GMACs and their reduction, the ideal speedup from MACs, images/s and the measured
+speedup at each batch size, ppt's pooled fraction per location, ...). Then the headline metric
+at equal cost (or the leaderboards of a sweep at budgets), the runs that failed, the plots, and
+where every number came from. No metric is named here: which one is the cost, which one the
+methods are compared by, and which way is better come from the groups' declarations.
 """
 
 from __future__ import annotations
@@ -24,8 +27,7 @@ from ppt_bench.core import stats
 from ppt_bench.core.errors import UserError, check_output_path
 from ppt_bench.core.stats import Estimate
 from ppt_bench.measure import metrics
-from ppt_bench.measure.cells import NOT_SIGNIFICANT, Cells, fmt_ci
-from ppt_bench.measure.metrics import POOLED_COLUMN
+from ppt_bench.measure.cells import NOT_SIGNIFICANT, Cells, fmt
 from ppt_bench.measure.outcomes import Outcomes, RunStore
 from ppt_bench.results import leaderboard
 from ppt_bench.results.records import BUDGET_COLUMNS, IDENTITY_COLUMNS, format_params, read_results
@@ -49,7 +51,13 @@ WHERE = (
     "git_sha",
 )
 TITLE = "# ppt-bench report: "  # the first line of every report
-_TEXT_COLUMNS = {"method", "params", *CONTEXT, POOLED_COLUMN}
+
+
+def _text_columns() -> set[str]:
+    """The table's columns that hold text (aligned left): the run's and the metrics declared
+    ``text``."""
+    declared = {d.metric.header() for d in metrics.declared() if d.metric.text}
+    return {"method", "params", *CONTEXT, *declared}
 
 
 @dataclass(frozen=True)
@@ -100,10 +108,10 @@ def model_table(runs: pd.DataFrame) -> str:
     """The markdown table comparing every configuration of one model with its baseline.
 
     Its columns after the method, parameters and varied context are those of each metric group
-    (:attr:`~ppt_bench.measure.metrics.MetricGroup.report`), in the groups' order; a column with no
-    value in any row is left out.
+    (:meth:`~ppt_bench.measure.metrics.MetricGroup.columns`), in the groups' order; a column with
+    no value in any row is left out. Rows are sorted by cost, the costliest first.
     """
-    macs = _gmacs_by_config(runs)
+    costs = _cost_by_config(runs)
     runs = _without_cost_only(runs)
     context = _varied(runs, CONTEXT)
     batch_sizes = _timed_batch_sizes(runs)
@@ -112,105 +120,138 @@ def model_table(runs: pd.DataFrame) -> str:
     for (method, params, *ctx), group in groups:
         _check_one_image_count(group)
         base = _baseline(runs, dict(zip(CONTEXT, ctx, strict=True)))
-        gmacs = macs.get((method, params))
-        cells = Cells(group, base, batch_sizes, gmacs, macs.get(("baseline", "{}")))
+        cost = costs.get((method, params))
+        cells = Cells(group, base, batch_sizes, cost, costs.get(("baseline", "{}")))
         row = {"method": method, "params": format_params(params)}
         row.update({c: str(v) for c, v in zip(CONTEXT, ctx, strict=True) if c in context})
         for metric_group in metrics.groups().values():
-            if metric_group.report is not None:
-                row.update(metric_group.report(cells))
-        rows.append((method != "baseline", method, -(gmacs or 0), row))
+            row.update(metric_group.columns(cells))
+        rows.append((method != "baseline", method, -(cost or 0), row))
     rows = [row for *_, row in sorted(rows, key=lambda r: r[:3])]
     header = list(dict.fromkeys(h for r in rows for h in r))
     keep = ("method", "params")
     header = [h for h in header if h in keep or any(r.get(h, "") != "" for r in rows)]
-    align = ["left" if h in _TEXT_COLUMNS else "right" for h in header]
+    text = _text_columns()
+    align = ["left" if h in text else "right" for h in header]
     table = [[r.get(h, "") for h in header] for r in rows]
     return tabulate(table, header, tablefmt="github", disable_numparse=True, colalign=align)
 
 
-def equal_macs_table(
+def equal_cost_table(
     runs: pd.DataFrame, reference: str = "ppt", outcomes: Mapping[str, Outcomes] | None = None
 ) -> str | None:
-    """Top-1 of every method at the MAC budgets of the ``reference`` method's runs.
+    """The headline metric (:func:`~ppt_bench.measure.metrics.headline`: top-1) of every method
+    at the costs (:func:`~ppt_bench.measure.metrics.cost`: GMACs) of the ``reference`` method's
+    runs.
 
-    A method measured within 1% of a budget shows its measured top-1 with its 95% interval;
-    otherwise its top-1 is interpolated linearly between its two runs that bracket the budget
-    (marked ``~``, without an interval), and left blank outside the budgets it was run at. The
-    best top-1 at a budget is in bold only where it beats the runner-up significantly: both
-    measured, on the same images, exact McNemar p < 0.05 on their per-image ``outcomes`` (by
-    run id). None when there is nothing to compare.
+    A method measured within 1% of a cost shows its measured figure with its 95% interval;
+    otherwise its figure is interpolated linearly between its two runs that bracket the cost
+    (marked ``~``, without an interval), and left blank outside the costs it was run at. The
+    best figure at a cost, in the metric's direction, is in bold only where it beats the
+    runner-up significantly: both measured, on the same images, exact McNemar p < 0.05 on the
+    declared outcome of their per-image ``outcomes`` (by run id). None when there is nothing to
+    compare.
     """
-    if not {"top1", "gmacs"} <= set(runs) or reference not in set(runs["method"]):
+    headline, cost = metrics.headline(), metrics.cost()
+    if headline is None or cost is None:
         return None
-    points = runs[runs["top1"].notna() & runs["gmacs"].notna() & (runs["method"] != "baseline")]
+    score, budget_in = headline.name, cost.name
+    if not {score, budget_in} <= set(runs) or reference not in set(runs["method"]):
+        return None
+    measured = runs[score].notna() & runs[budget_in].notna()
+    points = runs[measured & (runs["method"] != "baseline")]
     by_method = {m: g for m, g in points.groupby("method")}
-    budgets = sorted(by_method.get(reference, points[:0])["gmacs"].unique(), reverse=True)
+    budgets = sorted(by_method.get(reference, points[:0])[budget_in].unique(), reverse=True)
     if not budgets or len(by_method) < 2:
         return None
     methods = [reference, *sorted(m for m in by_method if m != reference)]
+    shown = headline.metric
     rows = []
     for budget in budgets:
-        cells = {m: _cell_at(by_method[m], budget) for m in methods}
+        cells = {m: _cell_at(by_method[m], budget, score, budget_in) for m in methods}
         cells = {m: c for m, c in cells.items() if c is not None}
-        best = _significant_best(cells, outcomes or {})
-        row = [f"{budget:.3f}"]
+        best = _significant_best(cells, outcomes or {}, headline)
+        row = [fmt(budget, cost.metric.spec)]
         for m in methods:
             cell = cells.get(m)
             if cell is None:
                 row.append("")
                 continue
-            text = f"~{cell.top1.value:.2f}" if cell.interpolated else fmt_ci(cell.top1, ".2f")
+            value = cell.value.value
+            text = f"~{value:{shown.spec}}" if cell.interpolated else shown.cell(cell.value)
             row.append(f"**{text}**" if m == best else text)
         rows.append(row)
-    return tabulate(rows, ["GMACs", *methods], tablefmt="github", disable_numparse=True)
+    header = [cost.metric.header(), *methods]
+    return tabulate(rows, header, tablefmt="github", disable_numparse=True)
+
+
+def equal_cost_heading(which: str) -> str:
+    """The sentence above an equal-cost table (``which``: the experiment, where several)."""
+    headline, cost = metrics.headline(), metrics.cost()
+    assert headline is not None and cost is not None  # there is a table
+    title = headline.metric.header()
+    return (
+        f"{title[:1].upper()}{title[1:]} at equal {cost.metric.cost}"
+        f"{f' ({which})' if which else ''}: each method at the "
+        "budgets of the ppt runs (`~`: interpolated between its two nearest runs, "
+        "without an interval or a test; blank: outside its range). In bold: the best, "
+        "where it beats the runner-up significantly (both measured on the same images, "
+        "exact McNemar p < 0.05); no bold: no method is ahead at that budget, or the "
+        "best or the runner-up is interpolated, which leaves it untested."
+    )
 
 
 class _Cell(NamedTuple):
-    top1: Estimate
+    value: Estimate
     run_id: str | None = None  # the one run measured at the budget
     interpolated: bool = False
 
 
-def _cell_at(runs: pd.DataFrame, budget: float) -> _Cell | None:
-    """One method's top-1 at a MAC budget: the run within 1% of the budget (several that
-    differ: their mean, without an interval), else interpolated between the runs around it,
-    else None."""
-    near = runs[np.isclose(runs["gmacs"], budget, rtol=0.01)]
-    near = near.drop_duplicates(["params", "top1"])  # the same run at other batch sizes
+def _cell_at(runs: pd.DataFrame, budget: float, score: str, budget_in: str) -> _Cell | None:
+    """One method's ``score`` at a cost ``budget`` (of metric ``budget_in``): the run within 1%
+    of the budget (several that differ: their mean, without an interval), else interpolated
+    between the runs around it, else None."""
+    near = runs[np.isclose(runs[budget_in], budget, rtol=0.01)]
+    near = near.drop_duplicates(["params", score])  # the same run at other batch sizes
     if len(near) == 1:
-        return _Cell(Cells.estimate(near, "top1"), near["run_id"].iloc[0])
+        return _Cell(Cells.estimate(near, score), near["run_id"].iloc[0])
     if len(near) > 1:
-        return _Cell(Estimate(float(near["top1"].mean())))
-    curve = runs.groupby("gmacs")["top1"].mean().sort_index()
+        return _Cell(Estimate(float(near[score].mean())))
+    curve = runs.groupby(budget_in)[score].mean().sort_index()
     if curve.index.min() <= budget <= curve.index.max():
         return _Cell(Estimate(float(np.interp(budget, curve.index, curve.values))), None, True)
     return None
 
 
-def _significant_best(cells: dict[str, _Cell], outcomes: Mapping[str, Outcomes]) -> str | None:
-    """The method with the best top-1 among ``cells`` if it beats the runner-up significantly
+def _significant_best(
+    cells: dict[str, _Cell], outcomes: Mapping[str, Outcomes], headline: metrics.Declared
+) -> str | None:
+    """The method with the best figure among ``cells`` if it beats the runner-up significantly
     on the paired test of their per-image outcomes, else None."""
     if len(cells) < 2:
         return None
-    ranked = sorted(cells.items(), key=lambda kv: kv[1].top1.value, reverse=True)
+    higher = bool(headline.metric.higher_is_better)
+    ranked = sorted(cells.items(), key=lambda kv: kv[1].value.value, reverse=higher)
     (best, first), (_, second) = ranked[:2]
     a, b = outcomes.get(first.run_id or ""), outcomes.get(second.run_id or "")
     if a is None or b is None or not np.array_equal(a.label, b.label):
         return None
-    return best if stats.paired(a.correct, b.correct).significant else None
+    outcome = headline.metric.leaderboard.test.outcome  # headline() is ranked by McNemar
+    return best if stats.paired(getattr(a, outcome), getattr(b, outcome)).significant else None
 
 
-def _gmacs_by_config(runs: pd.DataFrame) -> dict[tuple[str, str], float]:
-    """Mean GMACs per (method, params) over every run that counted them.
+def _cost_by_config(runs: pd.DataFrame) -> dict[tuple[str, str], float]:
+    """Mean cost (the metric declared ``cost``: GMACs) per (method, params) over every run that
+    measured it.
 
     MACs do not depend on the device, dtype, compile mode or batch size, so a timing run on a
     GPU takes its ideal speedup from a MAC count made anywhere for the same configuration.
     """
-    if "gmacs" not in runs:
+    cost = metrics.cost()
+    if cost is None or cost.name not in runs:
         return {}
-    counted = runs[runs["gmacs"].notna()]
-    return counted.groupby(["method", "params"])["gmacs"].mean().to_dict()
+    counted = runs[runs[cost.name].notna()]
+    return counted.groupby(["method", "params"])[cost.name].mean().to_dict()
 
 
 def _without_cost_only(runs: pd.DataFrame) -> pd.DataFrame:
@@ -218,7 +259,7 @@ def _without_cost_only(runs: pd.DataFrame) -> pd.DataFrame:
     method and parameters measured something else.
 
     Such a run would add a row of empty cells in its own device, dtype and compile mode; its
-    GMACs reach the other rows through :func:`_gmacs_by_config`. A configuration whose only
+    GMACs reach the other rows through :func:`_cost_by_config`. A configuration whose only
     runs counted MACs keeps them.
     """
     info = {"run_id", *RUN_COLUMNS, *CONTEXT, "n_images", *BUDGET_COLUMNS}
@@ -229,17 +270,23 @@ def _without_cost_only(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _check_one_image_count(group: pd.DataFrame) -> None:
-    """Accuracy over different numbers of images is not one figure: refuse to average it."""
-    if "top1" not in group or "n_images" not in group:
+    """A figure over different numbers of images (a metric declared ``over_images``: top-1) is
+    not one figure: refuse to average it."""
+    if "n_images" not in group:
         return
-    counts = sorted(group.loc[group["top1"].notna(), "n_images"].dropna().astype(int).unique())
-    if len(counts) > 1:
-        row = group.iloc[0]
-        raise UserError(
-            f"{row['model']} {row['method']} {format_params(row['params'])}: top-1 was measured "
-            f"on {' and '.join(map(str, counts))} images (column n_images); report those runs "
-            "from separate files, or run them again with one --n-images"
-        )
+    for d in metrics.declared():
+        if not d.metric.over_images or d.name not in group:
+            continue
+        measured = group.loc[group[d.name].notna(), "n_images"]
+        counts = sorted(measured.dropna().astype(int).unique())
+        if len(counts) > 1:
+            row = group.iloc[0]
+            raise UserError(
+                f"{row['model']} {row['method']} {format_params(row['params'])}: "
+                f"{d.metric.label} was measured on {' and '.join(map(str, counts))} images "
+                "(column n_images); report those runs from separate files, or run them again "
+                "with one --n-images"
+            )
 
 
 def _timed_batch_sizes(runs: pd.DataFrame) -> list[int]:
@@ -325,10 +372,10 @@ def render(
     ]
     budgeted = "budget" in runs and runs["budget"].fillna("").astype(str).ne("").any()
     if budgeted:
-        lines += [leaderboard.HOW_TO_READ, ""]
+        lines += [leaderboard.how_to_read(), ""]
     for model, group in runs.groupby("model", sort=True):
         lines += [f"## {model}", "", model_table(group), ""]
-        if budgeted:  # leaderboards at the budgets instead of interpolated equal-MACs cells
+        if budgeted:  # leaderboards at the budgets instead of interpolated equal-cost cells
             lines += leaderboard.budget_sections(
                 group, outcomes or {}, _timed_batch_sizes(_without_cost_only(group))
             )
@@ -337,21 +384,11 @@ def render(
         varied = _varied(group, ("dataset", *IDENTITY_COLUMNS))
         experiments = group.groupby(varied, sort=True) if varied else [((), group)]
         for key, experiment in experiments:
-            equal = equal_macs_table(experiment, outcomes=outcomes)
+            equal = equal_cost_table(experiment, outcomes=outcomes)
             if not equal:
                 continue
             which = ", ".join(f"{c} {v}" for c, v in zip(varied, key, strict=True))
-            lines += [
-                f"Top-1 (%) at equal MACs{f' ({which})' if which else ''}: each method at the "
-                "budgets of the ppt runs (`~`: interpolated between its two nearest runs, "
-                "without an interval or a test; blank: outside its range). In bold: the best, "
-                "where it beats the runner-up significantly (both measured on the same images, "
-                "exact McNemar p < 0.05); no bold: no method is ahead at that budget, or the "
-                "best or the runner-up is interpolated, which leaves it untested.",
-                "",
-                equal,
-                "",
-            ]
+            lines += [equal_cost_heading(which), "", equal, ""]
     if runs.empty:
         lines += ["No run finished.", ""]
     if notes:

@@ -1,5 +1,8 @@
-"""A third-party package as a plugin author would write it: a method and a metric group that
-reach ppt-bench through entry points alone (see ``ppt_bench_toy-1.0.dist-info``).
+"""A third-party package as a plugin author would write it: a method and two metric groups that
+reach ppt-bench through entry points alone (see ``ppt_bench_toy-1.0.dist-info``). One group gives
+only its units and its report columns; the other declares its metric (unit, direction, table
+column, leaderboard ranking and its test), which takes it to the report's table and the
+leaderboard.
 
 ``distmerge`` is a ToMe variant with another merge score: the same bipartite matching and
 size-weighted merge at fixed blocks, with the tokens scored by the Minkowski distance of their
@@ -12,7 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ppt_bench.measure.metrics import MetricGroup, mean_columns
+from ppt_bench.core import stats
+from ppt_bench.measure.metrics import IntervalOverlap, Metric, MetricGroup, Ranked, mean_columns
 from ppt_bench.methods import Examples, ops
 from ppt_bench.methods.base import BipartiteMerging, FixedBudget, check_float
 
@@ -61,4 +65,31 @@ WEIGHTS = MetricGroup(
     _weights,
     mean_columns(("weights (k)", "weights_k", ".1f")),
     help="parameters in thousands",
+)
+
+
+def _confidence(run):
+    """mean top-1 probability on fixed random images"""
+    images = torch.randn(16, *run.input_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        top = run.model(images).softmax(-1).amax(-1)
+    return {"confidence": stats.mean(100 * top.numpy())}
+
+
+CONFIDENCE = MetricGroup(
+    "confidence",
+    {
+        "confidence": Metric(
+            "%",
+            higher_is_better=True,
+            spec=".1f",
+            table=True,
+            leaderboard=Ranked(
+                IntervalOverlap(),
+                best="most confident",
+                reading="Confidence: the most confident, and those whose interval overlaps.",
+            ),
+        )
+    },
+    _confidence,
 )
