@@ -3,7 +3,7 @@
 Every import counts, at module level and inside functions (only ``if TYPE_CHECKING:`` blocks,
 which never run, are left out), and so do a ``"ppt_bench.module:attr"`` string, which a
 registry imports on first use, and a module named to ``importlib.import_module``. Each module
-sits in one layer of :data:`LAYERS` (the README's development section shows the same map) and
+sits in one layer of :data:`LAYERS` (``docs/development.md`` shows the same map, checked below) and
 imports only from its own layer or those below.
 """
 
@@ -239,3 +239,18 @@ def test_a_planted_upward_import_fails_without_a_cycle(tmp_path):
     assert upward_imports(graph) == [
         "ppt_bench.core.keyvalue (leaves) imports ppt_bench.data.digits (data and models)"
     ]
+
+
+def test_the_development_page_shows_these_layers():
+    """docs/development.md's table of layers names the same layers in the same order, each with
+    its packages and top-level modules."""
+    page = (ROOT / "docs" / "development.md").read_text()
+    rows = [
+        [cell.strip() for cell in line.strip().strip("|").split("|")]
+        for line in page.split("## Layers", 1)[1].splitlines()
+        if line.startswith("| ") and not line.startswith("| layer")
+    ]
+    assert [row[0] for row in rows] == [name for name, _ in LAYERS]
+    for row, (_, members) in zip(rows, LAYERS, strict=True):
+        for member in members - {""}:
+            assert f"`{member}" in " ".join(row[1:]), (row[0], member)

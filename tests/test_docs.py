@@ -28,6 +28,10 @@ from pathlib import Path
 import pytest
 
 from ppt_bench.cli import main
+from ppt_bench.measure import metrics
+from ppt_bench.methods import get_method_class, list_methods, registry
+from ppt_bench.methods.registry import methods_markdown
+from ppt_bench.runners import ENTRY_POINT_GROUP as RUNNERS_GROUP
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -37,6 +41,8 @@ NOT_RUN = re.compile(r"<!--\s*not-run:(.*?)-->")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 HEADING = re.compile(r"^#{1,6}\s+(.+?)\s*#*\s*$", re.M)
 OBJECT = re.compile(r"\bppt_bench(?:\.\w+)+")
+# Names of the entry-point groups plugins register in, which are not modules.
+ENTRY_POINT_GROUPS = {registry.ENTRY_POINT_GROUP, metrics.ENTRY_POINT_GROUP, RUNNERS_GROUP}
 SOURCE_PATH = re.compile(r"`((?:bench|methods|runners|tests)/[\w./-]+)`")
 
 
@@ -190,10 +196,25 @@ def resolve(name: str) -> object:
 def test_named_objects_and_source_files_exist(page):
     text = page.read_text()
     missing = []
-    for name in sorted(set(OBJECT.findall(text))):
+    for name in sorted(set(OBJECT.findall(text)) - ENTRY_POINT_GROUPS):
         try:
             resolve(name)
         except (ImportError, AttributeError):
             missing.append(name)
     missing += [p for p in sorted(set(SOURCE_PATH.findall(text))) if not (ROOT / p).exists()]
     assert not missing, f"{page.name} names what does not exist: {missing}"
+
+
+def test_the_methods_page_holds_the_registry_s_table():
+    """The methods table of docs/methods.md is what the registry declares (``ppt-bench list
+    --markdown``), so it cannot drift from the methods' classes."""
+    page = (ROOT / "docs" / "methods.md").read_text()
+    start = page.index("-->\n", page.index("<!-- methods-table:start")) + len("-->\n")
+    block = page[start : page.index("<!-- methods-table:end -->")].rstrip("\n") + "\n"
+    built_in = [
+        m for m in list_methods() if get_method_class(m).__module__.startswith("ppt_bench.")
+    ]
+    assert block == methods_markdown(built_in), (
+        "docs/methods.md's methods table is out of date: replace it with the built-in methods' "
+        "part of `ppt-bench list --markdown`"
+    )
