@@ -13,6 +13,11 @@ CSV are skipped either way, and anything left over runs in a fresh experiment.
 Without a cluster address the runner starts a private Ray instance that listens on loopback
 only (every Ray process binds to 127.0.0.1), has no dashboard, and, where Ray supports token
 authentication, accepts only a token generated for this instance.
+
+Cancelling (:mod:`ppt_bench.core.cancel`): Tune's own SIGINT handler is switched off
+(``TUNE_DISABLE_SIGINT_HANDLER``), so SIGINT and SIGTERM only request a cancellation; a Tune
+stopper then stops every trial at Tune's next step, and the sweep raises
+:class:`~ppt_bench.core.cancel.Cancelled` with the finished runs in the results file.
 """
 
 from __future__ import annotations
@@ -41,8 +46,10 @@ import ray
 from ray import tune
 from ray._private import ray_constants
 from ray._raylet import GcsClient
+from ray.tune.stopper import Stopper
 from tqdm.auto import tqdm
 
+from ppt_bench.core import cancel
 from ppt_bench.core.atomic import atomic_write
 from ppt_bench.core.errors import UserError, check_output_path
 from ppt_bench.measure import metrics
@@ -470,12 +477,22 @@ class RayRunner:
 
     @contextlib.contextmanager
     def _started(self, init: Callable[[], None]) -> Iterator[None]:
-        """Run ``init``, then the block; shut Ray down after both, even half started."""
+        """Run ``init``, then the block; shut Ray down after both, even half started.
+
+        ``ray.init`` replaces the SIGTERM handler with one that exits at once; the handler from
+        before is put back, so that SIGTERM goes on requesting a cancellation.
+        """
+        main = threading.current_thread() is threading.main_thread()
+        sigterm = signal.getsignal(signal.SIGTERM) if main else None
         try:
             init()
+            if sigterm is not None:
+                signal.signal(signal.SIGTERM, sigterm)
             yield
         finally:
             ray.shutdown()
+            if sigterm is not None:
+                signal.signal(signal.SIGTERM, sigterm)
 
     def _connect(self) -> None:
         try:
@@ -524,6 +541,7 @@ class RayRunner:
             storage_path=str(exp_dir.parent),
             callbacks=[RecordRows(self.out_csv, summary, total, self.progress)],
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            stop=CancelStopper(),
             verbose=0,
         )
 
@@ -548,55 +566,44 @@ class RayRunner:
             )
         # The restored run config carries a copy of the old callback: write to this results
         # file and count into this summary.
-        for callback in tuner._local_tuner.get_run_config().callbacks or []:
+        run_config = tuner._local_tuner.get_run_config()
+        for callback in run_config.callbacks or []:
             if isinstance(callback, RecordRows):
                 callback.out_csv, callback.summary = self.out_csv, summary
                 callback.total, callback.done = total, set(skip)
+        run_config.stop = CancelStopper()  # an experiment saved without one gets one
         return tuner
 
     def _fit(self, tuner: tune.Tuner, exp_dir: Path) -> None:
-        """Run the trials; a sweep that Tune stopped on Ctrl-C ends as a KeyboardInterrupt.
+        """Run the trials, with Tune's SIGINT handler off: a signal only requests a
+        cancellation, which :class:`CancelStopper` turns into stopping every trial.
 
         Raises:
-            KeyboardInterrupt: SIGINT stopped the sweep. Tune catches the first one, stops every
-                trial, saves the experiment (resumed by the same command) and returns as if it
-                had finished; the finished runs are already in the results file.
+            Cancelled: a cancellation was requested; the finished runs are already in the
+                results file, and the same command runs the others.
         """
-        with _tune_sigint() as interrupted, _quiet_tune():
+        with environ(TUNE_DISABLE_SIGINT_HANDLER="1"), _quiet_tune():
             tuner.fit()  # trial errors are recorded by the callback, not raised
-            if interrupted():
-                raise KeyboardInterrupt
+        cancel.check()
         (exp_dir / _DONE_MARKER).touch()  # nothing left to restore
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+class CancelStopper(Stopper):
+    """Stops every trial of the experiment once a cancellation was requested
+    (:mod:`ppt_bench.core.cancel`); Tune asks it at each step of its loop."""
 
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return False  # a trial reports once, when its run is done
 
-@contextlib.contextmanager
-def _tune_sigint() -> Iterator[Callable[[], bool]]:
-    """Tell whether Tune caught a SIGINT in the block.
-
-    Tune's handler, on the first SIGINT, puts back the handler it found; without one, Tune's
-    stays installed after the run. So the block starts with a handler of ours, and Tune caught
-    a SIGINT when that handler is back at the end. The handler from before is restored after.
-    """
-    tune_catches = not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER") or "0")
-    if threading.current_thread() is not threading.main_thread() or not tune_catches:
-        yield lambda: False  # Tune catches nothing: SIGINT raises KeyboardInterrupt itself
-        return
-    before = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, _interrupt)
-    try:
-        yield lambda: signal.getsignal(signal.SIGINT) is _interrupt
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler if before is None else before)
+    def stop_all(self) -> bool:
+        return cancel.requested()
 
 
 class _TuneInterruptFilter(logging.Filter):
-    """Drops Tune's messages about a Ctrl-C and about trials without results (those not run
-    yet, when an interrupted experiment is restored): the CLI says what happened, and Tune's
-    advice to resume with ``Tuner.restore`` does not apply (the same command resumes)."""
+    """Drops Tune's messages about a stop signal (SIGUSR1, which Tune still catches) and about
+    trials without results (those not run yet, when an interrupted experiment is restored): the
+    CLI says what happened, and Tune's advice to resume with ``Tuner.restore`` does not apply
+    (the same command resumes)."""
 
     DROP = ("Stop signal received", "Experiment has been interrupted", "Failed to fetch metrics")
 

@@ -1,14 +1,13 @@
 """Accuracy against labels and against the unreduced model, with token statistics on the way.
 
 One pass over the data keeps, image by image (:class:`~ppt_bench.measure.outcomes.Outcomes`), the
-top-1
-prediction, whether the label is in the top 5 (as timm's ``accuracy``), the loss, and the
+top-1 prediction, whether the label is in the top 5 (as timm's ``accuracy``), the loss, and the
 label-free agreement and KL divergence against the unreduced model's outputs on the same images
 (a :class:`~ppt_bench.measure.outcomes.Reference`, computed once per sweep); and the tokens left
-after
-each block, ppt's pooled fraction at each location, and how many images took each
+after each block, ppt's pooled fraction at each location, and how many images took each
 pruning/pooling path (for the MACs mean). The figures and their 95% intervals follow from the
-per-image outcomes (:mod:`ppt_bench.core.stats`).
+per-image outcomes (:mod:`ppt_bench.core.stats`). The pass checks the cancellation flag
+(:mod:`ppt_bench.core.cancel`) between batches.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ppt_bench.core import stats
+from ppt_bench.core import cancel, stats
 from ppt_bench.core.dtypes import amp_autocast
 from ppt_bench.core.errors import UserError
 from ppt_bench.data.loader import device_transform
@@ -171,11 +170,16 @@ def _batches(
     loader: DataLoader, device: str | torch.device, desc: str, progress: bool
 ) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, int]]:
     """``(images on device, labels on device, unreadable)`` of each batch (None when a batch
-    held no readable image)."""
+    held no readable image).
+
+    Raises:
+        Cancelled: a cancellation was requested (checked as each batch arrives).
+    """
     normalize = device_transform(loader, reuse_output=True)  # each batch is done with below
     for images, labels, skipped in tqdm(
         loader, desc=desc, leave=False, disable=not progress, unit="batch"
     ):
+        cancel.check()
         if images is None:
             yield None, None, skipped
             continue

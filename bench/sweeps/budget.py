@@ -54,6 +54,7 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
+from ppt_bench.core import cancel
 from ppt_bench.core.errors import UserError
 from ppt_bench.measure.macs import macs_torchprofile, uncounted_macs
 from ppt_bench.measure.throughput import compile_for_timing, measure_throughput
@@ -640,6 +641,7 @@ def resolve_sweep(
                 f"{unpatchable_reason(spec.model)}"
             )
         for budget in budgets:
+            cancel.check()
             cost = model_cost(spec.model)
             if budget.kind == "speedup" and measure:
                 key: Any = (spec.run_id, budget.label)
