@@ -30,8 +30,6 @@ from ppt_bench.data.loader import device_transform
 from ppt_bench.measure.outcomes import Outcomes, Reference
 from ppt_bench.methods import is_patched
 
-ACCURACY_METRICS = ("top1", "top5", "loss", "agreement_top1", "kl")
-
 
 def unreduced_tokens(model: nn.Module) -> tuple[int, ...] | None:
     """Tokens after each block of an unpatched timm ViT (all equal), or None for other models."""
@@ -116,10 +114,29 @@ class AccuracyResult:
     def n_images(self) -> int:
         return self.outcomes.n_images
 
-    def __getattr__(self, name: str) -> float:
-        if name in ACCURACY_METRICS:  # top1, loss, ...: the figure without its interval
-            return self.outcomes.estimates()[name].value
-        raise AttributeError(name)
+    # Each figure without its interval.
+    @property
+    def top1(self) -> float:
+        return self._figure("top1")
+
+    @property
+    def top5(self) -> float:
+        return self._figure("top5")
+
+    @property
+    def loss(self) -> float:
+        return self._figure("loss")
+
+    @property
+    def agreement_top1(self) -> float:
+        return self._figure("agreement_top1")
+
+    @property
+    def kl(self) -> float:
+        return self._figure("kl")
+
+    def _figure(self, name: str) -> float:
+        return self.outcomes.estimates()[name].value
 
     def metrics(
         self, labeled: bool = True, reduced: bool = True
