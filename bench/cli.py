@@ -205,6 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Imported here, when the command runs: they import torch and timm.
     from ppt_bench.api import Sweep
     from ppt_bench.results.report import check_report_path, write_report
+    from ppt_bench.sweeps.budget import parse_budget
     from ppt_bench.sweeps.grid import grid_size
 
     if args.print_config:
@@ -227,6 +228,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "--plan prints the settings a sweep resolves at its budgets: add --budget"
             )
         print(Sweep.plan(config, measure=False).budget_table())
+        if any(parse_budget(b).kind == "speedup" for b in config.budget):
+            print("(speed budgets: the MAC starting point; the run measures from there)")
         return 0
     print(f"sweep {config.sweep_name!r}: {grid_size(config)} runs; checking them", flush=True)
     sweep = Sweep.plan(config)

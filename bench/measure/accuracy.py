@@ -156,18 +156,6 @@ class AccuracyResult:
         return out
 
 
-def agreement_and_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> tuple[float, float]:
-    """Top-1 agreement (%) and mean ``KL(softmax(ref) || softmax(logits))`` (nats) of a batch.
-
-    Args:
-        logits: reduced model outputs ``[B, K]``.
-        ref_logits: unreduced model outputs ``[B, K]`` on the same images.
-    """
-    agree = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() * 100.0
-    kl = kl_per_image(logits.log_softmax(-1), ref_logits.log_softmax(-1)).mean()
-    return agree.item(), kl.item()
-
-
 def kl_per_image(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
     """``KL(ref || p)`` of each image ``[B]`` from log-probabilities ``[B, K]``."""
     return F.kl_div(log_probs, ref_log_probs, log_target=True, reduction="none").sum(-1)
