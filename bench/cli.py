@@ -8,19 +8,16 @@ modules, imported only when that command runs.
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
-import os
 import shlex
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
 
+from ppt_bench.core import cancel
 from ppt_bench.core.errors import UserError
 from ppt_bench.core.identity import VERSION
 from ppt_bench.core.keyvalue import parse_assignment, parse_sweep
@@ -217,6 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Imported here, when the command runs: they import torch and timm.
     from ppt_bench.api import Sweep
     from ppt_bench.results.report import check_report_path, write_report
+    from ppt_bench.sweeps.budget import parse_budget
     from ppt_bench.sweeps.grid import grid_size
 
     if args.print_config:
@@ -239,6 +237,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "--plan prints the settings a sweep resolves at its budgets: add --budget"
             )
         print(Sweep.plan(config, measure=False).budget_table())
+        if any(parse_budget(b).kind == "speedup" for b in config.budget):
+            print("(speed budgets: the MAC starting point; the run measures from there)")
         return 0
     print(f"sweep {config.sweep_name!r}: {grid_size(config)} runs; checking them", flush=True)
     sweep = Sweep.plan(config)
@@ -311,44 +311,16 @@ def user_error_message(exc: BaseException) -> str | None:
     return None
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process is, so that it unwinds as a Ctrl-C does (every file
-    is written atomically, so whatever it cuts short leaves the finished runs whole)."""
-
-
-class _OnSigterm:
-    """The SIGTERM handler of :func:`main`: raise :class:`Terminated` in the main thread.
-
-    Python drops an exception raised where it cannot propagate (a fork handler while a
-    DataLoader starts its workers, a finalizer), so the signal is sent again every second until
-    ``main`` has caught it; one that comes while a :class:`Terminated` unwinds is ignored.
-    """
-
-    def __init__(self) -> None:
-        self.caught = False
-
-    def __call__(self, signum: int, frame: object) -> None:
-        if isinstance(sys.exc_info()[1], Terminated):
-            return
-        timer = threading.Timer(1.0, self._again)
-        timer.daemon = True
-        timer.start()
-        raise Terminated
-
-    def _again(self) -> None:
-        if not self.caught:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``ppt-bench``; returns the exit code (2 for a user error, 130 after
-    SIGINT, 143 after SIGTERM)."""
+    SIGINT, 143 after SIGTERM).
+
+    SIGTERM and Ctrl-C request a cancellation (:mod:`ppt_bench.core.cancel`): the command stops
+    at its next check, within one batch or one timed round, says so in one line and keeps
+    every finished run; a second Ctrl-C stops it at once.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    on_sigterm = _OnSigterm()
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if in_main_thread else None
-    unraisable_hook = sys.unraisablehook
-    try:
+    with cancel.on_signals():
         try:
             if argv and argv[0] in DELEGATED:
                 return run_delegated(argv[0], argv[1:])
@@ -356,30 +328,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             return COMMANDS[args.command](args)
         except SystemExit as exit_:  # --help and --version
             return exit_.code if isinstance(exit_.code, int) else 0
-        except KeyboardInterrupt as stop:
-            terminated = isinstance(stop, Terminated)
-            # What the interrupt left half-built (a DataLoader starting its workers) fails in
-            # its finalizer when the traceback frees it: that is no news to the user.
-            sys.unraisablehook = _ignore_unraisable
+        except cancel.Cancelled as stop:
+            how = stop.reason
+        except KeyboardInterrupt:  # a second Ctrl-C
+            how = "SIGINT"
         except Exception as exc:
-            message = user_error_message(exc)
-            if message is None:
-                raise
-            print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
-            return 2
-        gc.collect()
-        how = "terminated (SIGTERM)" if terminated else "interrupted"
-        print(f"{PROG}: {how}; finished runs are kept in the results file", file=sys.stderr)
-        return 143 if terminated else 130
-    finally:
-        on_sigterm.caught = True
-        sys.unraisablehook = unraisable_hook
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+            how = cancel.reason()
+            if not how:  # else it comes from the cancellation (a DataLoader worker or a
+                # torchrun peer stopped by the same signal), which is the news
+                message = user_error_message(exc)
+                if message is None:
+                    raise
+                print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+                return 2
+    print(f"{PROG}: {stopped_message(how)}", file=sys.stderr)
+    return cancel.EXIT_CODES.get(how, 130)
 
 
-def _ignore_unraisable(unraisable: object) -> None:
-    """A ``sys.unraisablehook`` that reports nothing."""
+def stopped_message(how: str) -> str:
+    """The line after a cancellation by ``how`` (``SIGTERM``, ``SIGINT``)."""
+    said = "terminated (SIGTERM)" if how == "SIGTERM" else "interrupted"
+    return f"{said} within one batch or timed round; finished runs are kept in the results file"
 
 
 if __name__ == "__main__":  # pragma: no cover

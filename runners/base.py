@@ -2,12 +2,12 @@
 with its failure captured.
 
 A runner only schedules: it maps :func:`~ppt_bench.engine.evaluate.evaluate` over the runs not yet
-in
-the results file and appends each run's rows as it finishes, its per-image outcomes first
-(:class:`~ppt_bench.measure.outcomes.RunStore`, beside the results file). A new runner is a class
-with the
-constructor and ``run`` of :class:`Runner`, listed in :data:`~ppt_bench.runners.RUNNERS`; the
-settings only it understands are its ``options`` (each becomes a ``--flag`` and a config key).
+in the results file and appends each run's rows as it finishes, its per-image outcomes first
+(:class:`~ppt_bench.measure.outcomes.RunStore`, beside the results file). Between runs it checks
+the cancellation flag (:func:`ppt_bench.core.cancel.check`), so that a cancelled sweep stops
+with every finished run recorded. A new runner is a class with the constructor and ``run`` of
+:class:`Runner`, listed in :data:`~ppt_bench.runners.RUNNERS`; the settings only it understands
+are its ``options`` (each becomes a ``--flag`` and a config key).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ppt_bench.core import cancel
 from ppt_bench.measure.outcomes import RunStore
 from ppt_bench.results.records import failed_rows, finished_run_ids, format_params
 from ppt_bench.results.spec import RunSpec
@@ -30,7 +31,11 @@ class Runner(Protocol):
     ``Runner(out_csv, progress=..., **options)`` with the options of its :data:`RUNNERS` entry."""
 
     def run(self, specs: Sequence[RunSpec]) -> SweepSummary:
-        """Run every spec not yet ``ok`` in the results file; record failures as rows."""
+        """Run every spec not yet ``ok`` in the results file; record failures as rows.
+
+        Raises:
+            Cancelled: a cancellation was requested; the runs finished before are recorded.
+        """
         ...
 
 
@@ -78,6 +83,10 @@ def run_one(
 ) -> list[dict[str, Any]]:
     """Evaluate one run; any exception becomes a ``status=failed`` row, never a crash.
 
+    A run that fails after a cancellation was requested raises
+    :class:`~ppt_bench.core.cancel.Cancelled` instead: the cancellation is why (a DataLoader's
+    workers stopped by the same Ctrl-C), not the run.
+
     Args:
         spec: the run.
         progress: show progress bars.
@@ -90,6 +99,7 @@ def run_one(
     try:
         return evaluate(spec, progress=progress, store=store)
     except Exception as exc:  # one bad run must not stop a sweep
+        cancel.check()
         return failed_rows(spec, exc)
 
 

@@ -1,8 +1,7 @@
 """``LocalRunner``: the runs of a sweep one after the other in this process; no Ray needed.
 
 The runs share one :class:`~ppt_bench.measure.outcomes.RunStore`: the unreduced model's outputs on
-the
-data are computed once (by the baseline's own run when it comes first) and read by the others.
+the data are computed once (by the baseline's own run when it comes first) and read by the others.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ppt_bench.core import cancel
 from ppt_bench.measure.outcomes import RunStore
 from ppt_bench.results.records import append_rows
 from ppt_bench.results.spec import RunSpec
@@ -32,14 +32,21 @@ class LocalRunner:
         self.progress = progress
 
     def run(self, specs: Sequence[RunSpec]) -> SweepSummary:
-        """Run every spec not yet ``ok`` in the results file; a failed run is recorded."""
+        """Run every spec not yet ``ok`` in the results file; a failed run is recorded.
+
+        Raises:
+            Cancelled: a cancellation was requested (checked before each run, and inside each
+                run between batches and timed rounds); the runs finished before are recorded.
+        """
         todo, skipped = pending(specs, self.out_csv)
         summary = SweepSummary(self.out_csv, total=len(specs), skipped=skipped)
         store = RunStore.beside(self.out_csv)
-        bar = tqdm(todo, desc="runs", unit="run", disable=not self.progress or not todo)
-        for spec in bar:
-            bar.set_postfix_str(f"{spec.model} {spec.method} bs={spec.batch_size}", refresh=False)
-            rows = run_one(spec, self.progress, store)
-            append_rows(self.out_csv, rows)
-            summary.add(rows)
+        with tqdm(todo, desc="runs", unit="run", disable=not self.progress or not todo) as bar:
+            for spec in bar:
+                cancel.check()
+                run = f"{spec.model} {spec.method} bs={spec.batch_size}"
+                bar.set_postfix_str(run, refresh=False)
+                rows = run_one(spec, self.progress, store)
+                append_rows(self.out_csv, rows)
+                summary.add(rows)
         return summary

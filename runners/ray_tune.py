@@ -11,8 +11,20 @@ never does. An interrupted experiment is restored (``Tuner.restore``); runs alre
 CSV are skipped either way, and anything left over runs in a fresh experiment.
 
 Without a cluster address the runner starts a private Ray instance that listens on loopback
-only (every Ray process binds to 127.0.0.1), has no dashboard, and, where Ray supports token
-authentication, accepts only a token generated for this instance.
+only (every Ray process binds to 127.0.0.1), has no dashboard, and accepts only a token
+generated for this instance (Ray's token authentication, configured by its documented
+``RAY_AUTH_MODE`` and ``RAY_AUTH_TOKEN`` variables).
+
+Cancelling (:mod:`ppt_bench.core.cancel`): Tune's own SIGINT handler is switched off
+(``TUNE_DISABLE_SIGINT_HANDLER``), so SIGINT and SIGTERM only request a cancellation; a Tune
+stopper then stops every trial at Tune's next step, and the sweep raises
+:class:`~ppt_bench.core.cancel.Cancelled` with the finished runs in the results file.
+
+Ray offers public settings for most of this (``ray.init``'s arguments, its environment
+variables, ``ray.util``, Tune's ``RunConfig``); three things it has no public way to do, and
+each private call says so where it is made: keep a new local instance on 127.0.0.1
+(:func:`_loopback_only`), read the token settings again in a process that already read them
+(:func:`_reload_auth_config`), and ask a cluster's GCS once, with a timeout (:func:`check_token`).
 """
 
 from __future__ import annotations
@@ -39,10 +51,17 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray._private import ray_constants
-from ray._raylet import GcsClient
+from ray._private import ray_constants  # private: see _loopback_only
+from ray._raylet import (  # private: see _reload_auth_config and check_token
+    AuthenticationTokenLoader,
+    Config,
+    InnerGcsClient,
+)
+from ray.exceptions import AuthenticationError
+from ray.tune.stopper import Stopper
 from tqdm.auto import tqdm
 
+from ppt_bench.core import cancel
 from ppt_bench.core.atomic import atomic_write
 from ppt_bench.core.errors import UserError, check_output_path
 from ppt_bench.measure import metrics
@@ -61,10 +80,6 @@ _ADDRESS = re.compile(
 )
 # Where Tune logs the messages that _TuneInterruptFilter drops.
 _TUNE_LOGGERS = ("tune", "analysis.experiment_analysis")
-# Ray's error for a token the cluster refuses (Ray 2.52 and later).
-_AUTHENTICATION_ERROR = getattr(
-    ray.exceptions, "AuthenticationError", type("NoAuthenticationError", (Exception,), {})
-)
 # How long a cluster address may take to accept a connection (or its GCS to answer).
 CONNECT_TIMEOUT_S = 5.0
 
@@ -262,18 +277,17 @@ def check_token(address: str, source: str = "--ray-address") -> None:
     """Ask the cluster's GCS once, briefly: ``ray.init`` would retry for minutes when it refuses
     this machine's token or when something else listens at the address.
 
+    Ray has no public call that asks a GCS once with a timeout (``ray.init`` has no timeout
+    argument), so this uses the client that ``ray.init`` itself builds, private in Ray.
+
     Raises:
         UserError: the cluster refuses this process's token (none, or another cluster's), or
             no Ray GCS answers at the address.
     """
-    standalone = getattr(getattr(ray._raylet, "InnerGcsClient", None), "standalone", None)
     try:
         with _stderr_to_devnull():  # Ray's C++ log lines about it; ours says it all
-            if standalone is not None:
-                standalone(address, None, int(CONNECT_TIMEOUT_S * 1000))
-            else:  # pragma: no cover - older Ray
-                GcsClient(address=address)
-    except _AUTHENTICATION_ERROR:
+            InnerGcsClient.standalone(address, None, int(CONNECT_TIMEOUT_S * 1000))
+    except AuthenticationError:
         raise UserError(
             f"the Ray cluster at {source} {address} refused this machine's token "
             "(InvalidAuthToken): set RAY_AUTH_MODE=token and put the head node's token in "
@@ -333,11 +347,12 @@ def _path_hash(path: Path) -> str:
 
 
 def _reload_auth_config() -> None:
-    """Make this process's Ray read RAY_AUTH_MODE and the token again (Ray caches both)."""
-    try:  # imported here, to tell a Ray without token authentication (before 2.52)
-        from ray._raylet import AuthenticationTokenLoader, Config
-    except ImportError:
-        return
+    """Make this process's Ray read RAY_AUTH_MODE and the token again.
+
+    Ray reads both once per process and keeps them; it has no public call to read them again,
+    and without one a second sweep in this process would present the first instance's token.
+    So this calls what ``ray.init`` and Ray's own tests call, private in Ray.
+    """
     Config.initialize("")  # before the token cache, as Ray's own tests do
     AuthenticationTokenLoader.instance().reset_cache()
 
@@ -346,9 +361,12 @@ def _reload_auth_config() -> None:
 def _loopback_only() -> Iterator[None]:
     """Keep a new local instance on 127.0.0.1.
 
-    Ray replaces 127.0.0.1 by the machine's network address unless its multi-node support is
-    off; the switch is read once, when Ray is imported, so this process's copy is set here and
-    the Ray processes started meanwhile see the environment variable.
+    A new local instance takes this machine's address (``ray.util.get_node_ip_address``), its
+    network address, unless Ray's multi-node support is off; then it is 127.0.0.1. ``ray.init``
+    has no public argument for the address (``ray start --node-ip-address`` has, for a
+    cluster started by hand), and the documented switch, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER``,
+    is read once, when Ray is imported: so this process's copy of it, private in Ray, is set
+    here, and the Ray processes started meanwhile see the environment variable.
     """
     old = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
@@ -470,17 +488,27 @@ class RayRunner:
 
     @contextlib.contextmanager
     def _started(self, init: Callable[[], None]) -> Iterator[None]:
-        """Run ``init``, then the block; shut Ray down after both, even half started."""
+        """Run ``init``, then the block; shut Ray down after both, even half started.
+
+        ``ray.init`` replaces the SIGTERM handler with one that exits at once; the handler from
+        before is put back, so that SIGTERM goes on requesting a cancellation.
+        """
+        main = threading.current_thread() is threading.main_thread()
+        sigterm = signal.getsignal(signal.SIGTERM) if main else None
         try:
             init()
+            if sigterm is not None:
+                signal.signal(signal.SIGTERM, sigterm)
             yield
         finally:
             ray.shutdown()
+            if sigterm is not None:
+                signal.signal(signal.SIGTERM, sigterm)
 
     def _connect(self) -> None:
         try:
             ray.init(address=self.address, log_to_driver=False)
-        except (ConnectionError, _AUTHENTICATION_ERROR) as err:
+        except (ConnectionError, AuthenticationError) as err:
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
             reason = lines[0] if lines else type(err).__name__
             raise UserError(
@@ -492,9 +520,8 @@ class RayRunner:
             address="local",  # never join a cluster that happens to run on this machine
             num_cpus=self.num_cpus or os.cpu_count(),
             include_dashboard=False,
-            _node_ip_address="127.0.0.1",
             log_to_driver=False,
-        )
+        )  # on 127.0.0.1 (_loopback_only), with a token of its own (_generated_token)
 
     def _check_resources(self, todo: Sequence[RunSpec]) -> None:
         """Trials asking for more than the cluster has would wait forever: refuse them now."""
@@ -524,6 +551,7 @@ class RayRunner:
             storage_path=str(exp_dir.parent),
             callbacks=[RecordRows(self.out_csv, summary, total, self.progress)],
             failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+            stop=CancelStopper(),
             verbose=0,
         )
 
@@ -548,55 +576,44 @@ class RayRunner:
             )
         # The restored run config carries a copy of the old callback: write to this results
         # file and count into this summary.
-        for callback in tuner._local_tuner.get_run_config().callbacks or []:
+        run_config = tuner._local_tuner.get_run_config()
+        for callback in run_config.callbacks or []:
             if isinstance(callback, RecordRows):
                 callback.out_csv, callback.summary = self.out_csv, summary
                 callback.total, callback.done = total, set(skip)
+        run_config.stop = CancelStopper()  # an experiment saved without one gets one
         return tuner
 
     def _fit(self, tuner: tune.Tuner, exp_dir: Path) -> None:
-        """Run the trials; a sweep that Tune stopped on Ctrl-C ends as a KeyboardInterrupt.
+        """Run the trials, with Tune's SIGINT handler off: a signal only requests a
+        cancellation, which :class:`CancelStopper` turns into stopping every trial.
 
         Raises:
-            KeyboardInterrupt: SIGINT stopped the sweep. Tune catches the first one, stops every
-                trial, saves the experiment (resumed by the same command) and returns as if it
-                had finished; the finished runs are already in the results file.
+            Cancelled: a cancellation was requested; the finished runs are already in the
+                results file, and the same command runs the others.
         """
-        with _tune_sigint() as interrupted, _quiet_tune():
+        with environ(TUNE_DISABLE_SIGINT_HANDLER="1"), _quiet_tune():
             tuner.fit()  # trial errors are recorded by the callback, not raised
-            if interrupted():
-                raise KeyboardInterrupt
+        cancel.check()
         (exp_dir / _DONE_MARKER).touch()  # nothing left to restore
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+class CancelStopper(Stopper):
+    """Stops every trial of the experiment once a cancellation was requested
+    (:mod:`ppt_bench.core.cancel`); Tune asks it at each step of its loop."""
 
+    def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+        return False  # a trial reports once, when its run is done
 
-@contextlib.contextmanager
-def _tune_sigint() -> Iterator[Callable[[], bool]]:
-    """Tell whether Tune caught a SIGINT in the block.
-
-    Tune's handler, on the first SIGINT, puts back the handler it found; without one, Tune's
-    stays installed after the run. So the block starts with a handler of ours, and Tune caught
-    a SIGINT when that handler is back at the end. The handler from before is restored after.
-    """
-    tune_catches = not int(os.environ.get("TUNE_DISABLE_SIGINT_HANDLER") or "0")
-    if threading.current_thread() is not threading.main_thread() or not tune_catches:
-        yield lambda: False  # Tune catches nothing: SIGINT raises KeyboardInterrupt itself
-        return
-    before = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, _interrupt)
-    try:
-        yield lambda: signal.getsignal(signal.SIGINT) is _interrupt
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler if before is None else before)
+    def stop_all(self) -> bool:
+        return cancel.requested()
 
 
 class _TuneInterruptFilter(logging.Filter):
-    """Drops Tune's messages about a Ctrl-C and about trials without results (those not run
-    yet, when an interrupted experiment is restored): the CLI says what happened, and Tune's
-    advice to resume with ``Tuner.restore`` does not apply (the same command resumes)."""
+    """Drops Tune's messages about a stop signal (SIGUSR1, which Tune still catches) and about
+    trials without results (those not run yet, when an interrupted experiment is restored): the
+    CLI says what happened, and Tune's advice to resume with ``Tuner.restore`` does not apply
+    (the same command resumes)."""
 
     DROP = ("Stop signal received", "Experiment has been interrupted", "Failed to fetch metrics")
 

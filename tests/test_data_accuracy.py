@@ -20,7 +20,7 @@ from ppt_bench.data.loader import (
     image_folder_root,
     make_loader,
 )
-from ppt_bench.measure.accuracy import TokenStats, agreement_and_kl, evaluate_accuracy
+from ppt_bench.measure.accuracy import TokenStats, evaluate_accuracy, kl_per_image
 from ppt_bench.methods import create_method
 
 # Solid-colour images, 32 px, no resize effects: the transform is exactly x = pixel / 255.
@@ -127,12 +127,10 @@ def test_agreement_and_kl_against_a_reference(image_tree):
     assert result.kl > 0
 
 
-def test_agreement_and_kl_of_a_batch():
-    ref = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
-    agree, kl = agreement_and_kl(ref.flip(-1), ref)
-    assert agree == 0.0
-    assert kl > 0
-    assert agreement_and_kl(ref, ref) == (100.0, 0.0)
+def test_kl_of_each_image_of_a_batch():
+    ref = torch.tensor([[2.0, 0.0], [0.0, 1.0]]).log_softmax(-1)
+    assert (kl_per_image(ref.flip(-1), ref) > 0).all()
+    assert kl_per_image(ref, ref).tolist() == [0.0, 0.0]
 
 
 def test_root_val_layout_and_dataset_name(tmp_path):

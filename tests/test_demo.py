@@ -70,7 +70,7 @@ def test_a_demo_run_is_the_run_of_ppt_bench_run_with_the_same_settings(tmp_path,
     torch.save({"model": timm.create_model(MODEL_NAME).state_dict()}, checkpoint)
     monkeypatch.setattr(demo, "grid", lambda: {"ppt": None})  # the demo of one method
     config = demo.demo_config(str(checkpoint), "cpu", 64, "demo-cpu")
-    config.values["out"] = str(tmp_path / "demo.csv")
+    config.out = str(tmp_path / "demo.csv")
     specs = Sweep.plan(config).specs
     assert all(s.data_fingerprint and s.checkpoint_sha256 and s.machine for s in specs)
     argv = ["run", "--model", MODEL_NAME, "--data", "digits", "--checkpoint", str(checkpoint)]

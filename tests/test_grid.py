@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,15 @@ import torch
 from ppt_bench.core import identity
 from ppt_bench.core.errors import UserError
 from ppt_bench.core.keyvalue import parse_assignment, parse_sweep, parse_value
+from ppt_bench.results.spec import run_settings
 from ppt_bench.runners.base import grid_hash
-from ppt_bench.sweeps.config import build_config, example_config, load_config
+from ppt_bench.sweeps.config import (
+    SWEEP_SETTINGS,
+    SweepConfig,
+    build_config,
+    example_config,
+    load_config,
+)
 from ppt_bench.sweeps.grid import expand, grid_size, validate
 
 DEIT = "deit_tiny_patch16_224"
@@ -153,6 +162,20 @@ def test_example_config_documents_a_valid_sweep(tmp_path, monkeypatch):
     assert {s.device for s in specs} == {"cuda"}
     ppt = [s for s in specs if s.method == "ppt"]
     assert {s.params["threshold"] for s in ppt} == {3e-5, 7e-5, 1.5e-4}
+
+
+def test_the_sweep_config_has_one_attribute_of_its_type_per_declared_setting():
+    """SweepConfig lists the settings declared on RunSpec and in SWEEP_SETTINGS as attributes
+    that readers and IDEs see; the runners' options are in ``runner_options``."""
+    declared = {s.key: s for s in (*run_settings(), *SWEEP_SETTINGS)}
+    hints = typing.get_type_hints(SweepConfig)
+    listed = {f.name for f in dataclasses.fields(SweepConfig)} - {"methods", "runner_options"}
+    assert listed == set(declared)
+    for key, s in declared.items():
+        kind = typing.get_args(hints[key])[0] if s.axis or s.many else hints[key]
+        assert kind in (s.kind, s.kind | None), key
+    config = build_config(overrides={"models": [DEIT], "ray_address": "head:6379"})
+    assert config.batch_sizes == [64] and config.runner_options == {"ray_address": "head:6379"}
 
 
 def test_flags_override_the_config_file(tmp_path):

@@ -34,7 +34,10 @@ GRID = [
     "--workers", "0", "--sweep-name", "raytest", "--no-report", "--quiet", "--runner", "ray",
 ]  # fmt: skip
 RUNS = 8  # 7 merge runs and the baseline
-INTERRUPTED = "ppt-bench: interrupted; finished runs are kept in the results file"
+INTERRUPTED = (
+    "ppt-bench: interrupted within one batch or timed round; finished runs are kept in the "
+    "results file"
+)
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 STALE_TOKEN = "a-token-left-by-another-cluster"
 FIRST_RUN_TIMEOUT_S = 300  # Ray's start and the first trial on a slow, shared machine

@@ -15,6 +15,7 @@ import pytest
 
 import ppt_bench.engine.evaluate as evaluate_module
 from ppt_bench.cli import main
+from ppt_bench.core import cancel
 from ppt_bench.measure.outcomes import RunStore
 from ppt_bench.results.records import COLUMNS, make_rows, read_results, unit_of
 from ppt_bench.runners.local import LocalRunner
@@ -84,6 +85,46 @@ def test_cli_prints_each_failed_run_with_its_error(fake_evaluate, tmp_path, caps
     assert printed.err.splitlines() == [
         f"ppt-bench: failed run: {DEIT} merge r=98 (batch size 2): RuntimeError: boom"
     ]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_cancellation_during_a_sweep_stops_between_runs_and_keeps_the_finished_rows(
+    fake_evaluate, tmp_path, capsys, monkeypatch, signal_name
+):
+    """A signal that comes while the second run measures (here: a request of the flag, as the
+    signal handler makes) lets that run finish and be recorded, and no run starts after it; a
+    run that fails once the cancellation was requested is no failed run."""
+    out = tmp_path / "r.csv"
+    fake = evaluate_module.evaluate
+
+    def evaluate(s, **options):
+        if len(fake_evaluate) == 1:  # the second run: the first is in the results file
+            cancel.request(signal_name)
+        if len(fake_evaluate) == 2:
+            raise AssertionError("a run started after the cancellation")
+        return fake(s, **options)
+
+    monkeypatch.setattr(evaluate_module, "evaluate", evaluate)
+    flags = ["--model", DEIT, "--method", "merge", "--sweep", "r=[2,4,6]", "--batch-size", "2"]
+    code = main(["run", *flags, "--out", str(out), "--no-report", "--quiet"])
+    assert code == {"SIGTERM": 143, "SIGINT": 130}[signal_name]
+    said = "terminated (SIGTERM)" if signal_name == "SIGTERM" else "interrupted"
+    assert capsys.readouterr().err == (
+        f"ppt-bench: {said} within one batch or timed round; finished runs are kept in the "
+        "results file\n"
+    )
+    df = read_results(out)
+    assert [s.run_id for s in fake_evaluate] == list(df["run_id"].unique())
+    assert len(fake_evaluate) == 2 and set(df["status"]) == {"ok"}
+    assert not cancel.requested()  # the next command starts afresh
+
+    def fails(s, **options):
+        cancel.request("SIGINT")
+        raise RuntimeError("DataLoader worker exited unexpectedly")
+
+    monkeypatch.setattr(evaluate_module, "evaluate", fails)
+    assert main(["run", *flags, "--out", str(out), "--no-report", "--quiet"]) == 130
+    assert read_results(out).equals(df)  # no failed row, nothing lost
 
 
 def test_local_runner_skips_finished_runs_and_retries_failed_ones(spec, fake_evaluate, tmp_path):

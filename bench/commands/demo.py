@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     _, checkpoint, top1 = demo_model.load_or_train(retrain=args.retrain)
     print(f"digits model: {checkpoint} (test top-1 {top1:.2f}%)", flush=True)
     config = demo_config(str(checkpoint), args.device, args.batch_size, name)
-    config.values["out"] = str(out)
+    config.out = str(out)
     sweep = Sweep.plan(config)
     print(f"{len(sweep.specs)} runs at {', '.join(BUDGETS)} -> {out}", flush=True)
     if sweep.skipped:

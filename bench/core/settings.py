@@ -1,17 +1,17 @@
 """How a setting of ``ppt-bench run`` is declared: once, where it lives.
 
 A per-run setting is a field of :class:`~ppt_bench.results.spec.RunSpec` declared with
-:func:`setting`;
-a per-sweep one is a :class:`Setting` of the sweep configuration
-(:data:`ppt_bench.sweeps.grid.SWEEP_SETTINGS`). From that one declaration come the config-file key,
-the
-command-line flag, the type check, the line of ``--print-config``, and whether the setting
+:func:`setting`; a per-sweep one is a :class:`Setting` of the sweep configuration
+(:data:`ppt_bench.sweeps.config.SWEEP_SETTINGS`). From that one declaration come the config-file
+key, the command-line flag, the type check, the line of ``--print-config``, and whether the setting
 enters a run's id and the key of the unreduced model's outputs. Nothing else lists settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,23 +92,31 @@ def setting(default: Any, help: str, **declared: Any) -> Any:
     return field(default=default, metadata={"setting": (help, declared)})
 
 
-_KINDS = {"str": str, "int": int, "bool": bool, "float": float}
-
-
 def _kind(annotation: Any) -> type:
-    """``int`` for ``int | None``, ``str`` for ``tuple[str, ...]`` (annotations are text here)."""
-    text = str(annotation).removeprefix("tuple[")
-    return _KINDS[text.replace(" ", "").split("|")[0].split(",")[0].rstrip("]")]
+    """The type of one value of a field annotated ``annotation`` (a type, not its text): the
+    type itself, less ``None`` (``int | None`` -> ``int``) and less the sequence around it
+    (``tuple[str, ...]`` -> ``str``)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1:
+            return _kind(rest[0])
+    elif args and (origin, args[1:]) in ((tuple, (Ellipsis,)), (list, ())):
+        return _kind(args[0])  # of tuple[T, ...] or list[T]
+    elif origin is None and isinstance(annotation, type):
+        return annotation
+    raise TypeError(f"a setting holds one type, an optional one or a sequence of one: {annotation}")
 
 
 def settings_of(cls: type) -> list[Setting]:
     """The settings a dataclass declares with :func:`setting`, in field order."""
+    hints = typing.get_type_hints(cls)  # the annotations as types, whatever their spelling
     out = []
     for f in dataclasses.fields(cls):
         if "setting" not in f.metadata:
             continue
         help, declared = f.metadata["setting"]
-        kind = _kind(f.type)
+        kind = _kind(hints[f.name])
         default = None if f.default is dataclasses.MISSING else f.default
         default = list(default) if isinstance(default, tuple) else default
         declared = {"key": f.name, **declared}

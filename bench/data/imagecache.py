@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
+from ppt_bench.core import cancel
 from ppt_bench.core.atomic import locked
 from ppt_bench.core.decode import Batch, load_sample
 from ppt_bench.core.defaults import cache_root
@@ -324,6 +325,7 @@ def _build(
         bar = tqdm(total=n, desc="caching images", unit="img", leave=False, disable=not progress)
         with (tmp / IMAGES).open("wb") as f, bar:
             for images, batch_labels, batch_readable in loader:
+                cancel.check()  # a cancelled build leaves nothing (the finally below)
                 _write(f, images.numpy().tobytes())
                 b = len(batch_labels)
                 labels[done : done + b] = batch_labels.numpy()

@@ -7,7 +7,8 @@ drop path, and the token selections are differentiable with respect to the token
 
 Under ``torchrun`` (``WORLD_SIZE > 1``) the loop runs data-parallel: one process per GPU (NCCL)
 or per CPU process (Gloo), ``DistributedDataParallel``, a ``DistributedSampler``; only rank 0
-evaluates, logs and saves. ``ppt-bench train`` is :func:`add_arguments` plus :func:`run`.
+evaluates, logs and saves. The loop checks the cancellation flag (:mod:`ppt_bench.core.cancel`)
+between batches; a cancelled training saves nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm.auto import tqdm
 
+from ppt_bench.core import cancel
 from ppt_bench.core.atomic import atomic_write
 from ppt_bench.core.defaults import DTYPES
 from ppt_bench.core.dtypes import amp_autocast
@@ -303,6 +305,7 @@ def _train_epoch(loop: _Loop, loader: DataLoader, epoch: int, bar: Any) -> tuple
         loader.sampler.set_epoch(epoch)
     total, n, unreadable = 0.0, 0, 0
     for x, y, skipped in loader:
+        cancel.check()
         unreadable += skipped
         bar.update(1)
         if x is None:

@@ -1,14 +1,13 @@
 """Accuracy against labels and against the unreduced model, with token statistics on the way.
 
 One pass over the data keeps, image by image (:class:`~ppt_bench.measure.outcomes.Outcomes`), the
-top-1
-prediction, whether the label is in the top 5 (as timm's ``accuracy``), the loss, and the
+top-1 prediction, whether the label is in the top 5 (as timm's ``accuracy``), the loss, and the
 label-free agreement and KL divergence against the unreduced model's outputs on the same images
 (a :class:`~ppt_bench.measure.outcomes.Reference`, computed once per sweep); and the tokens left
-after
-each block, ppt's pooled fraction at each location, and how many images took each
+after each block, ppt's pooled fraction at each location, and how many images took each
 pruning/pooling path (for the MACs mean). The figures and their 95% intervals follow from the
-per-image outcomes (:mod:`ppt_bench.core.stats`).
+per-image outcomes (:mod:`ppt_bench.core.stats`). The pass checks the cancellation flag
+(:mod:`ppt_bench.core.cancel`) between batches.
 """
 
 from __future__ import annotations
@@ -24,14 +23,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from ppt_bench.core import stats
+from ppt_bench.core import cancel, stats
 from ppt_bench.core.dtypes import amp_autocast
 from ppt_bench.core.errors import UserError
 from ppt_bench.data.loader import device_transform
 from ppt_bench.measure.outcomes import Outcomes, Reference
 from ppt_bench.methods import is_patched
-
-ACCURACY_METRICS = ("top1", "top5", "loss", "agreement_top1", "kl")
 
 
 def unreduced_tokens(model: nn.Module) -> tuple[int, ...] | None:
@@ -118,10 +115,29 @@ class AccuracyResult:
     def n_images(self) -> int:
         return self.outcomes.n_images
 
-    def __getattr__(self, name: str) -> float:
-        if name in ACCURACY_METRICS:  # top1, loss, ...: the figure without its interval
-            return self.outcomes.estimates()[name].value
-        raise AttributeError(name)
+    # Each figure without its interval.
+    @property
+    def top1(self) -> float:
+        return self._figure("top1")
+
+    @property
+    def top5(self) -> float:
+        return self._figure("top5")
+
+    @property
+    def loss(self) -> float:
+        return self._figure("loss")
+
+    @property
+    def agreement_top1(self) -> float:
+        return self._figure("agreement_top1")
+
+    @property
+    def kl(self) -> float:
+        return self._figure("kl")
+
+    def _figure(self, name: str) -> float:
+        return self.outcomes.estimates()[name].value
 
     def metrics(
         self, labeled: bool = True, reduced: bool = True
@@ -139,18 +155,6 @@ class AccuracyResult:
             versus = self.outcomes.against_reference()
             out["delta_top1"], out["p_value"] = versus.delta, versus.p_value
         return out
-
-
-def agreement_and_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> tuple[float, float]:
-    """Top-1 agreement (%) and mean ``KL(softmax(ref) || softmax(logits))`` (nats) of a batch.
-
-    Args:
-        logits: reduced model outputs ``[B, K]``.
-        ref_logits: unreduced model outputs ``[B, K]`` on the same images.
-    """
-    agree = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() * 100.0
-    kl = kl_per_image(logits.log_softmax(-1), ref_logits.log_softmax(-1)).mean()
-    return agree.item(), kl.item()
 
 
 def kl_per_image(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
@@ -172,11 +176,16 @@ def _batches(
     loader: DataLoader, device: str | torch.device, desc: str, progress: bool
 ) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, int]]:
     """``(images on device, labels on device, unreadable)`` of each batch (None when a batch
-    held no readable image)."""
+    held no readable image).
+
+    Raises:
+        Cancelled: a cancellation was requested (checked as each batch arrives).
+    """
     normalize = device_transform(loader, reuse_output=True)  # each batch is done with below
     for images, labels, skipped in tqdm(
         loader, desc=desc, leave=False, disable=not progress, unit="batch"
     ):
+        cancel.check()
         if images is None:
             yield None, None, skipped
             continue

@@ -9,7 +9,9 @@ is the median of the per-round ratios with its 95% interval (:mod:`ppt_bench.cor
 ratio of two runs made at different times or places. On CUDA the timed loop is bracketed
 by CUDA events (throughput) or synchronised around each batch (latency); on the CPU it is timed
 with ``time.perf_counter``. A CUDA out-of-memory error retries at a smaller batch
-(``timm.utils.decay_batch_step``) and the result records the batch size actually used.
+(``timm.utils.decay_batch_step``) and the result records the batch size actually used. The
+cancellation flag (:mod:`ppt_bench.core.cancel`) is checked before each model's warm-up and
+between timed rounds, never inside a timed loop.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from timm.utils import decay_batch_step
 from torch import nn
 
-from ppt_bench.core import stats
+from ppt_bench.core import cancel, stats
 from ppt_bench.core.defaults import DEFAULT_ITERS, DEFAULT_ROUNDS, DEFAULT_WARMUP
 from ppt_bench.core.dtypes import amp_autocast
 from ppt_bench.core.errors import UserError
@@ -190,6 +192,7 @@ def _warm_step(
     synchronisation in the forward. Call this inside the autocast context that the timed
     loop runs in, so autocast's cast weights stay alive for the replays.
     """
+    cancel.check()
     if _is_cuda(x.device.type):
         torch.backends.cudnn.benchmark = True  # as timm's benchmark.py: pick the fastest conv
     step = lambda: model(x)
@@ -302,6 +305,7 @@ def measure_throughput(*args: Any, **kwargs: Any) -> Speed:
     def timer(steps: list[Callable[[], object]], batch: int, iters: int) -> list[np.ndarray]:
         ips = [[] for _ in steps]
         for order in alternating(timing.rounds, len(steps)):
+            cancel.check()
             for i in order:
                 ips[i].append(batch * iters / time_total(steps[i], iters, device))
         return [np.asarray(x) for x in ips]
@@ -331,7 +335,11 @@ def measure_latency(*args: Any, **kwargs: Any) -> Latency:
     device = timing.device
 
     def timer(steps: list[Callable[[], object]], batch: int, iters: int) -> np.ndarray:
-        return np.asarray(time_each(steps[0], iters * timing.rounds, device)) * 1e3
+        times = []
+        for _ in range(timing.rounds):
+            cancel.check()
+            times += time_each(steps[0], iters, device)
+        return np.asarray(times) * 1e3
 
     times_ms, used, _ = timing.run(timer)
     return Latency(stats.quantile(times_ms, 0.5), stats.quantile(times_ms, 0.9), used)

@@ -3,12 +3,11 @@ speedup at each batch size, throughput vs batch size, each point with its 95% in
 error bar where the run recorded one.
 
 All take the wide runs frame of :func:`ppt_bench.results.report.tidy_runs` (one row per run, one
-column
-per metric) and draw one panel per model (and batch size). A plot whose metrics are missing is
-not drawn. Every method keeps one colour and marker in every plot (:func:`style`): the marker's
-shape says its family (pruning: triangles, merging: circles and polygons, hybrid: squares and
-diamonds), the colour which method it is; a method's runs are joined in order of cost, and the
-budgets of a sweep run at budgets are drawn as dotted guides.
+column per metric) and draw one panel per model (and batch size). A plot whose metrics are
+missing is not drawn. Every method keeps one colour and marker in every plot (:func:`style`):
+the marker's shape says its family (pruning: triangles, merging: circles and polygons, hybrid:
+squares and diamonds), the colour which method it is; a method's runs are joined in order of
+cost, and the budgets of a sweep run at budgets are drawn as dotted guides.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from typing import TYPE_CHECKING
 from matplotlib.figure import Figure
 
 from ppt_bench.methods import PlotStyle, get_method_class, list_methods
-from ppt_bench.results.records import format_params
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -87,11 +85,6 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
         if not front or acc > front[-1][1]:
             front.append((cost, acc))
     return front
-
-
-def _label(row: pd.Series) -> str:
-    params = format_params(row["params"])
-    return f"{row['method']} {params}".strip()
 
 
 def _panels(n: int, width: float = 7.0) -> tuple[Figure, list[Axes]]:

@@ -32,8 +32,7 @@ reach (or a method with a reason instead of a knob on the model) is a :class:`Re
 
 Speed budgets start from the MAC budget ``1 / speedup`` and search the knob on the measured
 paired speedup (:func:`ppt_bench.measure.throughput.measure_throughput` against the unreduced
-model):
-each probe times both models in alternating rounds, so one budget costs several timed runs.
+model): each probe times both models in alternating rounds, so one budget costs several timed runs.
 """
 
 from __future__ import annotations
@@ -54,6 +53,7 @@ import torch
 from tabulate import tabulate
 from torch import nn
 
+from ppt_bench.core import cancel
 from ppt_bench.core.errors import UserError
 from ppt_bench.measure.macs import macs_torchprofile, uncounted_macs
 from ppt_bench.measure.throughput import compile_for_timing, measure_throughput
@@ -640,6 +640,7 @@ def resolve_sweep(
                 f"{unpatchable_reason(spec.model)}"
             )
         for budget in budgets:
+            cancel.check()
             cost = model_cost(spec.model)
             if budget.kind == "speedup" and measure:
                 key: Any = (spec.run_id, budget.label)
@@ -661,42 +662,6 @@ def resolve_sweep(
     return plan
 
 
-__all__ = [
-    "Budget",
-    "ModelCost",
-    "Plan",
-    "Resolution",
-    "model_cost",
-    "parse_budget",
-    "plan_sweep",
-    "record_skipped",
-    "resolve_macs",
-    "resolve_speed",
-    "resolve_sweep",
-    "search_speed",
-]
-
-
-def plan_sweep(
-    specs: Sequence[RunSpec], budgets: Sequence[str], *, print_only: bool = False
-) -> tuple[list[RunSpec], list[tuple[RunSpec, str]]]:
-    """``ppt-bench run --budget``: the sweep's runs at its budgets, and the skipped ones; with
-    ``print_only`` (``--plan``), print the table and measure nothing (a speed budget shows its
-    MAC starting point).
-
-    Raises:
-        UserError: ``--plan`` without a budget, or a method without a knob.
-    """
-    if not budgets:
-        raise UserError("--plan prints the settings a sweep resolves at its budgets: add --budget")
-    plan = resolve_sweep(specs, budgets, measure=not print_only)
-    if print_only:
-        print(plan.table())
-        if any(parse_budget(b).kind == "speedup" for b in budgets):
-            print("(speed budgets: the MAC starting point; the run measures from there)")
-    return plan.specs, plan.skipped
-
-
 def record_skipped(skipped: Sequence[tuple[RunSpec, str]], out: Any) -> int:
     """Write each skipped run as one ``status=skipped`` row with its reason, unless the results
     file has it already; returns how many were skipped."""
@@ -711,3 +676,18 @@ def record_skipped(skipped: Sequence[tuple[RunSpec, str]], out: Any) -> int:
             append_rows(path, make_rows(spec, {}, status="skipped", error=reason))
             seen.add(spec.run_id)
     return len(skipped)
+
+
+__all__ = [
+    "Budget",
+    "ModelCost",
+    "Plan",
+    "Resolution",
+    "model_cost",
+    "parse_budget",
+    "record_skipped",
+    "resolve_macs",
+    "resolve_speed",
+    "resolve_sweep",
+    "search_speed",
+]

@@ -113,25 +113,40 @@ class MethodPlan:
 class SweepConfig:
     """Everything ``ppt-bench run`` needs, after merging the config file and the CLI flags.
 
-    Args:
-        values: every setting by its key (:func:`all_settings`), defaults filled in; axes and
-            list settings as lists. Each is also an attribute (``config.batch_sizes``).
+    One attribute per setting of :func:`all_settings`, named by its config key, defaults filled
+    in, axes and list settings as lists; each setting is declared (help, flag, type) on
+    :class:`~ppt_bench.results.spec.RunSpec` or in :data:`SWEEP_SETTINGS`, and only listed here,
+    where a test checks that the two agree. Made by :func:`build_config`.
+
+    Attributes:
         methods: the methods, from ``--method`` and the file's ``[methods.<name>]`` tables.
+        runner_options: the runners' own options that were given (``ray_address``), by key.
     """
 
-    values: dict[str, Any]
+    # Per run: the settings of RunSpec.
+    models: list[str]
+    data: str | None
+    checkpoint: str | None
+    device: str
+    dtype: list[str]
+    compile: list[str]
+    batch_sizes: list[int]
+    seed: int
+    metrics: list[str]
+    n_images: int | None
+    sweep_name: str
+    workers: int
+    cache: bool
+    cache_dir: str | None
+    rounds: int
+    # Per sweep: SWEEP_SETTINGS.
+    baseline: bool
+    budget: list[str]
+    runner: str
+    out: str | None
+    report: str | None
     methods: list[MethodPlan] = field(default_factory=list)
-
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self.__dict__["values"][key]
-        except KeyError:
-            raise AttributeError(key) from None
-
-    @property
-    def runner_options(self) -> dict[str, Any]:
-        """The options of the runners that were given (``ray_address``)."""
-        return {k: self.values[k] for k in runner_options() if self.values.get(k) is not None}
+    runner_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def out_path(self) -> Path:
@@ -260,7 +275,10 @@ def build_config(
         from ppt_bench.sweeps.budget import parse_budget
 
         values["budget"] = [parse_budget(b).label for b in values["budget"]]
-    config = SweepConfig(values, plans)
+    options = runner_options()
+    given_options = {k: v for k, v in values.items() if k in options and v is not None}
+    settings = {k: v for k, v in values.items() if k not in options}
+    config = SweepConfig(**settings, methods=plans, runner_options=given_options)
     if config.runner not in RUNNERS:
         raise UserError(f"runner must be one of {', '.join(RUNNERS)}, got {config.runner!r}")
 

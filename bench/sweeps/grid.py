@@ -89,7 +89,7 @@ def make_spec(
 def grid_size(config: SweepConfig) -> int:
     """How many runs :func:`expand` (and a sweep's budgets) will make of ``config``, counted
     without making them, so that a sweep can say how big it is before it checks them."""
-    points = math.prod(len(config.values[s.key]) for s in run_settings() if s.axis)
+    points = math.prod(len(getattr(config, s.key)) for s in run_settings() if s.axis)
     methods = sum(len(plan.combinations()) for plan in config.methods)
     return points * (int(config.baseline) + methods * max(1, len(config.budget or ())))
 
@@ -107,12 +107,12 @@ def expand(config: SweepConfig) -> list[RunSpec]:
         runs += [(plan.name, params) for params in plan.combinations()]
     declared = run_settings()
     axes = [s for s in declared if s.axis]  # model, dtype, compile, batch size: outermost first
-    common = {s.field: config.values[s.key] for s in declared if not s.axis}
+    common = {s.field: getattr(config, s.key) for s in declared if not s.axis}
     for key, builtin in _PATHS.items():
         common[key] = _absolute(key, common[key], builtin)
     experiment = experiment_identity(common["data"], common["checkpoint"], _machine(config))
     specs: dict[str, RunSpec] = {}
-    for point in itertools.product(*(config.values[s.key] for s in axes)):
+    for point in itertools.product(*(getattr(config, s.key) for s in axes)):
         where = {s.field: value for s, value in zip(axes, point, strict=True)}
         for method, params in runs:
             spec = make_spec(method=method, params=params, experiment=experiment, **where, **common)
