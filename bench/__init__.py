@@ -6,16 +6,13 @@ The library API (:mod:`ppt_bench.api`), which the ``ppt-bench`` commands stand o
 >>> results = ppt_bench.sweep(models=["deit_tiny_patch16_224"], methods=["ppt", "tome"])
 >>> ppt_bench.write_report("results/sweep.csv", "reports/sweep.md")
 
-The three functions here hand over to :mod:`ppt_bench.api` with the same arguments, importing it
+The three functions here hand over to :mod:`ppt_bench.api` with their arguments, importing it
 on the first call: it imports torch, timm and pandas, which ``import ppt_bench`` (and so
 ``ppt-bench --help`` and the other light commands) should not wait for.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ppt_bench.core.identity import VERSION as __version__
@@ -26,45 +23,28 @@ if TYPE_CHECKING:
     from ppt_bench.results.report import Report
 
 
-def sweep(
-    models: Sequence[str] | None = None,
-    methods: Sequence[str] | None = None,
-    *,
-    config: str | Path | None = None,
-    params: Mapping[str, Any] | None = None,
-    sweep: Mapping[str, Sequence[Any]] | None = None,
-    progress: bool = False,
-    **settings: Any,
-) -> pd.DataFrame:
+def sweep(*args: Any, **kwargs: Any) -> pd.DataFrame:
     """Run a grid of models x methods x parameters x batch sizes and return its results:
-    :func:`ppt_bench.api.sweep`, which describes the arguments."""
+    :func:`ppt_bench.api.sweep`, whose arguments it takes."""
     from ppt_bench import api  # imported here: torch, timm and pandas (see above)
 
-    return api.sweep(
-        models, methods, config=config, params=params, sweep=sweep, progress=progress, **settings
-    )
+    return api.sweep(*args, **kwargs)
 
 
-def read_results(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> pd.DataFrame:
+def read_results(*args: Any, **kwargs: Any) -> pd.DataFrame:
     """The rows of one or several results CSVs in one frame, checked:
-    :func:`ppt_bench.results.records.read_results`."""
+    :func:`ppt_bench.results.records.read_results`, whose arguments it takes."""
     from ppt_bench import api  # imported here: torch, timm and pandas (see above)
 
-    return api.read_results(paths)
+    return api.read_results(*args, **kwargs)
 
 
-def write_report(
-    csvs: str | os.PathLike | Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    *,
-    command: str | None = None,
-    notes: str | os.PathLike | None = None,
-) -> Report:
+def write_report(*args: Any, **kwargs: Any) -> Report:
     """Write the markdown report of results CSVs and its PNG plots:
-    :func:`ppt_bench.results.report.write_report`, which describes the arguments."""
+    :func:`ppt_bench.results.report.write_report`, whose arguments it takes."""
     from ppt_bench import api  # imported here: torch, timm and pandas (see above)
 
-    return api.write_report(csvs, out, command=command, notes=notes)
+    return api.write_report(*args, **kwargs)
 
 
 __all__ = ["__version__", "read_results", "sweep", "write_report"]

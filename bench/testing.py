@@ -34,8 +34,10 @@ suite runs on a CPU in minutes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
+import typing
 from functools import cache
 
 import pytest
@@ -164,14 +166,26 @@ def test_has_its_own_plot_style(name):
     assert style(name) == own  # stable
 
 
+# Values each parameter of a plain type must refuse: its message names the parameter.
+_REFUSED = {
+    bool: ("yes",),
+    int: (-1, 2.5, True),
+    float: (math.nan, -1.0, "0.5"),
+    tuple[int, ...]: ([1, 1], [0, -1]),
+}
+
+
 def _invalid_cases() -> list:
+    """Per method: an unknown parameter, the refused values of each parameter of a plain type
+    (:data:`_REFUSED`, every method's checks alike), and the method's own ``Examples.invalid``
+    (its ranges, choices and the rules of its other types)."""
     cases = []
     for name in METHODS:
         cls = get_method_class(name)
         cases.append((name, {"no_such_parameter": 1}, "has no parameter 'no_such_parameter'"))
-        for f in cls.__dataclass_fields__.values():
-            if f.type in ("bool", bool):
-                cases.append((name, {f.name: "yes"}, f"{f.name} must be true or false"))
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            cases += [(name, {f.name: v}, f.name) for v in _REFUSED.get(hints[f.name], ())]
         cases += [(name, dict(params), match) for params, match in cls.examples.invalid]
     return cases
 

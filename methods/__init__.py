@@ -8,16 +8,9 @@
 
 from __future__ import annotations
 
+from ppt_bench.methods import contract
 from ppt_bench.methods.base import Method
-from ppt_bench.methods.contract import (
-    Examples,
-    Features,
-    Knob,
-    PlotStyle,
-    Reduced,
-    ReductionInfo,
-    ViTInfo,
-)
+from ppt_bench.methods.contract import *  # noqa: F403 - what a method and the patch exchange
 from ppt_bench.methods.patch import is_patched, patch
 from ppt_bench.methods.registry import (
     create_method,
@@ -28,14 +21,8 @@ from ppt_bench.methods.registry import (
 )
 
 __all__ = [
-    "Examples",
-    "Features",
-    "Knob",
+    *contract.__all__,
     "Method",
-    "PlotStyle",
-    "Reduced",
-    "ReductionInfo",
-    "ViTInfo",
     "create_method",
     "get_method_class",
     "is_patched",

@@ -380,10 +380,8 @@ class ATC(KeepAtLocations):
         identity={"keep_rate": 1.0},
         reducing={"keep_rate": 0.8},
         invalid=(
-            ({"keep_rate": 0.0}, r"keep_rate must be in \(0, 1\]"),
             ({"keep_rate": 1.5}, r"keep_rate must be in \(0, 1\]"),
             ({"linkage": "ward"}, "linkage must be one of complete, average, single"),
-            ({"prop_attn": "yes"}, "prop_attn must be true or false"),
         ),
     )
     needs = frozenset({KEY_MEAN})

@@ -429,7 +429,8 @@ def check_locations(value: Any, default: Iterable[int] | None = None) -> tuple[i
             f"locations must be a list of block indices like [3, 6, 9], got {value!r}"
         ) from None
     for loc in locs:
-        check_int("each location", loc)
+        if isinstance(loc, bool) or not isinstance(loc, int) or loc < 0:
+            raise MethodError(f"locations must be block indices, integers >= 0, got {loc!r}")
     if len(set(locs)) != len(locs):
         raise MethodError(f"locations must be distinct, got {list(locs)}")
     return tuple(sorted(locs))

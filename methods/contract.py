@@ -25,6 +25,12 @@ import torch
 
 from ppt_bench.core.errors import MethodError
 
+__all__ = [
+    "AFTER_ATTN", "AFTER_MLP", "ATTN", "CLS_ATTN", "FAMILIES", "FEATURES", "IN_ATTN", "KEY_MEAN",
+    "REDUCE_POINTS", "VALUE_NORM", "Examples", "Features", "Knob", "PlotStyle", "Reduced",
+    "ReductionInfo", "ViTInfo",
+]  # fmt: skip
+
 # What a method can ask the patch for at a reduction location (``Method.needs``).
 CLS_ATTN = "cls_attn"  # class-token attention row, [B, H, N]
 KEY_MEAN = "key_mean"  # keys averaged over heads, [B, N, d]

@@ -37,7 +37,6 @@ class TopK(ScorePrune):
     examples = Examples(
         identity={"r": 0},
         reducing={"r": 8},
-        invalid=(({"r": 2.5}, r"r must be an integer"),),
     )
     needs = frozenset({CLS_ATTN})
 
@@ -78,7 +77,6 @@ class RandomDrop(ScorePrune):
     examples = Examples(
         identity={"r": 0},
         reducing={"r": 8},
-        invalid=(({"seed": -1}, r"seed must be an integer >= 0"),),
     )
     seed: int = 0
 

@@ -92,9 +92,6 @@ class EViT(KeepAtLocations):
         invalid=(
             ({"keep_rate": 0}, r"keep_rate must be in \(0, 1\]"),
             ({"keep_rate": 1.5}, r"keep_rate must be in \(0, 1\]"),
-            ({"keep_rate": math.nan}, r"keep_rate"),
-            ({"fuse": "yes"}, r"fuse must be true or false"),
-            ({"locations": [3, 3]}, r"distinct"),
         ),
     )
     needs = frozenset({CLS_ATTN})

@@ -27,7 +27,6 @@ class Merge(BipartiteMerging, FixedBudget):
     examples = Examples(
         identity={"r": 0},
         reducing={"r": 8},
-        invalid=(({"r": True}, r"r must be an integer >= 0"),),
     )
 
     def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:

@@ -184,7 +184,6 @@ class PiToMe(KeepRatio):
         invalid=(
             ({"ratio": 0}, r"ratio must be a number in \(0, 1\]"),
             ({"ratio": 1.2}, r"ratio must be a number in \(0, 1\]"),
-            ({"ratio": math.nan}, r"ratio"),
         ),
     )
     needs = frozenset({KEY_MEAN})

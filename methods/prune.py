@@ -34,7 +34,6 @@ class Prune(ScorePrune):
     examples = Examples(
         identity={"r": 0},
         reducing={"r": 8},
-        invalid=(({"r": 2.5}, r"r must be an integer >= 0"),),
     )
     needs = frozenset({CLS_ATTN, VALUE_NORM})
     prop_attn: bool = False

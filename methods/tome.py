@@ -36,8 +36,6 @@ class ToMe(BipartiteMerging, Scheduled):
         identity={"r": 0},
         reducing={"r": 4},
         invalid=(
-            ({"r": -1}, r"r must be"),
-            ({"r": True}, r"r must be"),
             ({"r": "8"}, r"r must be"),
             ({"r": [16, -1]}, r"r must be .* inflection a float"),
             ({"r": (16, 2.0)}, r"inflection .* must be in \[-1, 1\]"),

@@ -96,17 +96,19 @@ def test_accuracy_on_generated_image_folder(image_tree, batch_size, workers):
     result = evaluate_accuracy(model, loader)
     expected = hand_answer()
     assert (expected["top1"], expected["top5"]) == (37.5, 75.0)  # the hand count itself
-    assert result.top1 == pytest.approx(expected["top1"])
-    assert result.top5 == pytest.approx(expected["top5"])
-    assert result.loss == pytest.approx(expected["loss"], rel=1e-5)
+    assert result.figure("top1") == pytest.approx(expected["top1"])
+    assert result.figure("top5") == pytest.approx(expected["top5"])
+    assert result.figure("loss") == pytest.approx(expected["loss"], rel=1e-5)
     assert result.n_images == len(IMAGES)
     assert result.unreadable_images == 1
-    assert (result.agreement_top1, result.kl) == (100.0, 0.0)
+    assert (result.figure("agreement_top1"), result.figure("kl")) == (100.0, 0.0)
     # The per-image outcomes give timm's accuracy over the same logits.
     logits = torch.tensor([logits_with_rank(*im) for im in IMAGES])
     labels = torch.tensor([label for label, _ in IMAGES])
     top1, top5 = timm_accuracy(logits, labels, topk=(1, 5))
-    assert (result.top1, result.top5) == pytest.approx((top1.item(), top5.item()))
+    assert (result.figure("top1"), result.figure("top5")) == pytest.approx(
+        (top1.item(), top5.item())
+    )
 
 
 def test_agreement_and_kl_against_a_reference(image_tree):
@@ -117,14 +119,14 @@ def test_agreement_and_kl_against_a_reference(image_tree):
     loader, _ = make_loader(str(tree), DATA_CONFIG, 3, workers=0)
     result = evaluate_accuracy(model, loader, reference)
     # The model always ranks the label first; the reference only where its rank is 0.
-    assert result.agreement_top1 == pytest.approx(100.0 * ranks.count(0) / len(ranks))
+    assert result.figure("agreement_top1") == pytest.approx(100.0 * ranks.count(0) / len(ranks))
     kl = 0.0
     for label, rank in IMAGES:
         p = torch.tensor(logits_with_rank(label, rank)).softmax(-1)
         q = torch.tensor(logits_with_rank(label, 0)).softmax(-1)
         kl += float((p * (p.log() - q.log())).sum())
-    assert result.kl == pytest.approx(kl / len(IMAGES), rel=1e-5)
-    assert result.kl > 0
+    assert result.figure("kl") == pytest.approx(kl / len(IMAGES), rel=1e-5)
+    assert result.figure("kl") > 0
 
 
 def test_kl_of_each_image_of_a_batch():

@@ -118,8 +118,8 @@ def test_validation_is_the_evaluation_pass_of_ppt_bench_run():
     images, labels, unreadable = next(iter(loader))
     assert (images.shape[0], labels.shape[0], unreadable) == (32, 32, 0)
     val = evaluate_accuracy(result.model, loader, progress=False)
-    assert val.top1 == pytest.approx(result.val_top1)
-    assert val.loss == pytest.approx(result.history[-1].val_loss)
+    assert val.figure("top1") == pytest.approx(result.val_top1)
+    assert val.figure("loss") == pytest.approx(result.history[-1].val_loss)
 
 
 def test_save_checkpoint_replaces_atomically_and_keeps_old_file_on_failure(tmp_path):

@@ -420,7 +420,7 @@ def _validate(loop: _Loop, val_loader: DataLoader, progress: bool) -> tuple[floa
     val = evaluate_accuracy(
         model, val_loader, device=device, dtype=dtype, desc="val", progress=progress
     )
-    return val.top1, val.loss, val.unreadable_images
+    return val.figure("top1"), val.figure("loss"), val.unreadable_images
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -115,28 +115,9 @@ class AccuracyResult:
     def n_images(self) -> int:
         return self.outcomes.n_images
 
-    # Each figure without its interval.
-    @property
-    def top1(self) -> float:
-        return self._figure("top1")
-
-    @property
-    def top5(self) -> float:
-        return self._figure("top5")
-
-    @property
-    def loss(self) -> float:
-        return self._figure("loss")
-
-    @property
-    def agreement_top1(self) -> float:
-        return self._figure("agreement_top1")
-
-    @property
-    def kl(self) -> float:
-        return self._figure("kl")
-
-    def _figure(self, name: str) -> float:
+    def figure(self, name: str) -> float:
+        """One figure without its interval: ``top1``, ``top5``, ``loss``, ``agreement_top1`` or
+        ``kl``."""
         return self.outcomes.estimates()[name].value
 
     def metrics(
