@@ -98,13 +98,10 @@ METHODS = _methods()
 REDUCING = [m for m in METHODS if get_method_class(m).examples.reducing is not None]
 
 
-@cache
-def backbone(key: str, seed: int = 0) -> torch.nn.Module:
-    """The ``BACKBONES`` model ``key`` with random weights spread out (timm's LayerScale of
-    1e-5 would make every block almost the identity and hide mistakes), in eval mode."""
-    name, kwargs = BACKBONES[key]
-    torch.manual_seed(seed)
-    model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+def spread_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its LayerScale and norm weights spread out, in place: timm initialises
+    LayerScale at 1e-5 or so, which would make every block almost the identity and hide
+    mistakes."""
     with torch.no_grad():
         for module in model.modules():
             if isinstance(getattr(module, "gamma", None), torch.Tensor):
@@ -113,6 +110,17 @@ def backbone(key: str, seed: int = 0) -> torch.nn.Module:
                 module.weight.uniform_(0.8, 1.2)
                 module.bias.uniform_(-0.1, 0.1)
     return model
+
+
+@cache
+def backbone(key: str, seed: int = 0) -> torch.nn.Module:
+    """The ``BACKBONES`` model ``key`` with random weights (:func:`spread_weights`), in eval
+    mode."""
+    name, kwargs = BACKBONES[key]
+    torch.manual_seed(seed)
+    return spread_weights(
+        timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
+    )
 
 
 def _images(model: torch.nn.Module, n: int, seed: int = 1) -> torch.Tensor:

@@ -74,19 +74,16 @@ def make_model():
     timm initialises LayerScale at 1e-5 or so, which would make every block almost the identity
     and hide mistakes; the weights are spread out instead.
     """
+    # Imported here, not at the top: the contract suite lists the registered methods when it is
+    # imported, which must come after pytest_configure has put the plugin package on the path.
+    from ppt_bench.testing import spread_weights
 
     def make(arch: str, seed: int = 0, **kwargs) -> torch.nn.Module:
         name, defaults = ARCHS.get(arch, (arch, {}))
         torch.manual_seed(seed)
-        model = timm.create_model(name, pretrained=False, **{**defaults, **kwargs}).eval()
-        with torch.no_grad():
-            for module in model.modules():
-                if hasattr(module, "gamma") and isinstance(module.gamma, torch.Tensor):
-                    module.gamma.uniform_(0.5, 1.5)
-                if isinstance(module, torch.nn.LayerNorm) and module.weight is not None:
-                    module.weight.uniform_(0.8, 1.2)
-                    module.bias.uniform_(-0.1, 0.1)
-        return model
+        return spread_weights(
+            timm.create_model(name, pretrained=False, **{**defaults, **kwargs}).eval()
+        )
 
     return make
 
