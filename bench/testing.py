@@ -49,6 +49,7 @@ from ppt_bench.core.errors import MethodError, PatchError
 from ppt_bench.measure.macs import measure_macs
 from ppt_bench.methods import create_method, get_method_class, is_patched, list_methods
 from ppt_bench.methods.contract import FAMILIES, Knob
+from ppt_bench.methods.patch import vit_info
 from ppt_bench.methods.patch.attention import ATTN_IMPLS
 from ppt_bench.results.plots import FAMILY_MARKERS, style
 from ppt_bench.results.records import read_results
@@ -140,6 +141,19 @@ def _patched(name: str, key: str, params: dict, **apply) -> torch.nn.Module:
     return create_method(name, **params).apply(copy.deepcopy(backbone(key)), **apply)
 
 
+def identity(name: str, key: str) -> dict:
+    """The method's setting that reduces nothing on backbone ``key``: its declared
+    ``Examples.identity``, or its budget knob at the end that removes nothing."""
+    cls = get_method_class(name)
+    if cls.examples.identity is not None:
+        return dict(cls.examples.identity)
+    knob = create_method(name).budget_knob(vit_info(backbone(key)))
+    if not isinstance(knob, Knob):  # the baseline
+        return {}
+    end = knob.low if knob.more_at_high else knob.high
+    return {knob.param: int(end) if knob.kind == "int" else end}
+
+
 def _fits(name: str, key: str) -> bool:
     """Whether the method can reduce this backbone (one that needs a class token cannot reduce
     a model without one)."""
@@ -159,7 +173,7 @@ def test_declares_what_the_harness_needs(name):
     assert all(cls.parameter_help().values()), f"document every parameter: {cls.parameter_help()}"
     if name != "baseline":
         assert cls.examples.reducing is not None, "Examples.reducing: a setting that reduces"
-    for params in (cls.examples.identity, cls.examples.reducing or {}):
+    for params in (cls.examples.identity or {}, cls.examples.reducing or {}):
         create_method(name, **params)
 
 
@@ -186,15 +200,20 @@ _REFUSED = {
 def _invalid_cases() -> list:
     """Per method: an unknown parameter, the refused values of each parameter of a plain type
     (:data:`_REFUSED`, every method's checks alike), and the method's own ``Examples.invalid``
-    (its ranges, choices and the rules of its other types)."""
+    (its ranges, choices and the rules of its other types). Each message names the parameter."""
     cases = []
     for name in METHODS:
         cls = get_method_class(name)
         cases.append((name, {"no_such_parameter": 1}, "has no parameter 'no_such_parameter'"))
         hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            cases += [(name, {f.name: v}, f.name) for v in _REFUSED.get(hints[f.name], ())]
-        cases += [(name, dict(params), match) for params, match in cls.examples.invalid]
+        refused = {f.name: _REFUSED.get(hints[f.name], ()) for f in dataclasses.fields(cls)}
+        for param, values in cls.examples.invalid.items():
+            refused[param] = (*refused.get(param, ()), *values)
+        cases += [
+            (name, {param: value}, rf"\b{param}\b")
+            for param, values in refused.items()
+            for value in values
+        ]
     return cases
 
 
@@ -211,19 +230,19 @@ def test_invalid_parameters_are_refused(name, params, match):
 @pytest.mark.parametrize("key", list(BACKBONES))
 @pytest.mark.parametrize("name", METHODS)
 def test_zero_reduction_gives_the_unpatched_logits(name, key):
-    identity = get_method_class(name).examples.identity
     if not _fits(name, key):
         with pytest.raises((MethodError, PatchError), match="class token") as err:
-            _patched(name, key, identity)
+            _patched(name, key, identity(name, "plain"))
         assert "\n" not in str(err.value)
         return
     ref = backbone(key)
     x = _images(ref, 2)
     expected = _run(ref, x)
+    params = identity(name, key)
     for impl in ATTN_IMPLS if key in ALL_IMPLS else ("fast",):
-        model = _patched(name, key, identity, attn_impl=impl)
+        model = _patched(name, key, params, attn_impl=impl)
         diff = (_run(model, x) - expected).abs().max().item()
-        assert diff < 1e-5, f"{name} {identity} ({impl}) on {key}: max abs diff {diff}"
+        assert diff < 1e-5, f"{name} {params} ({impl}) on {key}: max abs diff {diff}"
     if is_patched(model):  # the baseline leaves the model as it is
         n = ref.patch_embed.num_patches + ref.num_prefix_tokens
         assert model.reduction_info.tokens == (n,) * len(ref.blocks)

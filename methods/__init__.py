@@ -18,6 +18,7 @@ from ppt_bench.methods.registry import (
     list_methods,
     method_params,
     register_method,
+    registered_methods,
 )
 
 __all__ = [
@@ -30,4 +31,5 @@ __all__ = [
     "method_params",
     "patch",
     "register_method",
+    "registered_methods",
 ]

@@ -52,7 +52,7 @@ from ppt_bench.methods.base import (
     KeepAtLocations,
     Method,
 )
-from ppt_bench.methods.contract import KEY_MEAN, Examples, Knob, PlotStyle, Reduced, ViTInfo
+from ppt_bench.methods.contract import KEY_MEAN, Examples, Knob, Reduced, ViTInfo
 
 LINKAGES = ("complete", "average", "single")
 
@@ -372,17 +372,11 @@ class ATC(KeepAtLocations):
         prop_attn: proportional attention (``+ log(size)``) after the first reduction.
     """
 
-    description = "ATC: agglomerative clustering of the tokens into int(T0 * keep_rate^k)"
-    reference = "ECCV 2024, arXiv 2409.11923"
+    description = "ATC (ECCV 2024): agglomerative clustering of the tokens, keep_rate^k of them"
     family = "merging"
-    style = PlotStyle(color="#98df8a", marker="*")
     examples = Examples(
-        identity={"keep_rate": 1.0},
         reducing={"keep_rate": 0.8},
-        invalid=(
-            ({"keep_rate": 1.5}, r"keep_rate must be in \(0, 1\]"),
-            ({"linkage": "ward"}, "linkage must be one of complete, average, single"),
-        ),
+        invalid={"keep_rate": (1.5,), "linkage": ("ward",)},
     )
     needs = frozenset({KEY_MEAN})
     demo_grid = ("keep_rate", (0.9, 0.8, 0.7))

@@ -59,12 +59,13 @@ class Method:
 
     Class attributes:
         name: registry name, set by the registry when the class is first loaded.
-        description: one line for ``ppt-bench list`` and the methods page.
-        reference: where the method is published (``"arXiv 2310.01812"``), or "" for controls.
+        description: one line for ``ppt-bench list`` and the methods page: what it does, and
+            where it is published (``"PPT (arXiv 2310.01812): ..."``).
         family: one of :data:`~ppt_bench.methods.contract.FAMILIES`, what it does with the
             tokens it removes (``"pruning"``, ``"merging"``, ``"hybrid"``); its plot marker's
             shape follows it.
-        style: its colour and marker in every plot (:class:`PlotStyle`; unset: from its name).
+        style: its colour and marker in every plot (:class:`PlotStyle`); what it leaves unset
+            comes from its place among the registered methods.
         examples: the settings the shared contract tests run (:class:`Examples`).
         needs: the :data:`~ppt_bench.methods.contract.FEATURES` this method reads at a location:
             ``"cls_attn"`` needs a model with a class token, ``"attn"`` computes the attention
@@ -91,7 +92,6 @@ class Method:
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
-    reference: ClassVar[str] = ""
     family: ClassVar[str] = "other"
     style: ClassVar[PlotStyle] = PlotStyle()
     examples: ClassVar[Examples] = Examples()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ppt_bench.methods.base import Method
-from ppt_bench.methods.contract import Examples, PlotStyle
+from ppt_bench.methods.contract import Examples
 
 
 @dataclass(frozen=True)
@@ -15,9 +15,7 @@ class Baseline(Method):
     """No token reduction; the model is returned untouched."""
 
     description = "no reduction: the unpatched timm model with its fused attention"
-
     family = "baseline"
-    style = PlotStyle(color="black", marker="*")
     examples = Examples()
 
     def apply(self, model: nn.Module, *, trace_source: bool = False, attn_impl: str = "fast"):

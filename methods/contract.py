@@ -113,17 +113,20 @@ class Examples:
     """Settings of a method that the shared contract tests (:mod:`ppt_bench.testing`) run.
 
     Args:
-        identity: parameters that reduce nothing on any model (``r=0``, ``keep_rate=1``): the
-            patched model must give the unpatched logits.
+        identity: parameters that reduce nothing on any model: the patched model must give the
+            unpatched logits. None (the default): the budget knob at its end that removes
+            nothing (``r=0``, ``keep_rate=1``).
         reducing: parameters that remove tokens from a 12-block model with 36 to 64 patch
             tokens (the contract suite's small timm backbones).
-        invalid: parameters the constructor must refuse with a ``MethodError`` whose message
-            contains the given text, e.g. ``({"r": -1}, "r must be")``.
+        invalid: values of its parameters the constructor must refuse with a ``MethodError``
+            that names the parameter (``{"keep_rate": (0, 1.5)}``): its ranges, choices and
+            the rules of its other types. The refused values of a plain ``bool``, ``int``,
+            ``float`` or ``tuple[int, ...]`` parameter need no listing: the suite derives them.
     """
 
-    identity: Mapping[str, Any] = field(default_factory=dict)
+    identity: Mapping[str, Any] | None = None
     reducing: Mapping[str, Any] | None = None
-    invalid: tuple[tuple[Mapping[str, Any], str], ...] = ()
+    invalid: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import ScorePrune, check_int
-from ppt_bench.methods.contract import CLS_ATTN, Examples, PlotStyle
+from ppt_bench.methods.contract import CLS_ATTN, Examples
 
 # Keeps the (seed, block) pairs of any realistic depth apart when mixed into one seed.
 _SEED_STRIDE = 10_000
@@ -33,11 +33,7 @@ class TopK(ScorePrune):
 
     description = "control: drop the r tokens the class token attends to least (no value norm)"
     family = "pruning"
-    style = PlotStyle(color="#8c564b", marker="<")
-    examples = Examples(
-        identity={"r": 0},
-        reducing={"r": 8},
-    )
+    examples = Examples(reducing={"r": 8})
     needs = frozenset({CLS_ATTN})
 
     def scores(self, x, feats, *, block, num_prefix) -> torch.Tensor:
@@ -72,12 +68,8 @@ class RandomDrop(ScorePrune):
 
     description = "control: drop r random tokens per location (seeded)"
     family = "pruning"
-    style = PlotStyle(color="#e377c2", marker=">")
     batch_independent = False  # its scores are seeded per position in the batch
-    examples = Examples(
-        identity={"r": 0},
-        reducing={"r": 8},
-    )
+    examples = Examples(reducing={"r": 8})
     seed: int = 0
 
     def validate(self) -> None:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ppt_bench.methods.contract import AFTER_MLP, Examples, PlotStyle, Reduced
+from ppt_bench.methods.contract import AFTER_MLP, Examples, Reduced
 from ppt_bench.methods.schedule import Scheduled
 
 if TYPE_CHECKING:
@@ -119,18 +119,9 @@ class DCT(Scheduled):
             block. Default 13, ToMe's setting for ViT-S.
     """
 
-    description = "DCT: keep the low frequencies of the token sequence (after each MLP)"
-    reference = "ACL 2023 (Fourier Transformer)"
+    description = "DCT (ACL 2023): keep the lowest frequencies of the token sequence, after the MLP"
     family = "merging"
-    style = PlotStyle(color="#bcbd22", marker="8")
-    examples = Examples(
-        identity={"r": 0},
-        reducing={"r": 4},
-        invalid=(
-            ({"r": -1}, r"r must be"),
-            ({"r": (8, 2.0)}, r"inflection .* must be in \[-1, 1\]"),
-        ),
-    )
+    examples = Examples(reducing={"r": 4}, invalid={"r": (-1, (8, 2.0))})
     reduce_at = AFTER_MLP
 
     def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:

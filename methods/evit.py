@@ -18,7 +18,7 @@ from ppt_bench.methods import ops
 from ppt_bench.methods.base import (
     KeepAtLocations,
 )
-from ppt_bench.methods.contract import CLS_ATTN, Examples, PlotStyle, Reduced
+from ppt_bench.methods.contract import CLS_ATTN, Examples, Reduced
 
 
 def num_kept(keep_rate: float, num_tokens: int, num_prefix: int) -> int:
@@ -82,18 +82,9 @@ class EViT(KeepAtLocations):
         fuse: fuse the dropped tokens into one extra token (EViT's inattentive token fusion).
     """
 
-    description = "EViT: keep the tokens the class token attends to, fuse the rest into one"
-    reference = "ICLR 2022, arXiv 2202.07800"
+    description = "EViT (ICLR 2022): keep the tokens the class attends to, fuse the rest into one"
     family = "pruning"
-    style = PlotStyle(color="#9467bd", marker="^")
-    examples = Examples(
-        identity={"keep_rate": 1.0},
-        reducing={"keep_rate": 0.7},
-        invalid=(
-            ({"keep_rate": 0}, r"keep_rate must be in \(0, 1\]"),
-            ({"keep_rate": 1.5}, r"keep_rate must be in \(0, 1\]"),
-        ),
-    )
+    examples = Examples(reducing={"keep_rate": 0.7}, invalid={"keep_rate": (0, 1.5)})
     needs = frozenset({CLS_ATTN})
     demo_grid = ("keep_rate", (0.8, 0.65, 0.5))
     fuse: bool = True

@@ -17,7 +17,6 @@ score. As in the authors' code, a block never leaves fewer than 10 tokens.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -40,7 +39,6 @@ from ppt_bench.methods.contract import (
     IN_ATTN,
     Examples,
     Knob,
-    PlotStyle,
     Reduced,
     ViTInfo,
 )
@@ -261,22 +259,11 @@ class MCTF(Method):
         prop_attn: proportional attention (``+ log(size)``) after the first location.
     """
 
-    description = "MCTF: fuse tokens by similarity, informativeness and size (inside attention)"
-    reference = "CVPR 2024"
+    description = "MCTF (CVPR 2024): fuse tokens by similarity, informativeness and size"
     family = "merging"
-    style = PlotStyle(color="#7f7f7f", marker="p")
     examples = Examples(
-        identity={"r": 0},
         reducing={"r": 4},
-        invalid=(
-            ({"r": -1}, r"r \(or a share of the tokens in \(0, 1\)\) must be an integer"),
-            ({"r": 1.5}, r"r must be an integer >= 0 or a share of the tokens in \(0, 1\)"),
-            ({"r": "8"}, r"must be an integer"),
-            ({"tau_size": -1}, r"tau_size must be >= 0"),
-            ({"tau_sim": math.nan}, r"tau_sim"),
-            ({"one_step_ahead": "yes"}, r"one_step_ahead must be true or false"),
-            ({"locations": [2, 2]}, r"distinct"),
-        ),
+        invalid={"r": (-1, 1.5, "8"), "tau_size": (-1,), "locations": ([2, 2],)},
     )
     needs = frozenset({ATTN})
     gives_origin = True

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import BipartiteMerging, FixedBudget
-from ppt_bench.methods.contract import Examples, PlotStyle, Reduced
+from ppt_bench.methods.contract import Examples, Reduced
 
 
 @dataclass(frozen=True)
@@ -20,14 +20,8 @@ class Merge(BipartiteMerging, FixedBudget):
     """
 
     description = "PPT's pooling branch: ToMe bipartite merging of r tokens at fixed blocks"
-
-    reference = "arXiv 2310.01812 (PPT's pooling branch)"
     family = "merging"
-    style = PlotStyle(color="#2ca02c", marker="o")
-    examples = Examples(
-        identity={"r": 0},
-        reducing={"r": 8},
-    )
+    examples = Examples(reducing={"r": 8})
 
     def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
         r = ops.max_reduction(x.shape[1], num_prefix, self.r)

@@ -21,7 +21,7 @@ import torch
 from ppt_bench.core.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import FixedBudget, Method, check_float, set_field
-from ppt_bench.methods.contract import CLS_ATTN, KEY_MEAN, VALUE_NORM, Examples, PlotStyle, Reduced
+from ppt_bench.methods.contract import CLS_ATTN, KEY_MEAN, VALUE_NORM, Examples, Reduced
 from ppt_bench.methods.prune import ats_scores
 
 if TYPE_CHECKING:
@@ -45,17 +45,11 @@ class PPT(FixedBudget):
             is how the cost of each path is measured.
     """
 
-    description = "PPT: per image and block, prune by significance or pool similar tokens"
-    reference = "arXiv 2310.01812"
+    description = "PPT (arXiv 2310.01812): per image, prune by significance or pool similar tokens"
     family = "hybrid"
-    style = PlotStyle(color="#1f77b4", marker="s")
     examples = Examples(
-        identity={"r": 0},
         reducing={"r": 8, "threshold": 0.0001},
-        invalid=(
-            ({"branch": "sideways"}, r"branch must be one of"),
-            ({"locations": "abc"}, r"locations must be"),
-        ),
+        invalid={"branch": ("sideways",), "locations": ("abc",)},
     )
     needs = frozenset({CLS_ATTN, VALUE_NORM, KEY_MEAN})
     gives_origin = True

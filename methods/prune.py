@@ -8,7 +8,7 @@ import torch
 
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import ScorePrune
-from ppt_bench.methods.contract import CLS_ATTN, VALUE_NORM, Examples, Features, PlotStyle
+from ppt_bench.methods.contract import CLS_ATTN, VALUE_NORM, Examples, Features
 
 
 def ats_scores(feats: Features, num_prefix: int) -> torch.Tensor:
@@ -28,13 +28,8 @@ class Prune(ScorePrune):
     """
 
     description = "PPT's pruning branch: drop the r least significant tokens (ATS score)"
-    reference = "arXiv 2310.01812 (PPT's pruning branch)"
     family = "pruning"
-    style = PlotStyle(color="#ff7f0e", marker="v")
-    examples = Examples(
-        identity={"r": 0},
-        reducing={"r": 8},
-    )
+    examples = Examples(reducing={"r": 8})
     needs = frozenset({CLS_ATTN, VALUE_NORM})
     prop_attn: bool = False
 

@@ -69,6 +69,12 @@ def list_methods(pattern: str = "*") -> list[str]:
     return sorted(METHODS.names(pattern))
 
 
+def registered_methods() -> list[str]:
+    """Every registered method's name in the order of registration: the built-in table's, then
+    the ``@register_method`` and entry-point ones."""
+    return METHODS.names()
+
+
 def get_method_class(name: str) -> type[Method]:
     """The class registered under ``name``, importing it on first use."""
     return METHODS.get(name)
@@ -107,7 +113,7 @@ def create_method(name: str, **params: Any) -> Method:
 
 def methods_markdown(names: Iterable[str] | None = None) -> str:
     """The methods page (``docs/methods.md``) as the registry declares it: one table of the
-    methods (family, what each does, parameters with their defaults, where it is published),
+    methods (family, what each does and where it is published, parameters with defaults),
     then each method's parameters with their help (``Method.parameter_help``). ``ppt-bench list
     --markdown`` prints it for every registered method; a test checks that the page holds it,
     for the built-in ones, unchanged.
@@ -117,16 +123,13 @@ def methods_markdown(names: Iterable[str] | None = None) -> str:
     """
     names = list_methods() if names is None else list(names)
     lines = [
-        "| method | family | what it does | parameters (defaults) | published |",
-        "|---|---|---|---|---|",
+        "| method | family | what it does | parameters (defaults) |",
+        "|---|---|---|---|",
     ]
     for name in names:
         cls = get_method_class(name)
         params = ", ".join(f"`{k}={_show(v)}`" for k, v in method_params(name).items()) or "-"
-        lines.append(
-            f"| `{name}` | {cls.family} | {_cell(cls.description)} | {params} "
-            f"| {cls.reference or '-'} |"
-        )
+        lines.append(f"| `{name}` | {cls.family} | {_cell(cls.description)} | {params} |")
     for name in names:
         helps = get_method_class(name).parameter_help()
         if not helps:

@@ -31,7 +31,7 @@ import torch
 
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import KeepRatio
-from ppt_bench.methods.contract import KEY_MEAN, Examples, PlotStyle, Reduced
+from ppt_bench.methods.contract import KEY_MEAN, Examples, Reduced
 from ppt_bench.methods.pitome import ratio_reduction
 
 if TYPE_CHECKING:
@@ -101,15 +101,9 @@ class ToFu(KeepRatio):
             counting the prefix tokens (at most half the patch tokens). 1 is no change.
     """
 
-    description = "ToFu: ToMe matching that prunes in early blocks, norm-preserving merge later"
-    reference = "WACV 2024"
+    description = "ToFu (WACV 2024): ToMe matching; prune early, merge by MLERP later"
     family = "hybrid"
-    style = PlotStyle(color="#aec7e8", marker="D")
-    examples = Examples(
-        identity={"ratio": 1.0},
-        reducing={"ratio": 0.9},
-        invalid=(({"ratio": 0}, r"ratio must be a number in \(0, 1\]"),),
-    )
+    examples = Examples(reducing={"ratio": 0.9}, invalid={"ratio": (0,)})
     needs = frozenset({KEY_MEAN})
     gives_origin = True
 

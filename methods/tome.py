@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 
 from ppt_bench.methods.base import BipartiteMerging
-from ppt_bench.methods.contract import Examples, PlotStyle, Reduced
+from ppt_bench.methods.contract import Examples, Reduced
 from ppt_bench.methods.schedule import Scheduled, per_block_r
 
 __all__ = ["ToMe", "per_block_r"]
@@ -27,20 +27,11 @@ class ToMe(BipartiteMerging, Scheduled):
         prop_attn: proportional attention (``+ log(size)``) after the first merge.
     """
 
-    description = "ToMe: bipartite merging of similar tokens in every block (r schedule)"
-
-    reference = "ICLR 2023, arXiv 2210.09461"
+    description = "ToMe (ICLR 2023): bipartite merging of similar tokens in every block"
     family = "merging"
-    style = PlotStyle(color="#d62728", marker="h")
     examples = Examples(
-        identity={"r": 0},
         reducing={"r": 4},
-        invalid=(
-            ({"r": "8"}, r"r must be"),
-            ({"r": [16, -1]}, r"r must be .* inflection a float"),
-            ({"r": (16, 2.0)}, r"inflection .* must be in \[-1, 1\]"),
-            ({"r": [16, math.nan]}, r"inflection"),
-        ),
+        invalid={"r": ("8", [16, -1], (16, 2.0), [16, math.nan])},
     )
 
     def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:

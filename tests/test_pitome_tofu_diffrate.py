@@ -149,6 +149,20 @@ def test_prefix_tokens_are_kept_and_sources_tracked(
 # -- parameters ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("params", "match"),
+    [
+        ({"schedule": "2.8"}, r"unknown DiffRate schedule '2.8'; valid: .*2\.9"),
+        ({"schedule": "8.7"}, r"'ViT-B-DeiT/8.7' or 'ViT-B-MAE/8.7'"),
+        ({"schedule": "2.9", "merge_kept": [197] * 12}, r"not both"),
+        ({"prune_kept": [197] * 12, "merge_kept": [197] * 11}, r"12 blocks .* 11"),
+    ],
+)
+def test_diffrate_refuses_schedules_it_does_not_have_and_lists_that_disagree(params, match):
+    with pytest.raises(MethodError, match=match):
+        create_method("diffrate", **params)
+
+
 def test_diffrate_schedules_by_name():
     assert create_method("diffrate").schedule == "ViT-S-DeiT/2.9"  # the default
     assert create_method("diffrate", schedule="2.3").schedule == "ViT-S-DeiT/2.3"

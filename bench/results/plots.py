@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from matplotlib.figure import Figure
 
-from ppt_bench.methods import PlotStyle, get_method_class, list_methods
+from ppt_bench.methods import PlotStyle, get_method_class, registered_methods
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -26,15 +26,16 @@ if TYPE_CHECKING:
 
 ACCURACY = (("top1", "top-1 (%)"), ("agreement_top1", "top-1 agreement with baseline (%)"))
 
-# Each family's marker shapes (a method's own ``style.marker`` is one of its family's).
+# Each family's marker shapes, and twenty colours that stay apart (tab10, then tab20's lighter
+# tones). A method takes its family's markers and the colours in the order the methods were
+# registered (the built-in ones first, in the registry's table; a plugin's after them), so a
+# method keeps its colour and marker in every report.
 FAMILY_MARKERS = {
     "pruning": ("v", "^", "<", ">", "1"),
     "merging": ("o", "h", "p", "8", "H", "*"),
     "hybrid": ("s", "D", "d", "P"),
     "other": ("X", "x", "+", "|"),
 }
-# Twenty colours that stay apart: tab10, then tab20's lighter tones. A method that declares no
-# colour takes one that no registered method declares.
 _PALETTE = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
     "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
@@ -42,37 +43,28 @@ _PALETTE = (
 )  # fmt: skip
 
 
-def _declared() -> dict[str, tuple[str, PlotStyle]]:
-    """Each registered method's family and declared style, by name."""
-    classes = {name: get_method_class(name) for name in list_methods()}
-    return {name: (cls.family, cls.style) for name, cls in classes.items()}
-
-
 def style(method: str) -> dict[str, str]:
     """The colour, marker and family of a method, the same in every plot.
 
-    A registered method is drawn as its class declares (``Method.family`` and ``Method.style``).
-    What it leaves unset, and any method that is not registered here (``other``), comes from
-    its name among the methods that need it: a colour no registered method declares, and a
-    marker of its family that none of them takes.
+    The baseline is a black star. A registered method has its class's ``family`` and, unless
+    its class declares them (``Method.style``), the colour and marker of its place among the
+    registered methods (:data:`_PALETTE`, :data:`FAMILY_MARKERS`). A method that is not
+    registered here is ``other``, with a colour and marker from its name.
     """
-    declared = _declared()
-    family, own = declared.get(method, ("other", PlotStyle()))
+    if method == "baseline":
+        return {"color": "black", "marker": "*", "family": "baseline"}
+    classes = {n: get_method_class(n) for n in registered_methods() if n != "baseline"}
+    if method in classes:
+        family, own = classes[method].family, classes[method].style
+        order = list(classes)
+    else:
+        family, own = "other", PlotStyle()
+        order = [*classes, method]  # after every registered method
     markers = FAMILY_MARKERS.get(family, FAMILY_MARKERS["other"])
-    color, marker = own.color, own.marker
-    if color is None:
-        taken = {s.color for _, s in declared.values()}
-        free = [c for c in _PALETTE if c not in taken] or list(_PALETTE)
-        waiting = sorted({m for m, (_, s) in declared.items() if s.color is None} | {method})
-        color = free[waiting.index(method) % len(free)]
-    if marker is None:
-        taken = {s.marker for f, s in declared.values() if f == family}
-        free = [m for m in markers if m not in taken] or list(markers)
-        waiting = sorted(
-            {m for m, (f, s) in declared.items() if f == family and s.marker is None} | {method}
-        )
-        marker = free[waiting.index(method) % len(free)]
-    return {"color": color, "marker": marker, "family": family}
+    peers = [m for m in order if m == method or (m in classes and classes[m].family == family)]
+    colour = _PALETTE[order.index(method) % len(_PALETTE)]
+    marker = markers[peers.index(method) % len(markers)]
+    return {"color": own.color or colour, "marker": own.marker or marker, "family": family}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
