@@ -8,27 +8,31 @@ on its methods the same way, with one line in a test module::
 Each property is one test function parametrised over the registered methods (entry-point
 plugins included), or over the ones whose names match ``PPT_BENCH_CONTRACT_METHODS`` (a
 shell-style pattern, default ``*``). A method takes part through what it declares: its
-:class:`~ppt_bench.methods.contract.Examples` (a setting that reduces nothing, one that
-reduces, parameters it must refuse), its budget knob, family and plot style, and what it needs
-of a model (a class token, the explicit attention map). The properties:
+:class:`~ppt_bench.methods.contract.Examples` (a setting that reduces, the values only its own
+rules refuse, a setting that reduces nothing where its budget knob cannot say it), its budget
+knob, its parameters' types, family and plot style, and what it needs of a model (a class
+token, the explicit attention map). The properties:
 
-- identity: the setting that reduces nothing gives the unpatched logits, with each attention
-  implementation of the patch (fused, folded bias, explicit), on every backbone
-  family the patch supports (plain, LayerScale, registers, qk-norm, distilled, global average
-  pooling without a class token, rotary ``Eva``); a method that needs a class token refuses a
-  model without one in one line;
+- identity: the setting that reduces nothing (declared, or the budget knob at its end that
+  removes nothing) gives the unpatched logits, with each attention implementation of the patch
+  (fused, folded bias, explicit) on the plain and LayerScale backbones and the fused one on
+  every other backbone family the patch supports (registers, qk-norm, distilled, global average
+  pooling without a class token, rotary ``Eva`` with and without registers, mixed rope); a
+  method that needs a class token refuses a model without one in one line;
 - token counts: the reducing setting removes tokens, never adds any back, keeps the prefix
   tokens, and its reported counts are the tokens that leave the last block;
 - batch independence: a mixed batch gives each image what it gives alone;
 - bf16 runs and keeps the dtype; ``torch.compile`` traces the forward as one graph; a CUDA graph
   captures it (GPU only);
-- invalid parameters are refused with a message naming the valid range;
+- invalid parameters are refused with one line naming the parameter: an unknown name, the
+  values a parameter of its type cannot take (``bool``, ``int``, ``float``, block lists) and the
+  values the method declares;
 - a MAC budget resolves to the knob value that meets it;
 - every method has its own colour and a marker of its family in the plots;
 - a sweep of the method writes its rows and a report row.
 
-The backbones are small random-weight timm models (36 to 64 patch tokens, 12 blocks), so the
-suite runs on a CPU in minutes.
+The backbones are small random-weight timm models (36 to 64 patch tokens, 12 blocks, 192 wide),
+so the suite runs on a CPU in about two minutes.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,11 @@ import sys
 import time
 import types
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 import pytest
 from torch.utils.data import DataLoader
@@ -30,71 +36,10 @@ TERMINATED = (
 )
 
 
-def on_digits(method: str, *params: str) -> list[str]:
-    return ["--model", DIGITS, "--method", method, *(f for p in params for f in ("--param", p))]
-
-
-BAD_INPUT = {
-    "unknown method": (["--method", "pptx"], "unknown method 'pptx'. Did you mean 'ppt'?"),
-    "unknown model": (["--model", "deit_tinyy_patch16_224"], "unknown model"),
-    "param without value": (["--method", "ppt", "--param", "r"], "--param expects KEY=VALUE"),
-    "param no method has": (["--method", "merge", "--param", "threshold=1"], "no selected"),
-    "param out of range": (["--method", "ppt", "--param", "r=-1"], "r must be an integer >= 0"),
-    "location past the last block": (
-        ["--method", "ppt", "--param", "locations=[3,30]"],
-        "valid locations are 0 to 11",
-    ),
-    "sweep without a list": (["--method", "ppt", "--sweep", "r=8"], "--sweep expects"),
-    "missing data": (["--data", "no/such/dir"], "is not a directory"),
-    "unknown metric": (["--metrics", "macs,speed"], "unknown metrics ['speed']"),
-    "bad dtype": (["--dtype", "fp64"], "invalid choice: 'fp64'"),
-    "missing config": (["--config", "no/such.toml"], "config file no/such.toml does not exist"),
-    "negative workers": (["--workers", "-1"], "workers must be an integer >= 0, got -1"),
-    "memory on a CPU": (["--metrics", "macs,memory"], "drop memory from --metrics or use"),
-    "report and no report": (["--no-report"], "--report and --no-report contradict each other"),
-    "prop_attn as a string": (
-        ["--method", "merge", "--param", 'prop_attn="false"'],
-        "prop_attn must be true or false, got 'false'",
-    ),
-    "r beyond the model": (
-        on_digits("ppt", "r=1000"),
-        "r=1000 is more than one step can remove from the 64 patch tokens",
-    ),
-    "tome r beyond the model": (
-        on_digits("tome", "r=40"),
-        "use r <= 32",
-    ),
-    "mctf r beyond the model": (
-        on_digits("mctf", "r=1000"),
-        "r=1000 is more than one step can remove from the 64 patch tokens",
-    ),
-    "mctf share beyond half": (
-        on_digits("mctf", "r=0.9"),
-        "use a share r <= 0.5 or a count r <= 32",
-    ),
-    "diffrate counts that increase": (
-        [
-            "--model",
-            DIGITS,
-            "--method",
-            "diffrate",
-            "--param",
-            f"prune_kept={[65, 60, 62] + [50] * 9}",
-        ],
-        "prune_kept[2]=62 is more than the 60 tokens block 2 receives",
-    ),
-    "diffrate merges more than it keeps": (
-        on_digits("diffrate", f"prune_kept={[60] * 12}", f"merge_kept={[61] + [50] * 11}"),
-        "merge_kept[0]=61 is more than the 60 tokens block 0 keeps",
-    ),
-    "sweep name outside results/": (["--sweep-name", "../../x"], "--sweep-name must be a plain"),
-    "empty sweep name": (["--sweep-name", ""], "--sweep-name must be a plain file name"),
-    "hidden sweep name": (["--sweep-name", ".x"], "not starting with '.'"),
-    "empty cache folder": (["--cache-dir", ""], "cache_dir is an empty path"),
-    "empty data folder": (["--data", ""], "data is an empty path"),
-    "output under /proc": (["--out", "/proc/r.csv"], "folder /proc is not writable"),
-    "report under /proc": (["--report", "/proc/r.md"], "folder /proc is not writable"),
-}
+# Each case: the flags added to ``run`` and the one-line error it must end with, kept in a data
+# file where each case reads as three lines.
+with (Path(__file__).parent / "data" / "bad_run_input.toml").open("rb") as f:
+    BAD_INPUT = {name: (shlex.split(c["flags"]), c["error"]) for name, c in tomllib.load(f).items()}
 
 
 @pytest.mark.parametrize("case", BAD_INPUT, ids=list(BAD_INPUT))
