@@ -158,6 +158,25 @@ def identity(name: str, key: str) -> dict:
     return {knob.param: int(end) if knob.kind == "int" else end}
 
 
+def cuda_graph_replay(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model(x)`` eagerly and replayed from a CUDA graph capture, in bf16 autocast. Capture
+    fails on any host synchronisation or CPU-GPU copy inside the forward."""
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        eager = model(x)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                model(x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(x)
+        graph.replay()
+        torch.cuda.synchronize()
+    return eager, out
+
+
 def _fits(name: str, key: str) -> bool:
     """Whether the method can reduce this backbone (one that needs a class token cannot reduce
     a model without one)."""
@@ -316,20 +335,7 @@ def test_compiles_without_graph_breaks(name):
 def test_captures_in_a_cuda_graph(name):
     params = get_method_class(name).examples.reducing or {}
     model = _patched(name, "plain", params).cuda()
-    x = _images(backbone("plain"), 2).cuda()
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-        eager = model(x)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                model(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = model(x)
-        graph.replay()
-        torch.cuda.synchronize()
+    eager, out = cuda_graph_replay(model, _images(backbone("plain"), 2).cuda())
     assert (out.float() - eager.float()).abs().max() < 1e-2
 
 

@@ -168,23 +168,9 @@ def cuda_graph_replay():
     Capture fails on any host synchronisation or CPU-GPU copy inside the forward.
     """
 
-    def replay(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-            eager = model(x)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    model(x)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = model(x)
-            graph.replay()
-            torch.cuda.synchronize()
-        return eager, out
+    from ppt_bench.testing import cuda_graph_replay  # after pytest_configure (see make_model)
 
-    return replay
+    return cuda_graph_replay
 
 
 @pytest.fixture(scope="session")
