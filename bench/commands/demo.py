@@ -3,11 +3,11 @@
 Trains (or loads from the cache) the small digits ViT, then runs every registered method at
 three MAC budgets (:data:`BUDGETS`: 85%, 70% and 55% of the unreduced model's MACs, each
 method's knob resolved by :mod:`ppt_bench.sweeps.budget`) as a sweep like any other
-(:func:`demo_config`
--> :class:`~ppt_bench.api.Sweep` -> ``LocalRunner`` -> ``evaluate``): accuracy and agreement on
-the 360 test images, MACs, CPU throughput paired with the baseline (short rounds:
-:data:`TIMING`) and token statistics. A budget out of a method's reach is recorded as a skipped
-run.
+(:func:`demo_config` -> :class:`~ppt_bench.api.Sweep` -> ``LocalRunner`` -> ``evaluate``):
+accuracy and agreement on the 360 test images, MACs, CPU throughput paired with the baseline
+(short rounds: :data:`TIMING`) and token statistics. A budget out of a method's reach is recorded
+as a skipped run.
+
 Writes ``results/demo-<device>.csv`` and ``reports/demo-<device>.md`` with plots, and prints
 where they are.
 """

@@ -207,8 +207,7 @@ def evaluate(
     """Measure one run and return its rows, one per metric.
 
     Each entry of ``spec.metrics`` is a metric group (:mod:`ppt_bench.measure.metrics`) that writes
-    its
-    own rows: accuracy -> ``top1, top5, loss, agreement_top1, kl, unreadable_images`` (on
+    its own rows: accuracy -> ``top1, top5, loss, agreement_top1, kl, unreadable_images`` (on
     synthetic data only the label-free ``agreement_top1, kl``); macs -> ``gmacs, gmacs_fvcore,
     gmacs_single_input, param_count``; throughput -> ``samples_per_sec`` (+ ``cpu_threads`` on
     the CPU); latency -> ``latency_p50_ms, latency_p90_ms``; memory -> ``peak_mem_mb`` (CUDA

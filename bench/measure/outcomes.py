@@ -6,8 +6,7 @@ the unreduced model's distribution (:class:`Outcomes`): enough for the intervals
 figures and for paired tests against the baseline or another method on the same images. The
 unreduced model's log-probabilities on the evaluated images (:class:`Reference`) are computed
 once per :attr:`~ppt_bench.results.spec.RunSpec.reference_key` (model, weights and data by their
-content,
-images, seed, dtype, device, machine) and read by every method's run.
+content, images, seed, dtype, device, machine) and read by every method's run.
 
 Both live in a folder beside the results CSV (:func:`store_folder`: ``results/x.csv`` ->
 ``results/x.outcomes/``), as ``<run_id>.npz`` and ``reference-<key>.npz``, each written

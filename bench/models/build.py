@@ -144,8 +144,7 @@ def build_model(
 
     Args:
         spec_or_name: a :class:`~ppt_bench.results.spec.RunSpec` (its ``model`` and ``checkpoint``)
-        or a
-            timm model name; a ``name.tag`` asks for that pretrained tag.
+            or a timm model name; a ``name.tag`` asks for that pretrained tag.
         checkpoint: weights as a local path or http(s) URL (overrides a spec's checkpoint).
         pretrained: download timm's default pretrained weights.
         num_classes: outputs of the classifier head, passed to ``timm.create_model``. None:

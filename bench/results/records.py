@@ -4,9 +4,8 @@ Every results CSV has the columns of :data:`COLUMNS`, among them one per common 
 parameter (:data:`PARAM_COLUMNS`); any other parameter a run was given gets a column of its own,
 named after it and added after those, so a new method's parameters need no change here. Metric
 names and units come from the metric groups (:mod:`ppt_bench.measure.metrics`). A finished run is
-never
-lost: each run's rows are appended under the file's lock and flushed to disk (a write cut short
-is cut back), so a sweep killed between runs leaves a readable CSV with every finished row.
+never lost: each run's rows are appended under the file's lock and flushed to disk (a write cut
+short is cut back), so a sweep killed between runs leaves a readable CSV with every finished row.
 Reading checks every line and cell, and refuses two rows of one run that disagree.
 """
 

@@ -293,8 +293,7 @@ class ModelCost:
     def count(self, method: Method) -> float:
         """GMACs per image by the ``macs`` metric's counter (the ``gmacs`` of
         :func:`ppt_bench.measure.macs.measure_macs`: torchprofile plus the uncounted term, fvcore
-        left
-        out); an adaptive method on its costlier uniform path (every location pooled, or every
+        left out); an adaptive method on its costlier uniform path (every location pooled, or every
         location pruned)."""
 
         if self._patched is None:
