@@ -32,7 +32,7 @@ token, the explicit attention map). The properties:
 - a sweep of the method writes its rows and a report row.
 
 The backbones are small random-weight timm models (36 to 64 patch tokens, 12 blocks, 192 wide),
-so the suite runs on a CPU in about two minutes.
+so the suite runs on a 2-core CPU in a few minutes.
 """
 
 from __future__ import annotations
