@@ -246,6 +246,11 @@ def test_cli_sweep_on_ray_gives_the_rows_of_the_local_runner(local_sweep, tmp_pa
         same = (a == b) | (a.isna() & b.isna())
         if column in ("value", "ci_low", "ci_high"):
             same |= both["metric"].isin(TIMING)
+            # A float summed over the images (KL) may differ in its last bits: a Ray worker runs
+            # torch on its own number of threads, and whichever process computed the unreduced
+            # model's outputs first is the one whose sums every run reads.
+            close = np.isclose(a.astype(float), b.astype(float), rtol=1e-5, atol=1e-9)
+            same |= close & both["metric"].isin(("kl", "loss"))
         assert same.all(), f"{column} differs: {both.loc[~same, key].values.tolist()}"
 
     # The trials' per-image outcomes came back to the driver, beside the results file.
