@@ -20,7 +20,7 @@ from tabulate import tabulate
 from ppt_bench.core import cancel
 from ppt_bench.core.errors import UserError
 from ppt_bench.core.identity import VERSION
-from ppt_bench.core.keyvalue import parse_assignment, parse_sweep
+from ppt_bench.core.keyvalue import parse_assignment, parse_sweep, show_value
 from ppt_bench.core.settings import Setting
 from ppt_bench.sweeps.config import all_settings, build_config, example_config, load_config
 
@@ -145,7 +145,7 @@ def add_run_parser(sub: Any) -> None:
 def _flag(s: Setting) -> dict[str, Any]:
     """The ``add_argument`` keywords of a declared setting."""
     missing = s.default in (None, "") or "default" in s.help
-    shown = "" if missing else f" (default {_show(s.default)})"
+    shown = "" if missing else f" (default {show_value(s.default)})"
     kwargs: dict[str, Any] = {"help": (s.help + shown).replace("%", "%%"), **s.cli}
     if s.kind is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
@@ -191,7 +191,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     rows = []
     for name in list_methods():
-        params = ", ".join(f"{k}={_show(v)}" for k, v in method_params(name).items())
+        params = ", ".join(f"{k}={show_value(v)}" for k, v in method_params(name).items())
         rows.append([name, params or "-", get_method_class(name).description])
     print(tabulate(rows, ["method", "parameters (defaults)", "description"], tablefmt="simple"))
     return 0
@@ -199,10 +199,6 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _yes(flag: bool) -> str:
     return "yes" if flag else "-"
-
-
-def _show(value: Any) -> str:
-    return str(list(value)) if isinstance(value, tuple) else str(value)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -26,7 +26,6 @@ from ppt_bench.core.errors import MethodError, PatchError
 from ppt_bench.methods import ops
 from ppt_bench.methods.contract import (
     AFTER_ATTN,
-    ATTN,
     CLS_ATTN,
     FAMILIES,
     KEY_MEAN,
@@ -125,11 +124,6 @@ class Method:
     def needs_class_token(cls) -> bool:
         """Whether the method ranks tokens by the class token's attention."""
         return CLS_ATTN in cls.needs
-
-    @classmethod
-    def explicit_attention(cls) -> bool:
-        """Whether its reduction blocks compute the full attention map (no fused kernel)."""
-        return ATTN in cls.needs
 
     @classmethod
     def parameter_help(cls) -> dict[str, str]:
@@ -429,8 +423,7 @@ def check_locations(value: Any, default: Iterable[int] | None = None) -> tuple[i
             f"locations must be a list of block indices like [3, 6, 9], got {value!r}"
         ) from None
     for loc in locs:
-        if isinstance(loc, bool) or not isinstance(loc, int) or loc < 0:
-            raise MethodError(f"locations must be block indices, integers >= 0, got {loc!r}")
+        check_int("each of the locations", loc)
     if len(set(locs)) != len(locs):
         raise MethodError(f"locations must be distinct, got {list(locs)}")
     return tuple(sorted(locs))

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ppt_bench.core.errors import MethodError
+from ppt_bench.core.keyvalue import show_value
 from ppt_bench.core.registry import Registry
 
 if TYPE_CHECKING:
@@ -128,7 +129,7 @@ def methods_markdown(names: Iterable[str] | None = None) -> str:
     ]
     for name in names:
         cls = get_method_class(name)
-        params = ", ".join(f"`{k}={_show(v)}`" for k, v in method_params(name).items()) or "-"
+        params = ", ".join(f"`{k}={show_value(v)}`" for k, v in method_params(name).items()) or "-"
         lines.append(f"| `{name}` | {cls.family} | {_cell(cls.description)} | {params} |")
     for name in names:
         helps = get_method_class(name).parameter_help()
@@ -137,14 +138,9 @@ def methods_markdown(names: Iterable[str] | None = None) -> str:
         lines += ["", f"**`{name}`**", "", "| parameter | default | meaning |", "|---|---|---|"]
         defaults = method_params(name)
         lines += [
-            f"| `{k}` | `{_show(defaults[k])}` | {_cell(text)} |" for k, text in helps.items()
+            f"| `{k}` | `{show_value(defaults[k])}` | {_cell(text)} |" for k, text in helps.items()
         ]
     return "\n".join(lines) + "\n"
-
-
-def _show(value: Any) -> str:
-    """A default as a user writes it in a config file (tuples as lists)."""
-    return str(list(value)) if isinstance(value, tuple) else str(value)
 
 
 def _cell(text: str) -> str:

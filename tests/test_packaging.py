@@ -4,6 +4,7 @@ source folders (found by setup.py, not listed by hand) and the command runs from
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -21,9 +22,17 @@ WHERE = "from ppt_bench.methods.patch import rope; print(rope.__file__)"
 def test_the_wheel_holds_every_subpackage_and_the_command_runs_from_it(tmp_path):
     dist, site = tmp_path / "dist", tmp_path / "site"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", dist, ROOT], check=True
-    )
+    # From a copy of the sources, so that no build folder of an earlier build (which keeps files
+    # the tree has since lost) goes into the wheel, and none is left in the tree.
+    source = tmp_path / "source"
+    for folder in PACKAGES:
+        shutil.copytree(
+            ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__")
+        )
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    build = [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", dist, source]
+    subprocess.run(build, check=True)
     (wheel,) = dist.glob("ppt_bench-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for folder, package in PACKAGES.items():

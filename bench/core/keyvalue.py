@@ -57,3 +57,8 @@ def parse_sweep(text: str) -> tuple[str, list[Any]]:
             f"--sweep expects KEY=[V1,V2,...] (e.g. --sweep r=[16,32,50]), got {text!r}"
         )
     return key, values
+
+
+def show_value(value: Any) -> str:
+    """A value as a user writes it after ``KEY=`` (tuples as lists), for help and listings."""
+    return str(list(value)) if isinstance(value, tuple) else str(value)
