@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
+from unittest.mock import patch
 
 import numpy as np
 import pytest
+import torch
 
 from ppt_bench.core.stats import Estimate
 from ppt_bench.measure.accuracy import AccuracyResult, TokenStats
 from ppt_bench.measure.outcomes import Outcomes, RunStore
+from ppt_bench.methods import ReductionInfo
 from ppt_bench.results.plots import pareto_front
 from ppt_bench.results.records import append_rows, make_rows
 from ppt_bench.results.report import format_params, write_report
@@ -70,6 +74,29 @@ def test_report_compares_each_method_with_its_baseline(csv, tmp_path):
     base = dict(zip(header(text), table_row(text, "baseline"), strict=True))
     assert base["speedup @4"] == "1.00x"
     assert "agreement (%)" not in header(text)  # no run measured it
+
+
+def test_any_boolean_figure_a_method_reports_gets_rows_and_a_column(tmp_path):
+    """Not only ppt's ``pooled``: a method's own boolean per-image figure (``Reduced.stats``)
+    becomes ``<name>_frac_block_<i>`` rows with their unit and a column of the report."""
+    model = torch.nn.Identity()
+    model.reduction_plan = SimpleNamespace(method=SimpleNamespace(paths=lambda info: []))
+    model.reduction_info = ReductionInfo(
+        tokens=(5, 4), locations=(1,), stats={"kept_all": torch.tensor([[True], [False]])}
+    )
+    tokens = TokenStats()
+    with patch("ppt_bench.measure.accuracy.is_patched", return_value=True):
+        tokens.update(model, batch_size=2)
+    figures = tokens.metrics()
+    assert figures == {"tokens_block_0": 5.0, "tokens_block_1": 4.0, "kept_all_frac_block_1": 0.5}
+    path = tmp_path / "results" / "t.csv"
+    append_rows(path, rows("baseline", {}, 1, {"tokens_block_1": 5.0}))
+    append_rows(path, rows("merge", {"r": 1}, 1, figures))
+    out = tmp_path / "t.md"
+    write_report(path, out)
+    text = out.read_text()
+    cells = dict(zip(header(text), table_row(text, "merge"), strict=True))
+    assert cells["kept_all fraction (block: frac)"] == "1: 0.50"
 
 
 def test_report_lists_failed_runs_plots_and_provenance(csv, tmp_path):

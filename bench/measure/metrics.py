@@ -19,8 +19,10 @@ Third-party groups register with :func:`register_metric_group` or through the en
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from ppt_bench.core.errors import UserError
@@ -243,7 +245,8 @@ class MetricGroup:
         """The declaration of a metric name it writes, per-block metrics included."""
         if metric in self.metrics:
             return self.metrics[metric]
-        prefixes = (p for p in self.metrics if p.endswith("_") and metric.startswith(p))
+        # A name ending in "_" declares a prefix; one starting with "*" also any start.
+        prefixes = (p for p in self.metrics if p.endswith("_") and fnmatchcase(metric, p + "*"))
         return next((self.metrics[p] for p in prefixes), None)
 
     def unit_of(self, metric: str) -> str | None:
@@ -573,11 +576,14 @@ MEMORY = MetricGroup(
 )
 
 
-TOKENS, POOLED = "tokens_block_", "pooled_frac_block_"
+# Tokens after each block; the fraction of images for which a method's boolean per-image figure
+# was true at each reduction block (``<name>_frac_block_<i>``: ppt's ``pooled``).
+TOKENS, CHOSEN = "tokens_block_", "*_frac_block_"
 
 
 def _measure_tokens(run: Run) -> dict[str, float]:
-    """tokens after every block; ppt's pooled fraction per location"""
+    """tokens after every block; the methods' per-image choices (ppt's pooled fraction) per
+    location"""
     return run.data_pass().tokens.metrics()
 
 
@@ -588,18 +594,21 @@ def _per_block(runs: pd.DataFrame, prefix: str) -> list[tuple[int, str]]:
 
 
 def _tokens_columns(c: Cells) -> dict[str, str]:
-    """The tokens after the last block, and the pooled fraction at each block that has one."""
+    """The tokens after the last block, and for each boolean figure the methods report
+    (``pooled``) its fraction at each block that has one: ``pooled fraction (block: frac)``."""
     blocks = _per_block(c.runs, TOKENS)
-    pooled = ", ".join(f"{b}: {c.mean(c.runs, col):.2f}" for b, col in _per_block(c.runs, POOLED))
-    return {
-        "tokens out": fmt(c.mean(c.runs, blocks[-1][1]) if blocks else None, ".1f"),
-        TOKENS_METRICS[POOLED].header(): pooled,
-    }
+    out = {"tokens out": fmt(c.mean(c.runs, blocks[-1][1]) if blocks else None, ".1f")}
+    names = sorted({m[1] for col in c.runs if (m := re.fullmatch(r"(\w+)_frac_block_\d+", col))})
+    for name in names:
+        per_block = _per_block(c.runs, f"{name}_frac_block_")
+        shown = ", ".join(f"{b}: {c.mean(c.runs, col):.2f}" for b, col in per_block)
+        out[f"{name} {TOKENS_METRICS[CHOSEN].header()}"] = shown
+    return out
 
 
 TOKENS_METRICS = {
     TOKENS: Metric("tokens"),
-    POOLED: Metric("", label="pooled fraction (block: frac)", text=True),
+    CHOSEN: Metric("", label="fraction (block: frac)", text=True),
 }
 TOKENS_GROUP = MetricGroup(
     "tokens", TOKENS_METRICS, _measure_tokens, _tokens_columns, needs_data=True

@@ -53,11 +53,14 @@ WHERE = (
 TITLE = "# ppt-bench report: "  # the first line of every report
 
 
-def _text_columns() -> set[str]:
-    """The table's columns that hold text (aligned left): the run's and the metrics declared
-    ``text``."""
-    declared = {d.metric.header() for d in metrics.declared() if d.metric.text}
-    return {"method", "params", *CONTEXT, *declared}
+def _is_text(header: str) -> bool:
+    """Whether a table column holds text (aligned left): the run's, and those of the metrics
+    declared ``text``, named by their header or, for a name pattern (``*_frac_block_``), ending
+    in it."""
+    declared = [d.metric.header() for d in metrics.declared() if d.metric.text]
+    return header in {"method", "params", *CONTEXT} or any(
+        header == h or header.endswith(f" {h}") for h in declared
+    )
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,7 @@ def model_table(runs: pd.DataFrame) -> str:
     header = list(dict.fromkeys(h for r in rows for h in r))
     keep = ("method", "params")
     header = [h for h in header if h in keep or any(r.get(h, "") != "" for r in rows)]
-    text = _text_columns()
-    align = ["left" if h in text else "right" for h in header]
+    align = ["left" if _is_text(h) else "right" for h in header]
     table = [[r.get(h, "") for h in header] for r in rows]
     return tabulate(table, header, tablefmt="github", disable_numparse=True, colalign=align)
 
