@@ -6,7 +6,7 @@ The library API (:mod:`ppt_bench.api`), which the ``ppt-bench`` commands stand o
 >>> results = ppt_bench.sweep(models=["deit_tiny_patch16_224"], methods=["ppt", "tome"])
 >>> ppt_bench.write_report("results/sweep.csv", "reports/sweep.md")
 
-The three functions here hand over to :mod:`ppt_bench.api` with their arguments, importing it
+The functions here hand over to :mod:`ppt_bench.api` with their arguments, importing it
 on the first call: it imports torch, timm and pandas, which ``import ppt_bench`` (and so
 ``ppt-bench --help`` and the other light commands) should not wait for.
 """
@@ -47,4 +47,12 @@ def write_report(*args: Any, **kwargs: Any) -> Report:
     return api.write_report(*args, **kwargs)
 
 
-__all__ = ["__version__", "read_results", "sweep", "write_report"]
+def cost_breakdown(*args: Any, **kwargs: Any) -> pd.DataFrame:
+    """Where one forward of a (patched) model spends its time, one row per part:
+    :func:`ppt_bench.api.cost_breakdown`, whose arguments it takes."""
+    from ppt_bench import api  # imported here: torch, timm and pandas (see above)
+
+    return api.cost_breakdown(*args, **kwargs)
+
+
+__all__ = ["__version__", "cost_breakdown", "read_results", "sweep", "write_report"]

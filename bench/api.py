@@ -1,5 +1,5 @@
-"""The library API: run a sweep, read its results, write its report. The ``ppt-bench`` commands
-are thin layers over it.
+"""The library API: run a sweep, read its results, write its report, see where a model's time
+goes. The ``ppt-bench`` commands are thin layers over it.
 
 >>> import ppt_bench
 >>> results = ppt_bench.sweep(
@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
+from torch import nn
 
 from ppt_bench.core.errors import check_output_path
 from ppt_bench.measure import metrics
+from ppt_bench.measure.cost import DEFAULT_FORWARDS, profile_cost
 from ppt_bench.measure.outcomes import store_folder
 from ppt_bench.measure.throughput import iterations
 from ppt_bench.results.records import COLUMNS, read_results
@@ -151,4 +154,24 @@ def sweep(
     return results
 
 
-__all__ = ["Sweep", "read_results", "sweep", "write_report"]
+def cost_breakdown(
+    model: nn.Module, x: torch.Tensor, *, forwards: int = DEFAULT_FORWARDS, dtype: str = "fp32"
+) -> pd.DataFrame:
+    """Where one forward of ``model`` on ``x`` spends its time, one row per part.
+
+    ``model`` is a timm model, patched by a method (``create_method("tome", r=8).apply(m)``) or
+    not; ``x`` a batch on its device. Two warm-up forwards, then ``forwards`` profiled ones
+    (:func:`ppt_bench.measure.cost.profile_cost`, the ``cost`` metric group's measurement).
+
+    Returns:
+        Columns ``part``, ``ms`` (median per forward), ``low``, ``high`` (its 95% interval),
+        ``share`` of the forward and ``device_ms`` (CUDA kernel time), a row per part, then
+        ``outside the parts`` and ``forward``; ``.attrs`` holds ``ops`` (operators per
+        forward), ``syncs``, ``host_ms`` (time outside operators) and ``kernels`` (the attention
+        kernel of each block).
+    """
+    model.eval()
+    return profile_cost(model, x, forwards=forwards, dtype=dtype).frame()
+
+
+__all__ = ["Sweep", "cost_breakdown", "read_results", "sweep", "write_report"]

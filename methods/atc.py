@@ -53,6 +53,7 @@ from ppt_bench.methods.base import (
     Method,
 )
 from ppt_bench.methods.contract import KEY_MEAN, Examples, Knob, Reduced, ViTInfo
+from ppt_bench.methods.parts import part, step
 
 LINKAGES = ("complete", "average", "single")
 
@@ -329,6 +330,7 @@ def _(metric: torch.Tensor, k: int, linkage: str) -> torch.Tensor:
     return metric.new_empty(metric.shape[:2], dtype=torch.long)
 
 
+@step("merge")
 def atc_step(
     tokens: Reduced, key_mean: torch.Tensor, k: int, num_prefix: int, linkage: str
 ) -> Reduced:
@@ -349,7 +351,8 @@ def atc_step(
     x, size, source = tokens[:3]
     B, N, _ = x.shape
     P = num_prefix
-    labels = cluster_labels(key_mean[:, P:], k, linkage)  # [B, T]
+    with part("method.cluster"):
+        labels = cluster_labels(key_mean[:, P:], k, linkage)  # [B, T]
     prefix = torch.arange(P, device=x.device).expand(B, P)
     slots = torch.cat([prefix, P + labels], dim=1)  # [B, N]
     # origin: the largest member, first in token order; sizes are whole patch counts here

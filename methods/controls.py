@@ -15,6 +15,7 @@ import torch
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import ScorePrune, check_int
 from ppt_bench.methods.contract import CLS_ATTN, Examples
+from ppt_bench.methods.parts import step
 
 # Keeps the (seed, block) pairs of any realistic depth apart when mixed into one seed.
 _SEED_STRIDE = 10_000
@@ -40,6 +41,7 @@ class TopK(ScorePrune):
         return ops.cls_attention_mean(feats.cls_attn, num_prefix)
 
 
+@step("score")
 def random_scores(
     batch: int, num_patches: int, seed: int, block: int, device: torch.device | str = "cpu"
 ) -> torch.Tensor:

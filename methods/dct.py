@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ppt_bench.methods.contract import AFTER_MLP, Examples, Reduced
+from ppt_bench.methods.parts import step
 from ppt_bench.methods.schedule import Scheduled
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ def idct_ortho(c: torch.Tensor) -> torch.Tensor:
     return v[..., order]
 
 
+@step("merge")
 def dct_reduce(x: torch.Tensor, r: int) -> torch.Tensor:
     """Shorten tokens ``[B, T, C]`` to ``[B, T - r, C]`` by DCT truncation, in float32.
 

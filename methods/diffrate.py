@@ -34,6 +34,7 @@ from ppt_bench.core.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import Method, check_int, set_field
 from ppt_bench.methods.contract import CLS_ATTN, Examples, Knob, Reduced, ViTInfo
+from ppt_bench.methods.parts import step
 
 if TYPE_CHECKING:
     pass
@@ -103,6 +104,7 @@ def check_counts(name: str, value: Any) -> tuple[int, ...] | None:
     return counts
 
 
+@step("merge")
 def diffrate_step(
     x: torch.Tensor,
     size: torch.Tensor,

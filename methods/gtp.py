@@ -54,10 +54,12 @@ from ppt_bench.core.errors import MethodError
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import Method, check_float, check_int, check_locations_fit
 from ppt_bench.methods.contract import ATTN, Examples, Knob, Reduced, ViTInfo
+from ppt_bench.methods.parts import step
 
 GRAPHS = ("mixed", "spatial", "semantic")
 
 
+@step("graph")
 def spatial_graph(rows: int, cols: int, device: torch.device) -> torch.Tensor:
     """The 8-neighbourhood of a ``rows x cols`` patch grid in raster order, bool ``[T, T]``."""
     idx = torch.arange(rows * cols, device=device)
@@ -66,6 +68,7 @@ def spatial_graph(rows: int, cols: int, device: torch.device) -> torch.Tensor:
     return near & ~torch.eye(rows * cols, dtype=torch.bool, device=device)
 
 
+@step("graph")
 def semantic_graph(tokens: torch.Tensor, num_neighbours: int) -> torch.Tensor:
     """Each token's ``K`` most similar tokens by cosine, itself excluded, bool ``[B, T, T]``.
 
@@ -84,6 +87,7 @@ def semantic_graph(tokens: torch.Tensor, num_neighbours: int) -> torch.Tensor:
     return (cos >= threshold) & ~eye
 
 
+@step("graph")
 def normalise(adj: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``D^-1/2 A D^-1/2`` by elementwise scaling: ``[B, T, T]`` (bool) -> ``[B, T, T]`` (dtype).
 
@@ -95,6 +99,7 @@ def normalise(adj: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return a * r[..., :, None] * r[..., None, :]
 
 
+@step("score")
 def sparsify(attn: torch.Tensor, keep: float) -> torch.Tensor:
     """Zero every entry of each image's and head's map below its ``k``-th smallest value.
 
@@ -113,6 +118,7 @@ def sparsify(attn: torch.Tensor, keep: float) -> torch.Tensor:
     return attn.masked_fill(attn < threshold[..., None], 0.0)
 
 
+@step("score")
 def gtp_scores(attn: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """``max_h A[h, i, i] * max_h sum_q A[h, q, i]`` of each patch token: ``[B, H, N, N] ->
     [B, N - P]`` (the column sums run over every query, prefix rows included)."""
@@ -122,6 +128,7 @@ def gtp_scores(attn: torch.Tensor, num_prefix: int) -> torch.Tensor:
     return diag * received
 
 
+@step("merge")
 def gtp_step(
     tokens: Reduced,
     graph: torch.Tensor,

@@ -42,6 +42,7 @@ from ppt_bench.methods.contract import (
     Reduced,
     ViTInfo,
 )
+from ppt_bench.methods.parts import step
 
 # The authors' code never reduces a block below this many tokens (``if t - r < 10``).
 MIN_TOKENS = 10
@@ -81,6 +82,7 @@ def inverse_share(t: torch.Tensor) -> torch.Tensor:
     return t / t.amax(dim=1, keepdim=True)
 
 
+@step("score")
 def fusion_scores(
     x: torch.Tensor,
     attn: torch.Tensor,
@@ -126,6 +128,7 @@ def fusion_scores(
     return scores
 
 
+@step("match")
 def bidirectional_matching(
     scores: torch.Tensor, r: int, num_tokens: int, num_prefix: int, bidirectional: bool
 ) -> Fusion:
@@ -204,6 +207,7 @@ def scatter_tokens(t: torch.Tensor, slots: torch.Tensor, num_out: int, dim: int)
     return t.new_zeros(out_shape).scatter_add_(dim, idx, t)
 
 
+@step("merge")
 def fuse(
     fusion: Fusion,
     x: torch.Tensor,

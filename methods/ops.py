@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from ppt_bench.methods.contract import Reduced
+from ppt_bench.methods.parts import step
 
 
 def max_reduction(num_tokens: int, num_prefix: int, r: int) -> int:
@@ -33,6 +34,7 @@ def value_norm(v: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(v, dim=(1, 3))
 
 
+@step("score")
 def significance_scores(
     cls_attn: torch.Tensor, v_norm: torch.Tensor, num_prefix: int
 ) -> torch.Tensor:
@@ -50,6 +52,7 @@ def significance_scores(
     return s / s.sum(dim=-1, keepdim=True)
 
 
+@step("score")
 def cls_attention_mean(cls_attn: torch.Tensor, num_prefix: int) -> torch.Tensor:
     """Class-token attention averaged over heads, patch tokens only: ``[B, H, N] -> [B, N - P]``."""
     return cls_attn[..., num_prefix:].mean(dim=1)
@@ -61,6 +64,7 @@ def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return t.gather(1, idx.expand(-1, -1, *t.shape[2:]))
 
 
+@step("gather")
 def keep_top(scores: torch.Tensor, num_keep: int, num_prefix: int) -> torch.Tensor:
     """Token indices to keep: all prefix tokens, then the ``num_keep`` best patch tokens.
 
@@ -79,6 +83,7 @@ def keep_top(scores: torch.Tensor, num_keep: int, num_prefix: int) -> torch.Tens
     return torch.cat([prefix, top], dim=1)
 
 
+@step("gather")
 def dropped_mask(keep: torch.Tensor, num_tokens: int, num_prefix: int) -> torch.Tensor:
     """The patch tokens that ``keep`` leaves out.
 
@@ -95,6 +100,7 @@ def dropped_mask(keep: torch.Tensor, num_tokens: int, num_prefix: int) -> torch.
     return ~kept[:, num_prefix:]
 
 
+@step("merge")
 def fuse_tokens(
     t: torch.Tensor, weights: torch.Tensor, num_prefix: int, mode: str = "sum"
 ) -> torch.Tensor:
@@ -134,6 +140,7 @@ def cosine_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+@step("match")
 def bipartite_soft_matching(
     metric: torch.Tensor, r: int, num_prefix: int, score: Score = cosine_scores
 ) -> Matching:
@@ -170,6 +177,7 @@ def bipartite_soft_matching(
     return Matching(num_prefix, unm_idx, src_idx, dst_idx)
 
 
+@step("merge")
 def kept_positions(m: Matching, num_tokens: int) -> torch.Tensor:
     """The input token behind each output slot of a matching, ``[B, N - r]`` (int64).
 
@@ -189,6 +197,7 @@ def kept_positions(m: Matching, num_tokens: int) -> torch.Tensor:
     return torch.cat([arange[:P].expand(B, -1), unm, b_pos.expand(B, -1)], dim=1)
 
 
+@step("merge")
 def merge_slots(m: Matching, num_tokens: int) -> torch.Tensor:
     """The output slot of every input token under a matching, ``[B, N]`` (int64).
 
@@ -210,6 +219,7 @@ def merge_slots(m: Matching, num_tokens: int) -> torch.Tensor:
     return slots
 
 
+@step("gather")
 def prune_slots(keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """Output slots ``[B, N]`` that keep the tokens ``keep [B, K]`` in that order.
 
@@ -252,6 +262,7 @@ def pool_source(slots: torch.Tensor, num_out: int, source: torch.Tensor) -> torc
     return out.scatter_add_(1, slots[..., None].expand(-1, -1, N0), source)[:, :num_out]
 
 
+@step("merge")
 def merge_weighted(
     m: Matching, x: torch.Tensor, size: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,6 +302,7 @@ def prune_step(
     return keep_step(x, size, source, keep_top(scores, x.shape[1] - num_prefix - r, num_prefix))
 
 
+@step("gather")
 def keep_step(
     x: torch.Tensor, size: torch.Tensor, source: torch.Tensor | None, keep: torch.Tensor
 ) -> Reduced:
@@ -303,6 +315,7 @@ def keep_step(
     )
 
 
+@step("merge")
 def pool_step(
     x: torch.Tensor,
     size: torch.Tensor,

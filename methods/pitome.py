@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import KeepRatio
 from ppt_bench.methods.contract import KEY_MEAN, Examples, Reduced
+from ppt_bench.methods.parts import step
 
 if TYPE_CHECKING:
     pass
@@ -52,6 +53,7 @@ def margin(block: int, depth: int) -> float:
     return 0.75 - 0.75 * (block / depth)
 
 
+@step("score")
 def energy_order(metric: torch.Tensor, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Patch tokens by decreasing energy, and their cosine similarities.
 
@@ -81,6 +83,7 @@ def _scores(sim: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor) -> torc
     return s.gather(1, a_idx[..., None].expand(-1, -1, b_idx.shape[1]))  # [B, n_a, n_b]
 
 
+@step("match")
 def bsm_slots(
     sim: torch.Tensor, order: torch.Tensor, r: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,6 +111,7 @@ def bsm_slots(
     return slots, kept, a_idx.gather(1, edge_idx[:, :r])
 
 
+@step("match")
 def protected_slots(
     sim: torch.Tensor, order: torch.Tensor, r: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,6 +135,7 @@ def protected_slots(
     return slots, torch.cat([order[:, 2 * r :], b_idx], dim=1), a_idx
 
 
+@step("merge")
 def pitome_step(
     tokens: Reduced, key_mean: torch.Tensor, r: int, num_prefix: int, *, margin: float, bsm: bool
 ) -> Reduced:

@@ -9,8 +9,10 @@ import torch
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import ScorePrune
 from ppt_bench.methods.contract import CLS_ATTN, VALUE_NORM, Examples, Features
+from ppt_bench.methods.parts import step
 
 
+@step("score")
 def ats_scores(feats: Features, num_prefix: int) -> torch.Tensor:
     """Normalised significance ``[B, N - P]`` from the class attention row and value norms."""
     return ops.significance_scores(feats.cls_attn, feats.value_norm, num_prefix)

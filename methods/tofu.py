@@ -32,6 +32,7 @@ import torch
 from ppt_bench.methods import ops
 from ppt_bench.methods.base import KeepRatio
 from ppt_bench.methods.contract import KEY_MEAN, Examples, Reduced
+from ppt_bench.methods.parts import step
 from ppt_bench.methods.pitome import ratio_reduction
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ def mlerp(slots: torch.Tensor, num_out: int, x: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 1, mean * scale, mean)
 
 
+@step("merge")
 def tofu_step(
     tokens: Reduced, key_mean: torch.Tensor, r: int, num_prefix: int, *, prune: bool
 ) -> Reduced:

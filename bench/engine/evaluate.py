@@ -21,11 +21,13 @@ import torch
 from timm.utils import random_seed
 from torch import nn
 
+from ppt_bench.core.dtypes import amp_autocast
 from ppt_bench.core.errors import UserError
 from ppt_bench.data import imagecache
 from ppt_bench.data.loader import SYNTHETIC, make_loader
 from ppt_bench.measure import metrics
 from ppt_bench.measure.accuracy import AccuracyResult, evaluate_accuracy
+from ppt_bench.measure.cost import Cost, profile_cost
 from ppt_bench.measure.outcomes import Outcomes, Reference, RunStore
 from ppt_bench.measure.throughput import (
     Latency,
@@ -33,6 +35,7 @@ from ppt_bench.measure.throughput import (
     compile_for_timing,
     measure_latency,
     measure_throughput,
+    warm_step,
 )
 from ppt_bench.methods import create_method
 from ppt_bench.methods.baseline import Baseline
@@ -107,6 +110,7 @@ class RunContext:
         self._data: AccuracyResult | None = None
         self._speed: Speed | None = None
         self._latency: Latency | None = None
+        self._cost: Cost | None = None
 
     def unreduced(self) -> nn.Module:
         """The unreduced model on the run's device (reduced runs only)."""
@@ -199,6 +203,24 @@ class RunContext:
                 *self._timing_args(), cuda_graph=graph, rounds=self.spec.rounds
             )
         return self._latency
+
+    def cost(self) -> Cost:
+        """Where a forward's time goes (:func:`~ppt_bench.measure.cost.profile_cost`), profiled
+        at the run's batch size after the timed loops; compiled or captured in a CUDA graph,
+        the timed step's totals with the eager model's parts (measured once). Its Chrome trace
+        goes beside the run's outcomes."""
+        if self._cost is None:
+            spec = self.spec
+            batch = self.batch_size or spec.batch_size
+            x = torch.randn(batch, *self.input_size, device=spec.device)
+            trace = None if self.store is None else self.store.trace_path(spec.run_id)
+            with torch.inference_mode(), amp_autocast(spec.device, spec.dtype):
+                timed = None
+                if spec.compile != "none":
+                    fast = compile_for_timing(self.model, spec.compile)
+                    timed = warm_step(fast, x, 2, spec.compile == "cudagraph")
+                self._cost = profile_cost(self.model, x, dtype=spec.dtype, timed=timed, trace=trace)
+        return self._cost
 
 
 def evaluate(

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ppt_bench.measure.accuracy import AccuracyResult
+    from ppt_bench.measure.cost import Cost
     from ppt_bench.measure.throughput import Latency, Speed
     from ppt_bench.results.spec import RunSpec
 
@@ -72,6 +73,10 @@ class Run(Protocol):
 
     def latency(self) -> Latency:
         """Latency per batch."""
+        ...
+
+    def cost(self) -> Cost:
+        """Where a forward's time goes, from a few profiled forwards."""
         ...
 
 
@@ -483,9 +488,10 @@ def _measure_throughput(run: Run) -> dict[str, Estimate | float]:
 
 
 def _throughput_columns(c: Cells) -> dict[str, str]:
-    """The speedup where a run has none paired, marked where its interval holds 1; the share
-    of the ideal speedup at the largest batch size."""
-    out, speedup, declared = {}, None, THROUGHPUT_METRICS["speedup"]
+    """The speedup where a run has none paired, marked where its interval holds 1, and the
+    share of the ideal speedup it reached, at each batch size."""
+    out, declared = {}, THROUGHPUT_METRICS["speedup"]
+    ideal = c.ideal_speedup
     for bs in c.batch_sizes:
         runs = c.at(c.runs, bs)
         ips = c.estimate(runs, "samples_per_sec")
@@ -497,10 +503,9 @@ def _throughput_columns(c: Cells) -> dict[str, str]:
             speedup = Estimate(ips.value / base_ips)
         tie = speedup is not None and speedup.low <= 1 <= speedup.high
         out[declared.header(bs)] = declared.cell(speedup, mark=tie)
-    if c.batch_sizes:  # how much of the MAC reduction became speed
-        ideal = c.ideal_speedup
+        # How much of the MAC reduction became speed.
         share = None if speedup is None or not ideal else 100 * speedup.value / ideal
-        out[f"% of ideal @{c.batch_sizes[-1]}"] = fmt(share, ".0f")
+        out[f"% of ideal @{bs}"] = fmt(share, ".0f")
     return out
 
 
@@ -615,6 +620,30 @@ TOKENS_GROUP = MetricGroup(
 )
 
 
+def _measure_cost(run: Run) -> dict[str, Estimate | float]:
+    """where a forward's time goes: each part's ms, operators, syncs, host time, attention
+    kernels (profiled forwards)"""
+    return run.cost().metrics()
+
+
+# Each part's own time per profiled forward (``part_<part>_ms``; on CUDA also its kernels'
+# ``part_<part>_device_ms``, see ppt_bench.measure.cost) and the attention kernel of each block
+# (``attn_<kernel>_block_<i>``, 1) or, timed compiled or in a CUDA graph, of the forward
+# (``attn_<kernel>_calls``).
+PARTS, KERNEL = "part_", "attn_"
+COST_METRICS = {
+    "cost_forward_ms": Metric("ms", higher_is_better=False, label="profiled forward"),
+    "cost_host_ms": Metric("ms", higher_is_better=False, label="host time outside operators"),
+    "cost_ops": Metric(higher_is_better=False, label="operators", spec=".0f"),
+    "cost_syncs": Metric(higher_is_better=False, label="syncs", spec=".0f"),
+    "cost_forwards": Metric(label="profiled forwards", spec=".0f"),
+    "cost_eager_parts": Metric(label="parts from an eager profile", spec=".0f"),
+    PARTS: Metric("ms", higher_is_better=False, label="part"),
+    KERNEL: Metric(label="attention kernel", spec=".0f"),
+}
+COST = MetricGroup("cost", COST_METRICS, _measure_cost, None, timing=True)
+
+
 for _group in (
     ACCURACY,
     MACS,
@@ -622,6 +651,7 @@ for _group in (
     LATENCY,
     MEMORY,
     TOKENS_GROUP,
+    COST,
 ):  # in the order the report shows them
     register_metric_group(_group)
 

@@ -164,6 +164,10 @@ class RunStore:
     def outcomes_path(self, run_id: str) -> Path:
         return self.folder / f"{run_id}.npz"
 
+    def trace_path(self, run_id: str) -> Path:
+        """The Chrome trace of the run's profiled forwards (``cost``), in ``traces/``."""
+        return self.folder / "traces" / f"{run_id}.json.gz"
+
     def reference_path(self, key: str) -> Path:
         return self.folder / f"reference-{key}.npz"
 

@@ -174,7 +174,7 @@ def with_oom_backoff(run: Callable[[int], T], batch_size: int) -> tuple[T, int]:
 def compile_for_timing(model: nn.Module, mode: str) -> nn.Module:
     """The model to time under a :data:`~ppt_bench.core.defaults.COMPILE_MODES` mode.
 
-    ``none`` and ``cudagraph`` (captured later, by :func:`_warm_step`) time the eager model;
+    ``none`` and ``cudagraph`` (captured later, by :func:`warm_step`) time the eager model;
     the others go through ``torch.compile`` with that mode.
     """
     if mode in ("none", "cudagraph"):
@@ -182,7 +182,7 @@ def compile_for_timing(model: nn.Module, mode: str) -> nn.Module:
     return torch.compile(model, mode=None if mode == "default" else mode)
 
 
-def _warm_step(
+def warm_step(
     model: nn.Module, x: torch.Tensor, warmup: int, cuda_graph: bool = False
 ) -> Callable[[], object]:
     """Run ``warmup`` forwards on ``x`` and return the step to time.
@@ -268,11 +268,11 @@ class Timing:
                 torch.cuda.reset_peak_memory_stats(device)
             with torch.inference_mode(), amp_autocast(device, self.dtype):
                 x = torch.randn(batch, *self.input_size, device=device)
-                steps = [_warm_step(models[0], x, warmup, self.cuda_graph)]
+                steps = [warm_step(models[0], x, warmup, self.cuda_graph)]
                 # The model's own peak: less the baseline's weights, resident meanwhile.
                 held = sum(map(_cuda_bytes, models[1:]))
                 peak = (torch.cuda.max_memory_allocated(device) - held) / 2**20 if cuda else None
-                steps += [_warm_step(m, x, warmup, self.cuda_graph) for m in models[1:]]
+                steps += [warm_step(m, x, warmup, self.cuda_graph) for m in models[1:]]
                 return timer(steps, batch, iters), peak
 
         (result, peak), used = with_oom_backoff(at, self.batch_size)

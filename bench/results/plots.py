@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from matplotlib.figure import Figure
 
 from ppt_bench.methods import PlotStyle, get_method_class, registered_methods
+from ppt_bench.results import breakdown
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -266,6 +267,34 @@ def plot_throughput(runs: pd.DataFrame, path: Path) -> Path | None:
     return _save(fig, path)
 
 
+# One colour per part group of the breakdown (breakdown.GROUPS), the method's steps in red.
+_GROUP_COLOURS = ("#8c8c8c", "#1f77b4", "#2ca02c", "#bcbd22", "#d62728", "#e0e0e0")
+
+
+def plot_breakdown(runs: pd.DataFrame, path: Path) -> Path | None:
+    """Where each run's time goes: per model, budget and batch size profiled (``cost``), one
+    stacked bar per method (the baseline first) of its timed ms per forward split into the
+    part groups (:mod:`ppt_bench.results.breakdown`)."""
+    found = [
+        (f"{model}, {title}", bars)
+        for model, group in runs.groupby("model", sort=True)
+        for title, bars in breakdown.panels(group)
+    ]
+    if not found:
+        return None
+    fig, axes = _panels(len(found))
+    for ax, (title, bars) in zip(axes, found, strict=True):
+        labels = [label for label, _ in bars][::-1]  # the baseline on top
+        left = [0.0] * len(bars)
+        for name, colour in zip(breakdown.GROUPS, _GROUP_COLOURS, strict=True):
+            widths = [b.groups[name] for _, b in bars][::-1]
+            ax.barh(labels, widths, left=left, color=colour, label=name, height=0.7)
+            left = [a + w for a, w in zip(left, widths, strict=True)]
+        _label_axes(ax, title, "ms per forward (timed)", "")
+        ax.tick_params(axis="y", labelsize=7)
+    return _save(fig, path)
+
+
 def _yerr(runs: pd.DataFrame, column: str):
     """Error bars from the 95% interval columns (``low:<column>``, ``high:<column>``), zero
     where a run has none; None when no run has one."""
@@ -284,7 +313,12 @@ def _has(runs: pd.DataFrame, column: str) -> bool:
 def write_plots(runs: pd.DataFrame, folder: Path, stem: str) -> list[Path]:
     """Draw every plot the data allows as ``folder/<stem>-<plot>.png``; returns their paths."""
     drawn = []
-    plots = (("pareto", plot_pareto), ("speed", plot_speed), ("throughput", plot_throughput))
+    plots = (
+        ("pareto", plot_pareto),
+        ("speed", plot_speed),
+        ("throughput", plot_throughput),
+        ("breakdown", plot_breakdown),
+    )
     for name, plot in plots:
         path = folder / f"{stem}-{name}.png"
         if not runs.empty and plot(runs, path) is not None:

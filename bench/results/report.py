@@ -29,7 +29,7 @@ from ppt_bench.core.stats import Estimate
 from ppt_bench.measure import metrics
 from ppt_bench.measure.cells import NOT_SIGNIFICANT, Cells, fmt
 from ppt_bench.measure.outcomes import Outcomes, RunStore
-from ppt_bench.results import leaderboard
+from ppt_bench.results import breakdown, leaderboard
 from ppt_bench.results.records import BUDGET_COLUMNS, IDENTITY_COLUMNS, format_params, read_results
 
 if TYPE_CHECKING:
@@ -375,8 +375,12 @@ def render(
     budgeted = "budget" in runs and runs["budget"].fillna("").astype(str).ne("").any()
     if budgeted:
         lines += [leaderboard.how_to_read(), ""]
+    profiled = "cost_forward_ms" in runs and runs["cost_forward_ms"].notna().any()
+    if profiled:
+        lines += [breakdown.HOW_TO_READ, ""]
     for model, group in runs.groupby("model", sort=True):
         lines += [f"## {model}", "", model_table(group), ""]
+        lines += breakdown.tables(group, _cost_by_config(group))
         if budgeted:  # leaderboards at the budgets instead of interpolated equal-cost cells
             lines += leaderboard.budget_sections(
                 group, outcomes or {}, _timed_batch_sizes(_without_cost_only(group))

@@ -28,6 +28,7 @@ from torch import nn
 
 from ppt_bench.core.errors import PatchError
 from ppt_bench.methods.contract import IN_ATTN, REDUCE_POINTS, VALUE_NORM, ReductionInfo, ViTInfo
+from ppt_bench.methods.parts import part
 from ppt_bench.methods.patch.attention import ATTN_IMPLS, is_eva
 from ppt_bench.methods.patch.blocks import ReductionPlan, run_blocks
 
@@ -57,18 +58,24 @@ class ReducingMixin:
     def forward_features(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
             raise PatchError("a token-reducing model does not take attn_mask or is_causal")
-        x = self.patch_embed(x)
-        # The patch grid of this input: [B, rows, cols, C] with dynamic image sizes.
-        grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(self.patch_embed.grid_size)
-        if is_eva(self):
-            # Eva's own: absolute position embedding (if any) and the rope table for this input's
-            # grid (computed per forward for dynamic sizes); patch dropout is refused at patch time.
-            x, rope = self._pos_embed(x)
-        else:
-            x, rope = self.patch_drop(self._pos_embed(x)), None
-        x = self.norm_pre(x)
+        with part("patch_embed"):
+            x = self.patch_embed(x)
+            # The patch grid of this input: [B, rows, cols, C] with dynamic image sizes.
+            grid = tuple(x.shape[1:3]) if x.dim() == 4 else tuple(self.patch_embed.grid_size)
+            if is_eva(self):
+                # Eva's own: absolute position embedding (if any) and the rope table for this
+                # input's grid (per forward for dynamic sizes); patch dropout is refused.
+                x, rope = self._pos_embed(x)
+            else:
+                x, rope = self.patch_drop(self._pos_embed(x)), None
+            x = self.norm_pre(x)
         x, self.reduction_info = run_blocks(self.blocks, x, self.reduction_plan, rope, grid)
-        return self.norm(x)
+        with part("norm"):
+            return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        with part("head"):
+            return super().forward_head(x, pre_logits=pre_logits)
 
 
 _PATCHED_CLASSES: dict[type, type] = {}

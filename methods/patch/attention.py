@@ -20,6 +20,7 @@ from torch import nn
 
 from ppt_bench.methods import ops
 from ppt_bench.methods.contract import ATTN, CLS_ATTN, KEY_MEAN, VALUE_NORM, Features
+from ppt_bench.methods.parts import part
 from ppt_bench.methods.patch.rope import rotate
 
 # "fast": fused SDPA, the proportional-attention bias as an additive mask; "fold": fused SDPA
@@ -216,45 +217,52 @@ def attention(
         The attention output ``[B, N, C]`` (after ``proj``) and the requested features.
     """
     d = attn.head_dim
-    gate = _gate(attn, x)
-    mask = None
-    if size is not None and impl == "fold" and ATTN not in needs and can_fold(attn):
-        q, k, v = folded_qkv(attn, x, size)  # [B, H, N, w], the bias inside q.k
+    fold = size is not None and impl == "fold" and ATTN not in needs and can_fold(attn)
+    explicit = impl == "explicit" or ATTN in needs
+    if explicit:
+        path = "map" if ATTN in needs else "explicit"
     else:
-        q, k, v = project_qkv(attn, x, rope)
-        if size is not None:
-            mask = ops.prop_attn_bias(size).to(q.dtype)  # [B, 1, 1, N]
-
+        path = "fold" if fold else "fused" if size is None else "masked"
     cls_attn = full = None
-    if impl == "explicit" or ATTN in needs:
-        a = _softmax_attention(attn, q, k, mask)  # [B, H, N, N]
-        if edit is not None and ATTN in needs:
-            a = edit(a)
-        if CLS_ATTN in needs:
-            cls_attn = a[:, :, 0]
-        if ATTN in needs:
-            full = a
-        out = attn.attn_drop(a) @ v
-    else:
-        drop = attn.attn_drop.p if attn.training else 0.0
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=drop, scale=attn.scale
-        )
-        if CLS_ATTN in needs:
+    with part(f"attention.{path}"):
+        gate = _gate(attn, x)
+        mask = None
+        if fold:
+            q, k, v = folded_qkv(attn, x, size)  # [B, H, N, w], the bias inside q.k
+        else:
+            q, k, v = project_qkv(attn, x, rope)
+            if size is not None:
+                mask = ops.prop_attn_bias(size).to(q.dtype)  # [B, 1, 1, N]
+        if explicit:
+            a = _softmax_attention(attn, q, k, mask)  # [B, H, N, N]
+            if edit is not None and ATTN in needs:
+                a = edit(a)
+            if CLS_ATTN in needs:
+                cls_attn = a[:, :, 0]
+            if ATTN in needs:
+                full = a
+            out = attn.attn_drop(a) @ v
+        else:
+            drop = attn.attn_drop.p if attn.training else 0.0
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=drop, scale=attn.scale
+            )
+        out = _output(attn, out, x, gate)
+    if CLS_ATTN in needs and not explicit:
+        with part("attention.cls_row"):
             # Only the class token's row is needed: [B, H, 1, N] instead of [B, H, N, N].
             a0 = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
             if mask is not None:
                 a0 = a0 + mask
             cls_attn = a0.softmax(dim=-1)[:, :, 0]
-
-    out = _output(attn, out, x, gate)
-    k, v = k[..., :d], v[..., :d]
-    feats = Features(
-        cls_attn=cls_attn,
-        key_mean=k.mean(dim=1) if KEY_MEAN in needs else None,
-        value_norm=ops.value_norm(v) if VALUE_NORM in needs else None,
-        attn=full,
-    )
+    with part("method.score"):  # the features a method scores its tokens by
+        k, v = k[..., :d], v[..., :d]
+        feats = Features(
+            cls_attn=cls_attn,
+            key_mean=k.mean(dim=1) if KEY_MEAN in needs else None,
+            value_norm=ops.value_norm(v) if VALUE_NORM in needs else None,
+            attn=full,
+        )
     return out, feats
 
 
@@ -283,18 +291,21 @@ def attention_map(
         Features with ``attn`` ``[B, H, N, N]`` (post-softmax), and ``cls_attn`` / ``key_mean``
         if asked for.
     """
-    q, k = _qk(attn, x, rope)
-    mask = None if size is None else ops.prop_attn_bias(size).to(q.dtype)
-    a = _softmax_attention(attn, q, k, mask)
-    if edit is not None:
-        a = edit(a)
-    return Features(
-        cls_attn=a[:, :, 0] if CLS_ATTN in needs else None,
-        key_mean=k.mean(dim=1) if KEY_MEAN in needs else None,
-        attn=a,
-    )
+    with part("attention.map"):
+        q, k = _qk(attn, x, rope)
+        mask = None if size is None else ops.prop_attn_bias(size).to(q.dtype)
+        a = _softmax_attention(attn, q, k, mask)
+        if edit is not None:
+            a = edit(a)
+    with part("method.score"):
+        return Features(
+            cls_attn=a[:, :, 0] if CLS_ATTN in needs else None,
+            key_mean=k.mean(dim=1) if KEY_MEAN in needs else None,
+            attn=a,
+        )
 
 
 def apply_attention_map(attn: nn.Module, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """The attention output ``[B, N, C]`` of a given map ``a [B, H, N, N]`` on tokens ``x``."""
-    return _output(attn, attn.attn_drop(a) @ _values(attn, x), x, _gate(attn, x))
+    with part("attention.map"):
+        return _output(attn, attn.attn_drop(a) @ _values(attn, x), x, _gate(attn, x))

@@ -33,6 +33,7 @@ from ppt_bench.methods.contract import (
     Reduced,
     ReductionInfo,
 )
+from ppt_bench.methods.parts import part
 from ppt_bench.methods.patch.attention import apply_attention_map, attention, attention_map
 from ppt_bench.methods.patch.rope import block_rope, follow_origin, follow_positions
 
@@ -110,7 +111,10 @@ def reducing_block(
         edit = partial(method.edit_attention, block=index)
 
     def reduce(x: torch.Tensor, feats: Features) -> tuple[Reduced, torch.Tensor | None]:
-        feats = feats._replace(state=carried)
+        with part("method"):
+            return reduce_tracking(x, feats._replace(state=carried))
+
+    def reduce_tracking(x: torch.Tensor, feats: Features) -> tuple[Reduced, torch.Tensor | None]:
         if not track or method.gives_origin:
             red = method.reduce(x, size, feats, block=index, num_prefix=P, source=source)
             if not track or (red.origin is None and red.x.shape[1] == x.shape[1]):
@@ -140,27 +144,31 @@ def reducing_block(
         return red._replace(source=None if source is None else red.source[..., :-N]), new_pos
 
     if at == IN_ATTN:
-        feats = attention_map(
-            block.attn, block.norm1(x), prop_size, needs, block_rope(rope, pos, P), edit
-        )
+        with part("norm"):
+            h = block.norm1(x)
+        feats = attention_map(block.attn, h, prop_size, needs, block_rope(rope, pos, P), edit)
         red, pos = reduce(x, feats)
         x, size, source, carried = red.x, red.size, red.source, red.state
-        out = apply_attention_map(block.attn, block.norm1(x), red.attn)
+        with part("norm"):
+            h = block.norm1(x)
+        out = apply_attention_map(block.attn, h, red.attn)
     else:
+        with part("norm"):
+            h = block.norm1(x)
         out, feats = attention(
-            block.attn,
-            block.norm1(x),
-            prop_size,
-            needs,
-            plan.attn_impl,
-            block_rope(rope, pos, P),
-            edit,
+            block.attn, h, prop_size, needs, plan.attn_impl, block_rope(rope, pos, P), edit
         )
-    x = x + block.drop_path1(layer_scale(block, 1, out))
+    with part("residual"):
+        x = x + block.drop_path1(layer_scale(block, 1, out))
     if at == AFTER_ATTN:
         red, pos = reduce(x, feats)
         x, size, source, carried = red.x, red.size, red.source, red.state
-    x = x + block.drop_path2(layer_scale(block, 2, block.mlp(block.norm2(x))))
+    with part("norm"):
+        h = block.norm2(x)
+    with part("mlp"):
+        h = block.mlp(h)
+    with part("residual"):
+        x = x + block.drop_path2(layer_scale(block, 2, h))
     if at == AFTER_MLP:
         red, pos = reduce(x, feats)
         x, size, source, carried = red.x, red.size, red.source, red.state
@@ -184,17 +192,18 @@ def run_blocks(
             :meth:`~Method.initial_state`; None: a square grid of the patch tokens.
     """
     B, N, _ = x.shape
-    size = torch.ones_like(x[..., :1])
-    source = None
-    if plan.trace_source:
-        source = torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N)
-    carried = None
-    if plan.locations:
-        P = plan.num_prefix
-        if grid is None:
-            side = math.isqrt(N - P)
-            grid = (side, (N - P) // side)
-        carried = plan.method.initial_state(x, num_prefix=P, grid=grid)
+    with part("method"):  # the state a reduction keeps: sizes, sources, the method's own
+        size = torch.ones_like(x[..., :1])
+        source = None
+        if plan.trace_source:
+            source = torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N)
+        carried = None
+        if plan.locations:
+            P = plan.num_prefix
+            if grid is None:
+                side = math.isqrt(N - P)
+                grid = (side, (N - P) // side)
+            carried = plan.method.initial_state(x, num_prefix=P, grid=grid)
     state = _State(x, size, source, None, carried)
     tokens: list[int] = []
     stats: list[Mapping[str, torch.Tensor]] = []
@@ -204,12 +213,13 @@ def run_blocks(
         tokens.append(state.x.shape[1])
         if reported:
             stats.append(reported)
+    with part("method"):
+        names = stats[0] if stats else ()
+        stacked = {name: torch.stack([s[name] for s in stats], dim=1) for name in names}
     info = ReductionInfo(
         tokens=tuple(tokens),
         locations=plan.locations,
-        stats={name: torch.stack([s[name] for s in stats], dim=1) for name in stats[0]}
-        if stats
-        else {},
+        stats=stacked,
         source=state.source,
     )
     return state.x, info
