@@ -23,14 +23,20 @@ each patch token ``max_h A[h, i, i] * max_h sum_q A[h, q, i]``; the ``num_prop``
 each kept token gaining ``alpha`` times its graph-weighted share of them,
 ``x_kept += alpha Â[kept, prop] @ x_prop`` (and the same for the scales); the graph keeps the rows
 and columns of the kept tokens, unrenormalised. Output: the prefix tokens, then the kept tokens
-in descending score. Ties: equal scores keep token order (a stable sort). They occur with
-sparse attention, where a token whose self-attention is zeroed in every head scores 0; the
-official code's ``argsort`` is not stable, so where such ties fall across the cut its choice
-is the sort kernel's.
+in descending score, ordered as the official code orders them, by ``torch.argsort`` (not a
+stable sort). Ties occur with sparse attention: a token whose self-attention is zeroed in every
+head scores 0. How often they fall across the cut depends on the model's head count: on nearly
+every image of DeiT-Ti (3 heads), on some of DeiT-S (6). Which of the tied tokens leave is then
+the sort kernel's choice, the official code's on the same device (another device's kernel may
+choose otherwise); a stable sort, keeping token order, moves the logits of a random-weight
+DeiT-Ti by some 1e-2.
 
 Unlike the official code, every prefix token (distillation, registers) is carried as the class
 token is, models with rotary embeddings are reduced as well (kept tokens keep their positions),
-and no file ``missing`` is written.
+the spatial graph takes each input's patch grid (theirs, the square grid of the model's image
+size), and no file ``missing`` is written. Their semantic threshold is the ``(N - 1 - K)``-th
+smallest cosine, ``N`` counting one class token: on a model without one it marks ``K + 1``
+neighbours, where ``num_neighbours=K`` marks ``K`` on every model (``K + 1`` gives theirs).
 
 With source tracking, a kept token's source row gains ``alpha Â`` times those of the tokens it
 receives, so that ``visualize`` tints each propagated patch with the token that received most of
@@ -159,7 +165,7 @@ def gtp_step(
     x, size, source = tokens[:3]
     P, (B, N, _) = num_prefix, x.shape
     T = N - P
-    order = scores.sort(dim=-1, descending=True, stable=True).indices  # [B, T]
+    order = scores.argsort(dim=-1, descending=True)  # [B, T]
     kept, prop = order[:, : T - num_prop], order[:, T - num_prop :]
     K = T - num_prop
     rows = graph.gather(1, kept[..., None].expand(-1, -1, T))  # [B, K, T]

@@ -3,8 +3,11 @@ token counts, costs, the patch."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,7 +188,7 @@ def reference_forward(model, x: torch.Tensor, method) -> torch.Tensor:
         out = attn.proj((a @ v).transpose(1, 2).reshape(B, N, C))
         tokens = tokens + block.ls1(out)
         score = a.diagonal(dim1=-2, dim2=-1)[:, :, P:].amax(1) * a[..., P:].sum(-2).amax(1)
-        order = score.argsort(dim=-1, descending=True, stable=True)  # ties: token order
+        order = score.argsort(dim=-1, descending=True)  # not stable, as the official code
         kept, prop = order[:, : T - method.num_prop], order[:, T - method.num_prop :]
         new_tokens, new_scales, new_graph = [], [], []
         for b in range(B):
@@ -225,6 +228,29 @@ def test_patched_model_equals_the_definition_written_out(
         expected = reference_forward(ref, x, method)
     got = logits(method.apply(clone(ref)), x)
     assert (got - expected).abs().max() < 1e-4
+
+
+# -- the authors' code, through its logits ------------------------------------------------------
+
+# Logits of the authors' code (Ackesnal/GTP-ViT @ 97a11781, models_v3.py) on random-weight
+# DeiT-Ti and DeiT-S, made on the CPU by tests/reference/make_gtp_reference.py; the weights and
+# images are regenerated here from the seeds it records.
+with np.load(Path(__file__).parent / "reference" / "gtp_authors_logits.npz") as _fixture:
+    AUTHORS = json.loads(str(_fixture["meta"]))
+    AUTHORS_LOGITS = {k: torch.from_numpy(_fixture[k]) for k in _fixture.files if k != "meta"}
+
+
+@pytest.mark.parametrize("key", list(AUTHORS_LOGITS))
+def test_logits_equal_the_authors_code(make_model, images, logits, key):
+    """At every sparsity: below 1, tokens whose self-attention is zeroed in every head tie at 0
+    across the cut (on nearly every image of DeiT-Ti, 3 heads), and the sort must break them as
+    theirs does."""
+    name, case = key.split(":")
+    model = make_model(name, seed=AUTHORS["model_seed"])
+    x = images(AUTHORS["images"], AUTHORS["img_size"], seed=AUTHORS["image_seed"])
+    got = logits(create_method("gtp", **AUTHORS["cases"][case]).apply(model), x)
+    difference = (got - AUTHORS_LOGITS[key]).abs().max()
+    assert difference < 1e-4, f"{difference:.3g} (fixture made with torch {AUTHORS['torch']})"
 
 
 # -- token counts and costs on DeiT-S 224 ------------------------------------------------------
