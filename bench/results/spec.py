@@ -84,7 +84,7 @@ class RunSpec:
     seed: int = setting(0, "seed for synthetic data and random methods", identity=REFERENCE)
     metrics: tuple[str, ...] = setting(
         ("accuracy", "macs", "tokens"),
-        "metric groups: accuracy, macs, throughput, latency, memory, tokens",
+        "metric groups: accuracy, macs, throughput, latency, memory, tokens, cost",
         many=True,
         example=["accuracy", "macs", "tokens", "throughput"],
     )
