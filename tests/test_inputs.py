@@ -28,7 +28,7 @@ from ppt_bench.core.decode import decode_image, load_sample
 from ppt_bench.core.errors import UserError, brief
 from ppt_bench.data import imagecache
 from ppt_bench.data.loader import make_loader
-from ppt_bench.models.build import build_model, check_weights
+from ppt_bench.models.build import build_model, check_finite, check_weights
 from ppt_bench.results.records import append_rows, failed_rows, make_rows, read_results
 from ppt_bench.results.report import write_report
 from ppt_bench.results.spec import RunSpec
@@ -98,6 +98,15 @@ def test_a_built_model_with_an_infinite_buffer_is_refused(monkeypatch):
         UserError, match=r"model 'test_vit' holds non-finite .* in scale \(1 of 2\)"
     ):
         build_model(TINY)
+
+
+def test_finite_weights_whose_sum_overflows_pass():
+    check_finite([("big", torch.full((10,), 3e38))], "checkpoint 'w.pth'")
+    with pytest.raises(UserError, match=r"in half \(1 of 3\)"):
+        check_finite(
+            [("big", torch.full((3,), 3e38)), ("half", torch.tensor([1.0, 0, -torch.inf]).half())],
+            "x",
+        )
 
 
 def test_non_finite_outputs_fail_the_run_and_the_report_shows_no_figure(tmp_path, capsys):
