@@ -147,7 +147,7 @@ def test_a_batch_of_only_unreadable_images_is_skipped(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "bad.png").write_bytes(b"junk")
     Image.new("RGB", (8, 8)).save(tmp_path / "x" / "good.png")
-    loader, _ = make_loader(str(tmp_path), DATA_CONFIG, 1, workers=0)
+    loader, _ = make_loader(str(tmp_path), DATA_CONFIG, 1, workers=0, single_class=True)
     batches = list(loader)
     assert [b[2] for b in batches] == [1, 0]
     assert batches[0][0] is None and batches[1][0].shape == (1, 3, 32, 32)

@@ -230,7 +230,7 @@ def test_a_url_that_cannot_be_downloaded_is_one_line(served):
 
 
 def test_checkpoint_errors_are_user_errors(tmp_path):
-    with pytest.raises(UserError, match="not a file"):
+    with pytest.raises(UserError, match="does not exist"):
         build_model(TINY, checkpoint=str(tmp_path / "missing.pth"))
     (tmp_path / "junk.pth").write_bytes(b"junk")
     with pytest.raises(UserError, match="could not read"):

@@ -271,8 +271,9 @@ def test_validate_checks_the_data_layout_before_any_run(tmp_path, layout, messag
         (tmp_path / "dog" / "notes.txt").write_text("not an image")
     with pytest.raises(UserError, match=f"--data: .*{message}"):
         validate(grid(overrides={"models": [DEIT], "data": str(tmp_path)}))
-    (tmp_path / "cat").mkdir(exist_ok=True)
-    (tmp_path / "cat" / "1.JPEG").write_bytes(b"unreadable images are a run-time matter")
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "1.JPEG").write_bytes(b"unreadable images are a run-time matter")
     validate(grid(overrides={"models": [DEIT], "data": str(tmp_path)}))
 
 

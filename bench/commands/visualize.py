@@ -32,7 +32,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from timm.data import create_transform
 
-from ppt_bench.core.decode import DECODE_ERRORS
+from ppt_bench.core.decode import DECODE_ERRORS, decode_image
 from ppt_bench.core.errors import UserError, check_output_path
 from ppt_bench.core.keyvalue import parse_assignment
 from ppt_bench.data.digits import digits_dataset
@@ -334,8 +334,7 @@ def _read_images(
             out.extend(load_images(path, n_images))
             continue
         try:
-            with Image.open(path) as im:
-                out.append((path.stem, im.convert("RGB")))
+            out.append((path.stem, decode_image(str(path))))
         except FileNotFoundError:
             raise UserError(f"image {path} does not exist") from None
         except DECODE_ERRORS as err:

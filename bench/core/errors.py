@@ -14,6 +14,22 @@ class UserError(Exception):
     """
 
 
+def brief(text: object, limit: int = 160) -> str:
+    """The first line of ``text`` in at most ``limit`` characters, cut after a whole word (and
+    ended by ``...``) so that a message quoting it never stops mid-word; a first word longer
+    than that is kept whole."""
+    lines = str(text).strip().splitlines()
+    words = lines[0].split() if lines else []
+    if len(" ".join(words)) <= limit:
+        return " ".join(words)
+    kept = words[:1]
+    for word in words[1:]:
+        if len(" ".join([*kept, word])) > limit - 3:
+            break
+        kept.append(word)
+    return " ".join(kept).rstrip(",;:") + "..."
+
+
 class MethodError(UserError, ValueError):
     """An unknown method, an unknown parameter or a parameter outside its valid range."""
 

@@ -44,6 +44,11 @@ class FolderListing:
     outside: list[str] = field(default_factory=list)
 
 
+# Folder names that name a split of a data set, not a class: a root holding only these holds
+# splits, each its own ImageFolder (``dataset_name`` also reads past them).
+SPLIT_NAMES = ("val", "validation", "test", "train")
+
+
 def class_root(path: str | os.PathLike) -> Path:
     """The folder of class folders: ``path/val`` when there is one (ImageNet's layout), else
     ``path``."""
@@ -100,6 +105,13 @@ def stamp(resolved: str, st: os.stat_result) -> str:
     """What identifies a file's content without reading it: resolved path, size, mtime_ns,
     ctime_ns and inode."""
     return f"{resolved}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\0{st.st_ino}"
+
+
+def sample_bytes(label: int, stamp_: str) -> bytes:
+    """What a content hash (the data's fingerprint, the image cache's key) reads of one sample:
+    its label and :func:`stamp`, with the path's bytes as the file system gives them (a file name
+    that is not UTF-8 reaches Python with surrogate escapes, which ``str.encode`` refuses)."""
+    return os.fsencode(f"{label}\0{stamp_}\n")
 
 
 def _inside(path: str, root: str) -> bool:

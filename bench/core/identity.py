@@ -15,9 +15,10 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from urllib.parse import urlparse
 
+from ppt_bench.core import network
 from ppt_bench.core.atomic import locked
-from ppt_bench.core.errors import UserError
-from ppt_bench.core.folder import class_root, list_image_folder
+from ppt_bench.core.errors import UserError, brief
+from ppt_bench.core.folder import class_root, list_image_folder, sample_bytes
 
 try:
     VERSION = version("ppt-bench")  # of the code that measures, in every row
@@ -61,10 +62,11 @@ def url_file(url: str) -> Path:
 
 def checkpoint_file(checkpoint: str) -> str:
     """The local file of a checkpoint: a path as it is; a URL downloaded once to
-    :func:`url_file` (other processes asking for it meanwhile wait for the download).
+    :func:`url_file` (other processes asking for it meanwhile wait for the download), within
+    the network's time limit (:func:`ppt_bench.core.network.timeout`).
 
     Raises:
-        UserError: the URL cannot be downloaded.
+        UserError: the URL cannot be downloaded, or its server does not answer in time.
     """
     if not is_url(checkpoint):
         return checkpoint
@@ -74,15 +76,15 @@ def checkpoint_file(checkpoint: str) -> str:
     import torch  # imported here: as in url_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with locked(path.parent):
+    with locked(path.parent), network.time_limit() as seconds:
         if not path.is_file():
             try:  # writes a temporary file beside the target and renames it when complete
                 torch.hub.download_url_to_file(checkpoint, str(path), progress=False)
             except (OSError, ValueError) as err:
-                reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
+                reason = network.waited(seconds) if network.timed_out(err) else brief(err, 120)
                 raise UserError(
-                    f"could not download checkpoint {checkpoint} ({reason}); check the URL "
-                    "and the network, or pass a local file"
+                    f"could not download checkpoint {checkpoint} ({reason or type(err).__name__}); "
+                    "check the URL and the network, or pass a local file"
                 ) from None
     return str(path)
 
@@ -121,7 +123,7 @@ def data_fingerprint(data: str | None) -> str:
     listing = list_image_folder(root)
     digest.update(json.dumps(listing.classes).encode())
     for (_, label), stamp in zip(listing.samples, listing.stamps, strict=True):
-        digest.update(f"{label}\0{stamp}\n".encode())
+        digest.update(sample_bytes(label, stamp))
     return digest.hexdigest()[:12]
 
 

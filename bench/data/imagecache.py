@@ -47,13 +47,16 @@ from ppt_bench.core import cancel
 from ppt_bench.core.atomic import locked
 from ppt_bench.core.decode import Batch, load_sample
 from ppt_bench.core.defaults import cache_root
+from ppt_bench.core.folder import sample_bytes
 
 _logger = logging.getLogger(__name__)
 
-FORMAT = 2  # bump when the layout of an entry changes: old entries are then never read
+# Bump when the layout of an entry or the decoding of an image changes: old entries are then
+# never read (3: 16-bit images scaled to 8 bits, no longer clipped).
+FORMAT = 3
 IMAGES, LABELS, READABLE, META = "images.u8", "labels.npy", "readable.npy", "meta.json"
-# Headroom left on the disk beyond the entry itself.
-_FREE_MARGIN = 64 << 20
+# Space left free on the disk beyond the entry itself (for the system and other writers).
+FREE_MARGIN = 64 << 20
 
 
 def default_cache_dir() -> Path:
@@ -139,7 +142,7 @@ def cache_key(
     hashes too)."""
     h = hashlib.sha256(json.dumps({"format": FORMAT, "transform": repr(pil_steps)}).encode())
     for (_, label), stamp in zip(samples, stamps, strict=True):
-        h.update(f"{label}\0{stamp}\n".encode())
+        h.update(sample_bytes(label, stamp))
     return h.hexdigest()[:32]
 
 
@@ -309,10 +312,8 @@ def _build(
     tmp.mkdir()
     try:
         free = shutil.disk_usage(tmp).free
-        if free < n * per_image + _FREE_MARGIN:
-            raise OSError(
-                errno.ENOSPC, f"{n * per_image / 1e9:.2f} GB needed, {free / 1e9:.2f} GB free"
-            )
+        if free < n * per_image + FREE_MARGIN:
+            raise OSError(errno.ENOSPC, _no_space(n, n * per_image, free))
         loader = DataLoader(
             _Decode(samples, pil_steps),
             batch_size=32,
@@ -353,6 +354,22 @@ def _build(
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _size(n_bytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.{2 if unit == 'GB' else 1}f} {unit}"
+    return f"{n_bytes / 1e3:.1f} kB"
+
+
+def _no_space(n: int, needed: int, free: int) -> str:
+    """Why an entry is not built on a disk that lacks the space: the figures and what to do."""
+    return (
+        f"{n} images need {_size(needed)} plus {_size(FREE_MARGIN)} kept free on the disk, and "
+        f"{_size(free)} is free: free some space, or put the cache on another disk with "
+        "--cache-dir (or XDG_CACHE_HOME), or pass --no-cache"
+    )
 
 
 def cached_images(
@@ -404,7 +421,7 @@ def cached_images(
         return CachedImages(entry, samples, classes, normalize)
     except (OSError, ValueError, TypeError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        _logger.warning("image cache in %s not usable (%s): decoding directly", root, reason)
+        _logger.warning("image cache in %s not usable, decoding directly: %s", root, reason)
         return None
 
 

@@ -27,6 +27,7 @@ from ppt_bench.core.decode import Batch, load_sample
 from ppt_bench.core.errors import UserError
 from ppt_bench.core.folder import (
     IMAGE_EXTENSIONS,
+    SPLIT_NAMES,
     FolderListing,
     class_root,
     find_classes,
@@ -43,7 +44,6 @@ SYNTHETIC = "synthetic"
 DIGITS = "digits"
 # Images in a synthetic run when the spec does not say: enough for token and path statistics.
 DEFAULT_SYNTHETIC_IMAGES = 64
-_SPLIT_NAMES = ("val", "validation", "test", "train")
 
 
 class TolerantImageFolder(ImageFolder):
@@ -147,16 +147,23 @@ def _holds_image(folder: Path) -> bool:
     return any(is_image_name(e.name) for _, entries in walk(str(folder)) for e in entries)
 
 
-def image_folder_root(path: str | Path) -> Path:
+def image_folder_root(path: str | Path, *, single_class: bool = False) -> Path:
     """The class-folder root of an ImageFolder tree given as ``root/`` or ``root/val/``.
 
     Cheap enough to check a grid before it runs: it lists folders and file names and stops at
     the first image file; it decodes nothing. Its class folders are torchvision's, hidden ones
     included.
 
+    Args:
+        path: the tree.
+        single_class: accept a root with a single class folder (every label the same), which
+            is otherwise refused as a likely mistake.
+
     Raises:
         UserError: missing path, empty tree, images that are not in class folders, class
-            folders without image files, or links that loop.
+            folders without image files, links that loop, class folders that are all split
+            names (``root/train`` alone: the user meant that folder), or a single class folder
+            without ``single_class``.
     """
     root = class_root(path)
     if not root.is_dir():
@@ -173,6 +180,23 @@ def image_folder_root(path: str | Path) -> Path:
     if not any(_holds_image(root / name) for name in classes):
         exts = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise UserError(f"no images found under {root} (looked for {exts})")
+    visible = [name for name in classes if not name.startswith(".")]
+    splits = [name for name in SPLIT_NAMES if name in visible]  # the likeliest meant first
+    if splits and len(splits) == len(visible) and not (single_class and len(classes) == 1):
+        named = f"folder {splits[0]}" if len(splits) == 1 else f"folders {', '.join(splits)}"
+        raise UserError(
+            f"{root} holds the split {named}, not class folders: pass {root / splits[0]} "
+            "(a split is an ImageFolder of its own)"
+        )
+    if len(classes) == 1 and not single_class:
+        inner = root / classes[0]
+        meant = "the folder that holds all the class folders"
+        if find_classes(inner):  # a folder of folders: likely the class root itself
+            meant = f"{inner} if it holds the class folders"
+        raise UserError(
+            f"{root} holds a single class folder, {classes[0]}, which would give every image "
+            f"the same label: pass {meant}, or --single-class if one class is meant"
+        )
     return root
 
 
@@ -192,9 +216,13 @@ def check_cache_outside(data: str | os.PathLike, cache_dir: str | os.PathLike) -
         )
 
 
-def image_folder(path: str | Path, transform: Callable) -> TolerantImageFolder:
-    """An ImageFolder dataset over ``path`` (``root/`` or ``root/val/``), empty classes allowed."""
-    return TolerantImageFolder(image_folder_root(path), transform=transform)
+def image_folder(
+    path: str | Path, transform: Callable, *, single_class: bool = False
+) -> TolerantImageFolder:
+    """An ImageFolder dataset over ``path`` (``root/`` or ``root/val/``), empty classes allowed
+    (a single class only with ``single_class``: see :func:`image_folder_root`)."""
+    root = image_folder_root(path, single_class=single_class)
+    return TolerantImageFolder(root, transform=transform)
 
 
 def dataset_name(data: str | None) -> str:
@@ -202,7 +230,7 @@ def dataset_name(data: str | None) -> str:
     if data in (None, SYNTHETIC, DIGITS):
         return data or SYNTHETIC
     path = Path(data).expanduser().resolve()
-    return path.parent.name if path.name in _SPLIT_NAMES else path.name
+    return path.parent.name if path.name in SPLIT_NAMES else path.name
 
 
 def _digits(transform: Callable) -> Dataset:
@@ -229,13 +257,15 @@ def make_dataset(
     cache_dir: str | os.PathLike | None = None,
     workers: int = 0,
     progress: bool = True,
+    single_class: bool = False,
 ) -> Dataset:
     """The evaluation dataset, limited to a seeded random subset of ``n_images`` if given.
 
     With ``cache_dir``, an ImageFolder's images (the subset's, if one is taken) come from the
     preprocessed-image cache there, decoded into it on first use
     (:func:`ppt_bench.data.imagecache.cached_images`); when the cache cannot be used they are
-    decoded directly.
+    decoded directly. An ImageFolder of a single class is refused unless ``single_class``
+    (:func:`image_folder_root`).
     """
     if data in (None, SYNTHETIC):
         n = n_images or DEFAULT_SYNTHETIC_IMAGES
@@ -243,7 +273,10 @@ def make_dataset(
     if cache_dir is not None and data != DIGITS:
         check_cache_outside(data, cache_dir)
     transform = create_transform(**data_config, is_training=False)
-    dataset = _digits(transform) if data == DIGITS else image_folder(data, transform)
+    if data == DIGITS:
+        dataset = _digits(transform)
+    else:
+        dataset = image_folder(data, transform, single_class=single_class)
     keep = _subset_indices(len(dataset), n_images, seed)
     if cache_dir is not None and isinstance(dataset, TolerantImageFolder):
         chosen = range(len(dataset)) if keep is None else keep
@@ -337,6 +370,7 @@ def make_loader(
     *,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    single_class: bool = False,
 ) -> tuple[DataLoader, str]:
     """A DataLoader over the evaluation data and the dataset's name for the records.
 
@@ -353,6 +387,8 @@ def make_loader(
         cache_dir: read an ImageFolder through the preprocessed-image cache in this folder
             (None: decode every image).
         progress: show a progress bar while the cache is built.
+        single_class: accept an ImageFolder of a single class (refused otherwise, as a likely
+            mistake: see :func:`image_folder_root`).
 
     Returns:
         ``(loader, dataset_name)``; the loader yields ``(images, labels, unreadable)``, with
@@ -366,6 +402,7 @@ def make_loader(
         cache_dir=cache_dir,
         workers=workers,
         progress=progress,
+        single_class=single_class,
     )
     loader = batch_loader(dataset, batch_size, workers=workers, device=device, seed=seed)
     return loader, dataset_name(data)

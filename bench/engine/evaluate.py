@@ -131,6 +131,7 @@ class RunContext:
             device=spec.device,
             cache_dir=cache_dir(spec),
             progress=self.progress,
+            single_class=spec.single_class,
         )
         self.labeled = self.dataset != SYNTHETIC
         # Measuring accuracy, a reduced run reads the unreduced model's outputs that another

@@ -7,7 +7,7 @@ label-free agreement and KL divergence against the unreduced model's outputs on 
 after each block, ppt's pooled fraction at each location, and how many images took each
 pruning/pooling path (for the MACs mean). The figures and their 95% intervals follow from the
 per-image outcomes (:mod:`ppt_bench.core.stats`). The pass checks the cancellation flag
-(:mod:`ppt_bench.core.cancel`) between batches.
+(:mod:`ppt_bench.core.cancel`) between batches, and fails on outputs that are not finite.
 """
 
 from __future__ import annotations
@@ -153,6 +153,25 @@ def check_labels(labels: torch.Tensor, num_classes: int) -> None:
         )
 
 
+def check_finite_outputs(logits: torch.Tensor, whose: str, dtype: str) -> None:
+    """Raise :class:`UserError` when the outputs ``logits [B, K]`` of a batch hold a NaN or an
+    infinity: every figure of the run would be meaningless (a NaN loss, the top-1 of whichever
+    class a NaN picks).
+
+    One host synchronisation per batch, in the data pass only (which copies each batch's
+    outcomes to the host anyway), never in a timed loop.
+    """
+    finite = torch.isfinite(logits).all(-1)  # [B]
+    if bool(finite.all()):
+        return
+    bad = int((~finite).sum())
+    hint = " or use --dtype fp32" if dtype != "fp32" else ""
+    raise UserError(
+        f"{whose} gave non-finite outputs (NaN or inf) for {bad} of the {len(finite)} images of "
+        f"a batch, so its accuracy means nothing: check its weights{hint}"
+    )
+
+
 def _batches(
     loader: DataLoader, device: str | torch.device, desc: str, progress: bool
 ) -> Iterator[tuple[torch.Tensor | None, torch.Tensor | None, int]]:
@@ -217,6 +236,9 @@ def evaluate_accuracy(
                 logits = model(images).float()
                 if isinstance(reference, nn.Module):
                     computed.append(reference(images).float().log_softmax(-1))
+            check_finite_outputs(logits, "the model", dtype)
+            if isinstance(reference, nn.Module):
+                check_finite_outputs(computed[-1], "the unreduced model", dtype)
             check_labels(labels, logits.shape[-1])
             n = images.shape[0]
             stats_.update(model, n)

@@ -28,7 +28,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from ppt_bench.core import identity
 from ppt_bench.core.atomic import atomic_write, locked
-from ppt_bench.core.errors import UserError
+from ppt_bench.core.errors import UserError, brief
 from ppt_bench.core.stats import Estimate
 from ppt_bench.measure.metrics import unit_of
 
@@ -240,7 +240,7 @@ def make_rows(
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **{k: env[k] for k in ("ppt_bench_version", "torch_version", "timm_version", "git_sha")},
         "status": status,
-        "error": error.replace("\n", " ")[:500],
+        "error": brief(error.replace("\n", " "), 500),
     }
     if status != "ok":
         return [{**base, "metric": "", "value": "", "ci_low": "", "ci_high": "", "unit": ""}]

@@ -53,6 +53,12 @@ class RunSpec:
         identity=REFERENCE,
         example="/data/imagenet/val",
     )
+    single_class: bool = setting(
+        False,
+        "accept an ImageFolder --data of a single class folder, refused otherwise as a likely "
+        "mistake (every image would get the same label)",
+        identity=SCHEDULE,
+    )
     checkpoint: str | None = setting(
         None,
         "weights to load into the model: a local path or an http(s) URL",
@@ -173,8 +179,9 @@ class RunSpec:
             raise UserError(f"rounds must be a positive integer, got {self.rounds!r}")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise UserError(f"workers must be an integer >= 0, got {self.workers!r}")
-        if not isinstance(self.cache, bool):
-            raise UserError(f"cache must be true or false, got {self.cache!r}")
+        for name in ("cache", "single_class"):
+            if not isinstance(getattr(self, name), bool):
+                raise UserError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.cache_dir is not None and (
             not isinstance(self.cache_dir, str) or not self.cache_dir
         ):

@@ -126,6 +126,7 @@ class SweepConfig:
     # Per run: the settings of RunSpec.
     models: list[str]
     data: str | None
+    single_class: bool
     checkpoint: str | None
     device: str
     dtype: list[str]

@@ -23,7 +23,12 @@ from ppt_bench.core.errors import UserError
 from ppt_bench.data.loader import check_cache_outside, image_folder_root
 from ppt_bench.engine.evaluate import cache_dir
 from ppt_bench.methods import create_method
-from ppt_bench.models.build import check_weights, describe_vit, unpatchable_reason
+from ppt_bench.models.build import (
+    check_checkpoint_path,
+    check_weights,
+    describe_vit,
+    unpatchable_reason,
+)
 from ppt_bench.results.spec import RunSpec, run_settings
 from ppt_bench.sweeps.config import SweepConfig
 
@@ -174,15 +179,14 @@ def check_paths(spec: RunSpec) -> None:
                 "layout), 'digits' or 'synthetic'"
             )
         try:
-            image_folder_root(data)
+            image_folder_root(data, single_class=spec.single_class)
         except UserError as err:
             raise UserError(f"--data: {err}") from None
         cache = cache_dir(spec)
         if cache is not None:
             check_cache_outside(data, cache)
-    ckpt = spec.checkpoint
-    if ckpt is not None and "://" not in ckpt and not Path(ckpt).is_file():
-        raise UserError(f"--checkpoint {ckpt} does not exist: pass a weights file or a URL")
+    if spec.checkpoint is not None:
+        check_checkpoint_path(spec.checkpoint)
 
 
 __all__ = ["check_paths", "expand", "experiment_identity", "grid_size", "make_spec", "validate"]
