@@ -190,3 +190,40 @@ def test_cpu_rows_name_the_processor():
     models = [line for line in lines if line.startswith("model name")]
     if models:  # Linux on x86: the model name, not just the architecture
         assert cpu_name() == models[0].partition(":")[2].strip()
+
+
+def test_a_results_file_given_as_a_link_is_written_through_to_its_target(
+    spec, tmp_path, monkeypatch
+):
+    """Appends and the rewrite that widens the header both reach the link's target, under the
+    lock of the target's folder, and the link stays a link."""
+    from ppt_bench.measure.outcomes import store_folder
+    from ppt_bench.results import records
+
+    real = tmp_path / "elsewhere" / "all.csv"
+    real.parent.mkdir()
+    append_rows(real, make_rows(spec(), {"gmacs": 1.0}))
+    link = tmp_path / "results" / "mine.csv"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    held = []
+
+    def recorded(path):
+        held.append(Path(path))
+        return atomic.locked(path)
+
+    monkeypatch.setattr(records, "locked", recorded)
+    runs = [
+        spec("ppt", {"r": 8, "threshold": 1e-4}),  # no new column: a plain append
+        spec("ppt", {"r": 8, "prop_attn": False}),  # a new column: the file is rewritten
+        spec("merge", {"r": 4, "prop_attn": False}),
+    ]
+    for run in runs:
+        assert append_rows(link, make_rows(run, {"gmacs": 1.0}))
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert set(read_results(real)["run_id"]) == {spec().run_id, *(r.run_id for r in runs)}
+    assert "prop_attn" in real.read_text().splitlines()[0]
+    assert held and set(held) == {real.parent.resolve()}
+    assert finished_run_ids(link) == finished_run_ids(real)
+    assert store_folder(link) == store_folder(real) == real.parent.resolve() / "all.outcomes"
+    assert sorted(p.name for p in link.parent.iterdir()) == ["mine.csv"]
