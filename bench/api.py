@@ -63,8 +63,11 @@ class Sweep:
         Raises:
             UserError: the first problem, in one line.
         """
-        check_output_path(config.out_path, "--out")
-        check_output_path(store_folder(config.out_path), "--out's outcomes", directory=True)
+        # Every name the sweep writes, as it will write it: a name too long for the file
+        # system would fail only once the first run is done.
+        out = "--out" if config.out else "--sweep-name's results file"
+        check_output_path(config.out_path, out)
+        check_output_path(store_folder(config.out_path), f"{out}'s outcomes", directory=True)
         specs = expand(config)
         budgets = None
         if config.budget:  # the knobs are set first: the defaults need not fit the model

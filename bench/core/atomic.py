@@ -35,6 +35,12 @@ def target(path: str | os.PathLike) -> Path:
     return Path(os.path.realpath(path))
 
 
+# The temporary file of a write is ``.<name>.<8 random characters>.tmp`` with its target's name
+# cut to this length: the temporary name stays short whatever the target's (a name that fits the
+# file system would otherwise get a temporary one that does not).
+_TEMP_STEM = 64
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], object], binary: bool) -> Path:
     """Write ``path`` with ``write(file)``: temporary file, fsync, rename.
 
@@ -52,7 +58,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], object], bi
     """
     given, path = Path(path), target(path)
     mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else _default_mode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    prefix = f".{path.name[:_TEMP_STEM]}."
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             os.fchmod(f.fileno(), mode)

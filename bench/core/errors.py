@@ -6,6 +6,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from ppt_bench.core.atomic import target
+
 
 class UserError(Exception):
     """A mistake in what the user asked for (name, parameter, path, data, resources).
@@ -32,12 +34,53 @@ def _can_create_in(folder: Path) -> bool:
         return False
 
 
+def _limit(folder: Path, name: str, default: int) -> int:
+    """A limit of the file system that holds ``folder`` (``PC_NAME_MAX``, ``PC_PATH_MAX``), or
+    ``default`` where it cannot be read."""
+    try:
+        return os.pathconf(folder, name)
+    except (OSError, ValueError):
+        return default
+
+
+def check_name_fits(path: str | os.PathLike, what: str) -> None:
+    """Raise :class:`UserError` unless every name in ``path`` and the whole path fit the file
+    system of its nearest existing folder (255 bytes a name, 4096 a path on most).
+
+    A name too long would fail only when the file is written, after the work.
+    """
+    absolute = Path(os.path.abspath(path))
+    folder = next((p for p in absolute.parents if _exists(p)), Path(absolute.anchor))
+    most = _limit(folder, "PC_NAME_MAX", 255)
+    longest = max((len(os.fsencode(part)) for part in absolute.parts), default=0)
+    if longest > most:
+        raise UserError(
+            f"{what} {path}: a name in it is {longest} bytes long, and the file system allows "
+            f"{most}: choose a shorter name"
+        )
+    most = _limit(folder, "PC_PATH_MAX", 4096)
+    if len(os.fsencode(str(absolute))) >= most:
+        raise UserError(
+            f"{what} {path} is longer than the {most} bytes the file system allows in a path: "
+            "choose a shorter path"
+        )
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # a name too long, for one
+        return False
+
+
 def check_output_path(path: str | os.PathLike, what: str, *, directory: bool = False) -> Path:
     """Check, before any work, that ``path`` can be written: raise :class:`UserError` if not.
 
-    A file path must not be an existing directory; a directory path must not be an existing
-    file; and no existing file may stand where one of its parent folders should be (the
-    folders themselves may be missing: they are created when writing).
+    Its names must fit the file system (:func:`check_name_fits`); a file path must not be an
+    existing directory; a directory path must not be an existing file; and no existing file may
+    stand where one of its parent folders should be (the folders themselves may be missing:
+    they are created when writing). A symbolic link is checked where it leads, which is where
+    the writers write (:func:`~ppt_bench.core.atomic.target`).
 
     Args:
         path: where the output goes.
@@ -45,11 +88,14 @@ def check_output_path(path: str | os.PathLike, what: str, *, directory: bool = F
         directory: ``path`` is a folder to write files into.
     """
     path = Path(path)
-    if directory and path.exists() and not path.is_dir():
+    check_name_fits(path, what)
+    real = target(path)
+    check_name_fits(real, what)
+    if directory and real.exists() and not real.is_dir():
         raise UserError(f"{what} {path} is a file, not a folder: pass a folder path")
-    if not directory and path.is_dir():
+    if not directory and real.is_dir():
         raise UserError(f"{what} {path} is a folder: pass a file path")
-    for parent in path.parents:
+    for parent in real.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"{what} {path}: {parent} is a file, not a folder")
