@@ -24,6 +24,11 @@ class PatchError(UserError, TypeError):
     """A model that the generic patch cannot turn into a token-reducing one."""
 
 
+class ArgumentError(UserError, TypeError):
+    """An argument of a library call of a type it does not take; the message names the argument
+    and the types it takes."""
+
+
 def _can_create_in(folder: Path) -> bool:
     """Whether a file can be created in ``folder``: tried, since permission bits do not tell
     (root passes them everywhere, and /proc or a read-only mount refuses anyway)."""
