@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -76,6 +77,29 @@ def _exists(path: Path) -> bool:
         return path.exists()
     except OSError:  # a name too long, for one
         return False
+
+
+def check_free_space(path: str | os.PathLike, size: int, what: str) -> None:
+    """Raise :class:`UserError` when the folder that will hold ``path`` (its nearest existing
+    one) has less than ``size`` bytes free: a rough check, before the work, of an output whose
+    size is known (a checkpoint's weights).
+
+    Args:
+        path: where the output goes.
+        size: about the bytes it will take.
+        what: how the CLI names it (``--out``), for the message.
+    """
+    real = target(path)
+    folder = next((p for p in real.parents if _exists(p)), Path(real.anchor))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:  # cannot tell: the write says so if it fails
+        return
+    if free < size:
+        raise UserError(
+            f"{what} {path}: {folder} has {free / 1e6:.1f} MB free and the file needs about "
+            f"{size / 1e6:.1f} MB: free some space or write elsewhere"
+        )
 
 
 def check_output_path(path: str | os.PathLike, what: str, *, directory: bool = False) -> Path:
