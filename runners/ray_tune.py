@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 
 from ppt_bench.core import cancel
 from ppt_bench.core.atomic import atomic_write
-from ppt_bench.core.errors import UserError, check_output_path
+from ppt_bench.core.errors import UserError, check_output_path, first_line
 from ppt_bench.measure import metrics
 from ppt_bench.measure.outcomes import Outcomes, Reference, RunStore, store_folder
 from ppt_bench.results.records import append_rows, failed_rows, finished_run_ids
@@ -513,10 +513,9 @@ class RayRunner:
         try:
             ray.init(address=self.address, log_to_driver=False)
         except (ConnectionError, AuthenticationError) as err:
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            reason = lines[0] if lines else type(err).__name__
             raise UserError(
-                f"cannot join the Ray cluster at {self._address_source} {self.address}: {reason}"
+                f"cannot join the Ray cluster at {self._address_source} {self.address}: "
+                f"{first_line(err)}"
             ) from None
 
     def _start_private(self) -> None:

@@ -109,6 +109,13 @@ def test_failed_runs_are_not_finished(spec, tmp_path):
     assert finished_run_ids(path) == {ok.run_id}
 
 
+def test_a_long_error_is_recorded_whole_on_one_line(spec, tmp_path):
+    """The error column was cut at 500 characters, mid-word, and the sweep printed it so."""
+    error = " ".join(f"word{i}" for i in range(150)) + "\nsecond line"
+    row = make_rows(spec(), {}, status="failed", error=error)[0]
+    assert row["error"] == error.replace("\n", " ")
+
+
 def test_appending_to_a_foreign_csv_is_a_user_error(spec, tmp_path):
     path = tmp_path / "other.csv"
     path.write_text("a,b\n1,2\n")

@@ -30,6 +30,13 @@ class ArgumentError(UserError, TypeError):
     and the types it takes."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message, whole (a message is quoted in full, never cut
+    mid-word), or its type's name when it has none: what a one-line error says of its cause."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
 def _can_create_in(folder: Path) -> bool:
     """Whether a file can be created in ``folder``: tried, since permission bits do not tell
     (root passes them everywhere, and /proc or a read-only mount refuses anyway)."""

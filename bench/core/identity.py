@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ppt_bench.core.atomic import locked
-from ppt_bench.core.errors import UserError
+from ppt_bench.core.errors import UserError, first_line
 from ppt_bench.core.folder import class_root, list_image_folder
 
 try:
@@ -79,10 +79,9 @@ def checkpoint_file(checkpoint: str) -> str:
             try:  # writes a temporary file beside the target and renames it when complete
                 torch.hub.download_url_to_file(checkpoint, str(path), progress=False)
             except (OSError, ValueError) as err:
-                reason = str(err).splitlines()[0][:120] if str(err) else type(err).__name__
                 raise UserError(
-                    f"could not download checkpoint {checkpoint} ({reason}); check the URL "
-                    "and the network, or pass a local file"
+                    f"could not download checkpoint {checkpoint} ({first_line(err)}); check the "
+                    "URL and the network, or pass a local file"
                 ) from None
     return str(path)
 

@@ -28,7 +28,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from ppt_bench.core import identity
 from ppt_bench.core.atomic import atomic_write, locked, target
-from ppt_bench.core.errors import UserError
+from ppt_bench.core.errors import UserError, first_line
 from ppt_bench.core.stats import Estimate
 from ppt_bench.measure.metrics import unit_of
 
@@ -240,7 +240,7 @@ def make_rows(
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **{k: env[k] for k in ("ppt_bench_version", "torch_version", "timm_version", "git_sha")},
         "status": status,
-        "error": error.replace("\n", " ")[:500],
+        "error": " ".join(error.split()),  # one line, whole
     }
     if status != "ok":
         return [{**base, "metric": "", "value": "", "ci_low": "", "ci_high": "", "unit": ""}]
@@ -253,11 +253,13 @@ def make_rows(
 def error_message(exc: BaseException | str) -> str:
     """One line for the ``error`` column: a user error's own message (or a message given as
     text), else the exception's type and message."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else ""
-    if isinstance(exc, (UserError, str)):
+    if isinstance(exc, str):
+        lines = exc.strip().splitlines()
+        return lines[0] if lines else ""
+    text = first_line(exc)
+    if isinstance(exc, UserError) or text == type(exc).__name__:
         return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
 
 
 def failed_rows(spec: RunSpec, exc: BaseException | str) -> list[dict[str, Any]]:
