@@ -11,20 +11,21 @@ goes. The ``ppt-bench`` commands are thin layers over it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 from torch import nn
 
-from ppt_bench.core.errors import check_output_path
+from ppt_bench.core.errors import ArgumentError, UserError, check_output_path
 from ppt_bench.measure import metrics
 from ppt_bench.measure.cost import DEFAULT_FORWARDS, profile_cost
 from ppt_bench.measure.outcomes import store_folder
 from ppt_bench.measure.throughput import iterations
+from ppt_bench.methods import Method
 from ppt_bench.results.records import COLUMNS, read_results
 from ppt_bench.results.report import write_report
 from ppt_bench.results.spec import RunSpec
@@ -66,8 +67,11 @@ class Sweep:
         Raises:
             UserError: the first problem, in one line.
         """
-        check_output_path(config.out_path, "--out")
-        check_output_path(store_folder(config.out_path), "--out's outcomes", directory=True)
+        # Every name the sweep writes, as it will write it: a name too long for the file
+        # system would fail only once the first run is done.
+        out = "--out" if config.out else "--sweep-name's results file"
+        check_output_path(config.out_path, out)
+        check_output_path(store_folder(config.out_path), f"{out}'s outcomes", directory=True)
         specs = expand(config)
         budgets = None
         if config.budget:  # the knobs are set first: the defaults need not fit the model
@@ -111,26 +115,30 @@ class Sweep:
 
 
 def sweep(
-    models: Sequence[str] | None = None,
-    methods: Sequence[str] | None = None,
+    models: str | Sequence[str] | None = None,
+    methods: str | Method | Sequence[str | Method] | None = None,
     *,
-    config: str | Path | None = None,
+    config: str | os.PathLike | None = None,
     params: Mapping[str, Any] | None = None,
-    sweep: Mapping[str, Sequence[Any]] | None = None,
+    sweep: Mapping[str, Any] | None = None,
     progress: bool = False,
     **settings: Any,
 ) -> pd.DataFrame:
     """Run a grid of models x methods x parameters x batch sizes and return its results.
 
     Args:
-        models: timm model names.
-        methods: method names (the unreduced baseline runs too, unless ``baseline=False``).
+        models: a timm model name, or a list of them.
+        methods: a method name or a method object (``create_method("ppt", r=8)``, run with the
+            parameters it holds), or a list of them; the unreduced baseline runs too, unless
+            ``baseline=False``.
         config: a sweep config file (``ppt-bench run --print-config``); the arguments here win.
         params: fixed method parameters, each for every method that has it (``--param``).
-        sweep: swept method parameters, each for every method that has it (``--sweep``).
+        sweep: swept method parameters, each for every method that has it (``--sweep``): a
+            list of values, or one value.
         progress: show progress bars.
         settings: any other setting of ``ppt-bench run`` by its config key (``batch_sizes``,
-            ``metrics``, ``data``, ``device``, ``runner``, ``out``, ...).
+            ``metrics``, ``data``, ``device``, ``runner``, ``out``, ...); a path may be a
+            :class:`~pathlib.Path`.
 
     Returns:
         The tidy rows of the sweep's runs (one per run and metric, the results file's columns);
@@ -139,19 +147,73 @@ def sweep(
 
     Raises:
         UserError: a mistake in the settings, found before anything runs.
+        ArgumentError: an argument of a type it does not take (a ``UserError`` and a
+            ``TypeError``), named in the message with the types it takes.
     """
     built = build_config(
         load_config(config) if config is not None else None,
-        overrides={"models": list(models) if models else None, **settings},
-        methods=list(methods or ()),
-        params=list((params or {}).items()),
-        sweeps=[(k, list(v)) for k, v in (sweep or {}).items()],
+        overrides={"models": _listed(models, "models", str, "a model name"), **settings},
+        methods=_listed(methods, "methods", (str, Method), "a method name, a Method object"),
+        params=list(_table(params, "params").items()),
+        sweeps=[(key, _values(key, value)) for key, value in _table(sweep, "sweep").items()],
     )
     planned = Sweep.plan(built)
     summary = planned.run(progress=progress)
     results = planned.results()
     results.attrs["summary"] = summary
     return results
+
+
+def _listed(value: Any, argument: str, kinds: type | tuple[type, ...], what: str) -> list | None:
+    """An argument that takes one item or a list of them, as a list (None when it gives none).
+
+    Raises:
+        ArgumentError: the argument, or an item of it, is of another type.
+    """
+    if value is None:
+        return None
+    if isinstance(value, kinds):
+        return [value]
+    if isinstance(value, Iterable) and not isinstance(value, (Mapping, bytes)):
+        items = list(value)
+        wrong = next((item for item in items if not isinstance(item, kinds)), None)
+        if wrong is None:
+            return items or None
+        value = wrong
+    raise ArgumentError(
+        f"{argument} takes {what} or a list of them, got {value!r} ({type(value).__name__})"
+    )
+
+
+def _table(value: Any, argument: str) -> dict[str, Any]:
+    """A mapping of parameter names to values, as a dict (empty for None).
+
+    Raises:
+        ArgumentError: not a mapping, or a name that is not a string.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise ArgumentError(
+            f"{argument} takes a dict of parameter names to values, such as {{'r': 8}}, got "
+            f"{value!r} ({type(value).__name__})"
+        )
+    return dict(value)
+
+
+def _values(key: str, value: Any) -> list[Any]:
+    """The values a parameter is swept over: a list (or tuple, or any other iterable that is not
+    a string), or one value alone.
+
+    Raises:
+        UserError: an empty list.
+    """
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes, Mapping)):
+        values = list(value)
+        if not values:
+            raise UserError(f"sweep[{key!r}] is an empty list: give one value or more")
+        return values
+    return [value]
 
 
 def cost_breakdown(

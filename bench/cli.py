@@ -209,6 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     """
     # Imported here, when the command runs: they import torch and timm.
     from ppt_bench.api import Sweep
+    from ppt_bench.results.plots import check_plot_paths
     from ppt_bench.results.report import check_report_path, write_report
     from ppt_bench.sweeps.budget import parse_budget
     from ppt_bench.sweeps.grid import grid_size
@@ -226,7 +227,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         sweeps=[parse_sweep(s) for s in args.sweep],
     )
     out = config.out_path  # checked with the other outputs by Sweep.plan
-    report = None if args.no_report else check_report_path(config.report_path, [out], "--report")
+    report = None
+    if not args.no_report:
+        what = "--report" if config.report else "--sweep-name's report"
+        report = check_report_path(config.report_path, [out], what)
+        check_plot_paths(report, what)
     if args.plan:  # the table of the budgets' settings; nothing runs
         if not config.budget:
             raise UserError(
@@ -264,10 +269,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_report(args: argparse.Namespace) -> int:
     """``ppt-bench report``: one report from one or several results CSVs."""
     # Imported here, when the command runs: pandas and matplotlib take seconds to import.
+    from ppt_bench.results.plots import check_plot_paths
     from ppt_bench.results.report import check_report_path, write_report
 
     out = Path(args.out or f"reports/{Path(args.csv[0]).stem}.md")
     check_report_path(out, args.csv, "--out")
+    check_plot_paths(out, "--out")
     report = write_report(args.csv, out, notes=args.notes)
     print(f"report: {report.markdown}")
     for plot in report.plots:

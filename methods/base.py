@@ -256,7 +256,12 @@ class Method:
         }
 
     def apply(
-        self, model: nn.Module, *, trace_source: bool = False, attn_impl: str = "fast"
+        self,
+        model: nn.Module,
+        *,
+        trace_source: bool = False,
+        attn_impl: str = "fast",
+        replace: bool = False,
     ) -> nn.Module:
         """Patch a timm ``VisionTransformer`` in place and return it (same weights).
 
@@ -267,8 +272,10 @@ class Method:
                 proportional-attention bias as a mask), ``"fold"`` (the same with the bias in an
                 extra query/key channel instead of a mask) or ``"explicit"`` (full softmax
                 attention in every block, the reference).
+            replace: reduce with this method a model that already reduces with another; without
+                it, such a model is refused (:class:`PatchError`) rather than silently changed.
         """
-        return patch(model, self, trace_source=trace_source, attn_impl=attn_impl)
+        return patch(model, self, trace_source=trace_source, attn_impl=attn_impl, replace=replace)
 
 
 @dataclass(frozen=True)

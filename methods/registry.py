@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-from ppt_bench.core.errors import MethodError
+from ppt_bench.core.errors import ArgumentError, MethodError
 from ppt_bench.core.keyvalue import show_value
 from ppt_bench.core.registry import Registry
-
-if TYPE_CHECKING:
-    from ppt_bench.methods.base import Method
+from ppt_bench.methods.base import Method
 
 ENTRY_POINT_GROUP = "ppt_bench.methods"
 
@@ -110,6 +108,29 @@ def create_method(name: str, **params: Any) -> Method:
         return cls(**params)
     except MethodError as err:
         raise MethodError(f"{name}: {err}") from None
+
+
+def method_setting(method: Method) -> tuple[str, dict[str, Any]]:
+    """The registry name of a method object and the parameters it holds apart from its class's
+    defaults: ``create_method(name, **params)`` makes the same method (a sweep given the object
+    runs it so).
+
+    Raises:
+        ArgumentError: ``method`` is not a method object of a registered class.
+    """
+    cls = type(method)
+    if not isinstance(method, Method):
+        raise ArgumentError(
+            f"a method must be a registered name or a Method object, got {method!r} "
+            f"({cls.__name__})"
+        )
+    if cls.name not in METHODS or get_method_class(cls.name) is not cls:
+        raise ArgumentError(
+            f"the method object {method!r} is of class {cls.__name__}, which is not registered: "
+            "register it with @register_method(name), or pass a registered method's name"
+        )
+    defaults = create_method(cls.name).params()
+    return cls.name, {k: v for k, v in method.params().items() if v != defaults[k]}
 
 
 def methods_markdown(names: Iterable[str] | None = None) -> str:

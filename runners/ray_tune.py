@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 
 from ppt_bench.core import cancel
 from ppt_bench.core.atomic import atomic_write
-from ppt_bench.core.errors import UserError, check_output_path
+from ppt_bench.core.errors import UserError, check_output_path, first_line
 from ppt_bench.measure import metrics
 from ppt_bench.measure.outcomes import Outcomes, Reference, RunStore, store_folder
 from ppt_bench.results.records import append_rows, failed_rows, finished_run_ids
@@ -74,6 +74,7 @@ ROWS_KEY = "ppt_bench_rows"
 OUTCOMES_KEY = "ppt_bench_outcomes"  # the run's per-image outcomes, base64 of their .npz
 DRIVER_FILE = ".ray-sweep"  # in the outcomes folder: the token of the sweep being run
 _DONE_MARKER = ".ppt-bench-complete"
+_LABEL = 64  # characters of the sweep's name in its experiment folder's name
 # HOST:PORT, HOST a name or an IPv4 address, or an IPv6 address in brackets.
 _ADDRESS = re.compile(
     r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9._-]+)):(?P<port>[0-9]+)"
@@ -448,8 +449,11 @@ class RayRunner:
             return summary
         sweep = specs[0].sweep or "sweep"
         self._token = self._mark_store()
-        # The results file is part of the name: another --out is another experiment.
-        exp_dir = self.storage_path / f"{sweep}-{grid_hash(specs)}-{_path_hash(self.out_csv)}"
+        # The results file is part of the name: another --out is another experiment. The hashes
+        # tell experiments apart, the sweep's name (its start) only labels the folder, so that a
+        # long name that fits a results file fits here too.
+        label = sweep[:_LABEL]
+        exp_dir = self.storage_path / f"{label}-{grid_hash(specs)}-{_path_hash(self.out_csv)}"
         # Trials keep the driver's working directory (Tune propagates this variable to them);
         # paths in specs from the grid are absolute anyway.
         with environ(RAY_CHDIR_TO_TRIAL_DIR="0"), self._ray():
@@ -509,10 +513,9 @@ class RayRunner:
         try:
             ray.init(address=self.address, log_to_driver=False)
         except (ConnectionError, AuthenticationError) as err:
-            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-            reason = lines[0] if lines else type(err).__name__
             raise UserError(
-                f"cannot join the Ray cluster at {self._address_source} {self.address}: {reason}"
+                f"cannot join the Ray cluster at {self._address_source} {self.address}: "
+                f"{first_line(err)}"
             ) from None
 
     def _start_private(self) -> None:

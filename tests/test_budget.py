@@ -14,7 +14,7 @@ from torch import nn
 from ppt_bench.cli import main
 from ppt_bench.core.errors import UserError
 from ppt_bench.measure.throughput import measure_throughput
-from ppt_bench.methods import create_method, list_methods
+from ppt_bench.methods import create_method, is_patched, list_methods
 from ppt_bench.methods.base import Method
 from ppt_bench.models.build import describe_vit
 from ppt_bench.sweeps import budget
@@ -71,6 +71,18 @@ def test_a_budget_out_of_reach_is_a_reason_not_an_error(one_thread):
     assert not res.skipped and res.gmacs <= 0.97 * cost.base_gmacs
     res = resolve_macs(cost, "diffrate", {}, "macs=0.3")  # below its cheapest schedule
     assert res.skipped and "at schedule=ViT-T-DeiT/0.6 it still costs" in res.reason
+
+
+def test_the_cost_model_patches_its_copies_again_on_purpose(one_thread):
+    """Each probe of a knob patches the cost model's twin and its copy again, explicitly
+    (``replace=True``); the unreduced model they are copied from stays unpatched."""
+    cost = ModelCost("vit_digits_patch4_32")
+    gmacs = [cost.count(create_method(name, r=r)) for name, r in (("prune", 2), ("merge", 8))]
+    tokens = [cost.tokens(create_method(name, r=r)) for name, r in (("prune", 2), ("merge", 8))]
+    assert gmacs[1] < gmacs[0] < cost.base_gmacs
+    assert tokens[0][-1] - tokens[1][-1] == 3 * (8 - 2)  # three locations
+    assert cost.twin.reduction_plan.method == create_method("merge", r=8)
+    assert not is_patched(cost.model)
 
 
 # -- speed budgets ------------------------------------------------------------------------------

@@ -177,6 +177,39 @@ def test_an_outcomes_folder_that_is_a_file_is_refused_before_any_model(
     assert (tmp_path / "r.outcomes").read_text() == "keep me"
 
 
+# A sweep name one byte too long for the longest file it names: with a report, its throughput
+# plot (<name>-throughput.png); without, its outcomes folder (<name>.outcomes).
+LONG_NAMES = {"report": ([], "-throughput.png"), "no report": (["--no-report"], ".outcomes")}
+
+
+@pytest.mark.parametrize("case", LONG_NAMES, ids=list(LONG_NAMES))
+def test_a_sweep_name_too_long_for_one_of_its_files_is_refused_before_any_run(
+    assert_one_line_error, case, tmp_path, monkeypatch, capsys
+):
+    flags, longest = LONG_NAMES[case]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("ppt_bench.runners.local.run_one", lambda *a: pytest.fail("ran"))
+    most = os.pathconf(tmp_path, "PC_NAME_MAX")
+    name = "s" * (most - len(longest) + 1)
+    code = main(["run", "--model", DIGITS, "--metrics", "tokens", "--sweep-name", name, *flags])
+    out, err = capsys.readouterr()
+    assert_one_line_error(code, err, f"is {most + 1} bytes long, and the file system allows {most}")
+    assert "--sweep-name's" in err and "runs in sweep" not in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sweep_name_as_long_as_its_files_allow_runs_and_reports(tmp_path, monkeypatch):
+    """The results file's temporary twin (``.<name>.csv.<random>.tmp``) is longer than the
+    file itself: a name that fits every file a sweep writes fits it too."""
+    monkeypatch.chdir(tmp_path)
+    name = "s" * (os.pathconf(tmp_path, "PC_NAME_MAX") - len("-throughput.png"))
+    args = ["run", "--model", DIGITS, "--metrics", "tokens", "--sweep-name", name, "--quiet"]
+    args += ["--batch-size", "2", "--n-images", "2", "--workers", "0"]
+    assert main(args) == 0
+    assert len(read_results(tmp_path / "results" / f"{name}.csv")) > 0
+    assert (tmp_path / "reports" / f"{name}.md").is_file()
+
+
 REPORT_INPUTS_AND_OUTPUTS = {
     "out is the csv": (["r.csv", "--out", "r.csv"], "--out r.csv is the results file r.csv"),
     "out is one of the csvs": (["r.csv", "s.csv", "--out", "./s.csv"], "is the results file"),

@@ -229,6 +229,26 @@ def test_a_url_that_cannot_be_downloaded_is_one_line(served):
     assert "\n" not in str(err.value)
 
 
+def test_the_cause_of_a_failed_download_is_quoted_whole(tmp_path, monkeypatch):
+    """The reason was cut at 120 characters, mid-word."""
+    reason = (
+        "certificate verify failed: unable to get local issuer certificate for the proxy that "
+        "this network sends every request through (_ssl.c:1006)"
+    )
+
+    def refused(url, dst, progress=True):
+        raise OSError(reason)
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refused)
+    with pytest.raises(UserError) as err:
+        make_spec(TINY, checkpoint="https://example.org/w.pth")
+    assert str(err.value) == (
+        f"could not download checkpoint https://example.org/w.pth ({reason}); check the URL and "
+        "the network, or pass a local file"
+    )
+
+
 def test_checkpoint_errors_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         build_model(TINY, checkpoint=str(tmp_path / "missing.pth"))

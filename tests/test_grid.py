@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from ppt_bench.core import identity
-from ppt_bench.core.errors import UserError
+from ppt_bench.core.errors import MethodError, UserError
 from ppt_bench.core.keyvalue import parse_assignment, parse_sweep, parse_value
+from ppt_bench.methods import create_method
 from ppt_bench.results.spec import run_settings
 from ppt_bench.runners.base import grid_hash
 from ppt_bench.sweeps.config import (
@@ -75,6 +76,26 @@ def test_grid_is_models_x_method_sweeps_x_batch_sizes_with_baselines_first():
     assert {(s.model, s.batch_size) for s in first} == {(DEIT, 1)}
     assert all("threshold" not in s.params for s in specs if s.method == "merge")
     assert len({s.run_id for s in specs}) == len(specs)
+
+
+def test_settings_that_mean_the_same_reduction_are_one_run(spec):
+    """Block lists are sets of blocks, a DiffRate schedule has one full name, a whole number is
+    a count: the forms a user may write of one reduction get one run id, and make the same
+    method."""
+    forms = [
+        ("ppt", {"locations": [9, 3]}, {"locations": [3, 9]}),
+        ("evit", {"locations": [6, 2], "keep_rate": 1}, {"locations": [2, 6], "keep_rate": 1.0}),
+        ("mctf", {"locations": [5, 1], "r": 4.0}, {"locations": [1, 5], "r": 4}),
+        ("diffrate", {"schedule": "2.9"}, {"schedule": "ViT-S-DeiT/2.9"}),
+    ]
+    for method, given, canonical in forms:
+        run, same = spec(method, given), spec(method, canonical)
+        assert run.run_id == same.run_id and run.params == same.params == canonical
+        assert create_method(method, **run.params) == create_method(method, **given)
+    specs = grid(methods=["ppt"], sweeps=[("locations", [[9, 3], [3, 9]])])
+    assert [s.params for s in specs if s.method == "ppt"] == [{"locations": [3, 9]}]
+    with pytest.raises(MethodError, match=r"locations must be distinct, got \[3, 3\]"):
+        spec("ppt", {"locations": [3, 3]})
 
 
 def test_dtypes_and_compile_modes_are_grid_axes_with_their_own_baselines(tmp_path):

@@ -25,7 +25,7 @@ import ppt_bench.models.build
 from ppt_bench.cli import main
 from ppt_bench.core import identity
 from ppt_bench.core.decode import decode_image, load_sample
-from ppt_bench.core.errors import UserError, brief
+from ppt_bench.core.errors import UserError
 from ppt_bench.data import imagecache
 from ppt_bench.data.loader import make_loader
 from ppt_bench.models.build import build_model, check_finite, check_weights
@@ -373,14 +373,3 @@ def test_a_disk_without_room_for_the_cache_says_the_figures_and_what_to_do(
     (warning,) = [r.getMessage() for r in caplog.records if r.name == "ppt_bench.data.imagecache"]
     assert "2 images need 6.1 kB plus 67.1 MB kept free on the disk, and 67.1 MB is free" in warning
     assert "--cache-dir (or XDG_CACHE_HOME)" in warning and "\n" not in warning
-
-
-# -- messages cut short -----------------------------------------------------------------------
-
-
-def test_long_messages_are_cut_after_a_whole_word():
-    text = "the weights of " + "block " * 120 + "are wrong"
-    assert brief(text, 40) == "the weights of block block block..."
-    spec = RunSpec(TINY)
-    error = failed_rows(spec, UserError(text))[0]["error"]
-    assert len(error) <= 500 and error.endswith("block...")

@@ -109,6 +109,13 @@ def test_failed_runs_are_not_finished(spec, tmp_path):
     assert finished_run_ids(path) == {ok.run_id}
 
 
+def test_a_long_error_is_recorded_whole_on_one_line(spec, tmp_path):
+    """The error column was cut at 500 characters, mid-word, and the sweep printed it so."""
+    error = " ".join(f"word{i}" for i in range(150)) + "\nsecond line"
+    row = make_rows(spec(), {}, status="failed", error=error)[0]
+    assert row["error"] == error.replace("\n", " ")
+
+
 def test_appending_to_a_foreign_csv_is_a_user_error(spec, tmp_path):
     path = tmp_path / "other.csv"
     path.write_text("a,b\n1,2\n")
@@ -190,3 +197,40 @@ def test_cpu_rows_name_the_processor():
     models = [line for line in lines if line.startswith("model name")]
     if models:  # Linux on x86: the model name, not just the architecture
         assert cpu_name() == models[0].partition(":")[2].strip()
+
+
+def test_a_results_file_given_as_a_link_is_written_through_to_its_target(
+    spec, tmp_path, monkeypatch
+):
+    """Appends and the rewrite that widens the header both reach the link's target, under the
+    lock of the target's folder, and the link stays a link."""
+    from ppt_bench.measure.outcomes import store_folder
+    from ppt_bench.results import records
+
+    real = tmp_path / "elsewhere" / "all.csv"
+    real.parent.mkdir()
+    append_rows(real, make_rows(spec(), {"gmacs": 1.0}))
+    link = tmp_path / "results" / "mine.csv"
+    link.parent.mkdir()
+    link.symlink_to(real)
+    held = []
+
+    def recorded(path):
+        held.append(Path(path))
+        return atomic.locked(path)
+
+    monkeypatch.setattr(records, "locked", recorded)
+    runs = [
+        spec("ppt", {"r": 8, "threshold": 1e-4}),  # no new column: a plain append
+        spec("ppt", {"r": 8, "prop_attn": False}),  # a new column: the file is rewritten
+        spec("merge", {"r": 4, "prop_attn": False}),
+    ]
+    for run in runs:
+        assert append_rows(link, make_rows(run, {"gmacs": 1.0}))
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert set(read_results(real)["run_id"]) == {spec().run_id, *(r.run_id for r in runs)}
+    assert "prop_attn" in real.read_text().splitlines()[0]
+    assert held and set(held) == {real.parent.resolve()}
+    assert finished_run_ids(link) == finished_run_ids(real)
+    assert store_folder(link) == store_folder(real) == real.parent.resolve() / "all.outcomes"
+    assert sorted(p.name for p in link.parent.iterdir()) == ["mine.csv"]

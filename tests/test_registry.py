@@ -52,6 +52,26 @@ def test_unpatchable_models_say_why(make_model):
         create_method("merge").apply(model)
 
 
+def test_a_patched_model_is_patched_again_only_when_asked(make_model):
+    """A second method on a patched model would silently replace the first: refused in one
+    line, unless ``replace=True`` asks for it; the replaced model is the one the second method
+    makes of a fresh model."""
+    model = create_method("merge", r=4).apply(make_model("deit_tiny"))
+    prune = create_method("prune", r=4)
+    with pytest.raises(PatchError) as err:
+        prune.apply(model)
+    assert str(err.value) == (
+        "the model already reduces tokens with merge: pass a fresh model (a copy made before the "
+        "first patch), or replace=True to reduce with prune instead"
+    )
+    assert model.reduction_plan.method == create_method("merge", r=4)
+    assert prune.apply(model, replace=True) is model
+    assert model.reduction_plan.method == prune
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), prune.apply(make_model("deit_tiny"))(x))
+
+
 def test_duplicate_registration_is_an_error():
     with pytest.raises(MethodError, match="already registered"):
 

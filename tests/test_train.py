@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -259,6 +261,39 @@ def test_an_unwritable_out_is_a_user_error_before_training(tmp_path, monkeypatch
     monkeypatch.setattr("ppt_bench.commands.train.train", lambda *a, **k: pytest.fail("trained"))
     with pytest.raises(UserError, match="--out"):
         run(parse("--out", str(tmp_path / out)))
+
+
+def test_an_out_without_room_for_the_weights_is_a_user_error_before_training(tmp_path, monkeypatch):
+    monkeypatch.setattr("ppt_bench.commands.train.train", lambda *a, **k: pytest.fail("trained"))
+    nearly_full = SimpleNamespace(total=10**12, used=10**12 - 1000, free=1000)
+    monkeypatch.setattr("shutil.disk_usage", lambda path: nearly_full)
+    with pytest.raises(UserError, match=r"^--out .*w\.pth: .* has 0\.0 MB free and the file needs"):
+        run(parse("--out", str(tmp_path / "w.pth")))
+
+
+def test_weights_that_cannot_be_saved_after_training_are_kept_and_said_where(tmp_path, monkeypatch):
+    """A disk that fills up during the training: the weights go to the cache (else the
+    temporary folder), and the one-line error says where."""
+    _image_tree(tmp_path, "train", ("a", "b"))
+    _image_tree(tmp_path, "val", ("a", "b"), per_class=2)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def full(state, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr("ppt_bench.commands.train.save_checkpoint", full)
+    out = tmp_path / "out" / "w.pth"
+    argv = ["--data", str(tmp_path), "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
+    with pytest.raises(UserError) as err:
+        run(parse(*argv, "--out", str(out)))
+    message = str(err.value)
+    kept = next((tmp_path / "cache" / "ppt-bench" / "unsaved").glob("w-*.pth"))
+    assert message.startswith(f"cannot write --out {out} (No space left on device): the trained")
+    assert message.endswith(f"are kept in {kept}; move them where they belong")
+    assert "\n" not in message and not out.exists()
+    state = torch.load(kept, weights_only=True)
+    assert state["model"].keys() == timm.create_model(MODEL_NAME, num_classes=2).state_dict().keys()
+    assert f"val top-1 {state['val_top1']:.2f}%" in message
 
 
 def test_training_keeps_a_checkpoint_head_that_fits_the_data_and_replaces_others(tmp_path):

@@ -23,9 +23,11 @@ from typing import Any
 from ppt_bench.api import Sweep
 from ppt_bench.core.errors import UserError, check_output_path
 from ppt_bench.engine import demo_model
+from ppt_bench.measure.outcomes import store_folder
 from ppt_bench.measure.throughput import ITERS_ENV, WARMUP_ENV
 from ppt_bench.methods import get_method_class, list_methods
 from ppt_bench.models.digits import MODEL_NAME
+from ppt_bench.results.plots import check_plot_paths
 from ppt_bench.results.report import write_report
 from ppt_bench.runners.base import environ
 from ppt_bench.sweeps.config import SweepConfig, build_config
@@ -82,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     reports = check_output_path(args.reports_dir, "--reports-dir", directory=True)
     out = check_output_path(results / f"{name}.csv", "--results-dir")
     report = check_output_path(reports / f"{name}.md", "--reports-dir")
+    check_plot_paths(report, "--reports-dir")
+    check_output_path(store_folder(out), "--results-dir", directory=True)
     _, checkpoint, top1 = demo_model.load_or_train(retrain=args.retrain)
     print(f"digits model: {checkpoint} (test top-1 {top1:.2f}%)", flush=True)
     config = demo_config(str(checkpoint), args.device, args.batch_size, name)

@@ -11,14 +11,16 @@ from typing import Any
 import torch
 
 from ppt_bench.core.defaults import DTYPES
-from ppt_bench.core.errors import UserError, check_output_path
+from ppt_bench.core.errors import UserError, check_free_space, check_output_path
 from ppt_bench.core.keyvalue import parse_assignment
 from ppt_bench.engine.train import (
     AUGMENTS,
     TrainConfig,
     TrainResult,
     build_for_training,
+    checkpoint_size,
     is_main_process,
+    keep_checkpoint,
     load_datasets,
     save_checkpoint,
     train,
@@ -99,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     train_set, val_set = load_datasets(args.data)
     torch.manual_seed(config.seed)  # the initial weights of a model trained from scratch
     model = build_for_training(args.model, args.checkpoint, len(train_set.classes))
+    check_free_space(out, checkpoint_size(model), "--out")  # before the training, not after
     try:
         result = train(model, train_set, val_set, config, method)
         if is_main_process():
@@ -124,7 +127,20 @@ def _save_and_report(
         "val_top1": result.val_top1,
         "config": asdict(config),
     }
-    path = save_checkpoint(state, out)
+    try:
+        path = save_checkpoint(state, out)
+    except OSError as err:  # the weights of a whole training are not to be lost here
+        reason = err.strerror or type(err).__name__
+        kept = keep_checkpoint(state, out)
+        if kept is None:
+            raise UserError(
+                f"cannot write --out {out} ({reason}), nor a copy in the cache or the "
+                "temporary folder: the trained weights are lost; free some space and train again"
+            ) from None
+        raise UserError(
+            f"cannot write --out {out} ({reason}): the trained weights (val top-1 "
+            f"{result.val_top1:.2f}%) are kept in {kept}; move them where they belong"
+        ) from None
     print(
         f"val top-1 {result.val_top1:.2f}% after {config.epochs} epochs "
         f"({result.train_time_s:.0f} s); weights in {path}"

@@ -3,7 +3,8 @@
 A reader never sees a half-written file, and an interrupted write leaves the old one: the data
 goes to a temporary file beside the target, is flushed to disk, then renamed over it. Processes
 that must not do the same work at once (append to one results file, build one cache entry,
-compute one reference, train the demo model) hold :func:`locked` on it.
+compute one reference, train the demo model) hold :func:`locked` on it. A path that is a
+symbolic link is written through to its target (:func:`target`): the link stays a link.
 """
 
 from __future__ import annotations
@@ -26,20 +27,39 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+def target(path: str | os.PathLike) -> Path:
+    """The file that writing ``path`` changes: the target of a symbolic link (through every
+    link, also in its folders), made absolute; the path itself, absolute, otherwise. Every
+    writer resolves its path here once, so that the temporary file, the rename and the lock
+    all land beside the target, and the link stays a link."""
+    return Path(os.path.realpath(path))
+
+
+# The temporary file of a write is ``.<name>.<8 random characters>.tmp`` with its target's name
+# cut to this length: the temporary name stays short whatever the target's (a name that fits the
+# file system would otherwise get a temporary one that does not).
+_TEMP_STEM = 64
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], object], binary: bool) -> Path:
     """Write ``path`` with ``write(file)``: temporary file, fsync, rename.
 
     The file keeps the permissions of the one it replaces; a new one gets the usual
-    ``0666 & ~umask`` (a temporary file alone would be private, 0600).
+    ``0666 & ~umask`` (a temporary file alone would be private, 0600). A symbolic link is
+    written through: its target is replaced (:func:`target`).
 
     Args:
-        path: the target; its folder must exist.
+        path: the file to write; its folder must exist.
         write: writes the whole content to the open file.
         binary: open the temporary file in binary mode (else text).
+
+    Returns:
+        ``path``, as a :class:`~pathlib.Path`.
     """
-    path = Path(path)
+    given, path = Path(path), target(path)
     mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else _default_mode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    prefix = f".{path.name[:_TEMP_STEM]}."
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             os.fchmod(f.fileno(), mode)
@@ -50,7 +70,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[Any]], object], bi
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return given
 
 
 # What flock raises on a file system without locks (some network mounts): the work goes on

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 from ppt_bench.core import network
 from ppt_bench.core.atomic import locked
-from ppt_bench.core.errors import UserError, brief
+from ppt_bench.core.errors import UserError, first_line
 from ppt_bench.core.folder import class_root, list_image_folder, sample_bytes
 
 try:
@@ -81,7 +81,7 @@ def checkpoint_file(checkpoint: str) -> str:
             try:  # writes a temporary file beside the target and renames it when complete
                 torch.hub.download_url_to_file(checkpoint, str(path), progress=False)
             except (OSError, ValueError) as err:
-                reason = network.waited(seconds) if network.timed_out(err) else brief(err, 120)
+                reason = network.waited(seconds) if network.timed_out(err) else first_line(err)
                 raise UserError(
                     f"could not download checkpoint {checkpoint} ({reason or type(err).__name__}); "
                     "check the URL and the network, or pass a local file"

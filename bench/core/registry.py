@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
-from ppt_bench.core.errors import UserError
+from ppt_bench.core.errors import ArgumentError, UserError
 
 T = TypeVar("T")
 
@@ -98,8 +98,15 @@ class Registry(Generic[T]):
         Raises:
             UserError: (of the registry's ``error`` type) an unknown name, with the closest
                 name and every valid one.
+            ArgumentError: ``name`` is not a string.
         """
         self._load_entry_points()
+        if not isinstance(name, str):
+            first = next(iter(self._entries), "")
+            raise ArgumentError(
+                f"a {self.kind} name must be a str such as {first!r}, got {name!r} "
+                f"({type(name).__name__})"
+            )
         entry = self._entries.get(name)
         if entry is None:
             close = difflib.get_close_matches(name, self._entries, n=1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 
 from ppt_bench.core import cancel
 from ppt_bench.core.atomic import atomic_write
-from ppt_bench.core.defaults import DTYPES
+from ppt_bench.core.defaults import DTYPES, cache_root
 from ppt_bench.core.dtypes import amp_autocast
 from ppt_bench.core.errors import UserError
 from ppt_bench.data.digits import digits_dataset
@@ -436,6 +437,29 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     return atomic_write(path, lambda f: torch.save(state, f), binary=True)
+
+
+def checkpoint_size(model: nn.Module) -> int:
+    """About the bytes a checkpoint of ``model``'s weights takes (its tensors' bytes)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def keep_checkpoint(state: dict[str, Any], path: str | Path) -> Path | None:
+    """Write ``state`` where it can be kept when ``path`` cannot be written (a full disk, a
+    folder gone read-only): in ``unsaved/`` of the cache root
+    (:func:`~ppt_bench.core.defaults.cache_root`), else in the temporary folder, under
+    ``path``'s name with the time it was kept. Returns where, or None when neither can be
+    written."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{path.stem[:100]}-{stamp}{path.suffix[:20]}"
+    for folder in (cache_root() / "unsaved", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return save_checkpoint(state, folder / name)
+        except OSError:
+            continue
+    return None
 
 
 def load_datasets(data: str) -> tuple[Dataset, Dataset]:

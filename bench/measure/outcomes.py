@@ -9,11 +9,12 @@ once per :attr:`~ppt_bench.results.spec.RunSpec.reference_key` (model, weights a
 content, images, seed, dtype, device, machine) and read by every method's run.
 
 Both live in a folder beside the results CSV (:func:`store_folder`: ``results/x.csv`` ->
-``results/x.outcomes/``), as ``<run_id>.npz`` and ``reference-<key>.npz``, each written
-atomically, so a resumed sweep finds them again. Each file carries the key it was made for (the
-run id; the reference key) and is checked on read: a reference that is cut short, or that another
-key's file replaced, counts as absent, so the run computes it anew and replaces it; outcomes that
-are damaged or another run's are refused with one line, never used.
+``results/x.outcomes/``; beside its target where the CSV is a symbolic link), as
+``<run_id>.npz`` and ``reference-<key>.npz``, each written atomically, so a resumed sweep finds
+them again. Each file carries the key it was made for (the run id; the reference key) and is
+checked on read: a reference that is cut short, or that another key's file replaced, counts as
+absent, so the run computes it anew and replaces it; outcomes that are damaged or another run's
+are refused with one line, never used.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from ppt_bench.core import stats
-from ppt_bench.core.atomic import atomic_write, locked
+from ppt_bench.core.atomic import atomic_write, locked, target
 from ppt_bench.core.errors import UserError
 
 SUFFIX = ".outcomes"
@@ -42,8 +43,9 @@ UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.
 
 
 def store_folder(out_csv: str | os.PathLike) -> Path:
-    """The folder that holds the per-image files of the runs in ``out_csv``."""
-    out_csv = Path(out_csv)
+    """The folder that holds the per-image files of the runs in ``out_csv``: beside the file
+    that rows are written to (a symbolic link's target), named after it."""
+    out_csv = target(out_csv)
     return out_csv.with_name(out_csv.stem + SUFFIX)
 
 

@@ -23,7 +23,7 @@ from timm.data import resolve_data_config
 from timm.models import clean_state_dict, get_pretrained_cfg, split_model_name_tag
 
 from ppt_bench.core import identity, network
-from ppt_bench.core.errors import PatchError, UserError, brief
+from ppt_bench.core.errors import PatchError, UserError, first_line
 from ppt_bench.methods.contract import ViTInfo
 from ppt_bench.methods.patch import check_patchable, uses_rope, vit_info
 from ppt_bench.models import digits  # noqa: F401 - registers vit_digits_patch4_32 with timm
@@ -106,8 +106,8 @@ def _load_file(checkpoint: str) -> Any:
         except Exception as err:  # a damaged or foreign file fails in many ways (struct, EOF...)
             raise UserError(
                 f"could not read checkpoint {checkpoint!r} ({type(err).__name__}: "
-                f"{brief(err, 120) or 'unreadable'}); pass a PyTorch state dict file (or a URL "
-                "to one)"
+                f"{first_line(err) if str(err).strip() else 'unreadable'}); "
+                "pass a PyTorch state dict file (or a URL to one)"
             ) from err
 
 
@@ -153,7 +153,7 @@ def load_checkpoint(model: nn.Module, state_dict: dict[str, torch.Tensor], check
         mismatch = next((line for line in lines if line.startswith("size mismatch")), lines[0])
         raise UserError(
             f"checkpoint {checkpoint!r} does not fit {type(model).__name__}: "
-            f"{brief(mismatch, 200).rstrip('.')}; check --model"
+            f"{mismatch.rstrip('.')}; check --model"
         ) from None
     if missing or unexpected:
         raise UserError(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from matplotlib.figure import Figure
 
+from ppt_bench.core.errors import check_output_path
 from ppt_bench.methods import PlotStyle, get_method_class, registered_methods
 from ppt_bench.results import breakdown
 
@@ -310,17 +311,37 @@ def _has(runs: pd.DataFrame, column: str) -> bool:
     return column in runs and bool(runs[column].notna().any())
 
 
+# Each plot by the name its file ends in.
+PLOTS = {
+    "pareto": plot_pareto,
+    "speed": plot_speed,
+    "throughput": plot_throughput,
+    "breakdown": plot_breakdown,
+}
+
+
+def plot_paths(folder: Path, stem: str) -> list[Path]:
+    """The files :func:`write_plots` may write: ``folder/<stem>-<plot>.png``, one per plot
+    (which the commands check before a sweep runs)."""
+    return [folder / f"{stem}-{name}.png" for name in PLOTS]
+
+
+def check_plot_paths(markdown: Path, what: str) -> None:
+    """Check, before any work, that the plots of a report written to ``markdown`` can be written
+    beside it (:func:`~ppt_bench.core.errors.check_output_path`: their names fit, for one).
+
+    Args:
+        markdown: the report.
+        what: how the CLI names the report (``--report``), for the message.
+    """
+    for path in plot_paths(markdown.parent, markdown.stem):
+        check_output_path(path, f"{what}'s plot")
+
+
 def write_plots(runs: pd.DataFrame, folder: Path, stem: str) -> list[Path]:
-    """Draw every plot the data allows as ``folder/<stem>-<plot>.png``; returns their paths."""
+    """Draw every plot the data allows (:func:`plot_paths`); returns their paths."""
     drawn = []
-    plots = (
-        ("pareto", plot_pareto),
-        ("speed", plot_speed),
-        ("throughput", plot_throughput),
-        ("breakdown", plot_breakdown),
-    )
-    for name, plot in plots:
-        path = folder / f"{stem}-{name}.png"
+    for path, plot in zip(plot_paths(folder, stem), PLOTS.values(), strict=True):
         if not runs.empty and plot(runs, path) is not None:
             drawn.append(path)
         else:

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from ppt_bench.core import identity
-from ppt_bench.core.atomic import atomic_write, locked
-from ppt_bench.core.errors import UserError, brief
+from ppt_bench.core.atomic import atomic_write, locked, target
+from ppt_bench.core.errors import UserError, first_line
 from ppt_bench.core.stats import Estimate
 from ppt_bench.measure.metrics import unit_of
 
@@ -240,7 +240,7 @@ def make_rows(
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **{k: env[k] for k in ("ppt_bench_version", "torch_version", "timm_version", "git_sha")},
         "status": status,
-        "error": brief(error.replace("\n", " "), 500),
+        "error": " ".join(error.split()),  # one line, whole
     }
     if status != "ok":
         return [{**base, "metric": "", "value": "", "ci_low": "", "ci_high": "", "unit": ""}]
@@ -253,11 +253,13 @@ def make_rows(
 def error_message(exc: BaseException | str) -> str:
     """One line for the ``error`` column: a user error's own message (or a message given as
     text), else the exception's type and message."""
-    lines = str(exc).strip().splitlines()
-    text = lines[0] if lines else ""
-    if isinstance(exc, (UserError, str)):
+    if isinstance(exc, str):
+        lines = exc.strip().splitlines()
+        return lines[0] if lines else ""
+    text = first_line(exc)
+    if isinstance(exc, UserError) or text == type(exc).__name__:
         return text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {text}"
 
 
 def failed_rows(spec: RunSpec, exc: BaseException | str) -> list[dict[str, Any]]:
@@ -320,7 +322,9 @@ def append_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> bool
     fails half way is cut back. Under the lock the file is read again from where this process
     last read it, so that processes writing the same file at once lose no run, and a run already
     recorded as ``ok`` is not written again (a second process that ran it too). The file keeps
-    its permissions; a new one gets the usual ``0666 & ~umask``.
+    its permissions; a new one gets the usual ``0666 & ~umask``. A path that is a symbolic link
+    is written through to its target (:func:`~ppt_bench.core.atomic.target`), whose folder holds
+    the lock: appends and widening rewrites alike, and the link stays a link.
 
     Returns:
         Whether the rows were written.
@@ -328,7 +332,7 @@ def append_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> bool
     Raises:
         UserError: the file cannot be written, is not a results CSV, or has a malformed line.
     """
-    path = Path(path)
+    given, path = path, target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # On the folder: a widening write replaces the file, and a lock on the old file would
@@ -337,7 +341,7 @@ def append_rows(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> bool
             return _append_locked(path, rows)
     except OSError as err:
         reason = err.strerror or type(err).__name__
-        raise UserError(f"cannot write results file {path} ({reason}): {OUT_ADVICE}") from None
+        raise UserError(f"cannot write results file {given} ({reason}): {OUT_ADVICE}") from None
 
 
 def _append_locked(path: Path, rows: Sequence[dict[str, Any]]) -> bool:
@@ -525,13 +529,14 @@ def _not_utf8(path: Path, advice: str) -> UserError:
 
 @contextlib.contextmanager
 def _held(path: Path) -> Iterator[None]:
-    """The lock the writers of the results file ``path`` hold, held while reading it, so that
-    a read sees no half-appended run; none where its folder is missing or cannot be opened
-    (the read then says why)."""
+    """The lock the writers of the results file ``path`` hold (on its target's folder), held
+    while reading it, so that a read sees no half-appended run; none where its folder is missing
+    or cannot be opened (the read then says why)."""
+    folder = target(path).parent
     with contextlib.ExitStack() as stack:
-        if path.parent.is_dir():  # (a missing folder would become a lock file of its name)
+        if folder.is_dir():  # (a missing folder would become a lock file of its name)
             with contextlib.suppress(OSError):
-                stack.enter_context(locked(path.parent))
+                stack.enter_context(locked(folder))
         yield
 
 
@@ -653,7 +658,7 @@ def _check_conflicts(df: pd.DataFrame, paths: Sequence[Path]) -> None:
 
 def finished_run_ids(path: str | os.PathLike) -> set[str]:
     """Ids of runs already recorded as ``ok`` in ``path`` (empty if it does not exist)."""
-    path = Path(path)
+    path = target(path)
     with _held(path):
         seen = _scan(path, OUT_ADVICE)
     return set(seen.ok) if seen is not None else set()

@@ -27,10 +27,11 @@ class RunSpec:
 
     Each setting's help is in its declaration below (and in ``ppt-bench run --help``). Beside
     them: ``method`` (the registry name) and ``params`` (its parameters, validated by
-    ``create_method``), and the experiment's identity: ``checkpoint_sha256`` (the content hash
-    of the weights), ``data_fingerprint`` (of the data set's files,
-    :mod:`ppt_bench.core.identity`) and ``machine`` (this machine's name, or the Ray cluster's
-    address), filled in by :func:`ppt_bench.sweeps.grid.make_spec`.
+    ``create_method`` and kept as the method holds them, so that settings that mean the same
+    reduction get one run id: ``locations=[9, 3]`` is ``[3, 9]``), and the experiment's
+    identity: ``checkpoint_sha256`` (the content hash of the weights), ``data_fingerprint`` (of
+    the data set's files, :mod:`ppt_bench.core.identity`) and ``machine`` (this machine's name,
+    or the Ray cluster's address), filled in by :func:`ppt_bench.sweeps.grid.make_spec`.
     """
 
     model: str = setting(
@@ -146,7 +147,12 @@ class RunSpec:
 
         if not isinstance(self.model, str) or not self.model:
             raise UserError("a run needs a model name, e.g. --model deit_small_patch16_224")
-        create_method(self.method, **self.params)  # raises MethodError naming valid choices
+        method = create_method(self.method, **self.params)  # a MethodError names the choices
+        # The parameters as the method holds them (block lists sorted, a schedule by its full
+        # name, a whole number where one is meant): settings that mean the same reduction are
+        # the same run, with one run id.
+        held = method.params()
+        object.__setattr__(self, "params", {key: held[key] for key in self.params})
         object.__setattr__(self, "metrics", tuple(self.metrics))
         bad = [m for m in self.metrics if m not in metric_groups.GROUPS]
         if bad or not self.metrics:

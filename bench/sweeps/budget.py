@@ -264,7 +264,7 @@ class ModelCost:
     def tokens(self, method: Method) -> tuple[int, ...]:
         """Tokens entering each block, then after the last (``L + 1`` counts)."""
 
-        patch(self.twin, method)
+        patch(self.twin, method, replace=True)  # the twin is patched again for each probe
         with torch.inference_mode():
             self.twin(self.x)
         return (self.n0, *self.twin.reduction_info.tokens)
@@ -304,7 +304,7 @@ class ModelCost:
             methods = [method.on_path((flag,) * n) for flag in (True, False)]
         counts = []
         for m in methods:
-            model = patch(self._patched, m)
+            model = patch(self._patched, m, replace=True)  # one copy, patched for each probe
             counts.append(macs_torchprofile(model, self.x) + uncounted_macs(model, self.x))
         return max(counts) / 1e9
 

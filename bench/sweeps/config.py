@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ppt_bench.core.errors import UserError
 from ppt_bench.core.settings import SCHEDULE, Setting
 from ppt_bench.results.spec import run_settings
 from ppt_bench.runners import RUNNERS, runner_options
+
+if TYPE_CHECKING:
+    from ppt_bench.methods import Method
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -229,7 +233,7 @@ def build_config(
     file: dict[str, Any] | None = None,
     *,
     overrides: dict[str, Any] | None = None,
-    methods: Sequence[str] | None = None,
+    methods: Sequence[str | Method] | None = None,
     params: Sequence[tuple[str, Any]] = (),
     sweeps: Sequence[tuple[str, list[Any]]] = (),
 ) -> SweepConfig:
@@ -237,14 +241,17 @@ def build_config(
 
     Args:
         file: the dict from :func:`load_config` (or None).
-        overrides: scalar and list settings given on the command line (None values ignored).
-        methods: ``--method`` names; they replace the file's method list but keep its params.
+        overrides: scalar and list settings given on the command line (None values ignored);
+            a path may be a :class:`~pathlib.Path` (any ``os.PathLike``).
+        methods: ``--method`` names, which replace the file's method list but keep its params;
+            or method objects (the library's), each run with the parameters it holds.
         params: ``--param`` pairs; each applies to every selected method that has it.
         sweeps: ``--sweep`` pairs; each applies to every selected method that has it.
     """
     # Imported here: the methods import torch, and `ppt-bench --help` reads this module's
     # settings without it.
     from ppt_bench.methods import method_params
+    from ppt_bench.methods.registry import method_setting
 
     file = dict(file or {})
     global_sweep = file.pop("sweep", {})
@@ -255,9 +262,20 @@ def build_config(
     plans = _methods_from_config(file.pop("methods", []), global_sweep, method_params)
     if methods:
         by_name = {p.name: p for p in plans}
-        plans = [by_name.get(name, MethodPlan(name, {}, dict(global_sweep))) for name in methods]
-    plans = list({p.name: p for p in plans}.values())  # one plan per method name
+        chosen = []
+        for item in methods:
+            if isinstance(item, str):
+                chosen.append(by_name.get(item, MethodPlan(item, {}, dict(global_sweep))))
+            else:  # a method object: its own parameters
+                name, own = method_setting(item)
+                chosen.append(MethodPlan(name, own, dict(global_sweep)))
+        plans = chosen
+    # One plan per method and parameters (two objects of one method may differ).
+    plans = list(
+        {(p.name, json.dumps(p.params, sort_keys=True, default=str)): p for p in plans}.values()
+    )
     given = {**file, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    given = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in given.items()}
     declared = {s.key: s for s in all_settings()}
     unknown = sorted(set(given) - set(declared))
     if unknown:  # a library call's keyword (the CLI and load_config give declared keys only)

@@ -38,7 +38,10 @@ BUILTIN_DATA = ("synthetic", "digits")
 _PATHS = {"data": BUILTIN_DATA, "checkpoint": (), "cache_dir": ()}
 
 
-def _absolute(key: str, path: str | None, builtin: Iterable[str] = ()) -> str | None:
+def _absolute(key: str, path: str | os.PathLike | None, builtin: Iterable[str] = ()) -> str | None:
+    """A local path made absolute, as text (a :class:`~pathlib.Path` too); a built-in data set's
+    name, a URL and None as they are."""
+    path = os.fspath(path) if isinstance(path, os.PathLike) else path
     if path == "":  # Path("") would be the working folder, which no one means by it
         raise UserError(f"{key} is an empty path: give a path or leave the setting out")
     if path is None or path in builtin or "://" in path:

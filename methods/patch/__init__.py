@@ -148,17 +148,38 @@ def vit_info(model: nn.Module, name: str | None = None) -> ViTInfo:
 
 
 def patch(
-    model: nn.Module, method: Method, *, trace_source: bool = False, attn_impl: str = "fast"
+    model: nn.Module,
+    method: Method,
+    *,
+    trace_source: bool = False,
+    attn_impl: str = "fast",
+    replace: bool = False,
 ) -> nn.Module:
     """Make ``model`` reduce tokens with ``method``; returns the same object, patched in place.
 
+    Args:
+        model: the model.
+        method: the method.
+        trace_source: also record which original patches each token stands for.
+        attn_impl: one of :data:`~ppt_bench.methods.patch.attention.ATTN_IMPLS`.
+        replace: a model that already reduces with a method reduces with ``method`` instead
+            (its weights are unchanged); without it such a model is refused, since the first
+            method would be replaced silently.
+
     Raises:
         PatchError: the model is not a timm ``VisionTransformer`` built from standard blocks nor
-            an ``Eva`` built from pre-norm ``EvaBlock`` (:func:`check_patchable`).
+            an ``Eva`` built from pre-norm ``EvaBlock`` (:func:`check_patchable`), or it already
+            reduces with a method and ``replace`` is not set.
         MethodError: the method does not fit the model (:meth:`Method.check_fits`).
     """
     if attn_impl not in ATTN_IMPLS:
         raise PatchError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+    if is_patched(model) and not replace:
+        raise PatchError(
+            f"the model already reduces tokens with {model.reduction_plan.method.name}: pass a "
+            "fresh model (a copy made before the first patch), or replace=True to reduce with "
+            f"{method.name} instead"
+        )
     check_patchable(model)
     info = vit_info(model)
     method.check_fits(info)
@@ -188,4 +209,5 @@ def patch(
 
 
 def is_patched(model: nn.Module) -> bool:
+    """Whether ``model`` reduces tokens with a method (:func:`patch` made it)."""
     return isinstance(model, ReducingMixin)
