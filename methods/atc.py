@@ -62,10 +62,9 @@ from __future__ import annotations
 
 import copy
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -392,12 +391,14 @@ def cut_labels(children: np.ndarray, k: int) -> np.ndarray:
     return np.array(label[:T], dtype=np.int64)
 
 
-def _hierarchy() -> Any:
-    """``scipy.cluster.hierarchy``, imported on first use: it takes half a second, which
-    listing the methods or clustering on the batched path should not wait for."""
-    from scipy.cluster import hierarchy  # imported here (see above)
+def _scipy() -> tuple[Callable[..., np.ndarray], Callable[..., np.ndarray]]:
+    """SciPy's ``linkage`` and ``squareform``, imported on first use: ``scipy.cluster`` takes
+    half a second, which listing the methods or clustering on the batched path should not wait
+    for."""
+    from scipy.cluster.hierarchy import linkage  # imported here (see above)
+    from scipy.spatial.distance import squareform  # imported here (see above)
 
-    return hierarchy
+    return linkage, squareform
 
 
 @torch.library.custom_op("ppt_bench::atc_labels_loop", mutates_args=())
@@ -410,15 +411,14 @@ def cluster_labels_loop(metric: torch.Tensor, k: int, linkage: str) -> torch.Ten
     A custom operator, as :func:`cluster_labels`: ``torch.compile`` takes it as one opaque step.
     Returns ``[B, T]`` int64 on the metric's device.
     """
-    B, T = metric.shape[:2]
     with _one_cpu_thread(not metric.is_cuda), torch.inference_mode():
-        i, j = torch.triu_indices(T, T, 1, device=metric.device)
-        # in the cosine's dtype, which SciPy widens to float64 itself: half the bytes to gather
-        condensed = cosine_distance(metric, widen=False)[:, i, j].cpu().numpy()
-    linkage_of = _hierarchy().linkage
-    labels = np.empty((B, T), dtype=np.int64)
-    for b, dist in enumerate(condensed):
-        labels[b] = cut_labels(linkage_of(dist, method=linkage)[:, :2].astype(np.int64), k)
+        # in the cosine's dtype, which SciPy widens to float64 itself
+        dist = cosine_distance(metric, widen=False).cpu().numpy()
+    linkage_of, squareform = _scipy()
+    labels = np.empty(dist.shape[:2], dtype=np.int64)
+    for b, square in enumerate(dist):
+        condensed = squareform(square, checks=False)  # the pairs i < j, in row order
+        labels[b] = cut_labels(linkage_of(condensed, method=linkage)[:, :2].astype(np.int64), k)
     return torch.from_numpy(labels).to(metric.device)
 
 
