@@ -11,10 +11,20 @@ import torch
 
 from ppt_bench.commands.visualize import sources_per_location, token_owner
 from ppt_bench.core.errors import MethodError
+from ppt_bench.engine.evaluate import evaluate
 from ppt_bench.measure.macs import measure_macs, uncounted_macs
-from ppt_bench.methods import create_method
-from ppt_bench.methods.atc import LINKAGES, atc_step, cluster_labels, cosine_distance, num_clusters
+from ppt_bench.methods import atc, create_method
+from ppt_bench.methods.atc import (
+    LINKAGES,
+    atc_step,
+    choose_path,
+    cluster_labels,
+    cluster_labels_loop,
+    cosine_distance,
+    num_clusters,
+)
 from ppt_bench.methods.contract import Reduced
+from ppt_bench.results.spec import RunSpec
 
 DEIT_S = "deit_small_patch16_224"
 
@@ -48,6 +58,17 @@ def random_metrics(seeds: range, tokens: int = 196, dim: int = 16) -> torch.Tens
     )
 
 
+def tied_metrics(seed: int, tokens: int = 40) -> torch.Tensor:
+    """``[3, T, 4]`` metrics whose distances tie: repeated tokens (distance 0 between copies,
+    equal distances to the others), and two images of small integer vectors (few distinct
+    cosines)."""
+    g = torch.Generator().manual_seed(seed)
+    distinct = torch.randn(tokens // 4, 4, generator=g)
+    repeated = distinct[torch.randint(0, tokens // 4, (tokens,), generator=g)]
+    grid = torch.randint(1, 4, (2, tokens, 4), generator=g).float() - 2 * torch.eye(4)[:1]
+    return torch.cat([repeated[None], grid])
+
+
 # -- parameters -------------------------------------------------------------------------------
 
 
@@ -69,6 +90,99 @@ def test_partitions_and_labels_equal_scikit_learn(linkage):
             theirs = sklearn_labels(metric, k, linkage)
             assert ours.min() == 0 and ours.max() == k - 1
             np.testing.assert_array_equal(ours, theirs, err_msg=f"{linkage}, {k} clusters")
+
+
+@pytest.mark.parametrize("linkage", LINKAGES)
+def test_the_loop_equals_scikit_learn_ties_included(linkage):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed in range(6):
+            metric = tied_metrics(seed)
+            assert (cosine_distance(metric) < 1e-6).sum() > metric.shape[0] * metric.shape[1]
+            for k in (1, 2, 7, 20, 39):
+                np.testing.assert_array_equal(
+                    cluster_labels_loop(metric, k, linkage).numpy(),
+                    sklearn_labels(metric, k, linkage),
+                    err_msg=f"{linkage}, seed {seed}, {k} clusters",
+                )
+
+
+@pytest.mark.parametrize("linkage", LINKAGES)
+@pytest.mark.parametrize(("batch", "tokens", "ks"), [(1, 196, (176, 67)), (3, 37, (1, 20, 36))])
+def test_both_paths_give_the_same_labels_and_tokens(linkage, batch, tokens, ks):
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(batch, 1 + tokens, 8, generator=g)
+    size = torch.randint(1, 4, (batch, 1 + tokens, 1), generator=g).float()
+    key_mean = torch.randn(batch, 1 + tokens, 16, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k in ks:
+            loop = cluster_labels_loop(key_mean[:, 1:], k, linkage)
+            assert torch.equal(loop, cluster_labels(key_mean[:, 1:], k, linkage))
+            np.testing.assert_array_equal(loop.numpy(), sklearn_labels(key_mean[:, 1:], k, linkage))
+            reduced = [
+                atc_step(Reduced(x, size, None), key_mean, k, 1, linkage, path)
+                for path in ("loop", "batched")
+            ]
+            for a, b in zip(*reduced, strict=True):
+                assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_single_linkage_paths_agree_on_ties():
+    """Both build SciPy's minimum spanning tree, tied edges in its order (complete and average
+    linkage break ties in another order on the batched path: see the module)."""
+    for seed in range(6):
+        metric = tied_metrics(seed)
+        for k in (2, 7, 20, 39):
+            loop = cluster_labels_loop(metric, k, "single")
+            assert torch.equal(loop, cluster_labels(metric, k, "single"))
+
+
+def test_auto_takes_the_loop_on_the_cpu_and_the_batched_path_on_a_gpu():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert (choose_path("auto", cpu), choose_path("auto", gpu)) == ("loop", "batched")
+    for forced in ("loop", "batched"):
+        assert choose_path(forced, cpu) == choose_path(forced, gpu) == forced
+    with pytest.raises(MethodError, match="cluster_path must be one of auto, loop, batched"):
+        create_method("atc", cluster_path="gpu")
+
+
+@pytest.mark.parametrize(("cluster_path", "taken"), [("auto", "loop"), ("batched", "batched")])
+def test_the_path_taken_is_the_one_reported(
+    make_model, images, logits, clone, monkeypatch, cluster_path, taken
+):
+    ref = make_model("deit_tiny", img_size=128)
+    x = images(2, 128)
+    expected = logits(create_method("atc", keep_rate=0.8).apply(clone(ref)), x)
+
+    def refused(*args):
+        raise AssertionError("the other path ran")
+
+    other = "cluster_labels" if taken == "loop" else "cluster_labels_loop"
+    monkeypatch.setattr(atc, other, refused)
+    model = create_method("atc", keep_rate=0.8, cluster_path=cluster_path).apply(clone(ref))
+    assert torch.equal(logits(model, x), expected)
+    stats = model.reduction_info.stats
+    assert torch.equal(stats["cluster_loop"], torch.full((2, 3), taken == "loop"))
+
+
+@pytest.mark.parametrize("cluster_path", ["loop", "batched"])
+def test_both_paths_trace_without_graph_breaks(assert_one_graph, make_model, images, cluster_path):
+    model = create_method("atc", keep_rate=0.8, cluster_path=cluster_path)
+    assert_one_graph(model.apply(make_model("deit_tiny", img_size=64)), images(2, 64))
+
+
+def test_the_path_is_recorded_in_the_rows_but_not_in_the_run_id():
+    common = dict(model="deit_tiny_patch16_224", method="atc", batch_size=2, n_images=2)
+    common |= dict(workers=0, metrics=("tokens",))
+    auto = RunSpec(params={"keep_rate": 0.8}, **common)
+    forced = RunSpec(params={"keep_rate": 0.8, "cluster_path": "batched"}, **common)
+    assert forced.run_id == auto.run_id
+    assert RunSpec(params={"keep_rate": 0.7}, **common).run_id != auto.run_id
+    rows = {r["metric"]: r for r in evaluate(forced, progress=False)}
+    assert [rows[f"cluster_loop_frac_block_{i}"]["value"] for i in (3, 6, 9)] == [0.0] * 3
+    assert rows["tokens_block_11"]["params"] == '{"cluster_path": "batched", "keep_rate": 0.8}'
+    assert rows["tokens_block_11"]["run_id"] == auto.run_id
 
 
 def test_clusters_join_the_closest_pairs_first():

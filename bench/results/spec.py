@@ -28,10 +28,12 @@ class RunSpec:
     Each setting's help is in its declaration below (and in ``ppt-bench run --help``). Beside
     them: ``method`` (the registry name) and ``params`` (its parameters, validated by
     ``create_method`` and kept as the method holds them, so that settings that mean the same
-    reduction get one run id: ``locations=[9, 3]`` is ``[3, 9]``), and the experiment's
-    identity: ``checkpoint_sha256`` (the content hash of the weights), ``data_fingerprint`` (of
-    the data set's files, :mod:`ppt_bench.core.identity`) and ``machine`` (this machine's name,
-    or the Ray cluster's address), filled in by :func:`ppt_bench.sweeps.grid.make_spec`.
+    reduction get one run id: ``locations=[9, 3]`` is ``[3, 9]``; the run id leaves out those the
+    method declares ``SCHEDULE``, ``field(metadata={"identity": SCHEDULE})``, which say how it
+    computes and not what, such as atc's ``cluster_path``), and the experiment's identity:
+    ``checkpoint_sha256`` (the content hash of the weights), ``data_fingerprint`` (of the data
+    set's files, :mod:`ppt_bench.core.identity`) and ``machine`` (this machine's name, or the Ray
+    cluster's address), filled in by :func:`ppt_bench.sweeps.grid.make_spec`.
     """
 
     model: str = setting(
@@ -153,6 +155,12 @@ class RunSpec:
         # the same run, with one run id.
         held = method.params()
         object.__setattr__(self, "params", {key: held[key] for key in self.params})
+        # The parameters the run id leaves out: those whose field the method declares SCHEDULE,
+        # as a spec's own settings (how it computes, not what: atc's cluster_path).
+        schedule = {
+            f.name for f in dataclasses.fields(method) if f.metadata.get("identity") == SCHEDULE
+        }
+        object.__setattr__(self, "_schedule_params", frozenset(schedule))
         object.__setattr__(self, "metrics", tuple(self.metrics))
         bad = [m for m in self.metrics if m not in metric_groups.GROUPS]
         if bad or not self.metrics:
@@ -198,6 +206,7 @@ class RunSpec:
         """A stable hash of what the run measures: the same spec always gets the same id
         (computed once: a spec is not changed, only replaced)."""
         d = {k: v for k, v in self.to_dict().items() if _IDENTITY[k] != SCHEDULE}
+        d["params"] = {k: v for k, v in d["params"].items() if k not in self._schedule_params}
         d.pop("budget")
         if self.budget:  # a run without a budget keeps the id it had before budgets existed
             d["budget"] = self.budget["budget"]
