@@ -58,9 +58,15 @@ class PPT(FixedBudget):
     branch: str | tuple[str, ...] = "auto"
 
     def validate(self) -> None:
+        given = self.locations
         super().validate()
         set_field(self, "threshold", check_float("threshold", self.threshold))
         branches = (self.branch,) if isinstance(self.branch, str) else tuple(self.branch)
+        if len(branches) > 1 and tuple(given) != self.locations:
+            raise MethodError(
+                f"with a branch per location, give the locations in increasing order, each "
+                f"branch in its place: got locations {list(given)} and branch {list(branches)}"
+            )
         if any(b not in BRANCHES for b in branches) or (
             len(branches) > 1 and len(branches) != len(self.locations)
         ):

@@ -72,6 +72,29 @@ def test_a_patched_model_is_patched_again_only_when_asked(make_model):
         torch.testing.assert_close(model(x), prune.apply(make_model("deit_tiny"))(x))
 
 
+def test_the_baseline_refuses_a_patched_model_too(make_model):
+    """The baseline returns an unpatched model as it is, but a patched one would keep reducing:
+    refused like any method, or with ``replace=True`` patched to reduce nothing."""
+    model = create_method("merge", r=4).apply(make_model("deit_tiny"))
+    with pytest.raises(PatchError, match="already reduces tokens with merge"):
+        create_method("baseline").apply(model)
+    create_method("baseline").apply(model, replace=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), make_model("deit_tiny")(x))
+
+
+def test_ppt_branches_follow_their_locations_in_order():
+    """A branch per location is matched to the locations in the order given: unsorted
+    locations would silently move each branch to another block, so they are refused."""
+    with pytest.raises(MethodError, match="give the locations in increasing order"):
+        create_method("ppt", locations=[9, 3], branch=["prune", "pool"])
+    assert create_method("ppt", locations=[3, 9], branch=["prune", "pool"]).branch == (
+        "prune",
+        "pool",
+    )
+
+
 def test_duplicate_registration_is_an_error():
     with pytest.raises(MethodError, match="already registered"):
 
