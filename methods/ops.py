@@ -8,7 +8,6 @@ no host synchronisation, so that ``torch.compile`` and CUDA graphs apply.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -60,8 +59,8 @@ def cls_attention_mean(cls_attn: torch.Tensor, num_prefix: int) -> torch.Tensor:
 
 def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Select tokens per image: ``t [B, N, *]``, ``idx [B, K]`` -> ``[B, K, *]``."""
-    idx = idx.reshape(*idx.shape, *([1] * (t.dim() - 2)))
-    return t.gather(1, idx.expand(-1, -1, *t.shape[2:]))
+    idx = idx.view(*idx.shape, *([1] * (t.dim() - 2)))
+    return t.gather(1, idx if idx.shape[2:] == t.shape[2:] else idx.expand(-1, -1, *t.shape[2:]))
 
 
 @step("gather")
@@ -77,10 +76,11 @@ def keep_top(scores: torch.Tensor, num_keep: int, num_prefix: int) -> torch.Tens
         ``[B, P + num_keep]`` indices into the full sequence, prefix first in their original order,
         then patch tokens in descending score order.
     """
-    B = scores.shape[0]
-    top = scores.topk(num_keep, dim=-1, sorted=True).indices + num_prefix  # [B, num_keep]
-    prefix = torch.arange(num_prefix, device=scores.device).expand(B, num_prefix)
-    return torch.cat([prefix, top], dim=1)
+    top = scores.topk(num_keep, dim=-1, sorted=True).indices  # [B, num_keep]
+    if not num_prefix:
+        return top
+    prefix = torch.arange(num_prefix, device=scores.device).expand(scores.shape[0], num_prefix)
+    return torch.cat([prefix, top + num_prefix], dim=1)
 
 
 @step("gather")
@@ -133,11 +133,18 @@ def cosine_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     token ``b [B, n_b, d]``, ``[B, n_a, n_b]``."""
     a = a / a.norm(dim=-1, keepdim=True)
     b = b / b.norm(dim=-1, keepdim=True)
-    return a @ b.transpose(-1, -2)
+    return torch.bmm(a, b.transpose(1, 2))  # what ``a @ b.mT`` runs, without its reshapes
 
 
 # A matching score: A tokens [B, n_a, d] and B tokens [B, n_b, d] -> [B, n_a, n_b], higher merges.
 Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def alternate(t: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The A and B patch tokens of ``t [B, N, *]``: even and odd positions of the whole
+    sequence, prefix tokens left out (views)."""
+    pa, pb = (num_prefix + 1) // 2, num_prefix // 2  # prefix tokens in A and in B
+    return t[:, 2 * pa :: 2], t[:, 2 * pb + 1 :: 2]
 
 
 @step("match")
@@ -163,18 +170,17 @@ def bipartite_soft_matching(
         order, as in ToMe (which sorts them when the model has a class token); without, they
         follow the score order, as ToMe leaves them.
     """
-    pa, pb = (num_prefix + 1) // 2, num_prefix // 2  # prefix tokens in A and in B
-    a, b = metric[..., ::2, :][:, pa:], metric[..., 1::2, :][:, pb:]  # patch tokens only
-    scores = score(a, b)  # [B, n_a, n_b]
-    node_max, node_idx = scores.max(dim=-1)  # best B match of each A token
+    scores = score(*alternate(metric, num_prefix))  # [B, n_a, n_b]
+    B, n_a, _ = scores.shape
+    # The best B match of each A token (amax and argmax: the values and first indices of max).
+    node_max, node_idx = scores.amax(dim=-1), scores.argmax(dim=-1).view(B, n_a, 1)
     # A stable sort keeps ties (identical patches) in index order, so the choice of a token
     # never depends on the rest of the batch.
-    edge_idx = node_max.sort(dim=-1, descending=True, stable=True).indices[..., None]
+    edge_idx = node_max.sort(dim=-1, descending=True, stable=True).indices.view(B, n_a, 1)
     unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
     if num_prefix:
         unm_idx = unm_idx.sort(dim=1).values
-    dst_idx = node_idx[..., None].gather(1, src_idx)
-    return Matching(num_prefix, unm_idx, src_idx, dst_idx)
+    return Matching(num_prefix, unm_idx, src_idx, node_idx.gather(1, src_idx))
 
 
 @step("merge")
@@ -190,11 +196,13 @@ def kept_positions(m: Matching, num_tokens: int) -> torch.Tensor:
     P = m.num_prefix
     pa, pb = (P + 1) // 2, P // 2
     B, n_unm, _ = m.unm_idx.shape
-    n_b = num_tokens - P - n_unm - m.src_idx.shape[1]
-    arange = torch.arange(max(P, n_b), device=m.unm_idx.device)
-    unm = 2 * (pa + m.unm_idx[..., 0])  # [B, n_a - r]
-    b_pos = 2 * (pb + arange[:n_b]) + 1
-    return torch.cat([arange[:P].expand(B, -1), unm, b_pos.expand(B, -1)], dim=1)
+    device = m.unm_idx.device
+    kept = torch.empty(B, num_tokens - m.src_idx.shape[1], dtype=torch.long, device=device)
+    if P:
+        kept[:, :P] = torch.arange(P, device=device)
+    kept[:, P : P + n_unm] = m.unm_idx.view(B, n_unm) * 2 + 2 * pa
+    kept[:, P + n_unm :] = torch.arange(2 * pb + 1, num_tokens, 2, device=device)
+    return kept
 
 
 @step("merge")
@@ -204,19 +212,18 @@ def merge_slots(m: Matching, num_tokens: int) -> torch.Tensor:
     Slots follow ToMe's output order: prefix tokens ``0 .. P-1`` in their original order, the
     unmerged A patch tokens, then the B patch tokens; a merged A token goes to its partner's slot.
     """
-    P, (B, n_unm, _), r = m.num_prefix, m.unm_idx.shape, m.src_idx.shape[1]
-    n_a = n_unm + r
-    n_b = num_tokens - P - n_a
-    arange = partial(torch.arange, device=m.unm_idx.device)
-    a_slot = torch.empty(B, n_a, dtype=torch.long, device=m.unm_idx.device)
-    a_slot.scatter_(1, m.unm_idx[..., 0], (P + arange(n_unm)).expand(B, -1))
-    a_slot.scatter_(1, m.src_idx[..., 0], P + n_unm + m.dst_idx[..., 0])
-    b_slot = (P + n_unm + arange(n_b)).expand(B, -1)
-    prefix = arange(P)
-    slots = torch.empty(B, num_tokens, dtype=torch.long, device=m.unm_idx.device)
-    slots[:, 0::2] = torch.cat([prefix[0::2].expand(B, -1), a_slot], dim=1)
-    slots[:, 1::2] = torch.cat([prefix[1::2].expand(B, -1), b_slot], dim=1)
-    return slots
+    P, (B, n_unm, _) = m.num_prefix, m.unm_idx.shape
+    device = m.unm_idx.device
+    slots = torch.empty(B, num_tokens, 1, dtype=torch.long, device=device)
+    if P:
+        slots[:, :P] = torch.arange(P, device=device).view(P, 1)
+    a_slot, b_slot = alternate(slots, P)  # views: [B, n_a, 1], [B, n_b, 1]
+    n_b = b_slot.shape[1]
+    b_slot.copy_(torch.arange(P + n_unm, P + n_unm + n_b, device=device).view(n_b, 1))
+    unm_slot = torch.arange(P, P + n_unm, device=device).view(1, n_unm, 1).expand(B, -1, -1)
+    a_slot.scatter_(1, m.unm_idx, unm_slot)
+    a_slot.scatter_(1, m.src_idx, m.dst_idx + (P + n_unm))
+    return slots.view(B, num_tokens)
 
 
 @step("gather")
@@ -247,19 +254,18 @@ def pool(
     Returns:
         ``x [B, num_out, C]`` with ``x <- sum(x * size) / sum(size)`` per slot, and its ``size``.
     """
-    B, _, C = x.shape
-    idx = slots[..., None]
+    B, N, C = x.shape
+    idx = slots.view(B, N, 1)
     total = x.new_zeros(B, num_out + 1, C).scatter_add_(1, idx.expand(-1, -1, C), x * size)
-    weight = size.new_zeros(B, num_out + 1, 1).scatter_add_(1, idx, size)
-    weight = weight[:, :num_out]
+    weight = size.new_zeros(B, num_out + 1, 1).scatter_add_(1, idx, size)[:, :num_out]
     return total[:, :num_out] / weight, weight
 
 
 def pool_source(slots: torch.Tensor, num_out: int, source: torch.Tensor) -> torch.Tensor:
     """Union of the 0/1 source rows ``[B, N, N0]`` that share a slot: ``[B, num_out, N0]``."""
-    B, _, N0 = source.shape
+    B, N, N0 = source.shape
     out = source.new_zeros(B, num_out + 1, N0)
-    return out.scatter_add_(1, slots[..., None].expand(-1, -1, N0), source)[:, :num_out]
+    return out.scatter_add_(1, slots.view(B, N, 1).expand(-1, -1, N0), source)[:, :num_out]
 
 
 @step("merge")
@@ -279,7 +285,8 @@ def merge_weighted(
 
 def prop_attn_bias(size: torch.Tensor) -> torch.Tensor:
     """Proportional attention as an additive SDPA mask: ``log(size)`` per key, ``[B, 1, 1, N]``."""
-    return size.log().transpose(1, 2)[:, None]
+    B, N, _ = size.shape
+    return size.log().reshape(B, 1, 1, N)
 
 
 # -- reduction steps shared by the methods ----------------------------------------------------
