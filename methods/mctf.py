@@ -187,7 +187,8 @@ def bidirectional_matching(
     origin = torch.empty(B, num_tokens - r, dtype=torch.long, device=device)
     if P:
         prefix = arange(0, P)
-        slots[:, :P], origin[:, :P] = prefix, prefix
+        slots[:, :P].copy_(prefix)
+        origin[:, :P].copy_(prefix)
     a_slot, b_slot = ops.alternate(slots, P)  # [B, n_a], [B, n_b]
     pa, pb = (P + 1) // 2, P // 2  # prefix tokens in A and in B
     if bidirectional:

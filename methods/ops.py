@@ -183,6 +183,18 @@ def bipartite_soft_matching(
     return Matching(num_prefix, unm_idx, src_idx, node_idx.gather(1, src_idx))
 
 
+def _kept(m: Matching, num_tokens: int, ar: torch.Tensor) -> torch.Tensor:
+    """:func:`kept_positions`, with ``ar = arange(N)``."""
+    P, (B, n_unm, _) = m.num_prefix, m.unm_idx.shape
+    pa, pb = (P + 1) // 2, P // 2
+    kept = torch.empty(B, num_tokens - m.src_idx.shape[1], dtype=torch.long, device=ar.device)
+    if P:
+        kept[:, :P].copy_(ar[:P])
+    kept[:, P : P + n_unm].copy_(m.unm_idx.view(B, n_unm) * 2 + 2 * pa)
+    kept[:, P + n_unm :].copy_(ar[2 * pb + 1 :: 2])
+    return kept
+
+
 @step("merge")
 def kept_positions(m: Matching, num_tokens: int) -> torch.Tensor:
     """The input token behind each output slot of a matching, ``[B, N - r]`` (int64).
@@ -193,37 +205,36 @@ def kept_positions(m: Matching, num_tokens: int) -> torch.Tensor:
     ``2 (pa + j)`` of the sequence, a B patch at ``2 (pb + j) + 1``, where ``pa`` and ``pb``
     count the prefix tokens in A and in B.
     """
-    P = m.num_prefix
-    pa, pb = (P + 1) // 2, P // 2
-    B, n_unm, _ = m.unm_idx.shape
-    device = m.unm_idx.device
-    kept = torch.empty(B, num_tokens - m.src_idx.shape[1], dtype=torch.long, device=device)
-    if P:
-        kept[:, :P] = torch.arange(P, device=device)
-    kept[:, P : P + n_unm] = m.unm_idx.view(B, n_unm) * 2 + 2 * pa
-    kept[:, P + n_unm :] = torch.arange(2 * pb + 1, num_tokens, 2, device=device)
-    return kept
+    return _kept(m, num_tokens, torch.arange(num_tokens, device=m.unm_idx.device))
 
 
 @step("merge")
-def merge_slots(m: Matching, num_tokens: int) -> torch.Tensor:
-    """The output slot of every input token under a matching, ``[B, N]`` (int64).
+def merge_layout(
+    m: Matching, num_tokens: int, kept: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output slot of every input token under a matching, ``[B, N]`` (int64), and with
+    ``kept`` the input token behind each slot, ``[B, N - r]`` (:func:`kept_positions`).
 
     Slots follow ToMe's output order: prefix tokens ``0 .. P-1`` in their original order, the
     unmerged A patch tokens, then the B patch tokens; a merged A token goes to its partner's slot.
     """
     P, (B, n_unm, _) = m.num_prefix, m.unm_idx.shape
-    device = m.unm_idx.device
-    slots = torch.empty(B, num_tokens, 1, dtype=torch.long, device=device)
+    ar = torch.arange(num_tokens, device=m.unm_idx.device)  # every index below, as views
+    slots = torch.empty(B, num_tokens, 1, dtype=torch.long, device=ar.device)
     if P:
-        slots[:, :P] = torch.arange(P, device=device).view(P, 1)
+        slots[:, :P].copy_(ar[:P].view(P, 1))
     a_slot, b_slot = alternate(slots, P)  # views: [B, n_a, 1], [B, n_b, 1]
     n_b = b_slot.shape[1]
-    b_slot.copy_(torch.arange(P + n_unm, P + n_unm + n_b, device=device).view(n_b, 1))
-    unm_slot = torch.arange(P, P + n_unm, device=device).view(1, n_unm, 1).expand(B, -1, -1)
-    a_slot.scatter_(1, m.unm_idx, unm_slot)
+    b_slot.copy_(ar[P + n_unm : P + n_unm + n_b].view(n_b, 1))
+    a_slot.scatter_(1, m.unm_idx, ar[P : P + n_unm].view(1, n_unm, 1).expand(B, -1, -1))
     a_slot.scatter_(1, m.src_idx, m.dst_idx + (P + n_unm))
-    return slots.view(B, num_tokens)
+    return slots.view(B, num_tokens), _kept(m, num_tokens, ar) if kept else None
+
+
+def merge_slots(m: Matching, num_tokens: int) -> torch.Tensor:
+    """The output slot of every input token under a matching, ``[B, N]`` (int64)
+    (:func:`merge_layout`)."""
+    return merge_layout(m, num_tokens, kept=False)[0]
 
 
 @step("gather")
@@ -359,4 +370,5 @@ def merge_step(
         return Reduced(x, size, source)
     N = x.shape[1]
     m = bipartite_soft_matching(key_mean, r, num_prefix, score)
-    return pool_step(x, size, source, merge_slots(m, N), N - r, kept_positions(m, N))
+    slots, kept = merge_layout(m, N)
+    return pool_step(x, size, source, slots, N - r, kept)

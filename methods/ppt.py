@@ -122,9 +122,10 @@ class PPT(FixedBudget):
         keep = ops.keep_top(scores, N - num_prefix - r, num_prefix)
         matching = ops.bipartite_soft_matching(feats.key_mean, r, num_prefix)
         by_image = pooled.view(-1, 1)
-        slots = torch.where(by_image, ops.merge_slots(matching, N), ops.prune_slots(keep, N))
+        merge_slots, kept = ops.merge_layout(matching, N)
+        slots = torch.where(by_image, merge_slots, ops.prune_slots(keep, N))  # [B, N]
         # Each output token descends from its merge destination, or is a kept token itself.
-        origin = torch.where(by_image, ops.kept_positions(matching, N), keep)  # [B, N - r]
+        origin = torch.where(by_image, kept, keep)  # [B, N - r]
         return ops.pool_step(x, size, source, slots, N - r, origin)._replace(
             stats={"pooled": pooled, "score_var": score_var}
         )

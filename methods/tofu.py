@@ -80,10 +80,9 @@ def tofu_step(
     x, size, source = tokens[:3]
     N = x.shape[1]
     m = ops.bipartite_soft_matching(key_mean, r, num_prefix)
-    kept = ops.kept_positions(m, N)  # [B, N - r]: prefix, unmatched A, B (the destinations)
-    if prune:
-        return ops.keep_step(x, size, source, kept)  # [B, N - r, C]
-    slots = ops.merge_slots(m, N)  # [B, N]
+    if prune:  # keep the tokens behind the slots: prefix, unmatched A, B
+        return ops.keep_step(x, size, source, ops.kept_positions(m, N))  # [B, N - r, C]
+    slots, kept = ops.merge_layout(m, N)  # [B, N], [B, N - r]
     B = x.shape[0]
     total = size.new_zeros(B, N - r + 1, 1).scatter_add_(1, slots[..., None], size)
     return Reduced(
