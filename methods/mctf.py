@@ -143,7 +143,12 @@ def fusion_scores(
 
 @step("match")
 def bidirectional_matching(
-    scores: torch.Tensor, r: int, num_tokens: int, num_prefix: int, bidirectional: bool
+    scores: torch.Tensor,
+    r: int,
+    num_tokens: int,
+    num_prefix: int,
+    bidirectional: bool,
+    origin: bool = True,
 ) -> Fusion:
     """MCTF's (bidirectional) bipartite matching as output slots of the whole sequence.
 
@@ -159,6 +164,7 @@ def bidirectional_matching(
         num_tokens: ``N``.
         num_prefix: ``P``.
         bidirectional: fuse in both directions.
+        origin: give the origins (else ``Fusion.origin`` is None).
 
     Returns:
         The slots: prefix tokens ``0 .. P-1``, the unfused even tokens in their order, then the
@@ -172,8 +178,7 @@ def bidirectional_matching(
     n_unm = n_a - r1
     device = scores.device
 
-    def arange(start: int, end: int, step: int = 1) -> torch.Tensor:
-        return torch.arange(start, end, step, device=device)
+    ar = torch.arange(num_tokens, device=device)  # every index below, as views
 
     # Direction one; amax and argmax are the values and first indices of max.
     node_max, node_idx = scores.amax(dim=-1), scores.argmax(dim=-1)  # [B, n_a]: best odd match
@@ -184,37 +189,43 @@ def bidirectional_matching(
 
     # Slots are written in place through views of the even and odd tokens.
     slots = torch.empty(B, num_tokens, dtype=torch.long, device=device)
-    origin = torch.empty(B, num_tokens - r, dtype=torch.long, device=device)
     if P:
-        prefix = arange(0, P)
-        slots[:, :P].copy_(prefix)
-        origin[:, :P].copy_(prefix)
+        slots[:, :P].copy_(ar[:P])
     a_slot, b_slot = ops.alternate(slots, P)  # [B, n_a], [B, n_b]
-    pa, pb = (P + 1) // 2, P // 2  # prefix tokens in A and in B
+    b_kept = None  # the odd tokens left, in their output order (None: all, in token order)
     if bidirectional:
         # Scores of each odd token against the unfused even tokens, in their output order.
         back = scores.gather(1, unm_idx.view(B, n_unm, 1).expand(-1, -1, n_b))
         node_max2, node_idx2 = back.amax(dim=1), back.argmax(dim=1)  # [B, n_b]: into unm_idx
         edge_idx2 = node_max2.sort(dim=-1, descending=True, stable=True).indices
-        unm2, src2 = edge_idx2[:, r2:], edge_idx2[:, :r2]
-        b_slot.scatter_(1, unm2, arange(P + n_unm, P + n_unm + n_b - r2).expand(B, -1))
+        b_kept, src2 = edge_idx2[:, r2:], edge_idx2[:, :r2]
+        b_slot.scatter_(1, b_kept, ar[P + n_unm : P + n_unm + n_b - r2].expand(B, -1))
         b_slot.scatter_(1, src2, node_idx2.gather(1, src2) + P)
-        # B token j sits at 2 (pb + j) + 1.
-        origin[:, P + n_unm :] = unm2 * 2 + (2 * pb + 1)
     else:
-        b_slot.copy_(arange(P + n_unm, P + n_unm + n_b))
-        origin[:, P + n_unm :] = arange(2 * pb + 1, num_tokens, 2)
-    a_slot.scatter_(1, unm_idx, arange(P, P + n_unm).expand(B, -1))
+        b_slot.copy_(ar[P + n_unm : P + n_unm + n_b])
+    a_slot.scatter_(1, unm_idx, ar[P : P + n_unm].expand(B, -1))
     a_slot.scatter_(1, src_idx, b_slot.gather(1, node_idx.gather(1, src_idx)))
-    origin[:, P : P + n_unm] = unm_idx * 2 + 2 * pa  # A token k sits at 2 (pa + k)
-    return Fusion(slots, num_tokens - r, origin)
+    if not origin:
+        return Fusion(slots, num_tokens - r)
+    # A token k sits at 2 (pa + k), B token j at 2 (pb + j) + 1.
+    pa, pb = (P + 1) // 2, P // 2  # prefix tokens in A and in B
+    kept = torch.empty(B, num_tokens - r, dtype=torch.long, device=device)
+    if P:
+        kept[:, :P].copy_(ar[:P])
+    kept[:, P : P + n_unm].copy_(unm_idx * 2 + 2 * pa)
+    b_pos = ar[2 * pb + 1 :: 2] if b_kept is None else b_kept * 2 + (2 * pb + 1)
+    kept[:, P + n_unm :].copy_(b_pos)
+    return Fusion(slots, num_tokens - r, kept)
 
 
 def scatter_tokens(t: torch.Tensor, slots: torch.Tensor, num_out: int, dim: int) -> torch.Tensor:
-    """Sum the entries of ``t`` along ``dim`` that share a slot (``slots [B, N]``)."""
-    shape = [1] * t.dim()
-    shape[0], shape[dim] = slots.shape
-    idx = slots.view(shape)
+    """Sum the entries of ``t`` along ``dim`` that share a slot (``slots [B, N]``, or viewed
+    with ``t``'s dimensions)."""
+    idx = slots
+    if idx.dim() != t.dim():
+        shape = [1] * t.dim()
+        shape[0], shape[dim] = slots.shape
+        idx = slots.view(shape)
     if idx.shape != t.shape:
         idx = idx.expand(t.shape)
     out_shape = list(t.shape)
@@ -249,19 +260,20 @@ def fuse(
         The fused tokens with summed sizes and united sources.
     """
     slots, n = fusion.slots, fusion.num_out
+    B, N = slots.shape
+    tokens = slots.view(B, N, 1)  # the slots of [B, N, *] tensors
     if received is None:
         received = attention_received(attn)
     weight = received * (size / size.amax(dim=1, keepdim=True))  # [B, N, 1]
-    norm = scatter_tokens(weight, slots, n, 1)  # [B, N', 1]
-    x = scatter_tokens(x * weight, slots, n, 1) / norm
+    norm = scatter_tokens(weight, tokens, n, 1)  # [B, N', 1]
+    x = scatter_tokens(x * weight, tokens, n, 1) / norm
     fused_attn = None
     if fuse_attn:
-        B, N = slots.shape
         cols = scatter_tokens(attn, slots, n, 3)  # [B, H, N, N']
         rows = scatter_tokens(cols * weight.view(B, 1, N, 1), slots, n, 2)
         fused_attn = rows / norm.view(B, 1, n, 1)
     source = None if source is None else ops.pool_source(slots, n, source)
-    size = scatter_tokens(size, slots, n, 1)
+    size = scatter_tokens(size, tokens, n, 1)
     return Reduced(x, size, source, attn=fused_attn, origin=fusion.origin)
 
 
@@ -351,5 +363,7 @@ class MCTF(Method):
         scores = fusion_scores(
             x, received, size, num_prefix, self.tau_sim, self.tau_info, self.tau_size
         )
-        fusion = bidirectional_matching(scores, r, N, num_prefix, self.bidirectional)
+        fusion = bidirectional_matching(
+            scores, r, N, num_prefix, self.bidirectional, origin=feats.needs_origin
+        )
         return fuse(fusion, x, size, feats.attn, source, self.one_step_ahead, received)

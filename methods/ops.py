@@ -84,20 +84,22 @@ def keep_top(scores: torch.Tensor, num_keep: int, num_prefix: int) -> torch.Tens
 
 
 @step("gather")
-def dropped_mask(keep: torch.Tensor, num_tokens: int, num_prefix: int) -> torch.Tensor:
+def dropped_mask(
+    keep: torch.Tensor, num_tokens: int, num_prefix: int, dtype: torch.dtype = torch.bool
+) -> torch.Tensor:
     """The patch tokens that ``keep`` leaves out.
 
     Args:
         keep: ``[B, K]`` kept indices into the full sequence (as from :func:`keep_top`).
         num_tokens: ``N``.
         num_prefix: ``P``.
+        dtype: of the mask: bool, or a float type for 1 and 0.
 
     Returns:
-        Bool ``[B, N - P]``, True for a dropped patch token.
+        ``[B, N - P]``, True (1) for a dropped patch token.
     """
-    kept = torch.zeros(keep.shape[0], num_tokens, dtype=torch.bool, device=keep.device)
-    kept = kept.scatter(1, keep, torch.ones_like(keep, dtype=torch.bool))
-    return ~kept[:, num_prefix:]
+    dropped = torch.ones(keep.shape[0], num_tokens, dtype=dtype, device=keep.device)
+    return dropped.scatter_(1, keep, 0)[:, num_prefix:]
 
 
 @step("merge")
@@ -113,7 +115,9 @@ def fuse_tokens(
         mode: ``"sum"`` for ``sum_j w_j t_j`` (EViT's fused token: unnormalised attention
             weights), ``"amax"`` for ``max_j w_j t_j`` (the union of 0/1 source rows).
     """
-    weighted = t[:, num_prefix:] * weights.to(t.dtype)[..., None]  # [B, N - P, C]
+    B, T = weights.shape
+    weights = weights if weights.dtype == t.dtype else weights.to(t.dtype)
+    weighted = t[:, num_prefix:] * weights.view(B, T, 1)  # [B, N - P, C]
     if mode == "sum":
         return weighted.sum(dim=1, keepdim=True)
     return weighted.amax(dim=1, keepdim=True)
@@ -297,7 +301,8 @@ def merge_weighted(
 def prop_attn_bias(size: torch.Tensor) -> torch.Tensor:
     """Proportional attention as an additive SDPA mask: ``log(size)`` per key, ``[B, 1, 1, N]``."""
     B, N, _ = size.shape
-    return size.log().reshape(B, 1, 1, N)
+    bias = size.log()
+    return bias.view(B, 1, 1, N) if bias.is_contiguous() else bias.reshape(B, 1, 1, N)
 
 
 # -- reduction steps shared by the methods ----------------------------------------------------
@@ -359,16 +364,17 @@ def merge_step(
     r: int,
     num_prefix: int,
     score: Score = cosine_scores,
+    origin: bool = True,
 ) -> Reduced:
     """Merge ``r`` patch tokens into their most similar partners (ToMe's bipartite matching on
     ``key_mean [B, N, d]`` by ``score``, size-weighted average).
 
     With ``r = 0`` the tokens stay as they are, in their order. A merged token's ``origin`` is
-    its B destination.
+    its B destination (None without ``origin``).
     """
     if r == 0:
         return Reduced(x, size, source)
     N = x.shape[1]
     m = bipartite_soft_matching(key_mean, r, num_prefix, score)
-    slots, kept = merge_layout(m, N)
+    slots, kept = merge_layout(m, N, kept=origin)
     return pool_step(x, size, source, slots, N - r, kept)

@@ -111,9 +111,10 @@ class PPT(FixedBudget):
             )
         if branch == "pool" or (branch == "auto" and math.isinf(self.threshold)):
             pooled = torch.ones_like(score_var, dtype=torch.bool)
-            return ops.merge_step(x, size, source, feats.key_mean, r, num_prefix)._replace(
-                stats={"pooled": pooled, "score_var": score_var}
+            step = ops.merge_step(
+                x, size, source, feats.key_mean, r, num_prefix, origin=feats.needs_origin
             )
+            return step._replace(stats={"pooled": pooled, "score_var": score_var})
         # Both branches remove r tokens: each image picks its output slots, one pass reduces all.
         pooled = score_var < self.threshold  # [B]
         if r == 0:  # nothing to remove: the tokens stay in their order
@@ -122,10 +123,10 @@ class PPT(FixedBudget):
         keep = ops.keep_top(scores, N - num_prefix - r, num_prefix)
         matching = ops.bipartite_soft_matching(feats.key_mean, r, num_prefix)
         by_image = pooled.view(-1, 1)
-        merge_slots, kept = ops.merge_layout(matching, N)
+        merge_slots, kept = ops.merge_layout(matching, N, kept=feats.needs_origin)
         slots = torch.where(by_image, merge_slots, ops.prune_slots(keep, N))  # [B, N]
         # Each output token descends from its merge destination, or is a kept token itself.
-        origin = torch.where(by_image, kept, keep)  # [B, N - r]
+        origin = None if kept is None else torch.where(by_image, kept, keep)  # [B, N - r]
         return ops.pool_step(x, size, source, slots, N - r, origin)._replace(
             stats={"pooled": pooled, "score_var": score_var}
         )

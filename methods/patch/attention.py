@@ -137,7 +137,8 @@ def _qk(
         qk = F.linear(x, attn.qkv.weight[: 2 * H * d], bias)
     else:
         qk = attn.qkv(x)[..., : 2 * H * d]
-    q, k = qk.reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    qk = qk.reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4)
+    q, k = qk[0], qk[1]
     return attn.q_norm(q), attn.k_norm(k)
 
 

@@ -118,7 +118,7 @@ def reducing_block(
 
     def reduce(x: torch.Tensor, feats: Features) -> tuple[Reduced, torch.Tensor | None]:
         with part("method"):
-            return reduce_tracking(x, feats._replace(state=carried))
+            return reduce_tracking(x, feats._replace(state=carried, needs_origin=track))
 
     def reduce_tracking(x: torch.Tensor, feats: Features) -> tuple[Reduced, torch.Tensor | None]:
         if not track or method.gives_origin:
@@ -201,7 +201,7 @@ def run_blocks(
     """
     B, N, _ = x.shape
     with part("method"):  # the state a reduction keeps: sizes, sources, the method's own
-        size = torch.ones_like(x[..., :1])
+        size = x.new_ones(B, N, 1)
         source = None
         if plan.trace_source:
             source = torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N)
