@@ -82,11 +82,11 @@ class Method:
             over them in ``Reduced.attn``; the block applies it to the reduced tokens' values,
             then runs its MLP) or ``"after_mlp"`` (``reduce`` gets the block output).
         gives_origin: ``reduce`` sets ``Reduced.origin`` (the input token each output token
-            descends from) whenever it changes the tokens, and returns them unchanged when it
-            leaves it None. On a model with rotary embeddings the positions then follow
-            ``origin``; a method without it reduces a one-hot map through its ``source`` path
-            instead, which costs an ``[B, N, N]`` map per reduction (see
-            :func:`ppt_bench.methods.patch.follow_positions`).
+            descends from) whenever it changes the tokens and ``feats.needs_origin`` is true,
+            and returns them unchanged when it leaves it None. On a model with rotary
+            embeddings the positions then follow ``origin``; a method without it reduces a
+            one-hot map through its ``source`` path instead, which costs an ``[B, N, N]`` map
+            per reduction (see :func:`ppt_bench.methods.patch.follow_positions`).
     """
 
     name: ClassVar[str] = ""
@@ -371,7 +371,9 @@ class BipartiteMerging(Method):
 
     def merge(self, x, size, source, feats: Features, r: int, num_prefix: int) -> Reduced:
         """``r`` tokens merged away by bipartite soft matching."""
-        return ops.merge_step(x, size, source, feats.key_mean, r, num_prefix)
+        return ops.merge_step(
+            x, size, source, feats.key_mean, r, num_prefix, origin=feats.needs_origin
+        )
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,9 @@ class Features(NamedTuple):
     attn: torch.Tensor | None = None  # the full post-softmax attention map, [B, H, N, N]
     # The method's per-forward state (Method.initial_state), as its last reduction left it.
     state: Any = None
+    # Whether the patch reads Reduced.origin at this reduction (the model's rotary positions
+    # follow the tokens); where False a method may skip computing it and leave it None.
+    needs_origin: bool = True
 
 
 class Reduced(NamedTuple):
@@ -74,7 +77,9 @@ class Reduced(NamedTuple):
     ``origin`` (int64 ``[B, N']``) says which input token each output token descends from: a
     kept token its own index, a merged token its destination's (the token the matching merged
     the others into), so that a token's rotary position follows it. None where a step leaves
-    the tokens as they are, or where output tokens are mixtures with no single ancestor.
+    the tokens as they are, where output tokens are mixtures with no single ancestor, or where
+    the patch does not read it (``Features.needs_origin`` False: a model without rotary
+    embeddings).
 
     ``state`` is the method's per-forward state after this step (a method with
     :meth:`~ppt_bench.methods.base.Method.initial_state` returns it at every step; for the others

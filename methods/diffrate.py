@@ -129,24 +129,27 @@ def diffrate_step(
     """
     P = num_prefix
     keep = ops.keep_top(importance, num_pruned - P, P)  # [B, num_pruned], importance order
+    # New tensors: the destinations gain their sources in place below.
     x, size = ops.gather_tokens(x, keep), ops.gather_tokens(size, keep)
     source = None if source is None else ops.gather_tokens(source, keep)
     if num_merged == num_pruned:
         return Reduced(x, size, source, origin=keep)
-    B, K = x.shape[0], num_merged
+    (B, _, C), K = x.shape, num_merged
+    M = num_pruned - K  # tokens merged away
     metric = x / x.norm(dim=-1, keepdim=True)
-    sim = metric[:, K:] @ metric[:, :K].transpose(-1, -2)  # [B, num_pruned - K, K]
-    sim[..., :P] = float("-inf")  # prefix tokens never absorb a token
-    cos, dst = sim.max(dim=-1)  # [B, num_pruned - K]
-    slots = torch.cat([torch.arange(K, device=x.device).expand(B, K), dst], dim=1)
-    ones = x.new_ones(B, num_pruned, 1)
-    x, _ = ops.pool(slots, K, x, ones)  # plain mean of each destination and its sources
+    sim = torch.bmm(metric[:, K:], metric[:, :K].transpose(1, 2))  # [B, M, K]
+    sim[..., :P].fill_(float("-inf"))  # prefix tokens never absorb a token
+    # The values and first indices of max.
+    cos, dst = sim.amax(dim=-1).view(B, M, 1), sim.argmax(dim=-1).view(B, M, 1)
+    # Each destination, then its sources in their order: a plain mean of them.
+    total = x[:, :K].scatter_add_(1, dst.expand(-1, -1, C), x[:, K:])
+    count = x.new_ones(B, K, 1).scatter_add_(1, dst, x.new_ones(B, M, 1))
     # DiffRate's size rule: a source adds cos * size, so a dissimilar one counts for less.
-    weight = torch.cat([ones[:, :K], cos[..., None].to(size.dtype)], dim=1)
-    grown = size.new_zeros(B, K + 1, 1).scatter_add_(1, slots[..., None], size * weight)
-    source = None if source is None else ops.pool_source(slots, K, source)
+    grown = size[:, :K].scatter_add_(1, dst, size[:, K:] * cos.to(size.dtype))
+    if source is not None:
+        source = source[:, :K].scatter_add_(1, dst.expand(-1, -1, source.shape[-1]), source[:, K:])
     # The first K kept tokens are the destinations: each keeps its own position.
-    return Reduced(x, grown[:, :K], source, origin=keep[:, :K])
+    return Reduced(total / count, grown, source, origin=keep[:, :K])
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ def evit_step(
     num_keep: int,
     num_prefix: int,
     fuse: bool,
+    origin: bool = True,
 ) -> Reduced:
     """Keep the ``num_keep`` most attended patch tokens and optionally fuse the rest.
 
@@ -45,6 +46,7 @@ def evit_step(
         num_keep: patch tokens to keep (fewer than ``N - P``).
         num_prefix: ``P``.
         fuse: append the fused token.
+        origin: give ``origin`` (else None).
 
     Returns:
         Prefix tokens, the kept tokens in descending attention, then the fused token:
@@ -55,20 +57,23 @@ def evit_step(
     keep = ops.keep_top(cls_attn, num_keep, num_prefix)  # [B, P + num_keep]
     kept = ops.keep_step(x, size, source, keep)
     if not fuse:
-        return kept
-    dropped = ops.dropped_mask(keep, x.shape[1], num_prefix).to(x.dtype)  # [B, N - P]
+        return kept if origin else kept._replace(origin=None)
+    dropped = ops.dropped_mask(keep, x.shape[1], num_prefix, x.dtype)  # [B, N - P], 1 dropped
     fused_x = ops.fuse_tokens(x, cls_attn * dropped, num_prefix)  # [B, 1, C]
     fused_size = ops.fuse_tokens(size, dropped, num_prefix)  # [B, 1, 1]
-    # The fused token is no merge into a destination: it descends from its dropped token
-    # standing for the most patches, the first in token order among equals.
-    fused_origin = num_prefix + (dropped * size[:, num_prefix:, 0]).argmax(dim=1, keepdim=True)
+    fused_origin = None
+    if origin:
+        # The fused token is no merge into a destination: it descends from its dropped token
+        # standing for the most patches, the first in token order among equals.
+        weight = dropped * size[:, num_prefix:, 0]
+        fused_origin = torch.cat([keep, num_prefix + weight.argmax(dim=1, keepdim=True)], 1)
     return Reduced(
         torch.cat([kept.x, fused_x], dim=1),
         torch.cat([kept.size, fused_size], dim=1),
         None
         if source is None
         else torch.cat([kept.source, ops.fuse_tokens(source, dropped, num_prefix, "amax")], 1),
-        origin=torch.cat([keep, fused_origin], dim=1),  # [B, P + num_keep + 1]
+        origin=fused_origin,  # [B, P + num_keep + 1]
     )
 
 
@@ -94,4 +99,6 @@ class EViT(KeepAtLocations):
         if num_keep >= x.shape[1] - num_prefix:
             return Reduced(x, size, source)
         cls_attn = ops.cls_attention_mean(feats.cls_attn, num_prefix)  # [B, N - P]
-        return evit_step(x, size, source, cls_attn, num_keep, num_prefix, self.fuse)
+        return evit_step(
+            x, size, source, cls_attn, num_keep, num_prefix, self.fuse, feats.needs_origin
+        )

@@ -165,20 +165,25 @@ def gtp_step(
     x, size, source = tokens[:3]
     P, (B, N, _) = num_prefix, x.shape
     T = N - P
-    order = scores.argsort(dim=-1, descending=True)  # [B, T]
-    kept, prop = order[:, : T - num_prop], order[:, T - num_prop :]
     K = T - num_prop
-    rows = graph.gather(1, kept[..., None].expand(-1, -1, T))  # [B, K, T]
-    w_prop = rows.gather(2, prop[:, None].expand(-1, K, -1))  # [B, K, num_prop]
-    graph = rows.gather(2, kept[:, None].expand(-1, K, -1))  # [B, K, K]
+    # The official argsort (the default, unstable sort), descending.
+    order = scores.sort(dim=-1, descending=True).indices  # [B, T]: kept, then propagated
+    kept, prop = order[:, :K], order[:, K:]
+    rows = graph.gather(1, kept.view(B, K, 1).expand(-1, -1, T))  # [B, K, T]
+    cols = rows.gather(2, order.view(B, 1, T).expand(-1, K, -1))  # [B, K, T]: kept, then prop
+    graph, w_prop = cols[..., :K], cols[..., K:]  # [B, K, K], [B, K, num_prop]
+    keep = kept + P
+    if P:
+        keep = torch.cat([torch.arange(P, device=x.device).expand(B, P), keep], dim=1)
+    prop = prop + P
 
     def spread(t: torch.Tensor) -> torch.Tensor:  # [B, N, *] -> [B, P + K, *]
-        patches = t[:, P:]
-        received = w_prop.to(t.dtype) @ ops.gather_tokens(patches, prop)
-        return torch.cat([t[:, :P], ops.gather_tokens(patches, kept) + alpha * received], dim=1)
+        w = w_prop if w_prop.dtype == t.dtype else w_prop.to(t.dtype)
+        received = torch.bmm(w, ops.gather_tokens(t, prop))  # what w @ t[prop] runs
+        out = ops.gather_tokens(t, keep)  # a new tensor: the kept patches gain in place
+        out[:, P:] += alpha * received
+        return out
 
-    prefix = torch.arange(P, device=x.device).expand(B, P)
-    keep = torch.cat([prefix, P + kept], dim=1)  # [B, P + K]
     return Reduced(
         spread(x),
         spread(size) if scale_sizes else ops.gather_tokens(size, keep),

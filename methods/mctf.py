@@ -77,15 +77,30 @@ class Fusion(NamedTuple):
 
 
 def inverse_share(t: torch.Tensor) -> torch.Tensor:
-    """``1 / t`` normalised by its maximum over the tokens: ``[B, N] -> [B, N]``."""
-    t = 1 / t
+    """``1 / t`` normalised by its maximum over the tokens: ``[B, N, 1] -> [B, N, 1]``."""
+    t = t.reciprocal()
     return t / t.amax(dim=1, keepdim=True)
+
+
+@step("score")
+def attention_received(attn: torch.Tensor) -> torch.Tensor:
+    """The mean attention each token receives, over heads and queries: ``[B, H, N, N] ->
+    [B, N, 1]`` (the informativeness criterion and the fusion weights share it)."""
+    B, _, _, N = attn.shape
+    return attn.mean(dim=(1, 2)).view(B, N, 1)
+
+
+def _outer(t: torch.Tensor, num_prefix: int, tau: float) -> torch.Tensor:
+    """``(t_a t_b)^(1/tau)`` of every even patch token ``a`` and odd patch token ``b``:
+    ``[B, N, 1] -> [B, n_a, n_b]``."""
+    a, b = ops.alternate(t, num_prefix)  # [B, n_a, 1], [B, n_b, 1]
+    return (a * b.view(b.shape[0], 1, b.shape[1])) ** (1 / tau)
 
 
 @step("score")
 def fusion_scores(
     x: torch.Tensor,
-    attn: torch.Tensor,
+    received: torch.Tensor,
     size: torch.Tensor,
     num_prefix: int,
     tau_sim: float,
@@ -96,7 +111,8 @@ def fusion_scores(
 
     Args:
         x: the similarity features ``[B, N, C]`` (the block input), prefix first.
-        attn: post-softmax attention ``[B, H, N, N]``.
+        received: ``[B, N, 1]`` the mean attention each token receives
+            (:func:`attention_received`).
         size: ``[B, N, 1]`` patches each token stands for.
         num_prefix: ``P``.
         tau_sim, tau_info, tau_size: temperatures; 0 leaves a criterion out.
@@ -106,31 +122,33 @@ def fusion_scores(
         ``W_info = (i_a i_b)^(1/tau)`` (``i``: inverse of the mean attention a token receives,
         over heads and queries, divided by its maximum) and ``W_size`` the same with inverse
         sizes. Even tokens (A) are positions ``0, 2, ...``, odd (B) ``1, 3, ...``, of the whole
-        sequence; prefix tokens are left out.
+        sequence; prefix tokens are left out. A criterion left out is a factor 1, which changes
+        no product.
     """
-    pa, pb = (num_prefix + 1) // 2, num_prefix // 2  # prefix tokens in A and in B
-
-    def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return t[:, ::2][:, pa:], t[:, 1::2][:, pb:]
-
-    metric = x / x.norm(dim=-1, keepdim=True)
-    a, b = split(metric)
-    scores = torch.ones_like(a[..., :1]) * torch.ones_like(b[..., :1]).transpose(1, 2)
+    a, b = ops.alternate(x / x.norm(dim=-1, keepdim=True), num_prefix)
+    scores = None
     if tau_sim:
-        scores = ((a @ b.transpose(1, 2) + 1) / 2) ** (1 / tau_sim)  # [B, n_a, n_b]
-    if tau_info:
-        # The maximum runs over all tokens, prefix included, as in the authors' code.
-        info_a, info_b = split(inverse_share(attn.mean(dim=(1, 2)))[..., None])
-        scores = scores * (info_a * info_b.transpose(1, 2)) ** (1 / tau_info)
-    if tau_size:
-        size_a, size_b = split(inverse_share(size[..., 0])[..., None])
-        scores = scores * (size_a * size_b.transpose(1, 2)) ** (1 / tau_size)
+        scores = (torch.bmm(a, b.transpose(1, 2)) + 1) / 2  # [B, n_a, n_b]
+        if tau_sim != 1:  # a power of 1 is the identity
+            scores = scores ** (1 / tau_sim)
+    # The maximum runs over all tokens, prefix included, as in the authors' code.
+    for t, tau in ((received, tau_info), (size, tau_size)):
+        if tau:
+            w = _outer(inverse_share(t), num_prefix, tau)
+            scores = w if scores is None else scores * w
+    if scores is None:
+        return x.new_ones(a.shape[0], a.shape[1], b.shape[1])
     return scores
 
 
 @step("match")
 def bidirectional_matching(
-    scores: torch.Tensor, r: int, num_tokens: int, num_prefix: int, bidirectional: bool
+    scores: torch.Tensor,
+    r: int,
+    num_tokens: int,
+    num_prefix: int,
+    bidirectional: bool,
+    origin: bool = True,
 ) -> Fusion:
     """MCTF's (bidirectional) bipartite matching as output slots of the whole sequence.
 
@@ -146,6 +164,7 @@ def bidirectional_matching(
         num_tokens: ``N``.
         num_prefix: ``P``.
         bidirectional: fuse in both directions.
+        origin: give the origins (else ``Fusion.origin`` is None).
 
     Returns:
         The slots: prefix tokens ``0 .. P-1``, the unfused even tokens in their order, then the
@@ -156,55 +175,62 @@ def bidirectional_matching(
     P = num_prefix
     B, n_a, n_b = scores.shape
     r1, r2 = (r // 2, r - r // 2) if bidirectional else (r, 0)
+    n_unm = n_a - r1
     device = scores.device
 
-    def arange(n: int) -> torch.Tensor:
-        return torch.arange(n, device=device).expand(B, n)
+    ar = torch.arange(num_tokens, device=device)  # every index below, as views
 
-    node_max, node_idx = scores.max(dim=-1)  # [B, n_a]: best odd match of each even token
+    # Direction one; amax and argmax are the values and first indices of max.
+    node_max, node_idx = scores.amax(dim=-1), scores.argmax(dim=-1)  # [B, n_a]: best odd match
     edge_idx = node_max.sort(dim=-1, descending=True, stable=True).indices
     unm_idx, src_idx = edge_idx[:, r1:], edge_idx[:, :r1]  # [B, n_a - r1], [B, r1]
     if P:
         unm_idx = unm_idx.sort(dim=1).values
-    dst_idx = node_idx.gather(1, src_idx)  # [B, r1] odd destinations
-    n_unm = n_a - r1
 
-    b_slot = P + n_unm + arange(n_b)  # [B, n_b]
-    b_kept = arange(n_b)  # odd tokens left after direction two, in their output order
+    # Slots are written in place through views of the even and odd tokens.
+    slots = torch.empty(B, num_tokens, dtype=torch.long, device=device)
+    if P:
+        slots[:, :P].copy_(ar[:P])
+    a_slot, b_slot = ops.alternate(slots, P)  # [B, n_a], [B, n_b]
+    b_kept = None  # the odd tokens left, in their output order (None: all, in token order)
     if bidirectional:
         # Scores of each odd token against the unfused even tokens, in their output order.
-        back = scores.gather(1, unm_idx[..., None].expand(-1, -1, n_b)).transpose(1, 2)
-        node_max2, node_idx2 = back.max(dim=-1)  # [B, n_b]: index into the unfused list
+        back = scores.gather(1, unm_idx.view(B, n_unm, 1).expand(-1, -1, n_b))
+        node_max2, node_idx2 = back.amax(dim=1), back.argmax(dim=1)  # [B, n_b]: into unm_idx
         edge_idx2 = node_max2.sort(dim=-1, descending=True, stable=True).indices
-        unm2, src2 = edge_idx2[:, r2:], edge_idx2[:, :r2]
-        b_slot = torch.empty_like(b_slot)
-        b_slot.scatter_(1, unm2, P + n_unm + arange(n_b - r2))
-        b_slot.scatter_(1, src2, P + node_idx2.gather(1, src2))
-        b_kept = unm2
-
-    a_slot = torch.empty(B, n_a, dtype=torch.long, device=device)
-    a_slot.scatter_(1, unm_idx, P + arange(n_unm))
-    a_slot.scatter_(1, src_idx, b_slot.gather(1, dst_idx))
-
-    prefix = torch.arange(P, device=device)
-    slots = torch.empty(B, num_tokens, dtype=torch.long, device=device)
-    slots[:, 0::2] = torch.cat([prefix[0::2].expand(B, -1), a_slot], dim=1)
-    slots[:, 1::2] = torch.cat([prefix[1::2].expand(B, -1), b_slot], dim=1)
+        b_kept, src2 = edge_idx2[:, r2:], edge_idx2[:, :r2]
+        b_slot.scatter_(1, b_kept, ar[P + n_unm : P + n_unm + n_b - r2].expand(B, -1))
+        b_slot.scatter_(1, src2, node_idx2.gather(1, src2) + P)
+    else:
+        b_slot.copy_(ar[P + n_unm : P + n_unm + n_b])
+    a_slot.scatter_(1, unm_idx, ar[P : P + n_unm].expand(B, -1))
+    a_slot.scatter_(1, src_idx, b_slot.gather(1, node_idx.gather(1, src_idx)))
+    if not origin:
+        return Fusion(slots, num_tokens - r)
+    # A token k sits at 2 (pa + k), B token j at 2 (pb + j) + 1.
     pa, pb = (P + 1) // 2, P // 2  # prefix tokens in A and in B
-    origin = torch.cat(
-        [prefix.expand(B, -1), 2 * (pa + unm_idx), 2 * (pb + b_kept) + 1], dim=1
-    )  # [B, N - r]: A token k sits at 2 (pa + k), B token j at 2 (pb + j) + 1
-    return Fusion(slots, num_tokens - r, origin)
+    kept = torch.empty(B, num_tokens - r, dtype=torch.long, device=device)
+    if P:
+        kept[:, :P].copy_(ar[:P])
+    kept[:, P : P + n_unm].copy_(unm_idx * 2 + 2 * pa)
+    b_pos = ar[2 * pb + 1 :: 2] if b_kept is None else b_kept * 2 + (2 * pb + 1)
+    kept[:, P + n_unm :].copy_(b_pos)
+    return Fusion(slots, num_tokens - r, kept)
 
 
 def scatter_tokens(t: torch.Tensor, slots: torch.Tensor, num_out: int, dim: int) -> torch.Tensor:
-    """Sum the entries of ``t`` along ``dim`` that share a slot (``slots [B, N]``)."""
-    shape = [1] * t.dim()
-    shape[0], shape[dim] = slots.shape
-    idx = slots.view(shape).expand_as(t)
+    """Sum the entries of ``t`` along ``dim`` that share a slot (``slots [B, N]``, or viewed
+    with ``t``'s dimensions)."""
+    idx = slots
+    if idx.dim() != t.dim():
+        shape = [1] * t.dim()
+        shape[0], shape[dim] = slots.shape
+        idx = slots.view(shape)
+    if idx.shape != t.shape:
+        idx = idx.expand(t.shape)
     out_shape = list(t.shape)
     out_shape[dim] = num_out
-    return t.new_zeros(out_shape).scatter_add_(dim, idx, t)
+    return torch.zeros(out_shape, dtype=t.dtype, device=t.device).scatter_add_(dim, idx, t)
 
 
 @step("merge")
@@ -215,6 +241,7 @@ def fuse(
     attn: torch.Tensor,
     source: torch.Tensor | None,
     fuse_attn: bool,
+    received: torch.Tensor | None = None,
 ) -> Reduced:
     """Average fused tokens weighted by attention received times size (the authors'
     ``pooling_type=1``), and optionally the attention map.
@@ -227,21 +254,26 @@ def fuse(
         source: ``[B, N, N0]`` or None.
         fuse_attn: also return the fused map ``[B, H, N', N']``: columns (keys) summed, rows
             (queries) averaged with the same weights.
+        received: :func:`attention_received` of ``attn``, if the scores computed it already.
 
     Returns:
         The fused tokens with summed sizes and united sources.
     """
     slots, n = fusion.slots, fusion.num_out
-    attn_m = attn.mean(dim=(1, 2))[..., None]  # [B, N, 1] mean attention received
-    weight = attn_m * (size / size.amax(dim=1, keepdim=True))  # [B, N, 1]
-    norm = scatter_tokens(weight, slots, n, 1)  # [B, N', 1]
-    x = scatter_tokens(x * weight, slots, n, 1) / norm
+    B, N = slots.shape
+    tokens = slots.view(B, N, 1)  # the slots of [B, N, *] tensors
+    if received is None:
+        received = attention_received(attn)
+    weight = received * (size / size.amax(dim=1, keepdim=True))  # [B, N, 1]
+    norm = scatter_tokens(weight, tokens, n, 1)  # [B, N', 1]
+    x = scatter_tokens(x * weight, tokens, n, 1) / norm
     fused_attn = None
     if fuse_attn:
         cols = scatter_tokens(attn, slots, n, 3)  # [B, H, N, N']
-        fused_attn = scatter_tokens(cols * weight[:, None], slots, n, 2) / norm[:, None]
+        rows = scatter_tokens(cols * weight.view(B, 1, N, 1), slots, n, 2)
+        fused_attn = rows / norm.view(B, 1, n, 1)
     source = None if source is None else ops.pool_source(slots, n, source)
-    size = scatter_tokens(size, slots, n, 1)
+    size = scatter_tokens(size, tokens, n, 1)
     return Reduced(x, size, source, attn=fused_attn, origin=fusion.origin)
 
 
@@ -327,8 +359,11 @@ class MCTF(Method):
         r = tokens_to_fuse(self.r, N, num_prefix)
         if r == 0:
             return Reduced(x, size, source, attn=feats.attn)
+        received = attention_received(feats.attn)  # [B, N, 1]
         scores = fusion_scores(
-            x, feats.attn, size, num_prefix, self.tau_sim, self.tau_info, self.tau_size
+            x, received, size, num_prefix, self.tau_sim, self.tau_info, self.tau_size
         )
-        fusion = bidirectional_matching(scores, r, N, num_prefix, self.bidirectional)
-        return fuse(fusion, x, size, feats.attn, source, self.one_step_ahead)
+        fusion = bidirectional_matching(
+            scores, r, N, num_prefix, self.bidirectional, origin=feats.needs_origin
+        )
+        return fuse(fusion, x, size, feats.attn, source, self.one_step_ahead, received)

@@ -8,7 +8,6 @@ no host synchronisation, so that ``torch.compile`` and CUDA graphs apply.
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -60,8 +59,8 @@ def cls_attention_mean(cls_attn: torch.Tensor, num_prefix: int) -> torch.Tensor:
 
 def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Select tokens per image: ``t [B, N, *]``, ``idx [B, K]`` -> ``[B, K, *]``."""
-    idx = idx.reshape(*idx.shape, *([1] * (t.dim() - 2)))
-    return t.gather(1, idx.expand(-1, -1, *t.shape[2:]))
+    idx = idx.view(*idx.shape, *([1] * (t.dim() - 2)))
+    return t.gather(1, idx if idx.shape[2:] == t.shape[2:] else idx.expand(-1, -1, *t.shape[2:]))
 
 
 @step("gather")
@@ -77,27 +76,30 @@ def keep_top(scores: torch.Tensor, num_keep: int, num_prefix: int) -> torch.Tens
         ``[B, P + num_keep]`` indices into the full sequence, prefix first in their original order,
         then patch tokens in descending score order.
     """
-    B = scores.shape[0]
-    top = scores.topk(num_keep, dim=-1, sorted=True).indices + num_prefix  # [B, num_keep]
-    prefix = torch.arange(num_prefix, device=scores.device).expand(B, num_prefix)
-    return torch.cat([prefix, top], dim=1)
+    top = scores.topk(num_keep, dim=-1, sorted=True).indices  # [B, num_keep]
+    if not num_prefix:
+        return top
+    prefix = torch.arange(num_prefix, device=scores.device).expand(scores.shape[0], num_prefix)
+    return torch.cat([prefix, top + num_prefix], dim=1)
 
 
 @step("gather")
-def dropped_mask(keep: torch.Tensor, num_tokens: int, num_prefix: int) -> torch.Tensor:
+def dropped_mask(
+    keep: torch.Tensor, num_tokens: int, num_prefix: int, dtype: torch.dtype = torch.bool
+) -> torch.Tensor:
     """The patch tokens that ``keep`` leaves out.
 
     Args:
         keep: ``[B, K]`` kept indices into the full sequence (as from :func:`keep_top`).
         num_tokens: ``N``.
         num_prefix: ``P``.
+        dtype: of the mask: bool, or a float type for 1 and 0.
 
     Returns:
-        Bool ``[B, N - P]``, True for a dropped patch token.
+        ``[B, N - P]``, True (1) for a dropped patch token.
     """
-    kept = torch.zeros(keep.shape[0], num_tokens, dtype=torch.bool, device=keep.device)
-    kept = kept.scatter(1, keep, torch.ones_like(keep, dtype=torch.bool))
-    return ~kept[:, num_prefix:]
+    dropped = torch.ones(keep.shape[0], num_tokens, dtype=dtype, device=keep.device)
+    return dropped.scatter_(1, keep, 0)[:, num_prefix:]
 
 
 @step("merge")
@@ -113,7 +115,9 @@ def fuse_tokens(
         mode: ``"sum"`` for ``sum_j w_j t_j`` (EViT's fused token: unnormalised attention
             weights), ``"amax"`` for ``max_j w_j t_j`` (the union of 0/1 source rows).
     """
-    weighted = t[:, num_prefix:] * weights.to(t.dtype)[..., None]  # [B, N - P, C]
+    B, T = weights.shape
+    weights = weights if weights.dtype == t.dtype else weights.to(t.dtype)
+    weighted = t[:, num_prefix:] * weights.view(B, T, 1)  # [B, N - P, C]
     if mode == "sum":
         return weighted.sum(dim=1, keepdim=True)
     return weighted.amax(dim=1, keepdim=True)
@@ -133,11 +137,18 @@ def cosine_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     token ``b [B, n_b, d]``, ``[B, n_a, n_b]``."""
     a = a / a.norm(dim=-1, keepdim=True)
     b = b / b.norm(dim=-1, keepdim=True)
-    return a @ b.transpose(-1, -2)
+    return torch.bmm(a, b.transpose(1, 2))  # what ``a @ b.mT`` runs, without its reshapes
 
 
 # A matching score: A tokens [B, n_a, d] and B tokens [B, n_b, d] -> [B, n_a, n_b], higher merges.
 Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def alternate(t: torch.Tensor, num_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The A and B patch tokens of ``t [B, N, *]``: even and odd positions of the whole
+    sequence, prefix tokens left out (views)."""
+    pa, pb = (num_prefix + 1) // 2, num_prefix // 2  # prefix tokens in A and in B
+    return t[:, 2 * pa :: 2], t[:, 2 * pb + 1 :: 2]
 
 
 @step("match")
@@ -163,18 +174,29 @@ def bipartite_soft_matching(
         order, as in ToMe (which sorts them when the model has a class token); without, they
         follow the score order, as ToMe leaves them.
     """
-    pa, pb = (num_prefix + 1) // 2, num_prefix // 2  # prefix tokens in A and in B
-    a, b = metric[..., ::2, :][:, pa:], metric[..., 1::2, :][:, pb:]  # patch tokens only
-    scores = score(a, b)  # [B, n_a, n_b]
-    node_max, node_idx = scores.max(dim=-1)  # best B match of each A token
+    scores = score(*alternate(metric, num_prefix))  # [B, n_a, n_b]
+    B, n_a, _ = scores.shape
+    # The best B match of each A token (amax and argmax: the values and first indices of max).
+    node_max, node_idx = scores.amax(dim=-1), scores.argmax(dim=-1).view(B, n_a, 1)
     # A stable sort keeps ties (identical patches) in index order, so the choice of a token
     # never depends on the rest of the batch.
-    edge_idx = node_max.sort(dim=-1, descending=True, stable=True).indices[..., None]
+    edge_idx = node_max.sort(dim=-1, descending=True, stable=True).indices.view(B, n_a, 1)
     unm_idx, src_idx = edge_idx[:, r:], edge_idx[:, :r]
     if num_prefix:
         unm_idx = unm_idx.sort(dim=1).values
-    dst_idx = node_idx[..., None].gather(1, src_idx)
-    return Matching(num_prefix, unm_idx, src_idx, dst_idx)
+    return Matching(num_prefix, unm_idx, src_idx, node_idx.gather(1, src_idx))
+
+
+def _kept(m: Matching, num_tokens: int, ar: torch.Tensor) -> torch.Tensor:
+    """:func:`kept_positions`, with ``ar = arange(N)``."""
+    P, (B, n_unm, _) = m.num_prefix, m.unm_idx.shape
+    pa, pb = (P + 1) // 2, P // 2
+    kept = torch.empty(B, num_tokens - m.src_idx.shape[1], dtype=torch.long, device=ar.device)
+    if P:
+        kept[:, :P].copy_(ar[:P])
+    kept[:, P : P + n_unm].copy_(m.unm_idx.view(B, n_unm) * 2 + 2 * pa)
+    kept[:, P + n_unm :].copy_(ar[2 * pb + 1 :: 2])
+    return kept
 
 
 @step("merge")
@@ -187,36 +209,36 @@ def kept_positions(m: Matching, num_tokens: int) -> torch.Tensor:
     ``2 (pa + j)`` of the sequence, a B patch at ``2 (pb + j) + 1``, where ``pa`` and ``pb``
     count the prefix tokens in A and in B.
     """
-    P = m.num_prefix
-    pa, pb = (P + 1) // 2, P // 2
-    B, n_unm, _ = m.unm_idx.shape
-    n_b = num_tokens - P - n_unm - m.src_idx.shape[1]
-    arange = torch.arange(max(P, n_b), device=m.unm_idx.device)
-    unm = 2 * (pa + m.unm_idx[..., 0])  # [B, n_a - r]
-    b_pos = 2 * (pb + arange[:n_b]) + 1
-    return torch.cat([arange[:P].expand(B, -1), unm, b_pos.expand(B, -1)], dim=1)
+    return _kept(m, num_tokens, torch.arange(num_tokens, device=m.unm_idx.device))
 
 
 @step("merge")
-def merge_slots(m: Matching, num_tokens: int) -> torch.Tensor:
-    """The output slot of every input token under a matching, ``[B, N]`` (int64).
+def merge_layout(
+    m: Matching, num_tokens: int, kept: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output slot of every input token under a matching, ``[B, N]`` (int64), and with
+    ``kept`` the input token behind each slot, ``[B, N - r]`` (:func:`kept_positions`).
 
     Slots follow ToMe's output order: prefix tokens ``0 .. P-1`` in their original order, the
     unmerged A patch tokens, then the B patch tokens; a merged A token goes to its partner's slot.
     """
-    P, (B, n_unm, _), r = m.num_prefix, m.unm_idx.shape, m.src_idx.shape[1]
-    n_a = n_unm + r
-    n_b = num_tokens - P - n_a
-    arange = partial(torch.arange, device=m.unm_idx.device)
-    a_slot = torch.empty(B, n_a, dtype=torch.long, device=m.unm_idx.device)
-    a_slot.scatter_(1, m.unm_idx[..., 0], (P + arange(n_unm)).expand(B, -1))
-    a_slot.scatter_(1, m.src_idx[..., 0], P + n_unm + m.dst_idx[..., 0])
-    b_slot = (P + n_unm + arange(n_b)).expand(B, -1)
-    prefix = arange(P)
-    slots = torch.empty(B, num_tokens, dtype=torch.long, device=m.unm_idx.device)
-    slots[:, 0::2] = torch.cat([prefix[0::2].expand(B, -1), a_slot], dim=1)
-    slots[:, 1::2] = torch.cat([prefix[1::2].expand(B, -1), b_slot], dim=1)
-    return slots
+    P, (B, n_unm, _) = m.num_prefix, m.unm_idx.shape
+    ar = torch.arange(num_tokens, device=m.unm_idx.device)  # every index below, as views
+    slots = torch.empty(B, num_tokens, 1, dtype=torch.long, device=ar.device)
+    if P:
+        slots[:, :P].copy_(ar[:P].view(P, 1))
+    a_slot, b_slot = alternate(slots, P)  # views: [B, n_a, 1], [B, n_b, 1]
+    n_b = b_slot.shape[1]
+    b_slot.copy_(ar[P + n_unm : P + n_unm + n_b].view(n_b, 1))
+    a_slot.scatter_(1, m.unm_idx, ar[P : P + n_unm].view(1, n_unm, 1).expand(B, -1, -1))
+    a_slot.scatter_(1, m.src_idx, m.dst_idx + (P + n_unm))
+    return slots.view(B, num_tokens), _kept(m, num_tokens, ar) if kept else None
+
+
+def merge_slots(m: Matching, num_tokens: int) -> torch.Tensor:
+    """The output slot of every input token under a matching, ``[B, N]`` (int64)
+    (:func:`merge_layout`)."""
+    return merge_layout(m, num_tokens, kept=False)[0]
 
 
 @step("gather")
@@ -247,19 +269,18 @@ def pool(
     Returns:
         ``x [B, num_out, C]`` with ``x <- sum(x * size) / sum(size)`` per slot, and its ``size``.
     """
-    B, _, C = x.shape
-    idx = slots[..., None]
+    B, N, C = x.shape
+    idx = slots.view(B, N, 1)
     total = x.new_zeros(B, num_out + 1, C).scatter_add_(1, idx.expand(-1, -1, C), x * size)
-    weight = size.new_zeros(B, num_out + 1, 1).scatter_add_(1, idx, size)
-    weight = weight[:, :num_out]
+    weight = size.new_zeros(B, num_out + 1, 1).scatter_add_(1, idx, size)[:, :num_out]
     return total[:, :num_out] / weight, weight
 
 
 def pool_source(slots: torch.Tensor, num_out: int, source: torch.Tensor) -> torch.Tensor:
     """Union of the 0/1 source rows ``[B, N, N0]`` that share a slot: ``[B, num_out, N0]``."""
-    B, _, N0 = source.shape
+    B, N, N0 = source.shape
     out = source.new_zeros(B, num_out + 1, N0)
-    return out.scatter_add_(1, slots[..., None].expand(-1, -1, N0), source)[:, :num_out]
+    return out.scatter_add_(1, slots.view(B, N, 1).expand(-1, -1, N0), source)[:, :num_out]
 
 
 @step("merge")
@@ -279,7 +300,9 @@ def merge_weighted(
 
 def prop_attn_bias(size: torch.Tensor) -> torch.Tensor:
     """Proportional attention as an additive SDPA mask: ``log(size)`` per key, ``[B, 1, 1, N]``."""
-    return size.log().transpose(1, 2)[:, None]
+    B, N, _ = size.shape
+    bias = size.log()
+    return bias.view(B, 1, 1, N) if bias.is_contiguous() else bias.reshape(B, 1, 1, N)
 
 
 # -- reduction steps shared by the methods ----------------------------------------------------
@@ -341,15 +364,17 @@ def merge_step(
     r: int,
     num_prefix: int,
     score: Score = cosine_scores,
+    origin: bool = True,
 ) -> Reduced:
     """Merge ``r`` patch tokens into their most similar partners (ToMe's bipartite matching on
     ``key_mean [B, N, d]`` by ``score``, size-weighted average).
 
     With ``r = 0`` the tokens stay as they are, in their order. A merged token's ``origin`` is
-    its B destination.
+    its B destination (None without ``origin``).
     """
     if r == 0:
         return Reduced(x, size, source)
     N = x.shape[1]
     m = bipartite_soft_matching(key_mean, r, num_prefix, score)
-    return pool_step(x, size, source, merge_slots(m, N), N - r, kept_positions(m, N))
+    slots, kept = merge_layout(m, N, kept=origin)
+    return pool_step(x, size, source, slots, N - r, kept)

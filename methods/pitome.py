@@ -70,69 +70,59 @@ def energy_order(metric: torch.Tensor, margin: float) -> tuple[torch.Tensor, tor
     depends only on that image's energies. Which tie comes first decides which tokens
     alternate into A and B, so a stable sort here merges other tokens than the authors' code.
     """
-    m = F.normalize(metric, p=2, dim=-1)
-    sim = m @ m.transpose(-1, -2)  # [B, T, T]
+    # F.normalize's figures: each row over its norm, clamped at F.normalize's eps.
+    m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    sim = torch.bmm(m, m.transpose(1, 2))  # [B, T, T], what m @ m.mT runs
     energy = F.elu(sim - margin).mean(dim=-1)  # [B, T]
-    return torch.argsort(energy, dim=-1, descending=True), sim
+    # argsort's kernel: the default (unstable) sort, descending.
+    return energy.sort(dim=-1, descending=True).indices, sim
 
 
 def _scores(sim: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor) -> torch.Tensor:
     """Similarities ``[B, n_a, n_b]`` of the tokens ``a_idx [B, n_a]`` to ``b_idx [B, n_b]``."""
     B, T, _ = sim.shape
-    s = sim.gather(2, b_idx[:, None].expand(B, T, -1))  # [B, T, n_b]
-    return s.gather(1, a_idx[..., None].expand(-1, -1, b_idx.shape[1]))  # [B, n_a, n_b]
+    n_a, n_b = a_idx.shape[1], b_idx.shape[1]
+    s = sim.gather(2, b_idx.view(B, 1, n_b).expand(B, T, n_b))  # [B, T, n_b]
+    return s.gather(1, a_idx.view(B, n_a, 1).expand(B, n_a, n_b))  # [B, n_a, n_b]
 
 
 @step("match")
-def bsm_slots(
-    sim: torch.Tensor, order: torch.Tensor, r: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Output slot of each patch token in a bipartite block, ``[B, T]``, the patch token
-    behind each slot, ``[B, T - r]``, and the merged tokens in the order the authors add them
-    to their destinations, ``[B, r]`` (by decreasing best similarity).
+def bsm_slots(sim: torch.Tensor, order: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The patch tokens of a bipartite block in the order the authors add them up, ``[B, T]``:
+    the token behind each output slot (``T - r``), then the merged tokens by decreasing best
+    similarity (``r``); and the output slot each merged token joins, ``[B, r]``.
 
     A and B alternate over the energy order; the ``r`` A tokens with the most similar B partner
     merge into it. Slots: unmerged A ``0 .. n_a - r - 1`` (by decreasing best similarity), then
     B in energy order; a B slot descends from its B token, the merge's destination.
     """
     a_idx, b_idx = order[:, ::2], order[:, 1::2]  # [B, n_a], [B, n_b]
-    B, n_a = a_idx.shape
-    n_unm = n_a - r
-    node_max, node_idx = _scores(sim, a_idx, b_idx).max(dim=-1)  # [B, n_a]
-    edge_idx = torch.argsort(node_max, dim=-1, descending=True)  # [B, n_a], ties as the authors
-    arange = torch.arange(max(n_a, b_idx.shape[1]), device=sim.device)
-    a_slot = torch.empty_like(a_idx)
-    a_slot.scatter_(1, edge_idx[:, r:], arange[:n_unm].expand(B, -1))
-    a_slot.scatter_(1, edge_idx[:, :r], n_unm + node_idx.gather(1, edge_idx[:, :r]))
-    slots = torch.empty_like(order)
-    slots.scatter_(1, a_idx, a_slot)
-    slots.scatter_(1, b_idx, (n_unm + arange[: b_idx.shape[1]]).expand(B, -1))
-    kept = torch.cat([a_idx.gather(1, edge_idx[:, r:]), b_idx], dim=1)
-    return slots, kept, a_idx.gather(1, edge_idx[:, :r])
+    scores = _scores(sim, a_idx, b_idx)
+    # The values and first indices of max.
+    node_max, node_idx = scores.amax(dim=-1), scores.argmax(dim=-1)  # [B, n_a]
+    # argsort's kernel (ties as the authors order them): the default sort, descending.
+    edge_idx = node_max.sort(dim=-1, descending=True).indices  # [B, n_a]
+    src = edge_idx[:, :r]
+    added = torch.cat([a_idx.gather(1, edge_idx[:, r:]), b_idx, a_idx.gather(1, src)], dim=1)
+    return added, node_idx.gather(1, src) + (a_idx.shape[1] - r)
 
 
 @step("match")
 def protected_slots(
     sim: torch.Tensor, order: torch.Tensor, r: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Output slot of each patch token in a block that protects low-energy tokens, ``[B, T]``,
-    the patch token behind each slot, ``[B, T - r]``, and the merged tokens in the order the
-    authors add them to their destinations, ``[B, r]`` (energy order).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The patch tokens of a block that protects low-energy tokens in the order the authors add
+    them up, ``[B, T]``: the token behind each output slot (``T - r``), then the merged tokens
+    in energy order (``r``); and the output slot each merged token joins, ``[B, r]``.
 
     The ``2r`` highest-energy tokens alternate into A and B and every A token merges into its
     most similar B token. Slots: protected tokens ``0 .. T - 2r - 1`` in energy order, then B
     (each the destination of the A tokens merged into it).
     """
-    B, T = order.shape
+    T = order.shape[1]
     a_idx, b_idx = order[:, : 2 * r : 2], order[:, 1 : 2 * r : 2]  # [B, r] each
-    dst = _scores(sim, a_idx, b_idx).argmax(dim=-1)  # [B, r]
-    n_prot = T - 2 * r
-    arange = torch.arange(max(n_prot, r), device=sim.device)
-    slots = torch.empty_like(order)
-    slots.scatter_(1, order[:, 2 * r :], arange[:n_prot].expand(B, -1))
-    slots.scatter_(1, b_idx, (n_prot + arange[:r]).expand(B, -1))
-    slots.scatter_(1, a_idx, n_prot + dst)
-    return slots, torch.cat([order[:, 2 * r :], b_idx], dim=1), a_idx
+    into = _scores(sim, a_idx, b_idx).argmax(dim=-1) + (T - 2 * r)  # [B, r]
+    return torch.cat([order[:, 2 * r :], b_idx, a_idx], dim=1), into
 
 
 @step("merge")
@@ -152,22 +142,29 @@ def pitome_step(
     if r == 0:
         return tokens
     x, size, source = tokens[:3]
-    B, N, _ = x.shape
-    P = num_prefix
+    B, N, C = x.shape
+    P, K = num_prefix, N - r
     order, sim = energy_order(key_mean[:, P:], margin)
-    # Slots of the patch tokens [B, N - P], the patch token behind each slot [B, N - P - r]
-    # and the merged tokens [B, r].
-    patch, kept, merged = (bsm_slots if bsm else protected_slots)(sim, order, r)
-    prefix = torch.arange(P, device=x.device).expand(B, P)
-    slots = torch.cat([prefix, P + patch], dim=1)  # [B, N]
-    origin = torch.cat([prefix, P + kept], dim=1)  # [B, N - r]
+    # The patch tokens in their order of addition (the token behind each slot, then the merged
+    # tokens), and the slot each merged token joins.
+    added, into = (bsm_slots if bsm else protected_slots)(sim, order, r)
+    added = added + P
+    if P:
+        prefix = torch.arange(P, device=x.device).expand(B, P)
+        added = torch.cat([prefix, added], dim=1)  # [B, N], a permutation
+    into = (into + P).view(B, r, 1)
     # Sum as the authors' scatter_reduce does: each destination first, then the tokens merged
     # into it in their order, so that float32 sums round alike and near-equal energies in
     # later blocks stay ordered alike (on a GPU the scatter's order is not fixed).
-    add_order = torch.cat([origin, P + merged], dim=1)  # [B, N], a permutation
-    x, size = ops.gather_tokens(x, add_order), ops.gather_tokens(size, add_order)
-    source = None if source is None else ops.gather_tokens(source, add_order)
-    return ops.pool_step(x, size, source, slots.gather(1, add_order), N - r, origin)
+    size = ops.gather_tokens(size, added)  # a new tensor: the merged sizes are added in place
+    weighted = ops.gather_tokens(x, added) * size
+    x = weighted[:, :K].scatter_add_(1, into.expand(-1, -1, C), weighted[:, K:])
+    size = size[:, :K].scatter_add_(1, into, size[:, K:])
+    if source is not None:
+        N0 = source.shape[-1]
+        source = ops.gather_tokens(source, added)
+        source = source[:, :K].scatter_add_(1, into.expand(-1, -1, N0), source[:, K:])
+    return Reduced(x / size, size, source, origin=added[:, :K])
 
 
 @dataclass(frozen=True)

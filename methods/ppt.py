@@ -30,6 +30,15 @@ if TYPE_CHECKING:
 BRANCHES = ("auto", "prune", "pool")
 
 
+def score_variance(scores: torch.Tensor) -> torch.Tensor:
+    """The unbiased variance of each image's scores, ``[B, T] -> [B]``, with no host sync.
+
+    On a CPU, ``var`` over a whole tensor (a batch of one) reads the mean on the host; over two
+    broadcast copies of the batch it runs the per-row kernel, whose figures are the same.
+    """
+    return scores.expand(2, *scores.shape).var(dim=-1, correction=1)[0]
+
+
 @dataclass(frozen=True)
 class PPT(FixedBudget):
     """Adaptive pruning and pooling.
@@ -99,7 +108,7 @@ class PPT(FixedBudget):
     def reduce(self, x, size, feats, *, block, num_prefix, source=None) -> Reduced:
         r = ops.max_reduction(x.shape[1], num_prefix, self.r)
         scores = ats_scores(feats, num_prefix)  # [B, N - P]
-        score_var = scores.var(dim=-1, correction=1)  # [B]
+        score_var = score_variance(scores)  # [B]
         branch = self.branch_at(block)
         if branch == "prune" or (branch == "auto" and self.threshold == 0.0):
             pooled = torch.zeros_like(score_var, dtype=torch.bool)
@@ -108,9 +117,10 @@ class PPT(FixedBudget):
             )
         if branch == "pool" or (branch == "auto" and math.isinf(self.threshold)):
             pooled = torch.ones_like(score_var, dtype=torch.bool)
-            return ops.merge_step(x, size, source, feats.key_mean, r, num_prefix)._replace(
-                stats={"pooled": pooled, "score_var": score_var}
+            step = ops.merge_step(
+                x, size, source, feats.key_mean, r, num_prefix, origin=feats.needs_origin
             )
+            return step._replace(stats={"pooled": pooled, "score_var": score_var})
         # Both branches remove r tokens: each image picks its output slots, one pass reduces all.
         pooled = score_var < self.threshold  # [B]
         if r == 0:  # nothing to remove: the tokens stay in their order
@@ -118,11 +128,11 @@ class PPT(FixedBudget):
         N = x.shape[1]
         keep = ops.keep_top(scores, N - num_prefix - r, num_prefix)
         matching = ops.bipartite_soft_matching(feats.key_mean, r, num_prefix)
-        slots = torch.where(
-            pooled[:, None], ops.merge_slots(matching, N), ops.prune_slots(keep, N)
-        )  # [B, N]
+        by_image = pooled.view(-1, 1)
+        merge_slots, kept = ops.merge_layout(matching, N, kept=feats.needs_origin)
+        slots = torch.where(by_image, merge_slots, ops.prune_slots(keep, N))  # [B, N]
         # Each output token descends from its merge destination, or is a kept token itself.
-        origin = torch.where(pooled[:, None], ops.kept_positions(matching, N), keep)  # [B, N - r]
+        origin = None if kept is None else torch.where(by_image, kept, keep)  # [B, N - r]
         return ops.pool_step(x, size, source, slots, N - r, origin)._replace(
             stats={"pooled": pooled, "score_var": score_var}
         )

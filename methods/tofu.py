@@ -63,7 +63,13 @@ def mlerp(slots: torch.Tensor, num_out: int, x: torch.Tensor) -> torch.Tensor:
 
 @step("merge")
 def tofu_step(
-    tokens: Reduced, key_mean: torch.Tensor, r: int, num_prefix: int, *, prune: bool
+    tokens: Reduced,
+    key_mean: torch.Tensor,
+    r: int,
+    num_prefix: int,
+    *,
+    prune: bool,
+    origin: bool = True,
 ) -> Reduced:
     """Remove ``r`` tokens of ``x [B, N, C]`` by ToMe matching: drop the matched A tokens
     (``prune``) or fuse them into their B partners by :func:`mlerp`.
@@ -74,18 +80,18 @@ def tofu_step(
         r: tokens to remove, at most ``(N - P) // 2``.
         num_prefix: ``P``.
         prune: drop rather than fuse.
+        origin: give the fused tokens' ``origin`` (their B destinations).
     """
     if r == 0:
         return tokens
     x, size, source = tokens[:3]
     N = x.shape[1]
     m = ops.bipartite_soft_matching(key_mean, r, num_prefix)
-    kept = ops.kept_positions(m, N)  # [B, N - r]: prefix, unmatched A, B (the destinations)
-    if prune:
-        return ops.keep_step(x, size, source, kept)  # [B, N - r, C]
-    slots = ops.merge_slots(m, N)  # [B, N]
+    if prune:  # keep the tokens behind the slots: prefix, unmatched A, B
+        return ops.keep_step(x, size, source, ops.kept_positions(m, N))  # [B, N - r, C]
+    slots, kept = ops.merge_layout(m, N, kept=origin)  # [B, N], [B, N - r]
     B = x.shape[0]
-    total = size.new_zeros(B, N - r + 1, 1).scatter_add_(1, slots[..., None], size)
+    total = size.new_zeros(B, N - r + 1, 1).scatter_add_(1, slots.view(B, N, 1), size)
     return Reduced(
         mlerp(slots, N - r, x),
         total[:, : N - r],
@@ -113,4 +119,7 @@ class ToFu(KeepRatio):
         N = x.shape[1]
         r = ops.max_reduction(N, num_prefix, ratio_reduction(N, self.ratio))
         prune = block <= self.depth // 2
-        return tofu_step(Reduced(x, size, source), feats.key_mean, r, num_prefix, prune=prune)
+        tokens = Reduced(x, size, source)
+        return tofu_step(
+            tokens, feats.key_mean, r, num_prefix, prune=prune, origin=feats.needs_origin
+        )

@@ -138,6 +138,7 @@ def test_folded_bias_equals_the_mask(make_model, images, logits, clone, img_size
 
 
 def test_folded_qkv_carries_the_bias_in_one_channel(make_model):
+    from ppt_bench.methods.ops import prop_attn_bias
     from ppt_bench.methods.patch.attention import fold_width, folded_qkv
 
     attn = make_model("deit_tiny", img_size=32).blocks[0].attn
@@ -145,14 +146,14 @@ def test_folded_qkv_carries_the_bias_in_one_channel(make_model):
     x = torch.randn(2, 5, 192, generator=g)
     size = torch.randint(1, 5, (2, 5, 1), generator=g).float()
     q, k, v = attn.qkv(x).reshape(2, 5, 3, 3, 64).permute(2, 0, 3, 1, 4)
-    fq, fk, fv = folded_qkv(attn, x, size)
+    fq, fk, fv = folded_qkv(attn, x, prop_attn_bias(size))
     assert fold_width(64) == 72 and fq.shape == (2, 3, 5, 72)
     assert torch.allclose(fq[..., :64], q) and torch.allclose(fk[..., :64], k)
     assert torch.allclose(fv[..., :64], v) and not fv[..., 64:].any()
     bias = (fq @ fk.transpose(-1, -2) - q @ k.transpose(-1, -2)) * attn.scale
     assert torch.allclose(bias, size.log().transpose(1, 2)[:, None].expand_as(bias), atol=1e-5)
     no_bias = make_model("deit_tiny", img_size=32, qkv_bias=False).blocks[0].attn
-    assert not folded_qkv(no_bias, x, torch.ones(2, 5, 1))[1][..., 64:].any()
+    assert not folded_qkv(no_bias, x, torch.zeros(2, 1, 1, 5))[1][..., 64:].any()
 
 
 def test_bf16_mixed_batch_runs_and_keeps_dtype(mixing_threshold, make_model, images, logits, clone):

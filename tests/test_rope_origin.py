@@ -93,8 +93,12 @@ def test_pitome_origin_is_a_member_and_a_destination(bsm):
     g = torch.Generator().manual_seed(1)
     T, r = 20, 6
     order, sim = energy_order(torch.randn(2, T, 8, generator=g), 0.3)
-    slots, kept, _ = (bsm_slots if bsm else protected_slots)(sim, order, r)
-    assert kept.shape == (2, T - r)
+    added, into = (bsm_slots if bsm else protected_slots)(sim, order, r)
+    kept = added[:, : T - r]  # the token behind each slot, then the merged tokens
+    assert kept.shape == (2, T - r) and into.shape == (2, r)
+    slots = torch.empty_like(added).scatter_(
+        1, added, torch.cat([torch.arange(T - r)[None].expand(2, -1), into], 1)
+    )
     assert torch.equal(slots.gather(1, kept), torch.arange(T - r).expand(2, -1))
     b_tokens = order[:, 1::2] if bsm else order[:, 1 : 2 * r : 2]
     for b in range(2):

@@ -48,7 +48,7 @@ def can_fold(attn: nn.Module) -> bool:
 
 
 def folded_qkv(
-    attn: nn.Module, x: torch.Tensor, size: torch.Tensor
+    attn: nn.Module, x: torch.Tensor, bias: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v ``[B, H, N, w]`` whose scaled products carry the bias: ``q'.k' * scale = q.k *
     scale + log(size_k)``.
@@ -61,19 +61,20 @@ def folded_qkv(
     Args:
         attn: a timm ``Attention`` module without qk-norm (:func:`can_fold`).
         x: normalised tokens ``[B, N, C]``.
-        size: ``[B, N, 1]`` patches each token stands for.
+        bias: ``log(size)`` of the keys, ``[B, 1, 1, N]`` (:func:`~ppt_bench.methods.ops.
+            prop_attn_bias`).
     """
     B, N, C = x.shape
     H, d = attn.num_heads, attn.head_dim
     w = fold_width(d)
     weight = F.pad(attn.qkv.weight.view(3, H, d, C), (0, 0, 0, w - d))
     if attn.qkv.bias is None:
-        bias = weight.new_zeros(3, H, w)
+        qkv_bias = weight.new_zeros(3, H, w)
     else:
-        bias = F.pad(attn.qkv.bias.view(3, H, d), (0, w - d))
-    bias[0, :, d] = 1.0
-    qkv = F.linear(x, weight.reshape(3 * H * w, C), bias.reshape(-1)).view(B, N, 3, H, w)
-    qkv[:, :, 1, :, d] = size.log() / attn.scale
+        qkv_bias = F.pad(attn.qkv.bias.view(3, H, d), (0, w - d))
+    qkv_bias[0, :, d] = 1.0
+    qkv = F.linear(x, weight.reshape(3 * H * w, C), qkv_bias.reshape(-1)).view(B, N, 3, H, w)
+    qkv[:, :, 1, :, d] = bias.view(B, N, 1) / attn.scale
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
@@ -136,7 +137,8 @@ def _qk(
         qk = F.linear(x, attn.qkv.weight[: 2 * H * d], bias)
     else:
         qk = attn.qkv(x)[..., : 2 * H * d]
-    q, k = qk.reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+    qk = qk.reshape(B, N, 2, H, d).permute(2, 0, 3, 1, 4)
+    q, k = qk[0], qk[1]
     return attn.q_norm(q), attn.k_norm(k)
 
 
@@ -162,11 +164,24 @@ def _values(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(B, N, H, d).transpose(1, 2)
 
 
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of ``[B, H, n, k]`` and ``[B, H, k, m]``: the batched product that
+    ``torch.matmul`` runs, without its broadcasting steps (fewer operators, the same figures)."""
+    B, H, n, _ = a.shape
+    m = b.shape[-1]
+    return torch.bmm(a.reshape(B * H, n, -1), b.reshape(B * H, -1, m)).view(B, H, n, m)
+
+
+def _dropout(drop: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """``drop(t)``; a dropout module in eval mode is the identity, and is not run."""
+    return t if isinstance(drop, nn.Dropout) and not drop.training else drop(t)
+
+
 def _softmax_attention(
     attn: nn.Module, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None
 ) -> torch.Tensor:
     """Post-softmax attention ``[B, H, N, N]`` with an optional additive mask."""
-    a = (q * attn.scale) @ k.transpose(-2, -1)  # [B, H, N, N]
+    a = _matmul(q * attn.scale, k.transpose(-2, -1))  # [B, H, N, N]
     if mask is not None:
         a = a + mask
     return a.softmax(dim=-1)
@@ -178,21 +193,28 @@ def _output(
     """Heads ``[B, H, N, w]`` to the attention output ``[B, N, C]`` (norm, gate, proj)."""
     B, N, _ = x.shape
     H, d = attn.num_heads, attn.head_dim
-    out = out[..., :d].transpose(1, 2).reshape(B, N, H * d)
+    if out.shape[-1] != d:  # folded: drop the bias channels
+        out = out[..., :d]
+    out = out.transpose(1, 2).reshape(B, N, H * d)
     out = getattr(attn, "norm", nn.Identity())(out)
     if gate is not None:
         out = out * gate
-    return attn.proj_drop(attn.proj(out))
+    return _dropout(attn.proj_drop, attn.proj(out))
 
 
 def _gate(attn: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
 
 
+def _mask(bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The proportional-attention bias as an SDPA mask of the queries' dtype (under autocast)."""
+    return bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+
+
 def attention(
     attn: nn.Module,
     x: torch.Tensor,
-    size: torch.Tensor | None,
+    bias: torch.Tensor | None,
     needs: frozenset[str],
     impl: str = "fast",
     rope: torch.Tensor | None = None,
@@ -204,8 +226,8 @@ def attention(
     Args:
         attn: a timm ``Attention`` or ``EvaAttention`` module.
         x: normalised tokens ``[B, N, C]``.
-        size: ``[B, N, 1]`` patches each token stands for, for proportional attention (a
-            ``log(size)`` bias per key), or None.
+        bias: proportional attention's ``log(size)`` per key, ``[B, 1, 1, N]``
+            (:func:`~ppt_bench.methods.ops.prop_attn_bias`), or None.
         needs: subset of :data:`~ppt_bench.methods.base.FEATURES`; ``"attn"`` (the full map)
             makes this block compute its attention explicitly.
         impl: one of :data:`ATTN_IMPLS`.
@@ -217,22 +239,21 @@ def attention(
         The attention output ``[B, N, C]`` (after ``proj``) and the requested features.
     """
     d = attn.head_dim
-    fold = size is not None and impl == "fold" and ATTN not in needs and can_fold(attn)
+    fold = bias is not None and impl == "fold" and ATTN not in needs and can_fold(attn)
     explicit = impl == "explicit" or ATTN in needs
     if explicit:
         path = "map" if ATTN in needs else "explicit"
     else:
-        path = "fold" if fold else "fused" if size is None else "masked"
+        path = "fold" if fold else "fused" if bias is None else "masked"
     cls_attn = full = None
     with part(f"attention.{path}"):
         gate = _gate(attn, x)
         mask = None
         if fold:
-            q, k, v = folded_qkv(attn, x, size)  # [B, H, N, w], the bias inside q.k
+            q, k, v = folded_qkv(attn, x, bias)  # [B, H, N, w], the bias inside q.k
         else:
             q, k, v = project_qkv(attn, x, rope)
-            if size is not None:
-                mask = ops.prop_attn_bias(size).to(q.dtype)  # [B, 1, 1, N]
+            mask = _mask(bias, q.dtype)  # [B, 1, 1, N]
         if explicit:
             a = _softmax_attention(attn, q, k, mask)  # [B, H, N, N]
             if edit is not None and ATTN in needs:
@@ -241,7 +262,7 @@ def attention(
                 cls_attn = a[:, :, 0]
             if ATTN in needs:
                 full = a
-            out = attn.attn_drop(a) @ v
+            out = _matmul(_dropout(attn.attn_drop, a), v)
         else:
             drop = attn.attn_drop.p if attn.training else 0.0
             out = F.scaled_dot_product_attention(
@@ -251,12 +272,15 @@ def attention(
     if CLS_ATTN in needs and not explicit:
         with part("attention.cls_row"):
             # Only the class token's row is needed: [B, H, 1, N] instead of [B, H, N, N].
-            a0 = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)
+            a0 = _matmul(q[:, :, :1] * attn.scale, k.transpose(-2, -1))
             if mask is not None:
                 a0 = a0 + mask
             cls_attn = a0.softmax(dim=-1)[:, :, 0]
+    if not needs:
+        return out, Features()
     with part("method.score"):  # the features a method scores its tokens by
-        k, v = k[..., :d], v[..., :d]
+        if fold:  # drop the bias channels
+            k, v = k[..., :d], v[..., :d]
         feats = Features(
             cls_attn=cls_attn,
             key_mean=k.mean(dim=1) if KEY_MEAN in needs else None,
@@ -269,7 +293,7 @@ def attention(
 def attention_map(
     attn: nn.Module,
     x: torch.Tensor,
-    size: torch.Tensor | None,
+    bias: torch.Tensor | None,
     needs: frozenset[str],
     rope: torch.Tensor | None = None,
     edit: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -282,7 +306,7 @@ def attention_map(
     Args:
         attn: a timm ``Attention`` module.
         x: normalised tokens ``[B, N, C]``.
-        size: ``[B, N, 1]`` for proportional attention, or None.
+        bias: proportional attention's ``log(size)`` per key, ``[B, 1, 1, N]``, or None.
         needs: the method's features; ``value_norm`` is not available here.
         rope: the rotary embedding of the current patch tokens, or None.
         edit: the method's :meth:`~Method.edit_attention` of this block, or None.
@@ -293,8 +317,7 @@ def attention_map(
     """
     with part("attention.map"):
         q, k = _qk(attn, x, rope)
-        mask = None if size is None else ops.prop_attn_bias(size).to(q.dtype)
-        a = _softmax_attention(attn, q, k, mask)
+        a = _softmax_attention(attn, q, k, _mask(bias, q.dtype))
         if edit is not None:
             a = edit(a)
     with part("method.score"):
@@ -308,4 +331,5 @@ def attention_map(
 def apply_attention_map(attn: nn.Module, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """The attention output ``[B, N, C]`` of a given map ``a [B, H, N, N]`` on tokens ``x``."""
     with part("attention.map"):
-        return _output(attn, attn.attn_drop(a) @ _values(attn, x), x, _gate(attn, x))
+        out = _matmul(_dropout(attn.attn_drop, a), _values(attn, x))
+        return _output(attn, out, x, _gate(attn, x))

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ppt_bench.core.errors import PatchError
+from ppt_bench.methods import ops
 from ppt_bench.methods.contract import (
     AFTER_ATTN,
     AFTER_MLP,
@@ -70,6 +71,9 @@ class _State(NamedTuple):
     pos: torch.Tensor | None = None
     # The method's per-forward state (Method.initial_state), None for most methods.
     carried: Any = None
+    # The proportional-attention bias of ``size`` ([B, 1, 1, N], ops.prop_attn_bias), built in
+    # the first block that applies it after the sizes change and reused until they change again.
+    bias: torch.Tensor | None = None
 
 
 def layer_scale(block: nn.Module, branch: int, t: torch.Tensor) -> torch.Tensor:
@@ -98,10 +102,12 @@ def reducing_block(
         The new state, and the per-image figures the method reported at this block
         (``Reduced.stats``), or None where it did not reduce or reports none.
     """
-    x, size, source, pos, carried = state
+    x, size, source, pos, carried, bias = state
     method = plan.method
     at = method.reduce_at if index in plan.locations else None
-    prop_size = size if index >= plan.bias_from else None
+    if index >= plan.bias_from and bias is None:
+        with part("method"):  # once per change of the sizes, not in every block
+            bias = ops.prop_attn_bias(size)
     needs = method.needs if at is not None else frozenset()
     red = None
     P = plan.num_prefix
@@ -112,7 +118,7 @@ def reducing_block(
 
     def reduce(x: torch.Tensor, feats: Features) -> tuple[Reduced, torch.Tensor | None]:
         with part("method"):
-            return reduce_tracking(x, feats._replace(state=carried))
+            return reduce_tracking(x, feats._replace(state=carried, needs_origin=track))
 
     def reduce_tracking(x: torch.Tensor, feats: Features) -> tuple[Reduced, torch.Tensor | None]:
         if not track or method.gives_origin:
@@ -146,7 +152,7 @@ def reducing_block(
     if at == IN_ATTN:
         with part("norm"):
             h = block.norm1(x)
-        feats = attention_map(block.attn, h, prop_size, needs, block_rope(rope, pos, P), edit)
+        feats = attention_map(block.attn, h, bias, needs, block_rope(rope, pos, P), edit)
         red, pos = reduce(x, feats)
         x, size, source, carried = red.x, red.size, red.source, red.state
         with part("norm"):
@@ -156,7 +162,7 @@ def reducing_block(
         with part("norm"):
             h = block.norm1(x)
         out, feats = attention(
-            block.attn, h, prop_size, needs, plan.attn_impl, block_rope(rope, pos, P), edit
+            block.attn, h, bias, needs, plan.attn_impl, block_rope(rope, pos, P), edit
         )
     with part("residual"):
         x = x + block.drop_path1(layer_scale(block, 1, out))
@@ -172,7 +178,9 @@ def reducing_block(
     if at == AFTER_MLP:
         red, pos = reduce(x, feats)
         x, size, source, carried = red.x, red.size, red.source, red.state
-    return _State(x, size, source, pos, carried), None if red is None else red.stats
+    if red is not None and red.size is not state.size:
+        bias = None  # new sizes: the next block that applies the bias builds it again
+    return _State(x, size, source, pos, carried, bias), None if red is None else red.stats
 
 
 def run_blocks(
@@ -193,7 +201,7 @@ def run_blocks(
     """
     B, N, _ = x.shape
     with part("method"):  # the state a reduction keeps: sizes, sources, the method's own
-        size = torch.ones_like(x[..., :1])
+        size = x.new_ones(B, N, 1)
         source = None
         if plan.trace_source:
             source = torch.eye(N, dtype=x.dtype, device=x.device).expand(B, N, N)

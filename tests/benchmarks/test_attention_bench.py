@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 
+from ppt_bench.methods import ops
 from ppt_bench.methods.patch.attention import attention
 
 CUDA = torch.cuda.is_available()
@@ -46,7 +47,7 @@ def run(fn):
 )
 def test_attention_block(benchmark, block_inputs, impl, with_bias):
     attn, x, size = block_inputs
-    bias = size if with_bias else None
+    bias = ops.prop_attn_bias(size) if with_bias else None
     needs = frozenset({"cls_attn", "key_mean", "value_norm"})
     out, feats = benchmark(lambda: run(lambda: attention(attn, x, bias, needs, impl)))
     assert out.shape == (B, N, 384) and feats.cls_attn.shape == (B, 6, N)
