@@ -36,7 +36,7 @@ def reducing(name: str, depth: int) -> dict:
 
 @pytest.fixture(scope="module")
 def profiled() -> dict[tuple[str, str], tuple[torch.nn.Module, list[cost.Forward]]]:
-    """Every registered method on each model, three labelled forwards at batch 1 each."""
+    """Every registered method on each model, five labelled forwards at batch 1 each."""
     out = {}
     for model_name, px in MODELS.items():
         torch.manual_seed(0)
@@ -48,7 +48,7 @@ def profiled() -> dict[tuple[str, str], tuple[torch.nn.Module, list[cost.Forward
             model = create_method(name, **reducing(name, len(model.blocks))).apply(model)
             with torch.inference_mode():
                 model(x)  # warm-up
-            out[model_name, name] = model, cost.profile_forwards(model, x, 3)
+            out[model_name, name] = model, cost.profile_forwards(model, x, 5)
     return out
 
 
