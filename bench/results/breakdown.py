@@ -255,8 +255,8 @@ def _table(
                 over = b.total - base.total / ideal
                 part = over_ideal(b, base, ideal)[cause]
                 causes.append(
-                    f"{row['method']}: {CAUSES[cause]} ({part:.1f} of the {over:.1f} ms over "
-                    "its ideal)"
+                    f"{row['method']}: {CAUSES[cause]} ({part:.1f} ms; {over:.1f} ms over its "
+                    "ideal in all)"
                 )
         rows.append(
             [
