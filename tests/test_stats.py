@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy.stats import beta, norm
 
 from ppt_bench.core import stats
 from ppt_bench.measure.outcomes import Outcomes
+from ppt_bench.results.agreement import agreement
 
 
 def planted(n: int, only_first: int, only_second: int, both: int) -> tuple[np.ndarray, ...]:
@@ -113,3 +115,25 @@ def test_outcomes_give_the_run_and_its_paired_figures():
     assert versus.delta.value == pytest.approx(-10.0)
     again = Outcomes.from_bytes(out.to_bytes())
     assert all(np.array_equal(getattr(again, f), getattr(out, f)) for f in ("label", "pred", "kl"))
+
+
+def test_two_runs_agree_by_their_intervals():
+    """Runs matched by run id: the share of overlapping intervals, of estimates inside the other
+    run's interval, and the intervals' median relative width."""
+
+    def frame(rows):
+        return pd.DataFrame(
+            [
+                {"run_id": r, "metric": "speedup", "value": v, "ci_low": lo, "ci_high": hi,
+                 "status": "ok"}
+                for r, v, lo, hi in rows
+            ]
+        )  # fmt: skip
+
+    first = frame([("a", 1.0, 0.9, 1.1), ("b", 2.0, 1.9, 2.1), ("c", 1.5, 1.4, 1.6)])
+    second = frame([("a", 1.05, 1.0, 1.1), ("b", 2.5, 2.4, 2.6), ("d", 1.0, 0.9, 1.1)])
+    found = agreement(first, second)
+    assert found.rows == 2 and found.missed == ("b",)
+    assert found.overlap == 0.5
+    assert found.inside == 0.5  # a's estimates lie inside each other's interval, b's do not
+    assert found.width == pytest.approx(np.median([0.2, 0.1, 0.1 / 1.05, 0.2 / 2.5]))
