@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from ppt_bench.methods.contract import AFTER_MLP, Examples, Reduced
 from ppt_bench.methods.parts import step
@@ -49,11 +50,11 @@ def dct_ortho(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal DCT-II along the last axis through one complex FFT: ``[..., n] -> [..., n]``."""
     n = x.shape[-1]
     v = torch.cat([x[..., ::2], x[..., 1::2].flip(-1)], dim=-1)  # Makhoul's reordering
-    spec = torch.fft.fft(v, dim=-1)
+    spec = torch.view_as_real(torch.fft.fft(v, dim=-1))  # [..., n, 2]: real, imaginary
     k = -torch.arange(n, dtype=x.dtype, device=x.device) * math.pi / (2 * n)
-    out = spec.real * torch.cos(k) - spec.imag * torch.sin(k)
+    out = spec[..., 0] * torch.cos(k) - spec[..., 1] * torch.sin(k)
     scale = torch.full((n,), math.sqrt(2 / n), dtype=x.dtype, device=x.device)
-    scale[0] = math.sqrt(1 / n)
+    scale[:1].fill_(math.sqrt(1 / n))
     return out * scale
 
 
@@ -61,9 +62,9 @@ def idct_ortho(c: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`dct_ortho` (orthonormal DCT-III) along the last axis."""
     n = c.shape[-1]
     scale = torch.full((n,), math.sqrt(n / 2), dtype=c.dtype, device=c.device)
-    scale[0] = math.sqrt(n)
+    scale[:1].fill_(math.sqrt(n))
     re = c * scale
-    im = torch.cat([torch.zeros_like(re[..., :1]), -re.flip(-1)[..., :-1]], dim=-1)
+    im = F.pad(-re[..., 1:].flip(-1), (1, 0))  # 0, then -re backwards without re[0]
     k = torch.arange(n, dtype=c.dtype, device=c.device) * math.pi / (2 * n)
     cos, sin = torch.cos(k), torch.sin(k)
     spec = torch.complex(re * cos - im * sin, re * sin + im * cos)
@@ -80,9 +81,10 @@ def dct_reduce(x: torch.Tensor, r: int) -> torch.Tensor:
     The DCT runs along the token axis, the lowest ``T - r`` coefficients are kept and an inverse
     DCT of length ``T - r`` gives the tokens; the result has ``x``'s dtype.
     """
-    t = x.float().transpose(1, 2)  # [B, C, T]
+    t = (x if x.dtype == torch.float32 else x.float()).transpose(1, 2)  # [B, C, T]
     coeffs = dct_ortho(t)[..., : t.shape[-1] - r]
-    return idct_ortho(coeffs).transpose(1, 2).to(x.dtype)
+    out = idct_ortho(coeffs).transpose(1, 2)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def transform_matrix(num_in: int, num_out: int, device: torch.device) -> torch.Tensor:

@@ -230,7 +230,7 @@ def scatter_tokens(t: torch.Tensor, slots: torch.Tensor, num_out: int, dim: int)
         idx = idx.expand(t.shape)
     out_shape = list(t.shape)
     out_shape[dim] = num_out
-    return torch.zeros(out_shape, dtype=t.dtype, device=t.device).scatter_add_(dim, idx, t)
+    return ops.zeros(t, *out_shape).scatter_add_(dim, idx, t)
 
 
 @step("merge")
@@ -272,7 +272,7 @@ def fuse(
         cols = scatter_tokens(attn, slots, n, 3)  # [B, H, N, N']
         rows = scatter_tokens(cols * weight.view(B, 1, N, 1), slots, n, 2)
         fused_attn = rows / norm.view(B, 1, n, 1)
-    source = None if source is None else ops.pool_source(slots, n, source)
+    source = None if source is None else ops.pool_source(slots, n, source, drops=False)
     size = scatter_tokens(size, tokens, n, 1)
     return Reduced(x, size, source, attn=fused_attn, origin=fusion.origin)
 

@@ -57,6 +57,12 @@ def cls_attention_mean(cls_attn: torch.Tensor, num_prefix: int) -> torch.Tensor:
     return cls_attn[..., num_prefix:].mean(dim=1)
 
 
+def zeros(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    """Zeros ``[*shape]`` of ``like``'s dtype and device, as one allocation and one fill
+    (``torch.zeros`` dispatches two operators more, ``new_zeros`` three)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device).fill_(0)
+
+
 def gather_tokens(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Select tokens per image: ``t [B, N, *]``, ``idx [B, K]`` -> ``[B, K, *]``."""
     idx = idx.view(*idx.shape, *([1] * (t.dim() - 2)))
@@ -253,7 +259,7 @@ def prune_slots(keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
 
 def pool(
-    slots: torch.Tensor, num_out: int, x: torch.Tensor, size: torch.Tensor
+    slots: torch.Tensor, num_out: int, x: torch.Tensor, size: torch.Tensor, drops: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average of the tokens that share an output slot.
 
@@ -265,22 +271,31 @@ def pool(
         num_out: tokens out.
         x: tokens ``[B, N, C]``.
         size: ``[B, N, 1]`` patches each token stands for.
+        drops: whether a token may be dropped; without, every slot is below ``num_out`` (a
+            merge) and no spare slot is made.
 
     Returns:
         ``x [B, num_out, C]`` with ``x <- sum(x * size) / sum(size)`` per slot, and its ``size``.
     """
     B, N, C = x.shape
     idx = slots.view(B, N, 1)
-    total = x.new_zeros(B, num_out + 1, C).scatter_add_(1, idx.expand(-1, -1, C), x * size)
-    weight = size.new_zeros(B, num_out + 1, 1).scatter_add_(1, idx, size)[:, :num_out]
-    return total[:, :num_out] / weight, weight
+    rows = num_out + drops  # a spare slot takes the dropped tokens
+    total = zeros(x, B, rows, C).scatter_add_(1, idx.expand(-1, -1, C), x * size)
+    weight = zeros(size, B, rows, 1).scatter_add_(1, idx, size)
+    if drops:
+        total, weight = total[:, :num_out], weight[:, :num_out]
+    return total / weight, weight
 
 
-def pool_source(slots: torch.Tensor, num_out: int, source: torch.Tensor) -> torch.Tensor:
-    """Union of the 0/1 source rows ``[B, N, N0]`` that share a slot: ``[B, num_out, N0]``."""
+def pool_source(
+    slots: torch.Tensor, num_out: int, source: torch.Tensor, drops: bool = True
+) -> torch.Tensor:
+    """Union of the 0/1 source rows ``[B, N, N0]`` that share a slot: ``[B, num_out, N0]``
+    (``drops`` as in :func:`pool`)."""
     B, N, N0 = source.shape
-    out = source.new_zeros(B, num_out + 1, N0)
-    return out.scatter_add_(1, slots.view(B, N, 1).expand(-1, -1, N0), source)[:, :num_out]
+    out = zeros(source, B, num_out + drops, N0)
+    out = out.scatter_add_(1, slots.view(B, N, 1).expand(-1, -1, N0), source)
+    return out[:, :num_out] if drops else out
 
 
 @step("merge")
@@ -295,7 +310,7 @@ def merge_weighted(
         size: ``[B, N, 1]`` patches each token stands for.
     """
     N = x.shape[1]
-    return pool(merge_slots(m, N), N - m.src_idx.shape[1], x, size)
+    return pool(merge_slots(m, N), N - m.src_idx.shape[1], x, size, drops=False)
 
 
 def prop_attn_bias(size: torch.Tensor) -> torch.Tensor:
@@ -346,13 +361,15 @@ def pool_step(
     slots: torch.Tensor,
     num_out: int,
     origin: torch.Tensor | None = None,
+    drops: bool = True,
 ) -> Reduced:
     """Reduce tokens into ``num_out`` output slots (``slots [B, N]``) by size-weighted averaging.
 
-    ``origin [B, num_out]``, the input token behind each slot (its destination), is passed on.
+    ``origin [B, num_out]``, the input token behind each slot (its destination), is passed on;
+    ``drops`` as in :func:`pool`.
     """
-    x, size = pool(slots, num_out, x, size)
-    source = None if source is None else pool_source(slots, num_out, source)
+    x, size = pool(slots, num_out, x, size, drops)
+    source = None if source is None else pool_source(slots, num_out, source, drops)
     return Reduced(x, size, source, origin=origin)
 
 
@@ -377,4 +394,4 @@ def merge_step(
     N = x.shape[1]
     m = bipartite_soft_matching(key_mean, r, num_prefix, score)
     slots, kept = merge_layout(m, N, kept=origin)
-    return pool_step(x, size, source, slots, N - r, kept)
+    return pool_step(x, size, source, slots, N - r, kept, drops=False)

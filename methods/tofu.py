@@ -43,7 +43,8 @@ def mlerp(slots: torch.Tensor, num_out: int, x: torch.Tensor) -> torch.Tensor:
     """MLERP merge: the mean of each slot's tokens rescaled to the largest norm among them.
 
     Args:
-        slots: ``[B, N]`` output slot of each token (as from :func:`ops.merge_slots`).
+        slots: ``[B, N]`` output slot of each token (as from :func:`ops.merge_slots`), each
+            below ``num_out``.
         num_out: tokens out.
         x: tokens ``[B, N, C]``.
 
@@ -51,11 +52,12 @@ def mlerp(slots: torch.Tensor, num_out: int, x: torch.Tensor) -> torch.Tensor:
         ``[B, num_out, C]``; a token alone in its slot comes out unchanged.
     """
     B, N, _ = x.shape
-    mean, count = ops.pool(slots, num_out, x, x.new_ones(B, N, 1))  # [B, num_out, C], [.., 1]
+    ones = x.new_ones(B, N, 1)
+    mean, count = ops.pool(slots, num_out, x, ones, drops=False)  # [B, num_out, C], [.., 1]
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # [B, N, 1]
-    top = norm.new_zeros(B, num_out + 1, 1).scatter_reduce(
-        1, slots[..., None], norm, reduce="amax", include_self=False
-    )[:, :num_out]
+    top = ops.zeros(norm, B, num_out, 1).scatter_reduce_(
+        1, slots.view(B, N, 1), norm, reduce="amax", include_self=False
+    )
     mean_norm = torch.linalg.vector_norm(mean, dim=-1, keepdim=True)
     scale = top / mean_norm.clamp_min(torch.finfo(x.dtype).tiny)
     return torch.where(count > 1, mean * scale, mean)
@@ -91,11 +93,11 @@ def tofu_step(
         return ops.keep_step(x, size, source, ops.kept_positions(m, N))  # [B, N - r, C]
     slots, kept = ops.merge_layout(m, N, kept=origin)  # [B, N], [B, N - r]
     B = x.shape[0]
-    total = size.new_zeros(B, N - r + 1, 1).scatter_add_(1, slots.view(B, N, 1), size)
+    total = ops.zeros(size, B, N - r, 1).scatter_add_(1, slots.view(B, N, 1), size)
     return Reduced(
         mlerp(slots, N - r, x),
-        total[:, : N - r],
-        None if source is None else ops.pool_source(slots, N - r, source),
+        total,
+        None if source is None else ops.pool_source(slots, N - r, source, drops=False),
         origin=kept,
     )
 

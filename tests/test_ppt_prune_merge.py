@@ -6,7 +6,9 @@ import math
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
+from ppt_bench.measure.cost import profile_forwards
 from ppt_bench.methods import create_method, ops
 
 CORE = ("baseline", "ppt", "prune", "merge")
@@ -273,3 +275,22 @@ def test_zero_reduction_keeps_training_mode_outputs(make_model, images, clone):
         model = create_method(name, r=0).apply(clone(ref))
         torch.manual_seed(5)
         assert torch.equal(model(x), expected), name
+
+
+def test_ppt_waits_for_no_host_value_at_batch_one(make_model, images):
+    # At batch 1 the score variance covers a whole tensor, whose CPU kernel reads the mean on
+    # the host: one sync per location before the variance was taken per row.
+    model = create_method("ppt", r=8).apply(make_model("deit_tiny", img_size=64))
+    forward = profile_forwards(model, images(1, 64), 1)[0]
+    assert forward.syncs == 0
+    assert model.reduction_info.stats["score_var"].shape == (1, 3)
+
+
+def test_proportional_attention_bias_is_built_once_per_change_of_sizes(make_model, images):
+    model = create_method("merge", r=4, locations=(3, 6, 9)).apply(
+        make_model("deit_tiny", img_size=64)
+    )
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(images(1, 64))
+    # log(size) after each of the 3 merges, not in each of the 8 blocks that apply it.
+    assert sum(e.name == "aten::log" for e in prof.events()) == 3

@@ -185,3 +185,29 @@ def test_a_method_that_claims_origins_must_give_them(rope_model, images, logits)
     model = Forgetful(r=4, locations=(1,)).apply(ref)
     with pytest.raises(PatchError, match=r"without Reduced\.origin"):
         logits(model, images(1, size))
+
+
+def test_origins_are_asked_for_only_where_positions_follow_the_tokens(
+    make_model, rope_model, images, logits, monkeypatch
+):
+    """A step skips Reduced.origin where the patch does not read it: on a model without rotary
+    embeddings every reduction gets ``needs_origin`` false, on a rope model true."""
+    asked: list[bool] = []
+    origins: list[torch.Tensor | None] = []
+    real = Merge.reduce
+
+    def spy(self, x, size, feats, **kwargs):
+        red = real(self, x, size, feats, **kwargs)
+        asked.append(feats.needs_origin)
+        origins.append(red.origin)
+        return red
+
+    monkeypatch.setattr(Merge, "reduce", spy)
+    model = make_model("deit_tiny", img_size=64)
+    logits(create_method("merge", r=4, locations=(1, 2)).apply(model), images(1, 64))
+    assert asked == [False, False] and origins == [None, None]
+    asked.clear()
+    origins.clear()
+    ref, size = rope_model("eva02")
+    logits(create_method("merge", r=4, locations=(1, 2)).apply(ref), images(1, size))
+    assert asked == [True, True] and all(o is not None for o in origins)

@@ -271,11 +271,14 @@ def attention(
         out = _output(attn, out, x, gate)
     if CLS_ATTN in needs and not explicit:
         with part("attention.cls_row"):
-            # Only the class token's row is needed: [B, H, 1, N] instead of [B, H, N, N].
-            a0 = _matmul(q[:, :, :1] * attn.scale, k.transpose(-2, -1))
+            # Only the class token's row is needed: [B, H, N] instead of [B, H, N, N], as the
+            # bmm that _matmul would run on the row [B, H, 1, N].
+            B, H, N, _ = k.shape
+            q0 = (q[:, :, 0] * attn.scale).view(B * H, 1, -1)
+            a0 = torch.bmm(q0, k.transpose(-2, -1).reshape(B * H, -1, N)).view(B, H, N)
             if mask is not None:
-                a0 = a0 + mask
-            cls_attn = a0.softmax(dim=-1)[:, :, 0]
+                a0 = a0 + mask.view(B, 1, N)
+            cls_attn = a0.softmax(dim=-1)
     if not needs:
         return out, Features()
     with part("method.score"):  # the features a method scores its tokens by
