@@ -15,8 +15,10 @@ from ppt_bench.core.errors import UserError
 from ppt_bench.measure.throughput import (
     DEFAULT_ROUNDS,
     ITERS_ENV,
+    REFRESH_WARMUP,
     WARMUP_ENV,
     alternating,
+    fresh_copies,
     iterations,
     measure_latency,
     measure_throughput,
@@ -26,17 +28,38 @@ from ppt_bench.measure.throughput import (
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+class Tally:
+    """Forwards counted across a model and its deep copies (the timed rounds' fresh copies),
+    with the instances that ran them in order."""
+
+    def __init__(self) -> None:
+        self.calls, self.instances = 0, []
+
+    def __deepcopy__(self, memo: dict) -> Tally:
+        return self
+
+
 class Sleeper(nn.Module):
     """Takes ``seconds`` per forward whatever the batch; runs out of memory above ``max_batch``."""
 
     def __init__(self, seconds: float, max_batch: int = 1 << 20) -> None:
         super().__init__()
-        self.seconds, self.max_batch, self.calls = seconds, max_batch, 0
+        self.seconds, self.max_batch, self.tally = seconds, max_batch, Tally()
+
+    @property
+    def calls(self) -> int:
+        return self.tally.calls
+
+    @calls.setter
+    def calls(self, value: int) -> None:
+        self.tally.calls = value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > self.max_batch:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB")
-        self.calls += 1
+        self.tally.calls += 1
+        if not self.tally.instances or self.tally.instances[-1] is not self:
+            self.tally.instances.append(self)
         time.sleep(self.seconds)
         return x.mean(dim=(1, 2, 3))
 
@@ -49,7 +72,8 @@ def test_deit_tiny_throughput_on_cpu_returns_in_seconds(make_model, one_thread):
     speed = measure_throughput(model, (3, 224, 224), batch_size=2)
     elapsed = time.perf_counter() - start
     warmup, iters = iterations()  # the defaults
-    assert len(calls) == warmup + iters * DEFAULT_ROUNDS
+    # The hook goes with each round's fresh copy: its warm-up forwards are counted too.
+    assert len(calls) == warmup + iters * DEFAULT_ROUNDS + REFRESH_WARMUP * (DEFAULT_ROUNDS - 1)
     assert speed.batch_size == 2 and speed.rounds == DEFAULT_ROUNDS
     # The timed iterations took less than the whole call.
     assert speed.samples_per_sec > 2 * iters * DEFAULT_ROUNDS / elapsed
@@ -64,14 +88,14 @@ def test_throughput_and_latency_arithmetic():
     seconds, batch = 0.01, 4
     model = Sleeper(seconds)
     speed = measure_throughput(model, (3, 8, 8), batch, warmup=2, iters=5, rounds=2)
-    assert model.calls == 2 + 5 * 2
+    assert model.calls == 2 + 5 * 2 + 2  # the second round's copy warms up with 2 forwards
     # Each forward sleeps at least `seconds`, so at most batch / seconds images per second.
     assert batch / seconds / 3 < speed.samples_per_sec <= batch / seconds
     # Two rounds are too few for a 95% interval of their median: none is claimed.
     assert math.isnan(speed.throughput.low) and math.isnan(speed.throughput.high)
     model.calls = 0
     latency = measure_latency(model, (3, 8, 8), batch, warmup=1, iters=9, rounds=2)
-    assert model.calls == 1 + 9 * 2  # latency times every forward of every round
+    assert model.calls == 1 + 9 * 2 + 1  # latency times every forward of every round
     assert seconds * 1e3 <= latency.p50_ms <= latency.p90_ms < seconds * 1e3 * 20
     assert latency.p50.low <= latency.p50_ms <= latency.p50.high
     assert latency.batch_size == batch
@@ -104,8 +128,25 @@ def test_rounds_alternate_their_order_and_time_both_models_equally():
     assert alternating(4, 2) == [[0, 1], [1, 0], [0, 1], [1, 0]]
     model, base = Sleeper(0.0), Sleeper(0.0)
     speed = measure_throughput(model, (3, 4, 4), 2, warmup=3, iters=5, rounds=6, baseline=base)
-    assert model.calls == base.calls == 3 + 5 * 6
+    assert model.calls == base.calls == 3 + 5 * 6 + REFRESH_WARMUP * 5
     assert speed.rounds == 6
+
+
+def test_each_round_after_the_first_times_fresh_copies_of_both_models():
+    model, base = Sleeper(0.0), Sleeper(0.0)
+    measure_throughput(model, (3, 4, 4), 2, warmup=3, iters=5, rounds=6, baseline=base)
+    for original in (model, base):
+        instances = original.tally.instances
+        # The model itself in the first round, then a new copy for each round, used once.
+        assert instances[0] is original and len(instances) == 6
+        assert len({id(m) for m in instances}) == 6
+        assert all(type(m) is Sleeper for m in instances)
+
+
+def test_a_compiled_model_or_a_cuda_graph_is_timed_as_one_instance():
+    model = nn.Linear(2, 2)
+    assert fresh_copies(model) and not fresh_copies(model, cuda_graph=True)
+    assert not fresh_copies(torch.compile(model))  # compiling waits for the first call
 
 
 def test_a_slower_baseline_gives_a_speedup_above_one_with_an_interval():

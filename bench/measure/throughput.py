@@ -6,7 +6,10 @@ Synthetic input of the model's input size, warm-up iterations first, everything 
 ``iters`` forwards; given the unreduced model as ``baseline``, its rounds alternate with the
 reduced model's (ABBA), in this process on this device at the same batch size, and the speedup
 is the median of the per-round ratios with its 95% interval (:mod:`ppt_bench.core.stats`): never a
-ratio of two runs made at different times or places. On CUDA the timed loop is bracketed
+ratio of two runs made at different times or places. Every round after the first times fresh
+copies of the models (eager mode, :func:`fresh_copies`): where a model's weights lie in memory
+moves its speed and stays fixed for one instance, so the rounds sample it and the interval
+covers it, as it covers the machine's noise during the run. On CUDA the timed loop is bracketed
 by CUDA events (throughput) or synchronised around each batch (latency); on the CPU it is timed
 with ``time.perf_counter``. A CUDA out-of-memory error retries at a smaller batch
 (``timm.utils.decay_batch_step``) and the result records the batch size actually used. The
@@ -16,6 +19,7 @@ between timed rounds, never inside a timed loop.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -40,6 +44,9 @@ _logger = logging.getLogger(__name__)
 # Warm-up and per-round forwards override with PPT_BENCH_WARMUP / PPT_BENCH_ITERS; 7 x 10
 # forwards are about timm benchmark.py's 40 for each of the two models.
 WARMUP_ENV, ITERS_ENV = "PPT_BENCH_WARMUP", "PPT_BENCH_ITERS"
+# Forwards that warm each fresh copy of a model up before its round (:func:`fresh_copies`):
+# the process is warm by then (kernels chosen, allocator grown), the copy's memory is not.
+REFRESH_WARMUP = 2
 
 T = TypeVar("T")
 
@@ -246,26 +253,32 @@ class Timing:
     baseline: nn.Module | None = None
 
     def run(
-        self, timer: Callable[[list[Callable[[], object]], int, int], T]
-    ) -> tuple[T, int, float | None]:
-        """``timer(steps, batch_size, iters)`` after warm-up, ``steps`` being one forward of a
-        synthetic batch through the model (and the baseline, second); retried at smaller
-        batches after a CUDA out-of-memory error.
+        self, time_round: Callable[[list[Callable[[], object]], int, int, int], T]
+    ) -> tuple[list[T], int, float | None]:
+        """``time_round(steps, batch_size, iters, r)`` for each round ``r``, ``steps`` being one
+        forward of a synthetic batch through the model (and the baseline, second) after
+        warm-up; retried at smaller batches after a CUDA out-of-memory error.
+
+        Each round after the first times fresh deep copies of the models (see
+        :func:`fresh_copies`), each warmed up with :data:`REFRESH_WARMUP` forwards.
 
         Returns:
-            What ``timer`` returned, the batch size it was obtained at, and on CUDA the peak
-            memory of the model's warm-up at that batch size in MiB (None on the CPU).
+            What ``time_round`` returned in each round, the batch size it was obtained at, and
+            on CUDA the peak memory of the model's first warm-up at that batch size in MiB
+            (None on the CPU).
         """
         warmup, iters = iterations(self.warmup, self.iters)
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
             raise UserError(f"rounds must be a positive integer, got {self.rounds!r}")
         device = self.device
         models = [self.model] + ([] if self.baseline is None else [self.baseline])
+        copies = fresh_copies(self.model, self.cuda_graph)
 
-        def at(batch: int) -> tuple[T, float | None]:
+        def at(batch: int) -> tuple[list[T], float | None]:
             cuda = _is_cuda(device)
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
+            results = []
             with torch.inference_mode(), amp_autocast(device, self.dtype):
                 x = torch.randn(batch, *self.input_size, device=device)
                 steps = [warm_step(models[0], x, warmup, self.cuda_graph)]
@@ -273,10 +286,31 @@ class Timing:
                 held = sum(map(_cuda_bytes, models[1:]))
                 peak = (torch.cuda.max_memory_allocated(device) - held) / 2**20 if cuda else None
                 steps += [warm_step(m, x, warmup, self.cuda_graph) for m in models[1:]]
-                return timer(steps, batch, iters), peak
+                for r in range(self.rounds):
+                    cancel.check()
+                    if r and copies:
+                        steps = None  # the previous round's copies go before the next are made
+                        fresh = [copy.deepcopy(m) for m in models]
+                        steps = [warm_step(m, x, min(warmup, REFRESH_WARMUP)) for m in fresh]
+                    results.append(time_round(steps, batch, iters, r))
+            return results, peak
 
         (result, peak), used = with_oom_backoff(at, self.batch_size)
         return result, used, peak
+
+
+def fresh_copies(model: nn.Module, cuda_graph: bool = False) -> bool:
+    """Whether the timed rounds run on fresh copies of the models: in eager mode, yes.
+
+    Where a model's weights and buffers lie in memory is fixed for the life of one instance and
+    moves its speed: on a 2-core CPU, DeiT-S with ToMe at batch 16 timed in five processes, one
+    instance per model each, gave paired speedups from 1.34x to 1.58x, each with an interval
+    of a few percent (two of ten pairs of runs overlapping not at all). Timing each round on
+    new deep copies samples that placement as the rounds sample the machine's noise, and the
+    median's interval then covers it. A compiled model (``torch.compile``: a copy compiles
+    again) and a CUDA graph (captured once) are timed as the one instance they are.
+    """
+    return not cuda_graph and not isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
 
 
 def _cuda_bytes(model: nn.Module) -> int:
@@ -302,15 +336,14 @@ def measure_throughput(*args: Any, **kwargs: Any) -> Speed:
     timing = Timing(*args, **kwargs)
     device = timing.device
 
-    def timer(steps: list[Callable[[], object]], batch: int, iters: int) -> list[np.ndarray]:
-        ips = [[] for _ in steps]
-        for order in alternating(timing.rounds, len(steps)):
-            cancel.check()
-            for i in order:
-                ips[i].append(batch * iters / time_total(steps[i], iters, device))
-        return [np.asarray(x) for x in ips]
+    def time_round(steps: list[Callable[[], object]], batch: int, iters: int, r: int) -> list:
+        ips = [0.0] * len(steps)
+        for i in alternating(r + 1, len(steps))[r]:
+            ips[i] = batch * iters / time_total(steps[i], iters, device)
+        return ips
 
-    per_round, used, peak = timing.run(timer)
+    rounds, used, peak = timing.run(time_round)
+    per_round = list(np.asarray(rounds, dtype=np.float64).T)
     paired = len(per_round) == 2
     return Speed(
         throughput=stats.median(per_round[0]),
@@ -334,12 +367,9 @@ def measure_latency(*args: Any, **kwargs: Any) -> Latency:
     timing = dataclasses.replace(timing, baseline=None)
     device = timing.device
 
-    def timer(steps: list[Callable[[], object]], batch: int, iters: int) -> np.ndarray:
-        times = []
-        for _ in range(timing.rounds):
-            cancel.check()
-            times += time_each(steps[0], iters, device)
-        return np.asarray(times) * 1e3
+    def time_round(steps: list[Callable[[], object]], batch: int, iters: int, r: int) -> list:
+        return time_each(steps[0], iters, device)
 
-    times_ms, used, _ = timing.run(timer)
+    rounds, used, _ = timing.run(time_round)
+    times_ms = np.concatenate(rounds) * 1e3
     return Latency(stats.quantile(times_ms, 0.5), stats.quantile(times_ms, 0.9), used)
