@@ -289,7 +289,7 @@ class Timing:
                 for r in range(self.rounds):
                     cancel.check()
                     if r and copies:
-                        steps = None  # the previous round's copies go before the next are made
+                        steps = fresh = None  # the last round's copies go before new ones come
                         fresh = [copy.deepcopy(m) for m in models]
                         steps = [warm_step(m, x, min(warmup, REFRESH_WARMUP)) for m in fresh]
                     results.append(time_round(steps, batch, iters, r))
@@ -305,7 +305,7 @@ def fresh_copies(model: nn.Module, cuda_graph: bool = False) -> bool:
     Where a model's weights and buffers lie in memory is fixed for the life of one instance and
     moves its speed: on a 2-core CPU, DeiT-S with ToMe at batch 16 timed in five processes, one
     instance per model each, gave paired speedups from 1.34x to 1.58x, each with an interval
-    of a few percent (two of ten pairs of runs overlapping not at all). Timing each round on
+    of a few percent (three of ten pairs of runs overlapping not at all). Timing each round on
     new deep copies samples that placement as the rounds sample the machine's noise, and the
     median's interval then covers it. A compiled model (``torch.compile``: a copy compiles
     again) and a CUDA graph (captured once) are timed as the one instance they are.
