@@ -20,6 +20,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from test_data_accuracy import DATA_CONFIG  # solid-colour images in, exactly pixel / 255 out
 
 import ppt_bench.models.build
 from ppt_bench.cli import main
@@ -36,15 +37,6 @@ from ppt_bench.sweeps.config import build_config, load_config
 from ppt_bench.sweeps.grid import expand, make_spec, validate
 
 TINY = "test_vit"  # timm's 6-block test ViT, 160 px, 1000 classes
-# Solid-colour images, 32 px, no resize effects: the model input is exactly pixel / 255.
-DATA_CONFIG = {
-    "input_size": (3, 32, 32),
-    "interpolation": "bilinear",
-    "mean": (0.0, 0.0, 0.0),
-    "std": (1.0, 1.0, 1.0),
-    "crop_pct": 1.0,
-    "crop_mode": "center",
-}
 
 
 def run_args(tmp_path: Path, *flags: str) -> list[str]:
