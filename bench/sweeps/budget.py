@@ -21,7 +21,8 @@ each block sees, and a block's cost is a polynomial in its tokens. So, once per 
   polynomials leave out (the method's own scoring and matching, the patch's class-token row) is
   the difference between the two; it moves little from one knob value to the next, so the
   search runs again with it added, and with every counted figure in place of its estimate,
-  until the setting it picks is the one counted. One count per budget is the usual cost.
+  until the setting it picks is the one counted (after eight counts without settling, the
+  costliest setting counted within the budget). One count per budget is the usual cost.
 
 An ``int`` or ``choice`` knob takes the value whose counted MACs are the largest not above the
 budget; a ``float`` knob the value on the budget's side of the step where the cost crosses it,
@@ -401,10 +402,10 @@ def resolve_macs(
         cost_of(value)  # its estimate (a rounded float value was not probed)
         counted[value] = cost.count(method(value))
         cost.offsets[key] = counted[value] - estimates[value]
-        if knob.kind == "float" and counted[value] <= target:
-            break
-    else:
-        raise RuntimeError(f"{name}: the budget search did not settle on {cost.name}")
+    else:  # not settled: the costliest setting counted within the budget
+        value = max((v for v in counted if counted[v] <= target), key=counted.get, default=None)
+        if value is None:
+            raise RuntimeError(f"{name}: the budget search did not settle on {cost.name}")
     return base.at(params, knob, value, counted[value], cost.base_gmacs, counts=len(counted))
 
 
