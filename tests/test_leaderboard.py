@@ -36,13 +36,16 @@ def _correct(best: np.ndarray, only_best: int, only_other: int) -> np.ndarray:
     return other
 
 
-def _write_run(path, store, method, params, correct, *, speedup=None, budget=True) -> str:
+def _write_run(
+    path, store, method, params, correct, *, speedup=None, budget=True, compile="none"
+) -> str:
     spec = RunSpec(
         MODEL,
         method,
         params,
         data="digits",
         batch_size=64,
+        compile=compile,
         budget={"budget": "macs=0.7", "target_gmacs": 0.88, "share": 0.69} if budget else {},
     )
     outcomes = Outcomes(
@@ -66,6 +69,16 @@ def _write_run(path, store, method, params, correct, *, speedup=None, budget=Tru
     append_rows(path, make_rows(spec, metrics, dataset="digits", n_images=N))
     store.save_outcomes(spec.run_id, outcomes)
     return spec.run_id
+
+
+def _table(section: str) -> list[dict[str, str]]:
+    """The rows of the markdown table in a report's section, by header."""
+    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    return [
+        dict(zip(header, (c.strip() for c in r.strip("|").split("|")), strict=True))
+        for r in rows[1:]
+    ]
 
 
 def test_planted_leaderboard_ranks_and_marks_the_ties(tmp_path):
@@ -93,12 +106,7 @@ def test_planted_leaderboard_ranks_and_marks_the_ties(tmp_path):
     text = report.markdown.read_text()
     assert "~" not in text  # no interpolated cell in a sweep at budgets
     section = text[text.index("### At macs=0.7") :].split("\n## ")[0]  # up to the next section
-    rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
-    header = [c.strip() for c in rows[0].strip("|").split("|")]
-    table = [
-        dict(zip(header, (c.strip() for c in r.strip("|").split("|")), strict=True))
-        for r in rows[1:]
-    ]
+    table = _table(section)
     got = [(row["rank"], row["method"]) for row in table]
     assert got == [
         ("1=", "tome"),
@@ -122,6 +130,34 @@ def test_planted_leaderboard_ranks_and_marks_the_ties(tmp_path):
     assert "Fastest at batch size 64: evit (1.52x), with tome and random within its interval" in (
         sentence
     )
+
+
+def test_runs_in_two_compile_modes_get_a_leaderboard_each(tmp_path):
+    """The same budget timed eager and compiled: one leaderboard per compile mode, each with its
+    own runs' speedups and its own fastest, never the two modes' figures averaged."""
+    path = tmp_path / "r.csv"
+    store = RunStore.beside(path)
+    right = np.arange(N) < 700
+    planted = {  # compile mode -> method -> speedup
+        "none": {"tome": Estimate(1.20, 1.15, 1.25), "evit": Estimate(1.40, 1.35, 1.45)},
+        "default": {"tome": Estimate(1.60, 1.55, 1.65), "evit": Estimate(1.30, 1.25, 1.35)},
+    }
+    for mode, speedups in planted.items():
+        _write_run(path, store, "baseline", {}, right, budget=False, compile=mode)
+        for method, speedup in speedups.items():
+            params = {"r": 10} if method == "tome" else {"keep_rate": 0.75}
+            _write_run(path, store, method, params, right, speedup=speedup, compile=mode)
+    text = write_report(path, tmp_path / "r.md").markdown.read_text()
+    for mode, speedups in planted.items():
+        heading = f"### At macs=0.7 (0.88 GMACs), compile {mode}"
+        assert text.count(heading) == 1, text
+        section = text[text.index(heading) :].split("\n#")[0]
+        assert section.splitlines()[2].startswith(f"At macs=0.7 (0.88 GMACs) with compile {mode},")
+        cells = {row["method"].split()[0]: row["speedup @64"] for row in _table(section)}
+        fastest = max(speedups, key=lambda m: speedups[m].value)
+        for method, speedup in speedups.items():
+            cell = f"{speedup.value:.2f}x [{speedup.low:.2f}, {speedup.high:.2f}]"
+            assert cells[method] == cell + (" (fastest)" if method == fastest else ""), cells
 
 
 def test_a_clear_winner_is_alone_in_first_place():

@@ -34,7 +34,7 @@ from ppt_bench.core.stats import ALPHA, Estimate
 from ppt_bench.measure import metrics
 from ppt_bench.measure.cells import Cells, fmt
 from ppt_bench.measure.metrics import Declared, IntervalOverlap, McNemar, Ranked
-from ppt_bench.results.records import format_params
+from ppt_bench.results.records import CONTEXT, format_params
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -190,13 +190,19 @@ def _names(entries: Sequence[Entry]) -> str:
 
 
 def sentence(
-    budget: str, target: float | None, entries: list[Entry], batch_sizes: list[int]
+    budget: str,
+    target: float | None,
+    entries: list[Entry],
+    batch_sizes: list[int],
+    context: str = "",
 ) -> str:
-    """What the tests show at one budget, in one sentence (two with a metric ranked by interval
-    overlap, such as the speedup)."""
+    """What the tests show at one budget (in one context, such as ``compile default``, where the
+    sweep has several), in one sentence (two with a metric ranked by interval overlap, such as
+    the speedup)."""
     ranked = [e for e in entries if e.rank]
     headline = metrics.headline()
     at = f"At {budget}" + (f" ({target:.3g} GMACs)" if target else "")  # a budget's target
+    at += f" with {context}" if context else ""
     if headline is None or not ranked:
         what = "a ranked metric" if headline is None else headline.metric.label
         return f"{at} no method measured {what}."
@@ -289,12 +295,15 @@ def _cell(
 def budget_sections(
     runs: pd.DataFrame, outcomes: Mapping[str, Outcomes], batch_sizes: list[int]
 ) -> list[str]:
-    """Markdown lines of every budget's leaderboard of one model (empty without budgets)."""
+    """Markdown lines of every budget's leaderboard of one model (empty without budgets): one
+    per budget and context (device, dtype, compile mode, data, weights) where the sweep has
+    several, since runs measured otherwise are never averaged together."""
     if "budget" not in runs:
         return []
     at = runs[runs["budget"].fillna("").astype(str) != ""]
     if at.empty:
         return []
+    varied = [c for c in CONTEXT if c in at and at[c].astype(str).nunique() > 1]
     lines = []
     targets = at.groupby("budget")["budget_gmacs"].mean() if "budget_gmacs" in at else None
     order = sorted(
@@ -302,17 +311,22 @@ def budget_sections(
     )
     for budget in order:
         group = at[at["budget"] == budget]
-        entries = rank_rows(_entries(group, outcomes), outcomes)
         target = None if targets is None else float(targets.get(budget, math.nan))
         target = target if target == target else None
-        lines += [
-            f"### At {budget}" + (f" ({target:.3g} GMACs)" if target else ""),
-            "",
-            sentence(budget, target, entries, batch_sizes),
-            "",
-            leaderboard_table(entries, batch_sizes),
-            "",
-        ]
+        parts = group.groupby(varied, sort=False, dropna=False) if varied else [((), group)]
+        for key, part in parts:
+            context = ", ".join(f"{c} {v}" for c, v in zip(varied, key, strict=True))
+            entries = rank_rows(_entries(part, outcomes), outcomes)
+            lines += [
+                f"### At {budget}"
+                + (f" ({target:.3g} GMACs)" if target else "")
+                + (f", {context}" if context else ""),
+                "",
+                sentence(budget, target, entries, batch_sizes, context),
+                "",
+                leaderboard_table(entries, batch_sizes),
+                "",
+            ]
     return lines
 
 

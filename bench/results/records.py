@@ -85,6 +85,9 @@ INTERVAL_COLUMNS = ("ci_low", "ci_high")
 # share of the unreduced MACs by the counter, and a speed budget's measured speedup of the
 # setting as ``value [low, high]``), added later; empty for a run without one.
 BUDGET_COLUMNS = ("budget", "budget_gmacs", "budget_share", "budget_speedup")
+# Compared only with a baseline that matches, and never averaged together: how and where a run
+# was measured, and what makes its experiment (weights, data, seed).
+CONTEXT = ("device", "dtype", "compile", "dataset", *IDENTITY_COLUMNS)
 REQUIRED_COLUMNS = tuple(
     c for c in COLUMNS if c not in (*IDENTITY_COLUMNS, *INTERVAL_COLUMNS, *BUDGET_COLUMNS)
 )

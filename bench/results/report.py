@@ -30,15 +30,18 @@ from ppt_bench.measure import metrics
 from ppt_bench.measure.cells import NOT_SIGNIFICANT, Cells, fmt
 from ppt_bench.measure.outcomes import Outcomes, RunStore
 from ppt_bench.results import breakdown, leaderboard
-from ppt_bench.results.records import BUDGET_COLUMNS, IDENTITY_COLUMNS, format_params, read_results
+from ppt_bench.results.records import (
+    BUDGET_COLUMNS,
+    CONTEXT,
+    IDENTITY_COLUMNS,
+    format_params,
+    read_results,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
 RUN_COLUMNS = ("run_id", "model", "method", "params", "batch_size", "device", "dtype", "compile")
-# Compared only with a baseline that matches, and never averaged together: how and where a run
-# was measured, and what makes its experiment (weights, data, seed).
-CONTEXT = ("device", "dtype", "compile", "dataset", *IDENTITY_COLUMNS)
 WHERE = (
     "machine",
     "device_name",
