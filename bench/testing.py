@@ -81,6 +81,10 @@ BACKBONES = {
     "layerscale": ("deit3_small_patch16_224", {"img_size": 96, **_TINY}),
     "registers": ("vit_small_patch14_reg4_dinov2", {"img_size": 84, **_TINY}),
     "qk_norm": ("vit_tiny_patch16_224", {"qk_norm": True, "img_size": 96}),
+    "scale_norm": (
+        "vit_tiny_patch16_224",
+        {"scale_attn_norm": True, "scale_mlp_norm": True, "img_size": 96},
+    ),
     "distilled": ("deit_tiny_distilled_patch16_224", {"img_size": 96}),
     "gap": ("vit_tiny_patch16_224", {"class_token": False, "global_pool": "avg", "img_size": 96}),
     "rope": ("eva02_tiny_patch14_224", {"img_size": 112}),

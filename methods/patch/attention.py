@@ -196,7 +196,9 @@ def _output(
     if out.shape[-1] != d:  # folded: drop the bias channels
         out = out[..., :d]
     out = out.transpose(1, 2).reshape(B, N, H * d)
-    out = getattr(attn, "norm", nn.Identity())(out)
+    norm = getattr(attn, "norm", None)  # timm's scale-norm (Identity unless enabled)
+    if norm is not None:
+        out = norm(out)
     if gate is not None:
         out = out * gate
     return _dropout(attn.proj_drop, attn.proj(out))
