@@ -34,7 +34,7 @@ from ppt_bench.core.stats import ALPHA, Estimate
 from ppt_bench.measure import metrics
 from ppt_bench.measure.cells import Cells, fmt
 from ppt_bench.measure.metrics import Declared, IntervalOverlap, McNemar, Ranked
-from ppt_bench.results.records import CONTEXT, format_params
+from ppt_bench.results.records import CONTEXT, format_params, varied
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -303,7 +303,7 @@ def budget_sections(
     at = runs[runs["budget"].fillna("").astype(str) != ""]
     if at.empty:
         return []
-    varied = [c for c in CONTEXT if c in at and at[c].astype(str).nunique() > 1]
+    contexts = varied(at, CONTEXT)
     lines = []
     targets = at.groupby("budget")["budget_gmacs"].mean() if "budget_gmacs" in at else None
     order = sorted(
@@ -313,9 +313,9 @@ def budget_sections(
         group = at[at["budget"] == budget]
         target = None if targets is None else float(targets.get(budget, math.nan))
         target = target if target == target else None
-        parts = group.groupby(varied, sort=False, dropna=False) if varied else [((), group)]
+        parts = group.groupby(contexts, sort=False, dropna=False) if contexts else [((), group)]
         for key, part in parts:
-            context = ", ".join(f"{c} {v}" for c, v in zip(varied, key, strict=True))
+            context = ", ".join(f"{c} {v}" for c, v in zip(contexts, key, strict=True))
             entries = rank_rows(_entries(part, outcomes), outcomes)
             lines += [
                 f"### At {budget}"

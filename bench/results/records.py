@@ -112,6 +112,11 @@ TEXT_COLUMNS = (
 )
 
 
+def varied(runs: pd.DataFrame, columns: Sequence[str]) -> list[str]:
+    """Those of ``columns`` that take more than one value in ``runs``."""
+    return [c for c in columns if c in runs and runs[c].astype(str).nunique() > 1]
+
+
 @lru_cache(maxsize=1)
 def git_sha() -> str:
     """The commit of the ppt-bench source tree (``-dirty`` if it has uncommitted changes), or

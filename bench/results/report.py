@@ -36,6 +36,7 @@ from ppt_bench.results.records import (
     IDENTITY_COLUMNS,
     format_params,
     read_results,
+    varied,
 )
 
 if TYPE_CHECKING:
@@ -106,10 +107,6 @@ def tidy_runs(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return runs, failed
 
 
-def _varied(runs: pd.DataFrame, columns: Sequence[str]) -> list[str]:
-    return [c for c in columns if c in runs and runs[c].astype(str).nunique() > 1]
-
-
 def model_table(runs: pd.DataFrame) -> str:
     """The markdown table comparing every configuration of one model with its baseline.
 
@@ -119,7 +116,7 @@ def model_table(runs: pd.DataFrame) -> str:
     """
     costs = _cost_by_config(runs)
     runs = _without_cost_only(runs)
-    context = _varied(runs, CONTEXT)
+    context = varied(runs, CONTEXT)
     batch_sizes = _timed_batch_sizes(runs)
     groups = runs.groupby(["method", "params", *CONTEXT], sort=False, dropna=False)
     rows = []
@@ -394,13 +391,13 @@ def render(
             )
             continue
         # One curve per experiment: runs on other weights or data are never averaged.
-        varied = _varied(group, ("dataset", *IDENTITY_COLUMNS))
-        experiments = group.groupby(varied, sort=True) if varied else [((), group)]
+        kinds = varied(group, ("dataset", *IDENTITY_COLUMNS))
+        experiments = group.groupby(kinds, sort=True) if kinds else [((), group)]
         for key, experiment in experiments:
             equal = equal_cost_table(experiment, outcomes=outcomes)
             if not equal:
                 continue
-            which = ", ".join(f"{c} {v}" for c, v in zip(varied, key, strict=True))
+            which = ", ".join(f"{c} {v}" for c, v in zip(kinds, key, strict=True))
             lines += [equal_cost_heading(which), "", equal, ""]
     if runs.empty:
         lines += ["No run finished.", ""]
